@@ -1,0 +1,101 @@
+"""Structured-config schemas for the hydra recipes in recipes/ (one dataclass per YAML group).
+
+Only train.py turns the composed OmegaConf object into these dataclasses; the library receives them
+typed. Unknown keys fail at compose time because every group is backed by a schema here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TargetConfig:
+    path: str = MISSING  # local HF checkpoint directory (config.json, *.safetensors, tokenizer)
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or float32 / bfloat16 / float16
+    trust_remote_code: bool = False
+    aux_layer_ids: Optional[list[int]] = None  # 0-based decoder-layer outputs; None: [1, L//2-1, L-4]
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DraftConfig:
+    algorithm: str = "eagle3"
+    num_layers: int = 1
+    draft_vocab_size: int = 32000
+    ttt_steps: int = 7  # K: training-time-test unroll length
+    step_weight: float = 0.8  # loss weight of step k is step_weight**k
+    mask_teacher_argmax: bool = True  # drop positions whose full-vocab target argmax is outside the draft vocab
+    attention: str = "auto"  # naive (materialises [T,T]; reference), flex (O(T) memory), auto: flex on GPU
+    # Shape overrides; None takes the target's value.
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    intermediate_size: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING  # chat JSONL (OpenAI `messages` or ShareGPT `conversations`)
+    eval_path: Optional[str] = None  # held-out chat JSONL for eval metrics
+    eval_holdout: int = 0  # without eval_path: hold this many examples of data.path out of training for eval
+    cache_dir: Optional[str] = None  # tokenisation cache; default: <run_dir>/cache
+    vocab_path: Optional[str] = None  # d2t/t2d; default: built into <cache_dir>/vocab_<Vd>.safetensors
+    max_length: int = 2048
+    thinking: str = "keep"  # keep | strip : Qwen3 <think>...</think> blocks in assistant turns
+    on_error: str = "raise"  # raise | skip : a bad JSONL line
+    truncate: bool = True  # sequences over max_length: truncate (True) or drop (False); counted either way
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of lr
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_grad_norm: float = 0.5
+    batch_size: int = 1  # sequences per step per rank
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    max_steps: int = 1000
+    epochs: int = 1  # upper bound; training stops at whichever of max_steps / epochs comes first
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    save_every: int = 500
+    eval_batches: int = 4  # held-out batches for the logged eval metrics (0: none)
+    progress: bool = True
+    export_formats: list[str] = field(default_factory=lambda: ["sglang"])  # written to <run_dir>/export/<format>
+
+
+@dataclass
+class DemoConfig:
+    """The embedded default job: build a tiny target, data and tokenizer locally, then train on them."""
+
+    enabled: bool = False
+    num_prompts: int = 320
+    num_eval_prompts: int = 32
+    max_new_tokens: int = 40
+    hidden_size: int = 128
+    num_layers: int = 8
+    vocab_size: int = 1024
+    logit_std: float = 6.0  # sharpen the random target so its next-token distributions are far from uniform
+
+
+@dataclass
+class Config:
+    target: TargetConfig = field(default_factory=TargetConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)

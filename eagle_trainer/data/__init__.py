@@ -1,0 +1,23 @@
+"""Data: chat JSONL, chat-template rendering with assistant loss masks, cached tokenised datasets,
+batches, the draft vocab map (d2t / t2d), and regeneration of responses by the target."""
+
+from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
+from eagle_trainer.data.dataset import batches, build_dataset, collate, num_batches
+from eagle_trainer.data.regenerate import regenerate
+from eagle_trainer.data.template import tokenize_conversation
+from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
+
+__all__ = [
+    "batches",
+    "build_dataset",
+    "build_vocab_map",
+    "collate",
+    "draft_ids_from_d2t",
+    "load_vocab_map",
+    "num_batches",
+    "read_chat_jsonl",
+    "regenerate",
+    "save_vocab_map",
+    "tokenize_conversation",
+    "write_chat_jsonl",
+]

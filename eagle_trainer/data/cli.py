@@ -1,0 +1,143 @@
+"""The `eagle-data` console script: build a draft vocab map, or regenerate a data set with the target.
+
+    eagle-data vocab --tokenizer PATH --data FILE --draft-vocab-size N --out FILE
+                     [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
+                      --target-vocab-size V]
+    eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
+                          --top-p --seed --trust-remote-code --device --no-progress]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from eagle_trainer.config import DataConfig
+
+
+def _add_vocab_parser(sub) -> None:
+    p = sub.add_parser("vocab", help="count loss tokens and write the draft vocab map (d2t, t2d)")
+    p.add_argument("--tokenizer", required=True, help="target checkpoint or tokenizer directory")
+    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--draft-vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output .safetensors with tensors d2t and t2d")
+    p.add_argument("--max-length", type=int, default=DataConfig.max_length)
+    p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
+    p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
+    p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <dir of --out>/cache)")
+    p.add_argument(
+        "--target-vocab-size", type=int, default=None,
+        help="V (default: vocab_size in the config.json beside the tokenizer, else the tokenizer's length)",
+    )
+
+
+def _add_regenerate_parser(sub) -> None:
+    p = sub.add_parser("regenerate", help="replace assistant turns with the target's own generations")
+    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True, help="input chat JSONL (user-only prompts allowed)")
+    p.add_argument("--out", required=True, help="output chat JSONL (messages form)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", choices=["keep", "strip"], default="keep", help="applied when reading the input")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _target_vocab_size(tokenizer_path: str, tokenizer) -> int:
+    config_path = Path(tokenizer_path) / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        vocab_size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if vocab_size is not None:
+            return int(vocab_size)
+    return len(tokenizer)
+
+
+def run_vocab(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from eagle_trainer.data.dataset import build_dataset
+    from eagle_trainer.data.vocab import count_loss_tokens, save_vocab_map, vocab_coverage, vocab_map_from_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    vocab_size = args.target_vocab_size or _target_vocab_size(args.tokenizer, tokenizer)
+    cfg = DataConfig(
+        path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False
+    )
+    cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
+    dataset, stats = build_dataset(cfg, tokenizer, cache_dir)
+    counts = count_loss_tokens(dataset, vocab_size)
+    d2t, t2d = vocab_map_from_counts(counts, args.draft_vocab_size)
+    save_vocab_map(args.out, d2t, t2d)
+    summary = {
+        "distinct_loss_ids": int((counts > 0).sum()),
+        "coverage": vocab_coverage(counts, t2d),
+        "target_vocab_size": vocab_size,
+        "draft_vocab_size": args.draft_vocab_size,
+        "num_examples": stats["num_examples"],
+        "num_loss_tokens": stats["num_loss_tokens"],
+        "skipped": stats["skipped"],
+        "dropped": stats["dropped"],
+        "truncated": stats["truncated"],
+    }
+    print(
+        f"{summary['distinct_loss_ids']} distinct loss-token ids; the draft vocab of {args.draft_vocab_size} "
+        f"covers {summary['coverage']:.4f} of {stats['num_loss_tokens']} loss tokens; wrote {args.out}"
+    )
+    print(json.dumps(summary))
+    return summary
+
+
+def check_checkpoint_dir(path: str) -> None:
+    if not Path(path).is_dir():
+        raise ValueError(f"target path {path!r} does not exist or is not a directory; pass a local HF checkpoint dir")
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"target path {path!r} has no config.json; pass the directory of a saved HF checkpoint")
+
+
+def run_regenerate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
+    from eagle_trainer.data.regenerate import regenerate
+
+    check_checkpoint_dir(args.target)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    conversations, skipped = read_chat_jsonl(
+        args.data, thinking=args.thinking, on_error=args.on_error, require_assistant=False
+    )
+    tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    model.to(device)
+    out = regenerate(
+        model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,
+    )
+    write_chat_jsonl(args.out, out)
+    print(f"regenerated {len(out)} conversations (skipped {skipped or 'none'}) on {device}; wrote {args.out}")
+    return len(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eagle-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_vocab_parser(sub)
+    _add_regenerate_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "vocab":
+        run_vocab(args)
+    else:
+        run_regenerate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

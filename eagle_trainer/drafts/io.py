@@ -1,0 +1,40 @@
+"""Draft weights on disk, in the trainer's own layout (checkpoints; export/ writes the engines' layouts).
+
+    <dir>/draft_config.json   Eagle3Config fields
+    <dir>/draft.safetensors   every draft tensor except the frozen target embedding (fp32), d2t and t2d included
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
+
+CONFIG_FILE = "draft_config.json"
+WEIGHTS_FILE = "draft.safetensors"
+
+
+def save_draft(directory: str | Path, draft: Eagle3Draft) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    draft.config.save(directory / CONFIG_FILE)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in draft.trainable_state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_FILE))
+
+
+def load_draft(directory: str | Path, embedding: torch.Tensor | None = None) -> Eagle3Draft:
+    """Rebuild a draft from `save_draft` output. `embedding` [V, H]: the target's, else left random."""
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory} is not a draft checkpoint: no {CONFIG_FILE} in it")
+    draft = Eagle3Draft(Eagle3Config.load(directory / CONFIG_FILE))
+    missing, unexpected = draft.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+    missing = [k for k in missing if not k.startswith("embed_tokens.")]
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}")
+    if embedding is not None:
+        draft.set_embedding(embedding)
+    return draft

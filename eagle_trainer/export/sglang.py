@@ -1,0 +1,186 @@
+"""Write a trainer checkpoint as the plain EAGLE-3 draft that SGLang's `LlamaForCausalLMEagle3` serves.
+
+    <out>/config.json         Llama keys of the draft, draft_vocab_size, target_hidden_size, eagle_config
+    <out>/model.safetensors   fc.weight [H, 3Ht], midlayer.*, norm.weight [H], lm_head.weight [Vd, H] (bf16 by
+                              default), d2t int64 [Vd], t2d bool [V]; no embedding (the engine shares the target's)
+
+Verified against the engines' loader source (DESIGN section 8):
+- sglang python/sglang/srt/models/llama_eagle3.py: `LlamaModel` holds `fc` (in = 3 * target_hidden_size, else
+  3 * hidden_size; bias only if config `bias`), `midlayer` (one decoder layer whose qkv reads 2H, plus
+  `hidden_norm`; more layers only when num_hidden_layers > 1), `norm`, `embed_tokens`. `load_weights`: a name
+  with `d2t` sets hot_token_id = d2t + arange(Vd); `t2d` is skipped; q/k/v and gate/up are stacked into qkv_proj
+  and gate_up_proj; other names are tried as given, then with a `model.` prefix, and a name matching no
+  parameter is dropped without a word (so a wrong name serves a random tensor, and a missing one too).
+  `lm_head` is ParallelLMHead(draft_vocab_size, hidden_size) unless tie_word_embeddings (then it is the
+  embedding); a null draft_vocab_size means the full vocab. Attention (sglang models/llama.py `LlamaAttention`
+  / `LlamaDecoderLayer`) reads head_dim (default hidden/heads), rope_theta, rope_scaling,
+  max_position_embeddings, attention_bias; `LlamaMLP` accepts only hidden_act "silu".
+- The forward there is the draft of drafts/eagle3.py: residual = g, cat(input_layernorm(embed),
+  hidden_norm(g)) -> attention -> fused add + post_attention_layernorm -> MLP -> norm(h + residual) for the
+  logits, the pre-norm sum fed to the next step.
+- Aux ids: the target's ModelRunner (sglang python/sglang/srt/model_executor/model_runner.py) reads the DRAFT
+  config's eagle_config["eagle_aux_hidden_state_layer_ids"] (absent: None, the target's default) and
+  eagle_config.get("use_aux_hidden_state", True) (false: no capture at all), then calls the target's
+  `set_eagle3_layers_to_capture(ids)`;
+  in models/llama.py and models/qwen3.py that stores `[i + 1 for i in ids]` (default [2, L//2, L-3]), and the
+  model's layer loop appends `hidden_states + residual` BEFORE layer j for each captured j, i.e. the input
+  of layer i+1 = the output of decoder layer i. So SGLang ids are 0-based layer outputs, the convention of
+  Eagle3Config.aux_layer_ids: they are written unchanged.
+- vllm vllm/model_executor/models/llama_eagle3.py (for the vLLM writer): renames `midlayer.` to `layers.0.`,
+  `d2t` to draft_id_to_target_id, skips `t2d`, prefixes every other non-lm_head name with `model.`, and an
+  unknown name raises KeyError; embed_tokens may be absent. vLLM reads eagle_aux_hidden_state_layer_ids as
+  HF hidden_states indices (layer inputs): there the ids would be ours + 1. `eagle_config.use_aux_hidden_state`
+  defaults to true in vLLM too (false: no fc); it is written explicitly.
+- transformers 5 folds rope_theta/rope_scaling into rope_parameters on load; 4.x keeps them. The legacy keys
+  are what both read, so those are written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
+from eagle_trainer.drafts.io import CONFIG_FILE as CHECKPOINT_CONFIG
+from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+PROVENANCE_KEY = "eagle_trainer"  # fields SGLang ignores but the reader needs for an exact round trip
+
+# Every tensor SGLang's loader reads for a one-layer draft, under the name it reads it by.
+SGLANG_TENSORS = (
+    "fc.weight",
+    "midlayer.input_layernorm.weight",
+    "midlayer.hidden_norm.weight",
+    "midlayer.self_attn.q_proj.weight",
+    "midlayer.self_attn.k_proj.weight",
+    "midlayer.self_attn.v_proj.weight",
+    "midlayer.self_attn.o_proj.weight",
+    "midlayer.post_attention_layernorm.weight",
+    "midlayer.mlp.gate_proj.weight",
+    "midlayer.mlp.up_proj.weight",
+    "midlayer.mlp.down_proj.weight",
+    "norm.weight",
+    "lm_head.weight",
+    "d2t",
+    "t2d",
+)
+VOCAB_MAP = {"d2t": torch.int64, "t2d": torch.bool}  # kept in these dtypes; weights take the export dtype
+
+
+def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
+    """config.json for SGLang's LlamaForCausalLMEagle3, declaring exactly the draft `cfg`."""
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": cfg.num_layers,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "target_hidden_size": cfg.target_hidden_size,
+        "eagle_config": {
+            "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids),  # SGLang: 0-based layer outputs
+            "use_aux_hidden_state": True,
+        },
+        PROVENANCE_KEY: {"target_architecture": cfg.target_architecture, "extra": cfg.extra},
+    }
+
+
+def read_checkpoint(checkpoint_dir: str | Path) -> tuple[Eagle3Config, dict[str, torch.Tensor]]:
+    """Config and raw tensors of a trainer checkpoint (drafts/io.py layout), not yet checked."""
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / CHECKPOINT_CONFIG).is_file() or not (checkpoint_dir / CHECKPOINT_WEIGHTS).is_file():
+        raise ValueError(f"{str(checkpoint_dir)!r} is not a draft checkpoint: it needs {CHECKPOINT_CONFIG} and "
+                         f"{CHECKPOINT_WEIGHTS} (written by drafts.io.save_draft); pass a checkpoint directory")
+    return Eagle3Config.load(checkpoint_dir / CHECKPOINT_CONFIG), load_file(str(checkpoint_dir / CHECKPOINT_WEIGHTS))
+
+
+def check_tensors(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors that are not exactly what SGLang reads for the draft `cfg` (names, shapes, vocab map)."""
+    missing = sorted(set(SGLANG_TENSORS) - set(tensors))
+    unknown = sorted(set(tensors) - set(SGLANG_TENSORS))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing tensors {missing}, unknown tensors {unknown}; SGLang would serve random "
+                         "weights for a missing one and drop an unknown one silently. Re-save the checkpoint with "
+                         "drafts.io.save_draft from an Eagle3Draft, or extend export/sglang.py for the new tensor")
+    with torch.device("meta"):
+        expected = Eagle3Draft(cfg).trainable_state_dict()
+    assert set(expected) == set(SGLANG_TENSORS), sorted(set(expected) ^ set(SGLANG_TENSORS))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (config says {tuple(v.shape)})"
+             for k, v in expected.items() if tensors[k].shape != v.shape]
+    wrong += [f"{k} dtype {tensors[k].dtype} (needs {d})" for k, d in VOCAB_MAP.items() if tensors[k].dtype != d]
+    wrong += [f"{k} dtype {tensors[k].dtype} (needs a floating dtype)"
+              for k in SGLANG_TENSORS if k not in VOCAB_MAP and not tensors[k].is_floating_point()]
+    if wrong:
+        raise ValueError(f"{where}: tensors disagree with its config: {wrong}; export the checkpoint together with "
+                         "the draft_config.json it was trained with")
+    ids = tensors["d2t"] + torch.arange(cfg.draft_vocab_size)  # target id of each draft id
+    in_range = bool(((ids >= 0) & (ids < cfg.vocab_size)).all())
+    if not in_range or not bool((ids[1:] > ids[:-1]).all()) or not torch.equal(
+            tensors["t2d"].nonzero().flatten(), ids):
+        raise ValueError(f"{where}: d2t/t2d are not a vocab map (d2t[i] + i must be the ascending target ids "
+                         f"< {cfg.vocab_size} that t2d marks); rebuild it with `eagle-data vocab` and retrain")
+
+
+def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
+    """Run write(tmp_dir) in a sibling temp dir, then rename it to out_dir: never a half-written out_dir."""
+    if out_dir.exists() and not overwrite:
+        raise ValueError(f"export directory {str(out_dir)!r} already exists; remove it, choose another --out, "
+                         "or pass overwrite=True")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "replaced")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                  overwrite: bool = False) -> Path:
+    """Export the trainer checkpoint at `checkpoint_dir` to `out_dir` (config.json + model.safetensors).
+
+    Weights are cast to `dtype` (d2t stays int64, t2d bool). Everything is checked before a file is written.
+    Returns `out_dir`.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
+    out_dir = Path(out_dir)
+    cfg, tensors = read_checkpoint(checkpoint_dir)
+    check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
+    exported = {k: (v if k in VOCAB_MAP else v.to(dtype)).contiguous() for k, v in tensors.items()}
+
+    def write(directory: Path) -> None:
+        (directory / CONFIG_FILE).write_text(json.dumps(sglang_config(cfg, dtype), indent=2) + "\n")
+        save_file(exported, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    write_atomically(out_dir, write, overwrite)
+    return out_dir

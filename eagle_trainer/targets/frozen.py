@@ -1,0 +1,102 @@
+"""The frozen target in the training loop: one forward, hooks on the aux layers, teacher over the draft vocab.
+
+Only the aux layers' outputs are kept (forward hooks; no output_hidden_states over all layers). The teacher
+is `softmax(h @ lm_head[draft_ids].T)` in fp32 from the final (normed) hidden state, so the [B, T, V] logits
+are never materialised; the optional argmax mask scans the full vocab in chunks.
+
+Batches are right-padded, so real tokens never attend to padding under the causal mask and no attention
+mask is passed to the model.
+
+Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eagle_trainer.registry import TargetSpec
+from eagle_trainer.types import Batch, TargetOutputs
+
+
+@torch.no_grad()
+def chunked_argmax(h: torch.Tensor, weight: torch.Tensor, max_elems: int = 1 << 26) -> torch.Tensor:
+    """argmax_v (h @ weight.T) for h [N, Ht], weight [V, Ht], holding at most `max_elems` logits at a time.
+    Lowest id wins ties."""
+    col_chunk = min(weight.shape[0], 32768, max_elems)
+    row_chunk = max(1, max_elems // col_chunk)
+    out = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
+    for r in range(0, h.shape[0], row_chunk):
+        rows = h[r:r + row_chunk]
+        best = torch.full((rows.shape[0],), float("-inf"), device=h.device)
+        arg = torch.zeros(rows.shape[0], dtype=torch.long, device=h.device)
+        for c in range(0, weight.shape[0], col_chunk):
+            val, idx = (rows @ weight[c:c + col_chunk].T).float().max(-1)
+            better = val > best
+            best = torch.where(better, val, best)
+            arg = torch.where(better, idx + c, arg)
+        out[r:r + row_chunk] = arg
+    return out
+
+
+class FrozenTarget:
+    """Wraps a loaded HF causal LM; `forward(batch)` returns the TargetOutputs a draft trains on."""
+
+    def __init__(self, model: nn.Module, spec: TargetSpec, aux_layer_ids, draft_ids: torch.Tensor,
+                 t2d: torch.Tensor, mask_teacher_argmax: bool = True, keep_last_hidden: bool = False,
+                 argmax_chunk_elems: int = 1 << 26):
+        self.model, self.spec = model, spec
+        self.layers = model.get_submodule(spec.layers)
+        self.backbone = model.get_submodule(spec.backbone)
+        num_layers = len(self.layers)
+        bad = [i for i in aux_layer_ids if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"aux layer ids {bad} are outside the target's {num_layers} decoder layers (0-based)")
+        self.aux_layer_ids = tuple(aux_layer_ids)
+        head = model.get_submodule(spec.lm_head).weight
+        self.lm_head_weight = head
+        self.draft_head = head[draft_ids.to(head.device)]  # [Vd, Ht]: lm_head rows of the draft ids
+        self.t2d = t2d.to(head.device)
+        self.mask_teacher_argmax = mask_teacher_argmax
+        self.keep_last_hidden = keep_last_hidden
+        self.argmax_chunk_elems = argmax_chunk_elems
+        self._captured: dict[int, torch.Tensor] = {}
+        self._hooks = [self.layers[i].register_forward_hook(self._capture(i)) for i in sorted(set(aux_layer_ids))]
+        if keep_last_hidden:
+            norm = model.get_submodule(spec.final_norm)
+            self._hooks.append(norm.register_forward_pre_hook(self._capture_input("last")))
+
+    def _capture(self, key):
+        def hook(_module, _inputs, output):
+            self._captured[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def _capture_input(self, key):
+        def hook(_module, inputs):
+            self._captured[key] = inputs[0]
+        return hook
+
+    def input_embedding(self) -> torch.Tensor:
+        return self.model.get_submodule(self.spec.embed).weight
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> TargetOutputs:
+        self._captured.clear()
+        out = self.backbone(input_ids=batch.input_ids, use_cache=False)
+        final = out.last_hidden_state  # [B, T, Ht], after the final norm
+        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)  # [B, T, 3Ht]
+        logits = (final @ self.draft_head.T).float()  # [B, T, Vd]
+        probs = logits.softmax(-1)
+        if self.mask_teacher_argmax:
+            flat = final.reshape(-1, final.shape[-1])
+            valid = self.t2d[chunked_argmax(flat, self.lm_head_weight, self.argmax_chunk_elems)].view(final.shape[:2])
+        else:
+            valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
+        last = self._captured.get("last")
+        self._captured.clear()
+        return TargetOutputs(aux_hidden=aux, last_hidden=last, teacher_probs=probs, teacher_valid=valid)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()

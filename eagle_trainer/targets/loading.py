@@ -1,0 +1,77 @@
+"""Load a frozen target from a local HF checkpoint directory (config, safetensors, tokenizer).
+
+Weights are read only from safetensors; `trust_remote_code` stays off unless the recipe turns it on.
+The same code loads the tiny checkpoints the tests and demo build and a real Qwen3 checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from eagle_trainer import registry
+from eagle_trainer.config import TargetConfig
+from eagle_trainer.types import TargetInfo
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"target.dtype={name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """A directory with config.json and safetensors weights, else a ValueError that says what is missing."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"target.path={str(path)!r} is not a directory; point it at a local HF checkpoint "
+                         "(config.json, *.safetensors, tokenizer files)")
+    if not (p / "config.json").is_file():
+        raise ValueError(f"target.path={str(path)!r} has no config.json: not an HF checkpoint directory")
+    if not any(p.glob("*.safetensors")):
+        found = sorted(x.name for x in p.iterdir() if x.suffix in (".bin", ".pt", ".pth"))
+        raise ValueError(f"target.path={str(path)!r} has no *.safetensors weights{f' (found {found})' if found else ''}; "
+                         "weights are read only from safetensors: convert the checkpoint first")
+    return p
+
+
+def read_config(cfg: TargetConfig):
+    path = check_checkpoint_dir(cfg.path)
+    hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    archs = getattr(hf_config, "architectures", None) or []
+    if not archs:
+        raise ValueError(f"{path / 'config.json'} names no `architectures`; cannot pick a target entry")
+    return path, archs[0], hf_config
+
+
+def target_info(cfg: TargetConfig) -> tuple[registry.TargetSpec, TargetInfo]:
+    """Spec and shapes of the target without loading weights (recipes build drafts on the meta device)."""
+    _, arch, hf_config = read_config(cfg)
+    spec = registry.target_spec(arch)
+    return spec, spec.read_info(arch, hf_config)
+
+
+def load_target(cfg: TargetConfig, device: torch.device):
+    """-> (model in eval mode with no grads, tokenizer, spec, info)."""
+    path, arch, hf_config = read_config(cfg)
+    spec = registry.target_spec(arch)
+    info = spec.read_info(arch, hf_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    if len(tokenizer) > info.vocab_size:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} ids but the target's vocab_size is "
+                         f"{info.vocab_size}: tokenizer and weights do not belong together")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation, use_safetensors=True,
+        device_map=str(device) if device.type == "cuda" else None,
+    )
+    model.to(device).eval().requires_grad_(False)
+    if spec.bind_kernels is not None:
+        spec.bind_kernels(model)
+    return model, tokenizer, spec, info

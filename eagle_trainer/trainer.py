@@ -1,0 +1,174 @@
+"""The training loop: batch -> frozen target -> draft loss -> AdamW step; logging, eval, checkpoints.
+
+The loop knows nothing of a concrete target or draft: the target gives TargetOutputs, the registry's
+algorithm entry gives the loss. Draft weights stay fp32 (master weights); on the GPU the draft runs under
+bf16 autocast. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from eagle_trainer.config import DraftConfig, OptimConfig, TrainConfig
+from eagle_trainer.drafts.io import save_draft
+from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
+from eagle_trainer.metrics import MetricsLogger, plot_metrics
+from eagle_trainer.registry import DraftSpec
+from eagle_trainer.types import Batch
+
+
+def cosine_schedule(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine down to `min_lr_ratio`."""
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class Summary:
+    steps: int = 0
+    final_loss: float = float("nan")
+    train_acc: list[float] = field(default_factory=list)
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+    checkpoint: str = ""
+
+
+class Trainer:
+    def __init__(self, spec: DraftSpec, target, draft: torch.nn.Module, draft_cfg: DraftConfig, optim: OptimConfig,
+                 train: TrainConfig, train_batches: Callable[[int], Iterable[Batch]], eval_batches: list[Batch],
+                 device: torch.device, rank: int = 0):
+        self.spec, self.target, self.draft = spec, target, draft
+        self.draft_cfg, self.optim_cfg, self.train_cfg = draft_cfg, optim, train
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.device, self.rank = device, rank
+        self.run_dir = Path(train.run_dir)
+        self.attention = pick_attention(draft_cfg.attention, device)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        params = [p for p in draft.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
+                                           weight_decay=optim.weight_decay, fused=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
+        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)
+        self.step = 0
+
+    def _loss(self, batch: Batch):
+        outputs = self.target.forward(batch)
+        if self.autocast is None:
+            return self.spec.algorithm.loss(self.draft, batch, outputs, self.draft_cfg, self.attention)
+        with self.autocast:
+            return self.spec.algorithm.loss(self.draft, batch, outputs, self.draft_cfg, self.attention)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted TTT loss and per-step accuracy on the held-out batches."""
+        if not self.eval_batches:
+            return {}
+        self.draft.eval()
+        k = self.draft_cfg.ttt_steps
+        loss_sum, weight, hits, counts = 0.0, 0, [0.0] * k, [0] * k
+        for batch in self.eval_batches:
+            out = self._loss(batch.to(self.device))
+            loss_sum += out.loss.item() * out.step_count[0]  # batches weighted by their step-0 tokens
+            weight += out.step_count[0]
+            for j in range(k):
+                hits[j] += out.step_acc[j] * out.step_count[j]
+                counts[j] += out.step_count[j]
+        self.draft.train()
+        acc = [h / max(c, 1) for h, c in zip(hits, counts)]
+        return {"loss": loss_sum / max(weight, 1), "acc": acc, "sim_accept_len": simulated_acceptance(acc)}
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_N atomically (temp dir, then rename)."""
+        final = self.run_dir / "checkpoints" / f"step_{self.step:07d}"
+        if self.rank != 0:
+            return final
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_draft(tmp, self.draft)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def fit(self) -> Summary:
+        cfg = self.train_cfg
+        summary = Summary(eval_before=self.evaluate())
+        if summary.eval_before:
+            self.metrics.log({"split": "eval", "step": 0, **summary.eval_before})
+        self.draft.train()
+        bar = tqdm(total=cfg.max_steps, desc="train", disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+        start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
+        accum = self.optim_cfg.grad_accum
+        done = False
+        for epoch in range(cfg.epochs):
+            micro = 0
+            for batch in self.train_batches(epoch):
+                batch = batch.to(self.device)
+                out = self._loss(batch)
+                (out.loss / accum).backward()
+                micro += 1
+                n_tok = int(batch.attention_mask.sum())
+                tokens += n_tok
+                window_tokens += n_tok
+                if micro % accum:
+                    continue
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss.item():.3f}", acc0=f"{out.step_acc[0]:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    now = time.perf_counter()
+                    self.metrics.log({
+                        "split": "train", "step": self.step, "epoch": epoch, "loss": out.loss.item(),
+                        "acc": out.step_acc, "step_loss": out.step_loss,
+                        "sim_accept_len": simulated_acceptance(out.step_acc),
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                    })
+                    window_tokens, window_start = 0, now
+                    summary.final_loss, summary.train_acc = out.loss.item(), out.step_acc
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+                    self._plot()
+                if self.step >= cfg.max_steps:
+                    done = True
+                    break
+            if done:
+                break
+        bar.close()
+        summary.wall_s = time.perf_counter() - start
+        summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s, 1e-9)
+        summary.eval_after = self.evaluate()
+        if summary.eval_after:
+            self.metrics.log({"split": "eval", "step": self.step, **summary.eval_after})
+        summary.checkpoint = str(self.save_checkpoint())
+        self._plot()
+        return summary
+
+    def _plot(self) -> None:
+        if self.rank == 0 and self.metrics.records:
+            plot_metrics(self.metrics.records, self.run_dir / "plots")

@@ -1,0 +1,58 @@
+"""Data passed between layers. torch and dataclasses only.
+
+Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A right-padded batch of tokenised conversations."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    loss_mask: torch.Tensor  # [B, T] bool: token is part of an assistant turn (end-of-turn included)
+    attention_mask: torch.Tensor  # [B, T] bool: real token (False on padding)
+
+    def pad_to_multiple(self, multiple: int, pad_id: int) -> "Batch":
+        """Right-pad T up to a multiple (fewer distinct shapes for compiled kernels); padding is masked."""
+        extra = -self.input_ids.shape[1] % multiple
+        if extra == 0:
+            return self
+        pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra), v)], dim=1)
+        return Batch(pad(self.input_ids, pad_id), pad(self.loss_mask, False), pad(self.attention_mask, False))
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.loss_mask, self.attention_mask)))
+
+
+@dataclass
+class TargetOutputs:
+    """What the frozen target gives the draft for one batch (online or read back from disk)."""
+
+    aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] EAGLE-3: aux layer outputs, low/mid/high concatenated
+    last_hidden: torch.Tensor | None  # [B, T, Ht] final decoder-layer output, before the final norm
+    teacher_probs: torch.Tensor  # [B, T, Vd] fp32: softmax of target logits over the draft vocab
+    teacher_valid: torch.Tensor  # [B, T] bool: full-vocab argmax lies in the draft vocab (all True when off)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The facts about a target that a draft needs to be built (no weights)."""
+
+    architecture: str
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int

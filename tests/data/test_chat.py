@@ -1,0 +1,133 @@
+"""Chat JSONL reading (both forms, errors, skip counts, thinking) and the rendered loss mask."""
+
+import json
+
+import pytest
+
+from eagle_trainer.data.chat import parse_conversation, read_chat_jsonl, strip_thinking, write_chat_jsonl
+from eagle_trainer.data.template import find_assistant_spans, tokenize_conversation
+from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer
+
+TWO_TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Kalo mi ne?"},
+    {"role": "assistant", "content": "Suta ri po."},
+    {"role": "user", "content": "Ve da zu?"},
+    {"role": "assistant", "content": "Zu chi mo!"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def write_lines(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_openai_and_sharegpt_forms_normalise_alike(tmp_path):
+    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Kalo mi ne?"},
+                                  {"from": "gpt", "value": "Suta ri po."}, {"from": "user", "value": "Ve da zu?"},
+                                  {"from": "assistant", "value": "Zu chi mo!"}]}
+    path = write_lines(tmp_path / "c.jsonl", [{"messages": TWO_TURNS}, "", sharegpt])
+    conversations, skipped = read_chat_jsonl(path)
+    assert conversations == [TWO_TURNS, TWO_TURNS]
+    assert skipped == {}
+
+
+BAD_LINES = {
+    "bad_json": '{"messages": [',
+    "no_assistant_turn": {"messages": [{"role": "user", "content": "hi"}]},
+    "empty_conversation": {"messages": []},
+    "unknown_role": {"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+    "bad_content": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["a"]}]},
+    "bad_format": {"text": "hi"},
+}
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_LINES))
+def test_bad_line_error_names_file_line_and_fix(tmp_path, reason):
+    path = write_lines(tmp_path / "bad.jsonl", [{"messages": TWO_TURNS}, BAD_LINES[reason]])
+    with pytest.raises(ValueError) as err:
+        read_chat_jsonl(path)
+    message = str(err.value)
+    assert f"{path}:2:" in message
+    assert reason in message and "on_error=skip" in message
+
+
+def test_skip_mode_counts_by_reason(tmp_path):
+    records = [{"messages": TWO_TURNS}] + [BAD_LINES[r] for r in sorted(BAD_LINES)] + [BAD_LINES["bad_json"]]
+    path = write_lines(tmp_path / "mixed.jsonl", records)
+    conversations, skipped = read_chat_jsonl(path, on_error="skip")
+    assert conversations == [TWO_TURNS]
+    assert skipped == {r: 2 if r == "bad_json" else 1 for r in BAD_LINES}
+
+
+def test_user_only_allowed_when_assistant_not_required(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [BAD_LINES["no_assistant_turn"]])
+    conversations, _ = read_chat_jsonl(path, require_assistant=False)
+    assert conversations == [[{"role": "user", "content": "hi"}]]
+
+
+def test_thinking_strip_keep_and_bad_value():
+    record = {"messages": [{"role": "user", "content": "<think>u</think> q"},
+                           {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nAnswer <think>x</think>  done"}]}
+    stripped = parse_conversation(record, thinking="strip")
+    assert stripped[1]["content"] == "Answer done"
+    assert stripped[0]["content"] == "<think>u</think> q"  # only assistant turns are touched
+    assert parse_conversation(record, thinking="keep")[1]["content"] == record["messages"][1]["content"]
+    assert strip_thinking("no blocks") == "no blocks"
+    with pytest.raises(ValueError, match="thinking='drop'"):
+        parse_conversation(record, thinking="drop")
+
+
+def test_writer_round_trip(tmp_path):
+    odd = [{"role": "user", "content": "caf\u00e9 \"q\"\n"}, {"role": "assistant", "content": ""}]
+    conversations = [TWO_TURNS, odd]
+    write_chat_jsonl(tmp_path / "out" / "w.jsonl", conversations)
+    assert read_chat_jsonl(tmp_path / "out" / "w.jsonl")[0] == conversations
+
+
+def masked_segments(tokenizer, ids, mask):
+    """Decode each maximal run of loss tokens."""
+    segments, run = [], []
+    for token, m in zip(ids + [None], mask + [False]):
+        if m:
+            run.append(token)
+        elif run:
+            segments.append(tokenizer.decode(run, skip_special_tokens=False))
+            run = []
+    return segments
+
+
+def test_loss_mask_is_exactly_assistant_content_and_end_of_turn(tokenizer):
+    tok = tokenize_conversation(tokenizer, TWO_TURNS)
+    assert len(tok.input_ids) == len(tok.loss_mask) and not tok.truncated
+    assert masked_segments(tokenizer, tok.input_ids, tok.loss_mask) == ["Suta ri po.<|im_end|>", "Zu chi mo!<|im_end|>"]
+    unmasked = tokenizer.decode([t for t, m in zip(tok.input_ids, tok.loss_mask) if not m], skip_special_tokens=False)
+    assert unmasked.count("<|im_start|>assistant\n") == 2 and "Kalo mi ne?" in unmasked and "Suta" not in unmasked
+    # The ids are those of the rendered text, tokenised as a whole.
+    text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+    assert tok.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_loss_mask_keeps_thinking_when_kept(tokenizer):
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "<think>\nmi\n</think>\n\nKa."}]
+    tok = tokenize_conversation(tokenizer, messages)
+    assert masked_segments(tokenizer, tok.input_ids, tok.loss_mask) == ["<think>\nmi\n</think>\n\nKa.<|im_end|>"]
+
+
+def test_truncation_keeps_the_first_tokens(tokenizer):
+    full = tokenize_conversation(tokenizer, TWO_TURNS)
+    cut = tokenize_conversation(tokenizer, TWO_TURNS, max_length=10)
+    assert cut.truncated and cut.num_original_tokens == len(full.input_ids)
+    assert cut.input_ids == full.input_ids[:10] and cut.loss_mask == full.loss_mask[:10]
+
+
+def test_wrong_markers_are_reported(tokenizer):
+    with pytest.raises(ValueError, match="found 0 assistant headers"):
+        tokenize_conversation(tokenizer, TWO_TURNS, assistant_header="<|start_header_id|>assistant")
+    with pytest.raises(ValueError, match="no end-of-turn"):
+        find_assistant_spans("<|im_start|>assistant\nhello", end_of_turn="<|eot_id|>")

@@ -1,0 +1,120 @@
+"""Tokenised dataset: stats, truncation / drop counts, the cache key, collate, and rank-disjoint batches."""
+
+import json
+
+import pytest
+import torch
+
+from eagle_trainer.config import DataConfig
+from eagle_trainer.data import dataset as dataset_module
+from eagle_trainer.data.dataset import batches, build_dataset, collate, num_batches
+from eagle_trainer.data.template import tokenize_conversation
+from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def conversation(i, lines):
+    return [{"role": "user", "content": lines[2 * i]}, {"role": "assistant", "content": lines[2 * i + 1]}]
+
+
+def write_data(path, num_conversations, extra=()):
+    lines = synthetic_corpus(2 * num_conversations, seed=1)
+    records = [json.dumps({"messages": conversation(i, lines)}) for i in range(num_conversations)]
+    path.write_text("\n".join(records + list(extra)) + "\n")
+    return path
+
+
+def test_build_stats_and_rows(tmp_path, tokenizer):
+    path = write_data(tmp_path / "d.jsonl", 12, extra=["not json"])
+    cfg = DataConfig(path=str(path), on_error="skip")
+    ds, stats = build_dataset(cfg, tokenizer, tmp_path / "cache")
+    assert len(ds) == 12 and set(ds.column_names) == {"input_ids", "loss_mask"}
+    assert stats["num_conversations"] == 12 and stats["num_examples"] == 12
+    assert stats["skipped"] == {"bad_json": 1}
+    assert stats["truncated"] == 0 and stats["dropped"] == {"too_long": 0, "no_loss_tokens": 0}
+    assert stats["num_tokens"] == sum(len(r) for r in ds["input_ids"])
+    assert stats["num_loss_tokens"] == sum(sum(m) for m in ds["loss_mask"])
+    lines = synthetic_corpus(24, seed=1)
+    expected = tokenize_conversation(tokenizer, conversation(3, lines))
+    assert ds[3]["input_ids"] == expected.input_ids and ds[3]["loss_mask"] == expected.loss_mask
+
+
+def test_truncate_and_drop_are_counted(tmp_path, tokenizer):
+    lines = synthetic_corpus(2, seed=2)
+    long_user = [{"role": "user", "content": " ".join(lines) * 4}, {"role": "assistant", "content": "Ka."}]
+    long_answer = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": " ".join(lines) * 4}]
+    short = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Ka."}]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (long_user, long_answer, short)))
+    ds, stats = build_dataset(DataConfig(path=str(path), max_length=32), tokenizer, tmp_path / "cache")
+    assert stats["truncated"] == 1 and stats["dropped"] == {"too_long": 0, "no_loss_tokens": 1}
+    assert len(ds) == 2 and max(len(r) for r in ds["input_ids"]) == 32
+    ds, stats = build_dataset(DataConfig(path=str(path), max_length=32, truncate=False), tokenizer, tmp_path / "cache")
+    assert stats["truncated"] == 0 and stats["dropped"] == {"too_long": 2, "no_loss_tokens": 0} and len(ds) == 1
+
+
+def test_bad_line_raises_with_location(tmp_path, tokenizer):
+    path = write_data(tmp_path / "d.jsonl", 3, extra=['{"messages": []}'])
+    with pytest.raises(ValueError, match=f"{path}:4:.*empty_conversation"):
+        build_dataset(DataConfig(path=str(path)), tokenizer, tmp_path / "cache")
+    with pytest.raises(ValueError, match="data.thinking"):
+        build_dataset(DataConfig(path=str(path), thinking="hide"), tokenizer, tmp_path / "cache")
+
+
+def test_cache_hit_then_miss_on_changed_file_or_tokenizer(tmp_path, tokenizer, monkeypatch):
+    path = write_data(tmp_path / "d.jsonl", 8)
+    cfg = DataConfig(path=str(path))
+    first, stats1 = build_dataset(cfg, tokenizer, tmp_path / "cache")
+    assert not stats1["from_cache"]
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again on a cache hit")
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset_module, "tokenize_conversation", no_tokenising)
+        second, stats2 = build_dataset(cfg, tokenizer, tmp_path / "cache")
+    assert stats2["from_cache"] and stats2["fingerprint"] == stats1["fingerprint"]
+    assert second["input_ids"] == first["input_ids"] and second["loss_mask"] == first["loss_mask"]
+    assert second.cache_files and second.cache_files[0]["filename"].startswith(str(tmp_path / "cache"))
+
+    write_data(path, 9)
+    third, stats3 = build_dataset(cfg, tokenizer, tmp_path / "cache")
+    assert not stats3["from_cache"] and len(third) == 9 and stats3["fingerprint"] != stats1["fingerprint"]
+    _, stats4 = build_dataset(DataConfig(path=str(path), max_length=64), tokenizer, tmp_path / "cache")
+    assert not stats4["from_cache"]
+    other = save_tiny_tokenizer(tmp_path / "tok2", vocab_size=512)
+    _, stats5 = build_dataset(cfg, other, tmp_path / "cache")
+    assert not stats5["from_cache"] and stats5["fingerprint"] != stats3["fingerprint"]
+
+
+def test_collate_right_pads_and_masks_padding():
+    examples = [{"input_ids": [5, 6, 7], "loss_mask": [False, True, True]}, {"input_ids": [8], "loss_mask": [True]}]
+    batch = collate(examples, pad_id=0)
+    assert batch.input_ids.dtype == torch.int64 and batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch.loss_mask.tolist() == [[False, True, True], [True, False, False]]
+    assert batch.attention_mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_batches_are_disjoint_across_ranks_and_seeded(tmp_path, tokenizer):
+    ds, _ = build_dataset(DataConfig(path=str(write_data(tmp_path / "d.jsonl", 23))), tokenizer, tmp_path / "cache")
+    first_tokens = {tuple(r): i for i, r in enumerate(ds["input_ids"])}
+    assert len(first_tokens) == 23  # every row is distinct, so rows identify examples
+
+    def rows(rank, world_size, epoch=0, seed=0, shuffle=True):
+        out = []
+        for b in batches(ds, 2, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank, world_size=world_size, pad_id=0):
+            assert b.input_ids.shape[0] == 2
+            for ids, attn in zip(b.input_ids, b.attention_mask):
+                out.append(first_tokens[tuple(ids[attn].tolist())])
+        return out
+
+    per_rank = [rows(r, 3) for r in range(3)]
+    assert all(len(r) == 2 * num_batches(23, 2, 3) == 6 for r in per_rank)
+    assert len(set(sum(per_rank, []))) == 18  # disjoint; the ragged tail of 5 is dropped
+    assert rows(1, 3) == per_rank[1]  # deterministic per (seed, epoch)
+    assert rows(1, 3, epoch=1) != per_rank[1] and rows(1, 3, seed=5) != per_rank[1]
+    assert rows(0, 1, shuffle=False) == list(range(22))

@@ -1,0 +1,85 @@
+"""The TTT unroll equals serving-style autoregressive drafting per prefix (DESIGN section 4)."""
+
+import pytest
+import torch
+
+from eagle_trainer.drafts.eagle3 import DraftKVCache, Eagle3Config, Eagle3Draft
+from eagle_trainer.drafts.ttt import (naive_ttt_attention, simulated_acceptance, step_valid_mask, ttt_logits,
+                                      ttt_loss)
+
+
+def tiny_draft(seed=0, **kw) -> Eagle3Draft:
+    cfg = dict(hidden_size=32, target_hidden_size=24, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48,
+               vocab_size=50, draft_vocab_size=20, rms_norm_eps=1e-6, rope_theta=10000.0,
+               max_position_embeddings=256, aux_layer_ids=(1, 2, 3))
+    cfg.update(kw)
+    torch.manual_seed(seed)
+    draft = Eagle3Draft(Eagle3Config(**cfg)).double()
+    for p in draft.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return draft
+
+
+@pytest.mark.parametrize("t,steps", [(11, 7), (5, 3), (1, 2)])
+def test_ttt_matches_autoregressive_drafting_per_prefix(t, steps):
+    draft = tiny_draft()
+    b = 2
+    ids = torch.randint(0, 50, (b, t))
+    aux = torch.randn(b, t, 3 * 24, dtype=torch.float64)
+    unrolled = ttt_logits(draft, ids, aux, steps, attention="naive")
+    g0 = draft.project(aux)
+    checked = 0
+    for prefix in range(t):
+        cache = DraftKVCache(draft)
+        pos = torch.arange(prefix + 1).expand(b, -1)
+        tokens = torch.cat([ids[:, 1:prefix + 2], ids.new_zeros(b, 1)], 1)[:, :prefix + 1]  # x[1..prefix+1]
+        g = cache.extend(tokens, g0[:, :prefix + 1], pos)[:, -1:]
+        for k in range(steps):
+            if k > 0:
+                nxt = prefix + 1 + k
+                tok = ids[:, nxt:nxt + 1] if nxt < t else ids.new_zeros(b, 1)
+                g = cache.extend(tok, g, torch.full((b, 1), prefix + k))
+            expected = draft.logits(g)[:, 0]
+            torch.testing.assert_close(unrolled[k][:, prefix], expected, rtol=1e-9, atol=1e-9)
+            checked += 1
+    assert checked == t * steps
+
+
+def test_naive_attention_uses_causal_block_and_diagonals():
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    k0, v0 = torch.randn(1, 1, 4, 8, dtype=torch.float64), torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    k1, v1 = torch.randn_like(k0), torch.randn_like(v0)
+    out = naive_ttt_attention(q, k0, v0, [k1], [v1])
+    t = 2  # position 2 sees k0[0..2] and k1[2]
+    keys = torch.cat([k0[0, 0, :t + 1], k1[0, 0, t:t + 1]])
+    vals = torch.cat([v0[0, 0, :t + 1], v1[0, 0, t:t + 1]])
+    ref = torch.softmax(q[0, 1, t] @ keys.T / 8**0.5, -1) @ vals
+    torch.testing.assert_close(out[0, 1, t], ref)
+
+
+def test_valid_mask_and_loss_normalisation():
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    teacher_ok = torch.ones_like(loss_mask)
+    valid = step_valid_mask(loss_mask, attn, teacher_ok, 3)
+    # step 0 at t predicts token t+2: tokens 2,3,4 are loss tokens -> t = 0,1,2
+    assert valid[0].tolist() == [[True, True, True, False, False, False]]
+    assert valid[1].tolist() == [[True, True, False, False, False, False]]
+    assert valid[2].tolist() == [[True, False, False, False, False, False]]
+    vd = 5
+    probs = torch.softmax(torch.randn(1, 6, vd), -1)
+    perfect = [torch.log(probs).roll(-(1 + k), 1) for k in range(3)]  # logits equal to the labels
+    out = ttt_loss(perfect, probs, valid, step_weight=0.8)
+    assert out.step_acc == [1.0, 1.0, 1.0]
+    assert out.step_count == [3, 2, 1]
+    entropy = -(probs * probs.log()).sum(-1)[0]
+    expected = [entropy[1:4].mean(), entropy[2:4].mean(), entropy[3:4].mean()]
+    torch.testing.assert_close(torch.tensor(out.step_loss), torch.stack(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, sum(0.8**k * e for k, e in enumerate(expected)), rtol=1e-5, atol=1e-6)
+
+
+def test_simulated_acceptance():
+    assert simulated_acceptance([1.0, 1.0]) == 3.0
+    assert simulated_acceptance([0.5, 0.5]) == 1.75
+    assert simulated_acceptance([0.0, 1.0]) == 1.0

@@ -1,0 +1,85 @@
+"""The frozen target adapter: real loading path, aux-layer capture, and the teacher over the draft vocab."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from eagle_trainer import registry
+from eagle_trainer.config import TargetConfig
+from eagle_trainer.targets.frozen import FrozenTarget, chunked_argmax
+from eagle_trainer.targets.loading import load_target
+from eagle_trainer.types import Batch
+
+
+def make_batch(b, t, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    ones = torch.ones(b, t, dtype=torch.bool)
+    return Batch(ids, ones, ones)
+
+
+def draft_vocab(vocab, vd, seed=0):
+    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:vd].sort().values
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[ids] = True
+    return ids, t2d
+
+
+def test_aux_hidden_and_teacher_match_full_forward(tiny_qwen3_path):
+    model, tok, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_path)), torch.device("cpu"))
+    assert spec is registry.target_spec("Qwen3ForCausalLM") and info.num_layers == 8
+    ids, t2d = draft_vocab(info.vocab_size, 300)
+    aux_ids = spec.aux_layers(info.num_layers)
+    assert aux_ids == (1, 3, 4)
+    target = FrozenTarget(model, spec, aux_ids, ids, t2d, keep_last_hidden=True)
+    batch = make_batch(2, 13, info.vocab_size)
+    out = target.forward(batch)
+    ref = model(batch.input_ids, output_hidden_states=True)
+    expect_aux = torch.cat([ref.hidden_states[i + 1] for i in aux_ids], -1)
+    torch.testing.assert_close(out.aux_hidden, expect_aux)
+    torch.testing.assert_close(model.model.norm(out.last_hidden), ref.hidden_states[-1])
+    expect_probs = ref.logits[..., ids].float().softmax(-1)
+    torch.testing.assert_close(out.teacher_probs, expect_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_valid, t2d[ref.logits.argmax(-1)])
+    assert 0 < out.teacher_valid.float().mean() < 1
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_teacher_never_materialises_full_vocab_logits(tiny_qwen3_path):
+    model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_path)), torch.device("cpu"))
+    ids, t2d = draft_vocab(info.vocab_size, 64)
+    b, t = 2, 40
+    target = FrozenTarget(model, spec, (1, 3, 4), ids, t2d, argmax_chunk_elems=b * t * info.vocab_size // 8)
+    batch = make_batch(b, t, info.vocab_size)
+    with _LargestOutput() as mode:
+        target.forward(batch)
+    assert mode.largest < b * t * info.vocab_size, mode.largest
+    with _LargestOutput() as mode:
+        model(batch.input_ids)
+    assert mode.largest >= b * t * info.vocab_size  # the check above can fail: a plain forward trips it
+
+
+@pytest.mark.parametrize("budget", [5, 999, 1 << 26])
+def test_chunked_argmax_matches_dense(budget):
+    g = torch.Generator().manual_seed(budget)
+    h, w = torch.randn(37, 16, generator=g), torch.randn(1001, 16, generator=g)
+    assert torch.equal(chunked_argmax(h, w, budget), (h @ w.T).argmax(-1))
+
+
+def test_bad_aux_layer_ids(tiny_qwen3_path):
+    model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_path)), torch.device("cpu"))
+    ids, t2d = draft_vocab(info.vocab_size, 10)
+    with pytest.raises(ValueError, match=r"\[8\]"):
+        FrozenTarget(model, spec, (1, 3, 8), ids, t2d)
