@@ -65,9 +65,10 @@ def _ttt_block_mask(num_prev: int, t: int, device: str):
 
 
 @functools.cache
-def _compiled_flex():
+def _flex(device_type: str):
+    """flex_attention compiled for CUDA (the O(T) kernel); eager elsewhere (a reference, forward only)."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
 
 
 def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
@@ -76,7 +77,7 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
     keys = torch.cat([k0, *diag_k], dim=2)  # [B, nkv, (k+1)T, D]
     values = torch.cat([v0, *diag_v], dim=2)
     mask = _ttt_block_mask(len(diag_k), t, str(q.device))
-    return _compiled_flex()(q, keys, values, block_mask=mask, enable_gqa=True)
+    return _flex(q.device.type)(q, keys, values, block_mask=mask, enable_gqa=True)
 
 
 ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention}

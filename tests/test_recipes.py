@@ -1,0 +1,74 @@
+"""Every recipe composes against the schemas, and its target and draft build on the meta device."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from eagle_trainer import registry
+from eagle_trainer.targets.loading import target_info
+from eagle_trainer.train import RECIPES, to_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))
+# Real configs (config.json only, no weights) of the targets the experiments are written for.
+TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json"}
+
+
+def compose_recipe(overrides):
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return to_config(compose("config", overrides=overrides))
+
+
+def fake_checkpoint(tmp_path, config_file):
+    """A directory that passes the checkpoint checks: the real config.json and an empty safetensors file."""
+    d = tmp_path / "target"
+    d.mkdir()
+    shutil.copy(FIXTURES / config_file, d / "config.json")
+    (d / "model.safetensors").write_bytes(b"")
+    return d
+
+
+def test_default_recipe_is_the_demo():
+    cfg = compose_recipe([])
+    assert cfg.demo.enabled and cfg.draft.algorithm == "eagle3" and cfg.train.run_dir == "runs/demo"
+
+
+def test_unknown_keys_fail_at_compose_time():
+    with pytest.raises(ConfigCompositionException):
+        compose_recipe(["draft.no_such_key=1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_recipe(["+experiment=no_such_experiment"])
+
+
+def test_every_experiment_has_a_target_config():
+    assert set(EXPERIMENTS) == set(TARGET_CONFIGS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_builds_on_meta(name, tmp_path):
+    ckpt = fake_checkpoint(tmp_path, TARGET_CONFIGS[name])
+    cfg = compose_recipe([f"+experiment={name}", f"target.path={ckpt}", "data.path=chat.jsonl"])
+    assert not cfg.demo.enabled
+    spec, info = target_info(cfg.target)
+    algo = registry.resolve(info.architecture, cfg.draft.algorithm).algorithm
+    aux = tuple(cfg.target.aux_layer_ids or spec.aux_layers(info.num_layers))
+    assert aux == spec.aux_layers(info.num_layers)  # the recipe's explicit ids are the documented default
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+        draft = algo.build_draft(info, cfg.draft, aux)
+    assert len(target.get_submodule(spec.layers)) == info.num_layers
+    assert draft.fc.weight.shape == (info.hidden_size, 3 * info.hidden_size)
+    assert draft.lm_head.weight.shape == (cfg.draft.draft_vocab_size, info.hidden_size)
+    assert draft.midlayer.self_attn.q_proj.weight.shape == (info.num_heads * info.head_dim, 2 * info.hidden_size)
+
+
+def test_qwen3_8b_shapes():
+    cfg = AutoConfig.from_pretrained(FIXTURES / "qwen3_8b_config.json")
+    info = registry.info_from_hf_config("Qwen3ForCausalLM", cfg)
+    assert (info.num_layers, info.hidden_size, info.num_heads, info.num_kv_heads, info.head_dim) == (36, 4096, 32, 8, 128)
+    assert info.rope_theta == 1e6 and info.rope_scaling is None and info.vocab_size == 151936
