@@ -94,29 +94,20 @@ def run_vocab(args: argparse.Namespace) -> dict:
     return summary
 
 
-def check_checkpoint_dir(path: str) -> None:
-    if not Path(path).is_dir():
-        raise ValueError(f"target path {path!r} does not exist or is not a directory; pass a local HF checkpoint dir")
-    if not (Path(path) / "config.json").is_file():
-        raise ValueError(f"target path {path!r} has no config.json; pass the directory of a saved HF checkpoint")
-
-
 def run_regenerate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eagle_trainer.config import TargetConfig
     from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
     from eagle_trainer.data.regenerate import regenerate
+    from eagle_trainer.targets.loading import load_target
 
-    check_checkpoint_dir(args.target)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     conversations, skipped = read_chat_jsonl(
         args.data, thinking=args.thinking, on_error=args.on_error, require_assistant=False
     )
-    tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    model.to(device)
+    # The same loader as training: safetensors only, trust_remote_code off unless asked for.
+    model, tokenizer, _, _ = load_target(TargetConfig(path=args.target, trust_remote_code=args.trust_remote_code), device)
     out = regenerate(
         model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,

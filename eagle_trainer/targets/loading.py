@@ -30,7 +30,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     """A directory with config.json and safetensors weights, else a ValueError that says what is missing."""
     p = Path(path).expanduser()
     if not p.is_dir():
-        raise ValueError(f"target.path={str(path)!r} is not a directory; point it at a local HF checkpoint "
+        raise ValueError(f"target.path={str(path)!r} does not exist or is not a directory; point it at a local HF checkpoint "
                          "(config.json, *.safetensors, tokenizer files)")
     if not (p / "config.json").is_file():
         raise ValueError(f"target.path={str(path)!r} has no config.json: not an HF checkpoint directory")
