@@ -9,8 +9,8 @@ tokens after prefix t with a KV cache; tests/drafts/test_ttt.py checks it agains
 
 Two attention paths compute the same function:
 - `naive`: scores against all step-0 keys [B, nh, T, T] plus k diagonal scores; the reference.
-- `flex`:  one flex_attention call over keys cat(K0, K1..Kk) with a block mask (causal block + k diagonal
-           blocks); compiled on the GPU it never holds [T, T], so memory is O(T).
+- `flex`:  a causal flex_attention over the step-0 block (compiled on the GPU: never holds [T, T]) that
+           returns its log-sum-exp, merged with the k diagonal terms; memory is O(T).
 
 Shapes: B batch, T tokens, H hidden, nh/nkv heads, D head dim, Vd draft vocab, K steps.
 """
@@ -53,31 +53,42 @@ def naive_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
     return out
 
 
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
 @functools.lru_cache(maxsize=64)
-def _ttt_block_mask(num_prev: int, t: int, device: str):
+def _causal_block_mask(t: int, device: str):
     from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        block, pos = kv_idx // t, kv_idx % t
-        return ((block == 0) & (pos <= q_idx)) | ((block > 0) & (pos == q_idx))
-
-    return create_block_mask(mask_mod, None, None, t, (num_prev + 1) * t, device=device)
+    return create_block_mask(_causal, None, None, t, t, device=device)
 
 
 @functools.cache
 def _flex(device_type: str):
-    """flex_attention compiled for CUDA (the O(T) kernel); eager elsewhere (a reference, forward only)."""
+    """flex_attention compiled for CUDA (the fused O(T) kernel); eager elsewhere (a reference, forward only)."""
     from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
-    """Same function as `naive_ttt_attention`, with O(T) memory when compiled (GPU)."""
-    t = q.shape[2]
-    keys = torch.cat([k0, *diag_k], dim=2)  # [B, nkv, (k+1)T, D]
-    values = torch.cat([v0, *diag_v], dim=2)
-    mask = _ttt_block_mask(len(diag_k), t, str(q.device))
-    return _flex(q.device.type)(q, keys, values, block_mask=mask, enable_gqa=True)
+    """Same function as `naive_ttt_attention` in O(T) memory: a causal flex_attention over the step-0 block
+    returns its output and log-sum-exp, and the k diagonal terms are merged in through the log-sum-exp.
+    The flex call has the same shapes at every step, so it compiles once per sequence length."""
+    b, nh, t, d = q.shape
+    nkv = k0.shape[1]
+    out0, lse0 = _flex(q.device.type)(q, k0, v0, block_mask=_causal_block_mask(t, str(q.device)),
+                                       enable_gqa=True, return_lse=True)  # [B, nh, T, D], [B, nh, T]
+    if not diag_k:
+        return out0
+    qg = q.view(b, nkv, nh // nkv, t, d)  # query heads grouped by their kv head
+    scale = d**-0.5
+    diag = [(qg * kj[:, :, None]).sum(-1).view(b, nh, t).float() * scale for kj in diag_k]  # k x [B, nh, T]
+    lse = torch.logsumexp(torch.stack([lse0.float(), *diag]), dim=0)  # [B, nh, T]
+    out = out0.float() * (lse0.float() - lse).exp()[..., None]
+    for sj, vj in zip(diag, diag_v):
+        wj = (sj - lse).exp().view(b, nkv, nh // nkv, t, 1)
+        out = out + (wj * vj[:, :, None].float()).view(b, nh, t, d)
+    return out.to(q.dtype)
 
 
 ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention}

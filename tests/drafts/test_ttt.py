@@ -85,8 +85,8 @@ def test_simulated_acceptance():
     assert simulated_acceptance([0.0, 1.0]) == 1.0
 
 
-@pytest.mark.parametrize("t,num_prev", [(37, 3), (5, 0), (130, 6)])
-def test_flex_block_mask_equals_naive_attention(t, num_prev):
+@pytest.mark.parametrize("t,num_prev", [(37, 3), (5, 0), (130, 6), (1, 2)])
+def test_flex_lse_merge_equals_naive_attention(t, num_prev):
     from eagle_trainer.drafts.ttt import flex_ttt_attention
 
     torch.manual_seed(t)
