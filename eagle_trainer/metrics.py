@@ -59,12 +59,14 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    source = evals if evals else train
-    num_steps = len(source[0]["acc"]) if source else 0
+    num_steps = len((train or evals)[0]["acc"]) if (train or evals) else 0
     for k in range(num_steps):
-        ax.plot([r["step"] for r in source], [r["acc"][k] for r in source], label=f"acc_{k}")
-    ax.set(xlabel="step", ylabel="top-1 accuracy vs target", title=f"per-step accuracy ({'eval' if evals else 'train'})",
-           ylim=(0, 1))
+        color = f"C{k}"
+        ax.plot([r["step"] for r in train], [r["acc"][k] for r in train], color=color, alpha=0.6, label=f"acc_{k}")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["acc"][k] for r in evals], "o", color=color)
+    ax.set(xlabel="step", ylabel="top-1 accuracy vs target", ylim=(0, 1),
+           title="per-TTT-step accuracy (lines: train, dots: eval)")
     ax.legend(ncol=2, fontsize=8)
     save(fig, "accuracy.png")
 

@@ -67,7 +67,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay, fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
-        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)
+        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)  # eval at start, each save, and the end
         self.step = 0
 
     def _loss(self, batch: Batch):
@@ -153,6 +153,9 @@ class Trainer:
                     summary.final_loss, summary.train_acc = out.loss.item(), out.step_acc
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
+                    evaluated = self.evaluate()
+                    if evaluated:
+                        self.metrics.log({"split": "eval", "step": self.step, **evaluated})
                     self._plot()
                 if self.step >= cfg.max_steps:
                     done = True

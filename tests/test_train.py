@@ -39,6 +39,12 @@ def test_demo_writes_run_files(demo_run):
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "accuracy.png", "acceptance.png"}
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert steps == ["step_0000030", "step_0000060"]
+    last = run_dir / "checkpoints/step_0000060"
+    assert json.loads((last / "trainer_state.json").read_text()) == {"step": 60}
+    state = torch.load(last / "optimizer.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 60 and state["optimizer"]["state"]
+    evals = [r["step"] for r in records if r["split"] == "eval"]
+    assert evals == [0, 30, 60]
     assert {p.name for p in (run_dir / "export/sglang").iterdir()} == {"config.json", "model.safetensors"}
     cfg = json.loads((run_dir / "export/sglang/config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
