@@ -50,13 +50,17 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / name)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
-    ax.set(xlabel="step", ylabel="TTT loss", title="loss")
-    ax.legend()
-    save(fig, "loss.png")
+    def train_and_eval(key, ylabel, title, name):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label="eval")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend()
+        save(fig, name)
+
+    train_and_eval("loss", "TTT loss", "loss", "loss.png")
+    train_and_eval("sim_accept_len", "tokens per target forward", "simulated acceptance length", "acceptance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     num_steps = len((train or evals)[0]["acc"]) if (train or evals) else 0
@@ -70,11 +74,4 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
     ax.legend(ncol=2, fontsize=8)
     save(fig, "accuracy.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["sim_accept_len"] for r in train], label="train (simulated)")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["sim_accept_len"] for r in evals], "o-", label="eval (simulated)")
-    ax.set(xlabel="step", ylabel="tokens per target forward", title="acceptance length")
-    ax.legend()
-    save(fig, "acceptance.png")
     return written

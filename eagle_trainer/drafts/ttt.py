@@ -146,7 +146,7 @@ def ttt_loss(step_logits: list[torch.Tensor], teacher_probs: torch.Tensor, valid
     """Soft cross-entropy against the teacher per step; step k weighs step_weight**k; each step's loss is
     normalised over its valid tokens. Accuracy: draft argmax == teacher argmax."""
     total = teacher_probs.new_zeros(())
-    losses, accs, counts = [], [], []
+    stats = []  # per step: loss, accuracy, count (kept on device; one host sync at the end)
     teacher_top = teacher_probs.argmax(-1)
     for k, logits in enumerate(step_logits):
         labels = shift_left(teacher_probs, 1 + k)  # [B, T, Vd]: target distribution at t+1+k
@@ -157,10 +157,9 @@ def ttt_loss(step_logits: list[torch.Tensor], teacher_probs: torch.Tensor, valid
         total = total + step_weight**k * step
         with torch.no_grad():
             hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
-            losses.append(step.item())
-            accs.append(((hit * mask).sum() / n.clamp_min(1)).item())
-            counts.append(int(n.item()))
-    return TTTLoss(total, losses, accs, counts)
+            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n.clamp_min(1), n]))
+    losses, accs, counts = torch.stack(stats).T.tolist()
+    return TTTLoss(total, losses, accs, [int(c) for c in counts])
 
 
 def simulated_acceptance(step_acc: list[float]) -> float:
