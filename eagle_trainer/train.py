@@ -97,9 +97,9 @@ def run(cfg: Config) -> Summary:
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     target = FrozenTarget(model, target_spec, aux_ids, draft_ids_from_d2t(d2t), t2d, cfg.draft.mask_teacher_argmax,
                           keep_last_hidden=spec.algorithm.needs_last_hidden)
-    draft.set_embedding(target.input_embedding().float().cpu())
-    draft.set_vocab_map(d2t, t2d)
     draft.to(device)
+    draft.set_embedding(target.input_embedding())  # copy_ casts in place: no host round trip of [V, H]
+    draft.set_vocab_map(d2t, t2d)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1

@@ -67,7 +67,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay, fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
-        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)  # eval at start, each save, and the end
+        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)
         self.step = 0
 
     def _loss(self, batch: Batch):
@@ -96,6 +96,12 @@ class Trainer:
         acc = [h / max(c, 1) for h, c in zip(hits, counts)]
         return {"loss": loss_sum / max(weight, 1), "acc": acc, "sim_accept_len": simulated_acceptance(acc)}
 
+    def evaluate_and_log(self) -> dict:
+        result = self.evaluate()
+        if result:
+            self.metrics.log({"split": "eval", "step": self.step, **result})
+        return result
+
     def save_checkpoint(self) -> Path:
         """Write checkpoints/step_N atomically (temp dir, then rename)."""
         final = self.run_dir / "checkpoints" / f"step_{self.step:07d}"
@@ -112,10 +118,9 @@ class Trainer:
         return final
 
     def fit(self) -> Summary:
+        """Train to max_steps (or epochs); eval at the start, at each checkpoint and at the end."""
         cfg = self.train_cfg
-        summary = Summary(eval_before=self.evaluate())
-        if summary.eval_before:
-            self.metrics.log({"split": "eval", "step": 0, **summary.eval_before})
+        summary = Summary(eval_before=self.evaluate_and_log())
         self.draft.train()
         bar = tqdm(total=cfg.max_steps, desc="train", disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
         start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
@@ -124,11 +129,11 @@ class Trainer:
         for epoch in range(cfg.epochs):
             micro = 0
             for batch in self.train_batches(epoch):
+                n_tok = int(batch.attention_mask.sum())  # counted on the host copy: no device sync
                 batch = batch.to(self.device)
                 out = self._loss(batch)
                 (out.loss / accum).backward()
                 micro += 1
-                n_tok = int(batch.attention_mask.sum())
                 tokens += n_tok
                 window_tokens += n_tok
                 if micro % accum:
@@ -153,9 +158,7 @@ class Trainer:
                     summary.final_loss, summary.train_acc = out.loss.item(), out.step_acc
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
-                    evaluated = self.evaluate()
-                    if evaluated:
-                        self.metrics.log({"split": "eval", "step": self.step, **evaluated})
+                    self.evaluate_and_log()
                     self._plot()
                 if self.step >= cfg.max_steps:
                     done = True
@@ -165,9 +168,7 @@ class Trainer:
         bar.close()
         summary.wall_s = time.perf_counter() - start
         summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s, 1e-9)
-        summary.eval_after = self.evaluate()
-        if summary.eval_after:
-            self.metrics.log({"split": "eval", "step": self.step, **summary.eval_after})
+        summary.eval_after = self.evaluate_and_log()
         summary.checkpoint = str(self.save_checkpoint())
         self._plot()
         return summary
