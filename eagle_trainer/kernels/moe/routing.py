@@ -1,0 +1,107 @@
+"""MoE routing: the fused router kernel and the host-sync-free sort of (token, expert) pairs.
+
+`moe_route`: router logits (x @ W_r^T, fp32 accumulation, rounded to the model dtype as HF's F.linear does)
+-> fp32 softmax -> top-k (lowest expert id wins ties) -> renormalise when `norm_topk_prob`. One program owns
+BT whole tokens and every expert, so a token's result never depends on the other tokens in the batch.
+
+`align_pairs`: the T*k (token, expert) pairs, numbered p = t*k + j, sorted by expert (stable, so by p within
+an expert) and laid out in blocks of BM rows that each hold one expert's pairs only; a block's tail is padded
+with the sentinel S = T*k. Everything stays on the device: the number of blocks is bounded statically by
+min(S, ceil(S/BM) + E), and blocks past the real count carry expert id E so the GEMMs skip them.
+
+    ids            [T, k]   int32 expert ids
+    sorted_pairs   [NB*BM]  int32 pair index p, or S for padding
+    block_expert   [NB]     int32 expert of each block, E past the last real block
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from eagle_trainer.kernels.moe.configs import dot_precision, interpreting
+
+
+@triton.jit
+def moe_route_fwd_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, T, H, stride_xt, stride_we,
+                         E: tl.constexpr, BE: tl.constexpr, TOPK: tl.constexpr, NORM: tl.constexpr,
+                         BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    i_t = tl.program_id(0)
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_e = tl.arange(0, BE)
+    m_t = o_t < T
+    m_e = o_e < E
+    b_acc = tl.zeros([BT, BE], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < H
+        b_x = tl.load(x_ptr + o_t[:, None] * stride_xt + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(w_ptr + o_e[:, None] * stride_we + o_k[None, :], mask=m_e[:, None] & m_k[None, :], other=0.0)
+        b_acc = tl.dot(b_x, tl.trans(b_w), b_acc, input_precision=PREC)
+    b_logits = b_acc.to(logits_ptr.dtype.element_ty)
+    tl.store(logits_ptr + o_t[:, None] * E + o_e[None, :], b_logits, mask=m_t[:, None] & m_e[None, :])
+    b_l = tl.where(m_e[None, :], b_logits.to(tl.float32), float("-inf"))
+    b_p = tl.exp(b_l - tl.max(b_l, axis=1)[:, None])
+    b_p = b_p / tl.sum(b_p, axis=1)[:, None]
+    b_p = tl.where(m_e[None, :], b_p, -1.0)
+    # Top-k by repeated max; among equal maxima the lowest expert id is taken. Padding experts hold -1.
+    b_total = tl.zeros([BT], dtype=tl.float32)
+    b_q = b_p
+    for j in tl.static_range(TOPK):
+        b_best = tl.max(b_q, axis=1)
+        b_idx = tl.min(tl.where(b_q == b_best[:, None], o_e[None, :], BE), axis=1)
+        b_total += b_best
+        b_q = tl.where(o_e[None, :] == b_idx[:, None], -1.0, b_q)
+    b_scale = 1.0 / b_total if NORM else tl.full([BT], 1.0, tl.float32)
+    b_q = b_p
+    for j in tl.static_range(TOPK):
+        b_best = tl.max(b_q, axis=1)
+        b_idx = tl.min(tl.where(b_q == b_best[:, None], o_e[None, :], BE), axis=1)
+        tl.store(weights_ptr + o_t * TOPK + j, b_best * b_scale, mask=m_t)
+        tl.store(ids_ptr + o_t * TOPK + j, b_idx, mask=m_t)
+        b_q = tl.where(o_e[None, :] == b_idx[:, None], -1.0, b_q)
+
+
+def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """hidden [T,H], router_weight [E,H] -> (router_logits [T,E] hidden.dtype, weights [T,k] fp32, ids [T,k] int32)."""
+    num_tokens, hidden_size = hidden.shape
+    num_experts = router_weight.shape[0]
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    hidden = hidden.contiguous()
+    router_weight = router_weight.contiguous().to(hidden.dtype)
+    logits = torch.empty(num_tokens, num_experts, device=hidden.device, dtype=hidden.dtype)
+    weights = torch.empty(num_tokens, top_k, device=hidden.device, dtype=torch.float32)
+    ids = torch.empty(num_tokens, top_k, device=hidden.device, dtype=torch.int32)
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    # A [BT, BE] fp32 tile of logits stays in registers: fewer tokens per program for many experts.
+    block_t = 16 if interpreting() or block_e >= 256 else 32
+    block_k = 32 if interpreting() else (64 if block_e <= 128 else 32)
+    moe_route_fwd_kernel[(triton.cdiv(num_tokens, block_t),)](
+        hidden, router_weight, logits, weights, ids, num_tokens, hidden_size, hidden.stride(0),
+        router_weight.stride(0), E=num_experts, BE=block_e, TOPK=top_k, NORM=norm_topk_prob, BT=block_t,
+        BK=block_k, PREC=dot_precision(hidden.dtype), num_warps=1 if interpreting() else 4,
+        num_stages=1 if interpreting() else 2)
+    return logits, weights, ids
+
+
+def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int):
+    """ids [T,k] -> (sorted_pairs [NB*BM] int32, block_expert [NB] int32); see the module docstring."""
+    flat = ids.reshape(-1).to(torch.int64)
+    num_pairs = flat.numel()
+    device = flat.device
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(num_experts, device=device)
+    starts = torch.searchsorted(sorted_ids, experts, right=False)
+    counts = torch.searchsorted(sorted_ids, experts, right=True) - starts
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_ends = torch.cumsum(padded, dim=0)
+    pad_starts = pad_ends - padded
+    num_blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, device=device, dtype=torch.int32)
+    rank = torch.arange(num_pairs, device=device) - starts[sorted_ids]
+    sorted_pairs[pad_starts[sorted_ids] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(pad_ends, block_starts, right=True).to(torch.int32)  # E past the end
+    return sorted_pairs, block_expert

@@ -1,0 +1,146 @@
+"""The Triton MoE core against its plain-torch reference.
+
+Without a GPU the kernels run in Triton's interpreter (conftest) in fp32; with one, the same tests run compiled,
+and the gpu-marked ones check bf16 at real Qwen3-MoE shapes, run-to-run determinism and batch invariance.
+"""
+
+import pytest
+import torch
+
+from eagle_trainer.kernels.moe import align_pairs, experts as experts_mod, moe_experts, moe_forward, moe_route
+from eagle_trainer.kernels.moe.configs import get_config
+from eagle_trainer.kernels.moe.reference import moe_experts_reference, moe_route_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the experts launcher allocates starts as NaN: an element no kernel writes fails the test."""
+    def nan_buffer(shape, like):
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
+    monkeypatch.setattr(experts_mod, "new_buffer", nan_buffer)
+
+
+def random_layer(num_tokens, hidden, num_experts, inter, dtype=torch.float32, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    def r(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(DEVICE, dtype)
+    return (r(num_tokens, hidden), r(num_experts, hidden, s=scale), r(num_experts, 2 * inter, hidden, s=scale),
+            r(num_experts, hidden, inter, s=scale))
+
+
+@pytest.mark.parametrize("num_tokens,hidden,num_experts,top_k,norm", [
+    (1, 48, 6, 2, True), (37, 80, 6, 2, True), (131, 72, 24, 3, False), (300, 64, 128, 8, True)])
+def test_route_matches_reference(num_tokens, hidden, num_experts, top_k, norm):
+    x, router, _, _ = random_layer(num_tokens, hidden, num_experts, 8, seed=num_tokens)
+    logits, weights, ids = moe_route(x, router, top_k, norm)
+    ref_logits, ref_weights, ref_ids = moe_route_reference(x, router, top_k, norm)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ids, ref_ids.to(DEVICE))
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_route_ties_go_to_the_lowest_expert():
+    x, router, _, _ = random_layer(19, 32, 8, 8)
+    router[5] = router[2]  # experts 2 and 5 always tie, as do 1, 4 and 7
+    router[4] = router[1]
+    router[7] = router[1]
+    _, _, ids = moe_route(x, router, 8, True)
+    for row in ids.tolist():  # all 8 experts chosen; within a tie the lower id comes first
+        assert sorted(row) == list(range(8))
+        assert row.index(2) < row.index(5) and row.index(1) < row.index(4) < row.index(7)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [(1, 4, 1, 16), (37, 6, 2, 16), (200, 9, 3, 64)])
+def test_align_pairs_blocks_hold_one_expert_each(num_tokens, num_experts, top_k, block_m):
+    g = torch.Generator().manual_seed(num_tokens)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)]).to(DEVICE)
+    sorted_pairs, block_expert = align_pairs(ids, num_experts, block_m)
+    num_pairs = ids.numel()
+    pairs = sorted_pairs.view(-1, block_m).cpu()
+    flat = ids.reshape(-1).cpu()
+    real = pairs[pairs < num_pairs]
+    assert torch.equal(real.sort().values, torch.arange(num_pairs, dtype=torch.int32))  # each pair exactly once
+    for blk, expert in zip(pairs, block_expert.tolist()):
+        valid = blk[blk < num_pairs]
+        if expert == num_experts:
+            assert valid.numel() == 0
+        else:
+            assert valid.numel() > 0 and (flat[valid.long()] == expert).all()
+            assert torch.equal(valid, valid.sort().values)  # stable: pair order within an expert
+
+
+@pytest.mark.parametrize("num_tokens,hidden,num_experts,inter,top_k", [
+    (1, 48, 6, 40, 2), (37, 80, 6, 48, 2), (131, 72, 24, 40, 3), (257, 64, 16, 96, 4)])
+def test_experts_match_reference(poisoned, num_tokens, hidden, num_experts, inter, top_k):
+    x, router, gate_up, down = random_layer(num_tokens, hidden, num_experts, inter, seed=num_tokens)
+    _, weights, ids = moe_route(x, router, top_k, True)
+    out = moe_experts(x, ids, weights, gate_up, down)
+    ref = moe_experts_reference(x, ids, weights, gate_up, down)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_experts_with_idle_experts_and_one_hot_expert(poisoned):
+    x, _, gate_up, down = random_layer(53, 64, 12, 40)
+    weights = torch.rand(53, 2, device=DEVICE)
+    ids = torch.full((53, 2), 3, device=DEVICE, dtype=torch.int32)  # every pair on expert 3; the other 11 idle
+    ids[:, 1] = 7  # ... and on expert 7
+    out = moe_experts(x, ids, weights, gate_up, down)
+    assert rel_err(out, moe_experts_reference(x, ids, weights, gate_up, down)) < 1e-5
+    ids = torch.full((53, 1), 11, device=DEVICE, dtype=torch.int32)  # all tokens on the last expert
+    out = moe_experts(x, ids, weights[:, :1], gate_up, down)
+    assert rel_err(out, moe_experts_reference(x, ids, weights[:, :1], gate_up, down)) < 1e-5
+
+
+def test_forward_of_no_tokens_and_bad_shapes():
+    x, router, gate_up, down = random_layer(0, 32, 4, 16)
+    assert moe_forward(x, router, gate_up, down, 2, True).shape == (0, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        moe_experts(torch.zeros(3, 31, device=DEVICE), torch.zeros(3, 2, dtype=torch.int32, device=DEVICE),
+                    torch.zeros(3, 2, device=DEVICE), gate_up, down)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(torch.zeros(3, 32, device=DEVICE), router, 5, True)
+
+
+# Real shapes: Qwen3-30B-A3B (E128, k8, I768, H2048) and Qwen3-Next (E512, k10, I512, H2048).
+REAL_SHAPES = [(128, 8, 768, 2048), (512, 10, 512, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_experts,top_k,inter,hidden", REAL_SHAPES)
+def test_gpu_bf16_real_shape_matches_reference(poisoned, num_experts, top_k, inter, hidden):
+    x, router, gate_up, down = random_layer(3001, hidden, num_experts, inter, dtype=torch.bfloat16, scale=0.02)
+    logits, weights, ids = moe_route(x, router, top_k, True)
+    ref_logits, ref_weights, ref_ids = moe_route_reference(x, router, top_k, True)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-2, atol=1e-2)
+    agree = (ids == ref_ids).all(dim=1).float().mean().item()
+    assert agree > 0.99  # bf16 logits: a last-bit difference in accumulation can swap near-ties
+    for invariant in (True, False):
+        out = moe_experts(x, ids, weights, gate_up, down, batch_invariant=invariant)
+        assert rel_err(out, moe_experts_reference(x, ids, weights, gate_up, down)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_experts,top_k,inter,hidden", REAL_SHAPES)
+def test_gpu_deterministic_and_batch_invariant(num_experts, top_k, inter, hidden):
+    x, router, gate_up, down = random_layer(4096, hidden, num_experts, inter, dtype=torch.bfloat16, scale=0.02)
+    run = lambda h: moe_forward(h, router, gate_up, down, top_k, True, batch_invariant=True)  # noqa: E731
+    full = run(x)
+    assert torch.equal(full, run(x))  # same input, same bits
+    # A token's output is the same alone, in a small batch or among 4096 others, in any order.
+    picked = torch.tensor([5, 17, 4000, 1234, 77], device=DEVICE)
+    assert torch.equal(run(x[picked]), full[picked])
+    perm = torch.randperm(4096, device=DEVICE)
+    assert torch.equal(run(x[perm]), full[perm])
+    assert torch.equal(run(x[:333]), full[:333])
+    other = torch.randn(9000, hidden, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(run(torch.cat([other, x[:100]]))[9000:], full[:100])
+    assert get_config(DEVICE, num_experts, inter, hidden, 100 * top_k, True) == \
+        get_config(DEVICE, num_experts, inter, hidden, 9100 * top_k, True)
