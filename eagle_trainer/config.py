@@ -19,6 +19,10 @@ class TargetConfig:
     trust_remote_code: bool = False
     aux_layer_ids: Optional[list[int]] = None  # 0-based decoder-layer outputs; None: [1, L//2-1, L-4]
     attn_implementation: str = "sdpa"
+    # MoE targets only (ignored for dense ones): auto | triton | eager | grouped_mm; auto = triton on GPU, eager on CPU
+    moe_impl: str = "auto"
+    moe_batch_invariant: bool = True  # triton: a token's routing and expert output do not depend on the rest of the batch
+    norm_impl: str = "auto"  # MoE targets: RMSNorm as auto | triton | hf; auto = our fused kernel on GPU, HF's on CPU
 
 
 @dataclass
@@ -82,12 +86,16 @@ class DemoConfig:
     """The embedded default job: build a tiny target, data and tokenizer locally, then train on them."""
 
     enabled: bool = False
+    architecture: str = "qwen3"  # the tiny target: qwen3 (dense) | qwen3_moe
     num_prompts: int = 320
     num_eval_prompts: int = 32
     max_new_tokens: int = 40
     hidden_size: int = 128
     num_layers: int = 8
     vocab_size: int = 1024
+    num_experts: int = 8  # qwen3_moe only: routed experts per layer
+    top_k: int = 2  # qwen3_moe only: experts per token
+    moe_intermediate_size: int = 64  # qwen3_moe only: each expert's SwiGLU width
     logit_std: float = 6.0  # sharpen the random target so its next-token distributions are far from uniform
 
 

@@ -33,7 +33,7 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 def info_from_hf_config(architecture: str, config: Any) -> TargetInfo:
-    """Read a TargetInfo from an HF config of the Llama/Qwen3 family (standard key names)."""
+    """Read a TargetInfo from an HF config of the Llama/Qwen3 family (standard key names; MoE fields when present)."""
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -53,6 +53,9 @@ def info_from_hf_config(architecture: str, config: Any) -> TargetInfo:
         rope_theta=float(theta),
         rope_scaling=None if rope_type == "default" else rope,
         max_position_embeddings=config.max_position_embeddings,
+        num_experts=getattr(config, "num_experts", None),
+        num_experts_per_tok=getattr(config, "num_experts_per_tok", None),
+        moe_intermediate_size=getattr(config, "moe_intermediate_size", None),
     )
 
 
@@ -67,7 +70,8 @@ class TargetSpec:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     experts: str | None = None  # module path of routed experts inside each layer, for expert parallelism
-    bind_kernels: Callable[[nn.Module], None] | None = None  # swap in Triton cores after loading
+    # (model, target_config) after loading: swap in Triton cores as the recipe asks (see targets/moe.py)
+    bind_kernels: Callable[[nn.Module, Any], Any] | None = None
     read_info: Callable[[str, Any], TargetInfo] = info_from_hf_config
     aux_layers: Callable[[int], tuple[int, ...]] = default_aux_layers
 

@@ -56,3 +56,7 @@ class TargetInfo:
     rope_theta: float
     rope_scaling: dict | None
     max_position_embeddings: int
+    # MoE targets only (None for dense ones); intermediate_size above is then the config's dense MLP width.
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None

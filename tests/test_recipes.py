@@ -16,7 +16,7 @@ from eagle_trainer.train import RECIPES, to_config
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))
 # Real configs (config.json only, no weights) of the targets the experiments are written for.
-TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json"}
+TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json", "qwen3_30b_a3b_eagle3": "qwen3_30b_a3b_config.json"}
 
 
 def compose_recipe(overrides):
@@ -72,3 +72,26 @@ def test_qwen3_8b_shapes():
     info = registry.info_from_hf_config("Qwen3ForCausalLM", cfg)
     assert (info.num_layers, info.hidden_size, info.num_heads, info.num_kv_heads, info.head_dim) == (36, 4096, 32, 8, 128)
     assert info.rope_theta == 1e6 and info.rope_scaling is None and info.vocab_size == 151936
+
+
+def test_qwen3_30b_a3b_shapes():
+    cfg = AutoConfig.from_pretrained(FIXTURES / "qwen3_30b_a3b_config.json")
+    info = registry.info_from_hf_config("Qwen3MoeForCausalLM", cfg)
+    shape = (info.num_layers, info.hidden_size, info.num_heads, info.num_kv_heads, info.head_dim)
+    assert shape == (48, 2048, 32, 4, 128)
+    assert (info.num_experts, info.num_experts_per_tok, info.moe_intermediate_size) == (128, 8, 768)
+    assert info.intermediate_size == 6144 and info.rope_theta == 1e6 and info.vocab_size == 151936
+    assert registry.target_spec("Qwen3MoeForCausalLM").aux_layers(info.num_layers) == (1, 23, 44)
+
+
+def test_moe_experiment_picks_the_moe_target_group():
+    overrides = ["+experiment=qwen3_30b_a3b_eagle3", "target.path=x", "data.path=chat.jsonl"]
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        composed = compose("config", overrides=overrides, return_hydra_config=True)
+    assert composed.hydra.runtime.choices.target == "qwen3_moe"
+    cfg = compose_recipe(overrides)
+    assert cfg.target.moe_impl == "auto" and cfg.target.moe_batch_invariant
+    assert cfg.target.aux_layer_ids == [1, 23, 44] and cfg.train.run_dir == "runs/qwen3_30b_a3b_eagle3"
+    cfg = compose_recipe(["+experiment=qwen3_30b_a3b_eagle3", "target.path=x", "data.path=chat.jsonl",
+                          "target.moe_impl=grouped_mm"])
+    assert cfg.target.moe_impl == "grouped_mm"

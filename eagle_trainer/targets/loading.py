@@ -1,7 +1,11 @@
 """Load a frozen target from a local HF checkpoint directory (config, safetensors, tokenizer).
 
 Weights are read only from safetensors; `trust_remote_code` stays off unless the recipe turns it on.
-The same code loads the tiny checkpoints the tests and demo build and a real Qwen3 checkpoint.
+The same code loads the tiny checkpoints the tests and demo build and a real Qwen3 / Qwen3-MoE checkpoint.
+MoE experts may be stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) or per expert
+(`mlp.experts.{e}.{gate,up,down}_proj.weight`); transformers' conversion mapping fuses the latter at load.
+A checkpoint whose tensors do not all land on the model (missing, unexpected or mis-shaped keys) is refused:
+a frozen target with randomly initialised weights would train a draft on noise without any other sign.
 """
 
 from __future__ import annotations
@@ -66,12 +70,23 @@ def load_target(cfg: TargetConfig, device: torch.device):
     if len(tokenizer) > info.vocab_size:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} ids but the target's vocab_size is "
                          f"{info.vocab_size}: tokenizer and weights do not belong together")
-    model = AutoModelForCausalLM.from_pretrained(
+    model, loading = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation, use_safetensors=True,
-        device_map=str(device) if device.type == "cuda" else None,
+        device_map=str(device) if device.type == "cuda" else None, output_loading_info=True,
     )
+    check_loading_info(path, loading)
     model.to(device).eval().requires_grad_(False)
     if spec.bind_kernels is not None:
-        spec.bind_kernels(model)
+        spec.bind_kernels(model, cfg)
     return model, tokenizer, spec, info
+
+
+def check_loading_info(path: Path, loading: dict) -> None:
+    """Refuse a load that left parameters at their random init or ignored tensors of the checkpoint."""
+    keys = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    problems = {k: sorted(map(str, loading[k])) for k in keys if loading.get(k)}
+    if problems:
+        listed = "; ".join(f"{k} ({len(v)}): {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
+        raise ValueError(f"the weights in {path} do not match the model its config.json describes: {listed}. "
+                         "Check that the safetensors files belong to this config (architecture, layer count, shapes)")

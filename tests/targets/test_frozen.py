@@ -4,25 +4,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from batches import draft_vocab, make_batch
+
 from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.targets.frozen import FrozenTarget, chunked_argmax
 from eagle_trainer.targets.loading import load_target
-from eagle_trainer.types import Batch
-
-
-def make_batch(b, t, vocab, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (b, t), generator=g)
-    ones = torch.ones(b, t, dtype=torch.bool)
-    return Batch(ids, ones, ones)
-
-
-def draft_vocab(vocab, vd, seed=0):
-    ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[:vd].sort().values
-    t2d = torch.zeros(vocab, dtype=torch.bool)
-    t2d[ids] = True
-    return ids, t2d
 
 
 def test_aux_hidden_and_teacher_match_full_forward(tiny_qwen3_path):

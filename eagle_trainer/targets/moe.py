@@ -1,0 +1,95 @@
+"""Binding the Triton MoE core into HF's Qwen3-MoE modeling code (no forked model files).
+
+HF transformers 5.x dispatches each `@use_experts_implementation` experts module through
+`ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. We register our core there as "eagle_triton" and
+switch the loaded model to it. The router (`mlp.gate`, a `*TopKRouter`) is a plain module whose forward
+returns (router_logits, top_k_weights, top_k_index); with our core bound its forward is replaced, per
+instance, by our fused router kernel, so routing is batch invariant and ties go to the lowest expert id.
+
+    moe_impl   what runs
+    triton     our router + our experts core (GPU, or the CPU under TRITON_INTERPRET=1)
+    eager      HF's per-expert loop (the reference)
+    grouped_mm HF's torch._grouped_mm path (HF's default on GPU)
+    auto       triton on a GPU, eager on the CPU
+"""
+
+from __future__ import annotations
+
+import os
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+
+IMPLEMENTATIONS = ("auto", "triton", "eager", "grouped_mm")
+TRITON_NAME = "eagle_triton"  # the key our core is registered under in HF's experts interface
+
+
+def triton_can_run(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_kernel_impl(option: str, impl: str, choices: tuple[str, ...], device: torch.device, cpu: str) -> str:
+    """`target.<option>`: "auto" is triton on a GPU and `cpu` elsewhere; triton off the GPU needs the interpreter."""
+    if impl not in choices:
+        raise ValueError(f"target.{option}={impl!r} is not one of {choices}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else cpu
+    if impl == "triton" and not triton_can_run(device):
+        raise ValueError(f"target.{option}=triton needs a CUDA device (the target is on {device}); use "
+                         f"{option}={cpu} on the CPU, or set TRITON_INTERPRET=1 to run the kernels interpreted")
+    return impl
+
+
+def resolve_moe_impl(impl: str, device: torch.device) -> str:
+    return resolve_kernel_impl("moe_impl", impl, IMPLEMENTATIONS, device, cpu="eager")
+
+
+def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+    """HF experts-interface signature: [T,H], [T,k] ids, [T,k] weights -> [T,H]."""
+    from eagle_trainer.kernels.moe import moe_experts
+    return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                       batch_invariant=getattr(self, "eagle_batch_invariant", True))
+
+
+def _router_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """Drop-in for HF's *TopKRouter.forward: -> (router_logits, top_k_weights fp32, top_k_index)."""
+    from eagle_trainer.kernels.moe import moe_route
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    return moe_route(hidden_states, self.weight, self.top_k, self.norm_topk_prob)
+
+
+def register_experts_implementation() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    if TRITON_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(TRITON_NAME, _experts_forward)
+
+
+def _routers(model: nn.Module):
+    for module in model.modules():
+        if type(module).__name__.endswith("TopKRouter"):
+            yield module
+
+
+def bind_moe(model: nn.Module, cfg: Any) -> str:
+    """Switch a loaded HF MoE model to `cfg.moe_impl` (a TargetConfig); returns the implementation bound."""
+    device = next(model.parameters()).device
+    impl = resolve_moe_impl(cfg.moe_impl, device)
+    routers = list(_routers(model))
+    if not routers:
+        raise ValueError(f"{type(model).__name__} has no *TopKRouter modules: not an HF MoE model this binding knows")
+    if impl == "triton":
+        register_experts_implementation()
+        model.set_experts_implementation(TRITON_NAME)
+        for router in routers:
+            router.forward = MethodType(_router_forward, router)
+        for module in model.modules():
+            if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
+                module.eagle_batch_invariant = bool(cfg.moe_batch_invariant)
+    else:
+        model.set_experts_implementation(impl)
+        for router in routers:  # undo an earlier binding of ours
+            router.__dict__.pop("forward", None)
+    return impl

@@ -1,0 +1,45 @@
+"""Binding the fused Triton RMSNorm into HF modeling code, per module instance (no forked model files).
+
+HF's Qwen3 RMSNorm modules make about six passes over their input (fp32 cast, square, mean, scale, cast,
+weight); on a Qwen3-30B-A3B layer at 16k tokens those passes cost more than the attention kernel. An entry
+names the norm classes whose arithmetic `kernels.rmsnorm` reproduces (plain `weight * x_hat`, not the
+zero-centred `(1 + weight)` variant of Qwen3-Next), and their instances get our forward.
+
+    norm_impl   triton (GPU, or the CPU under TRITON_INTERPRET=1) | hf | auto (triton on a GPU, else hf)
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+
+from eagle_trainer.targets.moe import resolve_kernel_impl
+
+IMPLEMENTATIONS = ("auto", "triton", "hf")
+
+
+def _norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from eagle_trainer.kernels.rmsnorm import rms_norm
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def resolve_norm_impl(impl: str, device: torch.device) -> str:
+    return resolve_kernel_impl("norm_impl", impl, IMPLEMENTATIONS, device, cpu="hf")
+
+
+def bind_rms_norm(model: nn.Module, cfg: Any, class_names: tuple[str, ...]) -> str:
+    """Give every instance of `class_names` in `model` the fused forward (or HF's back); returns the impl bound."""
+    device = next(model.parameters()).device
+    impl = resolve_norm_impl(cfg.norm_impl, device)
+    norms = [m for m in model.modules() if type(m).__name__ in class_names]
+    if not norms:
+        raise ValueError(f"{type(model).__name__} has no {class_names} modules to bind")
+    for norm in norms:
+        if impl == "triton":
+            norm.forward = MethodType(_norm_forward, norm)
+        else:
+            norm.__dict__.pop("forward", None)
+    return impl
