@@ -1,25 +1,31 @@
-"""The demo job end to end (a shortened `make demo`): assets, training that learns, files written."""
+"""The demo jobs end to end (a shortened `make demo`, dense and MoE): assets, training that learns, files written."""
 
 import json
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from transformers import AutoConfig
 
+from eagle_trainer.config import DemoConfig
+from eagle_trainer.demo import tiny_target_config
 from eagle_trainer.drafts.io import load_draft
 from eagle_trainer.export import read_sglang
 from eagle_trainer.metrics import read_metrics
 from eagle_trainer.train import RECIPES, run, to_config
 
 
+def compose_demo(config_name, run_dir, max_steps, save_every):
+    overrides = [f"train.run_dir={run_dir}", "demo.num_prompts=96", "demo.num_eval_prompts=16",
+                 f"train.max_steps={max_steps}", f"train.save_every={save_every}", "train.progress=false"]
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return to_config(compose(config_name, overrides=overrides))
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo")
-    overrides = [f"train.run_dir={run_dir}", "demo.num_prompts=96", "demo.num_eval_prompts=16",
-                 "train.max_steps=60", "train.save_every=30", "train.progress=false"]
-    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=overrides))
-    return run_dir, run(cfg)
+    return run_dir, run(compose_demo("config", run_dir, max_steps=60, save_every=30))
 
 
 def test_demo_learns(demo_run):
@@ -68,3 +74,32 @@ def test_second_run_reuses_assets(demo_run):
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
         run(to_config(compose("config", overrides=overrides)))
     assert (run_dir / "data/train.jsonl").stat().st_mtime_ns == mtime
+
+
+@pytest.fixture(scope="module")
+def demo_moe_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo_moe")
+    cfg = compose_demo("demo_moe", run_dir, max_steps=40, save_every=40)
+    assert cfg.demo.architecture == "qwen3_moe" and cfg.target.moe_impl == "auto"
+    return run_dir, run(cfg)
+
+
+def test_demo_moe_learns_and_exports(demo_moe_run):
+    """`eagle-train --config-name demo_moe`, shortened: a tiny Qwen3-MoE target (eager experts on the CPU)."""
+    run_dir, summary = demo_moe_run
+    target_cfg = AutoConfig.from_pretrained(run_dir / "target")  # the file says num_local_experts (transformers 5)
+    assert target_cfg.architectures == ["Qwen3MoeForCausalLM"] and target_cfg.num_experts == 8
+    before, after = summary.eval_before, summary.eval_after
+    assert before["acc"][0] < 0.1
+    assert after["acc"][0] > before["acc"][0] + 0.3, (before, after)
+    assert after["loss"] < 0.7 * before["loss"]
+    exported = read_sglang(run_dir / "export/sglang")
+    ckpt = load_draft(summary.checkpoint)
+    for name, tensor in ckpt.trainable_state_dict().items():
+        ref = tensor.to(torch.bfloat16).to(tensor.dtype) if tensor.is_floating_point() else tensor
+        torch.testing.assert_close(exported.trainable_state_dict()[name].to(ref.dtype), ref, rtol=0, atol=0)
+
+
+def test_demo_architecture_must_be_known():
+    with pytest.raises(ValueError, match="'llama'.*qwen3, qwen3_moe"):
+        tiny_target_config(DemoConfig(architecture="llama"))
