@@ -1,0 +1,35 @@
+"""Appending benchmark rows to RESULTS.md: one table per benchmark, under a `## <name>` heading."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+HEADER = "| case | ours | peer | peer name | ratio | device | date |\n| --- | --- | --- | --- | --- | --- | --- |\n"
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def row(case: str, ours: str, peer: str, peer_name: str, ratio: float) -> str:
+    return f"| {case} | {ours} | {peer} | {peer_name} | {ratio:.2f} | {device_name()} | {datetime.date.today()} |\n"
+
+
+def append_rows(name: str, rows: list[str], note: str = "", path: Path = RESULTS) -> None:
+    """Add rows under `## name` (creating the section with its note and header if missing)."""
+    text = path.read_text() if path.is_file() else "# Benchmark results\n\nWritten by benchmarks/*.py.\n"
+    heading = f"## {name}\n"
+    if heading not in text:
+        text = text.rstrip("\n") + f"\n\n{heading}\n" + (note.strip() + "\n\n" if note else "") + HEADER
+        text += "".join(rows)
+    else:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
+        end = len(text) if nxt < 0 else nxt + 1
+        section = text[start:end].rstrip("\n") + "\n" + "".join(rows)
+        text = text[:start] + section + ("\n" + text[end:] if nxt >= 0 else "")
+    path.write_text(text)
