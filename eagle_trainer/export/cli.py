@@ -1,12 +1,18 @@
 """The `eagle-export` console script: write a trained draft in a serving engine's format.
 
-    eagle-export --checkpoint DIR --format sglang --out DIR [--dtype bfloat16|float32] [--overwrite]
+    eagle-export --checkpoint DIR --format {sglang,vllm} --out DIR [--dtype bfloat16|float32] [--overwrite]
+                 [--verifier TARGET]
+
+--format sglang writes the plain LlamaForCausalLMEagle3 draft (SGLang; vLLM loads it too), vllm the speculators
+format (vLLM's native Eagle3Speculator); export/sglang.py and export/vllm.py say what each holds.
 
 --checkpoint is either
   - a trainer checkpoint directory: it holds draft_config.json and draft.safetensors (drafts/io.py), or
   - a run directory: its checkpoints/ subdirectory holds step_<N> checkpoint directories, and the one with
     the highest N is exported.
 --out must not exist (unless --overwrite); it appears only once fully written.
+--verifier (vllm only) is the target model's path or hub id, written as the verifier so that `vllm serve OUT`
+finds the target; the checkpoint holds the target's architecture but not its path.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from eagle_trainer.drafts.io import CONFIG_FILE
 from eagle_trainer.export import WRITERS
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 STEP_DIR = re.compile(r"step_(\d+)")
 
@@ -50,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--verifier", help="vllm only: the target's path or hub id (default: null in the config)")
     args = parser.parse_args(argv)
+    options = {}
+    if args.verifier is not None:
+        if args.format != "vllm":
+            raise ValueError(f"--verifier is written only by --format vllm (the speculators format), not "
+                             f"--format {args.format}; drop it, or export with --format vllm")
+        options["verifier"] = args.verifier
     checkpoint = resolve_checkpoint(args.checkpoint)
-    out = WRITERS[args.format](checkpoint, args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    out = WRITERS[args.format](checkpoint, args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite, **options)
     print(f"exported {checkpoint} as {args.format} ({args.dtype}) to {out}")
     return 0
 

@@ -1,7 +1,8 @@
-"""Read an SGLang EAGLE-3 export (export/sglang.py) back into an Eagle3Draft, for round-trip tests and eval.
+"""Read an export (export/sglang.py, export/vllm.py) back into an Eagle3Draft, for round-trip tests and eval.
 
 The draft comes back in float32 (bf16 weights are widened exactly) with its vocab map; its embedding is
-left random, as the export has none: call `draft.set_embedding(target_embedding)` before running it.
+left random, as the exports have none: call `draft.set_embedding(target_embedding)` before running it.
+Aux ids are read back from each format's own key and convention (export/aux_layers.py).
 """
 
 from __future__ import annotations
@@ -9,49 +10,94 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from eagle_trainer.export.sglang import ARCHITECTURE, CONFIG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, check_tensors
+from eagle_trainer.export import sglang, vllm
+from eagle_trainer.export.aux_layers import aux_ids_from_vllm, vllm_aux_ids
+from eagle_trainer.export.sglang import CONFIG_FILE, PROVENANCE_KEY, WEIGHTS_FILE, check_tensors
 
 
-def config_from_sglang(config: dict) -> Eagle3Config:
-    """Eagle3Config from an export's config.json (the inverse of `sglang_config`)."""
+def config_from_llama(layer: dict, config: dict, aux_layer_ids: tuple[int, ...]) -> Eagle3Config:
+    """Eagle3Config from the draft layer's Llama keys (`layer`) and the export's top-level keys (`config`)."""
     provenance = config.get(PROVENANCE_KEY, {})
     return Eagle3Config(
-        hidden_size=config["hidden_size"],
+        hidden_size=layer["hidden_size"],
         target_hidden_size=config["target_hidden_size"],
-        num_heads=config["num_attention_heads"],
-        num_kv_heads=config["num_key_value_heads"],
-        head_dim=config["head_dim"],
-        intermediate_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
+        num_heads=layer["num_attention_heads"],
+        num_kv_heads=layer["num_key_value_heads"],
+        head_dim=layer["head_dim"],
+        intermediate_size=layer["intermediate_size"],
+        vocab_size=layer["vocab_size"],
         draft_vocab_size=config["draft_vocab_size"],
-        rms_norm_eps=config["rms_norm_eps"],
-        rope_theta=config["rope_theta"],
-        max_position_embeddings=config["max_position_embeddings"],
-        aux_layer_ids=tuple(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]),  # same convention
-        rope_scaling=config.get("rope_scaling"),
-        num_layers=config["num_hidden_layers"],
+        rms_norm_eps=layer["rms_norm_eps"],
+        rope_theta=layer["rope_theta"],
+        max_position_embeddings=layer["max_position_embeddings"],
+        aux_layer_ids=aux_layer_ids,
+        rope_scaling=layer.get("rope_scaling"),
+        num_layers=layer["num_hidden_layers"],
         target_architecture=provenance.get("target_architecture", ""),
         extra=provenance.get("extra", {}),
     )
 
 
-def read_sglang(export_dir: str | Path) -> Eagle3Draft:
-    """Rebuild the draft from `export_sglang` output; every tensor is checked against the config."""
+def config_from_sglang(config: dict, where: str) -> Eagle3Config:
+    """The inverse of `sglang_config`. The vLLM key, when present, must name the same layers."""
+    aux = tuple(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])  # our convention
+    top = config.get("eagle_aux_hidden_state_layer_ids")
+    if top is not None and list(top) != vllm_aux_ids(aux):
+        raise ValueError(f"{where}: eagle_config.eagle_aux_hidden_state_layer_ids {list(aux)} (SGLang: layer "
+                         f"outputs) and eagle_aux_hidden_state_layer_ids {list(top)} (vLLM: hidden_states indices, "
+                         f"expected {vllm_aux_ids(aux)}) name different layers; re-export the checkpoint")
+    return config_from_llama(config, config, aux)
+
+
+def config_from_vllm(config: dict, where: str) -> Eagle3Config:
+    """The inverse of `vllm_config`; a draft with other norm placements is not this draft and is refused."""
+    if config.get("speculators_model_type") != vllm.SPECULATORS_MODEL_TYPE:
+        raise ValueError(f"{where}: speculators_model_type {config.get('speculators_model_type')!r} is not "
+                         f"{vllm.SPECULATORS_MODEL_TYPE!r}; this reader only reads EAGLE-3 exports")
+    flags = {k: config.get(k) for k in ("norm_before_residual", "norm_before_fc")}
+    if flags != {"norm_before_residual": False, "norm_before_fc": False}:
+        raise ValueError(f"{where}: norm flags {flags} differ from this draft's (both false, written explicitly); "
+                         "it was not written by `eagle-export --format vllm`")
+    aux = aux_ids_from_vllm(config["eagle_aux_hidden_state_layer_ids"], where)
+    return config_from_llama(config["transformer_layer_config"], config, aux)
+
+
+def load_export(export_dir: str | Path, fmt: str, architecture: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and tensors of an export, after checking its files and architecture."""
     export_dir = Path(export_dir)
     if not (export_dir / CONFIG_FILE).is_file() or not (export_dir / WEIGHTS_FILE).is_file():
-        raise ValueError(f"{str(export_dir)!r} is not an SGLang EAGLE-3 export: it needs {CONFIG_FILE} and "
-                         f"{WEIGHTS_FILE}; write one with `eagle-export --format sglang`")
+        raise ValueError(f"{str(export_dir)!r} is not a {fmt} EAGLE-3 export: it needs {CONFIG_FILE} and "
+                         f"{WEIGHTS_FILE}; write one with `eagle-export --format {fmt}`")
     config = json.loads((export_dir / CONFIG_FILE).read_text())
-    if config.get("architectures") != [ARCHITECTURE]:
+    if config.get("architectures") != [architecture]:
         raise ValueError(f"{export_dir / CONFIG_FILE}: architectures {config.get('architectures')} is not "
-                         f"[{ARCHITECTURE!r}]; this reader only reads EAGLE-3 exports")
-    cfg = config_from_sglang(config)
-    tensors = load_file(str(export_dir / WEIGHTS_FILE))
-    check_tensors(cfg, tensors, str(export_dir / WEIGHTS_FILE))
+                         f"[{architecture!r}]; this reader only reads {fmt} EAGLE-3 exports")
+    return config, load_file(str(export_dir / WEIGHTS_FILE))
+
+
+def build_draft(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], where: str) -> Eagle3Draft:
+    """The draft `cfg` holding `tensors` (checkpoint names), every tensor checked against the config."""
+    check_tensors(cfg, tensors, where)
     draft = Eagle3Draft(cfg)
     missing, unexpected = draft.load_state_dict(tensors, strict=False)
     assert not unexpected and all(k.startswith("embed_tokens.") for k in missing), (missing, unexpected)
     return draft
+
+
+def read_sglang(export_dir: str | Path) -> Eagle3Draft:
+    """Rebuild the draft from `export_sglang` output."""
+    config, tensors = load_export(export_dir, "sglang", sglang.ARCHITECTURE)
+    cfg = config_from_sglang(config, str(Path(export_dir) / CONFIG_FILE))
+    return build_draft(cfg, tensors, str(Path(export_dir) / WEIGHTS_FILE))
+
+
+def read_vllm(export_dir: str | Path) -> Eagle3Draft:
+    """Rebuild the draft from `export_vllm` output (speculators names mapped back to the checkpoint's)."""
+    config, tensors = load_export(export_dir, "vllm", vllm.ARCHITECTURE)
+    cfg = config_from_vllm(config, str(Path(export_dir) / CONFIG_FILE))
+    where = f"{Path(export_dir) / WEIGHTS_FILE} (names as in the checkpoint: {vllm.VLLM_LAYER} read as midlayer.)"
+    return build_draft(cfg, {vllm.checkpoint_name(k): v for k, v in tensors.items()}, where)

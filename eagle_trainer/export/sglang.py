@@ -1,6 +1,7 @@
 """Write a trainer checkpoint as the plain EAGLE-3 draft that SGLang's `LlamaForCausalLMEagle3` serves.
 
-    <out>/config.json         Llama keys of the draft, draft_vocab_size, target_hidden_size, eagle_config
+    <out>/config.json         Llama keys of the draft, draft_vocab_size, target_hidden_size, eagle_config (aux ids
+                              for SGLang), eagle_aux_hidden_state_layer_ids (the same layers, for vLLM)
     <out>/model.safetensors   fc.weight [H, 3Ht], midlayer.*, norm.weight [H], lm_head.weight [Vd, H] (bf16 by
                               default), d2t int64 [Vd], t2d bool [V]; no embedding (the engine shares the target's)
 
@@ -18,19 +19,23 @@ Verified against the engines' loader source (DESIGN section 8):
 - The forward there is the draft of drafts/eagle3.py: residual = g, cat(input_layernorm(embed),
   hidden_norm(g)) -> attention -> fused add + post_attention_layernorm -> MLP -> norm(h + residual) for the
   logits, the pre-norm sum fed to the next step.
-- Aux ids: the target's ModelRunner (sglang python/sglang/srt/model_executor/model_runner.py) reads the DRAFT
-  config's eagle_config["eagle_aux_hidden_state_layer_ids"] (absent: None, the target's default) and
+- Aux ids in SGLang: the target's ModelRunner (sglang python/sglang/srt/model_executor/model_runner.py) reads
+  the DRAFT config's eagle_config["eagle_aux_hidden_state_layer_ids"] (absent: None, the target's default) and
   eagle_config.get("use_aux_hidden_state", True) (false: no capture at all), then calls the target's
-  `set_eagle3_layers_to_capture(ids)`;
-  in models/llama.py and models/qwen3.py that stores `[i + 1 for i in ids]` (default [2, L//2, L-3]), and the
-  model's layer loop appends `hidden_states + residual` BEFORE layer j for each captured j, i.e. the input
-  of layer i+1 = the output of decoder layer i. So SGLang ids are 0-based layer outputs, the convention of
-  Eagle3Config.aux_layer_ids: they are written unchanged.
-- vllm vllm/model_executor/models/llama_eagle3.py (for the vLLM writer): renames `midlayer.` to `layers.0.`,
+  `set_eagle3_layers_to_capture(ids)`; in models/llama.py, qwen3.py and qwen3_moe.py that stores
+  `[i + 1 for i in ids]` (default [2, L//2, L-3]), and the model's layer loop appends `hidden_states + residual`
+  BEFORE layer j for each captured j, i.e. the input of layer i+1 = the output of decoder layer i. So SGLang ids
+  are 0-based layer outputs, the convention of Eagle3Config.aux_layer_ids: they are written unchanged.
+- vLLM also serves this format (vllm vllm/model_executor/models/llama_eagle3.py; vllm/transformers_utils/configs/
+  eagle.py `EAGLEConfig` wraps the draft config and copies all its keys): it renames `midlayer.` to `layers.0.`,
   `d2t` to draft_id_to_target_id, skips `t2d`, prefixes every other non-lm_head name with `model.`, and an
-  unknown name raises KeyError; embed_tokens may be absent. vLLM reads eagle_aux_hidden_state_layer_ids as
-  HF hidden_states indices (layer inputs): there the ids would be ours + 1. `eagle_config.use_aux_hidden_state`
-  defaults to true in vLLM too (false: no fc); it is written explicitly.
+  unknown name raises KeyError; embed_tokens may be absent. `norm_before_residual` is read with default false
+  (written explicitly: false is this draft, residual = g before hidden_norm); SGLang has no such switch and
+  always keeps residual = g. `eagle_config.use_aux_hidden_state` defaults to true in both; written explicitly.
+- Aux ids (export/aux_layers.py has the table): SGLang reads only the nested eagle_config key, in our
+  convention; vLLM reads the top-level `eagle_aux_hidden_state_layer_ids` first, as HF hidden_states indices.
+  Both are written, each in its reader's convention (nested: i, top level: i + 1), so vLLM never falls back to
+  the nested list (which some vLLM builds would read off by one) nor to its default layers.
 - transformers 5 folds rope_theta/rope_scaling into rope_parameters on load; 4.x keeps them. The legacy keys
   are what both read, so those are written.
 """
@@ -42,6 +47,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -49,6 +55,7 @@ from safetensors.torch import load_file, save_file
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.io import CONFIG_FILE as CHECKPOINT_CONFIG
 from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+from eagle_trainer.export.aux_layers import sglang_aux_ids, vllm_aux_ids
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"
@@ -76,10 +83,9 @@ SGLANG_TENSORS = (
 VOCAB_MAP = {"d2t": torch.int64, "t2d": torch.bool}  # kept in these dtypes; weights take the export dtype
 
 
-def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
-    """config.json for SGLang's LlamaForCausalLMEagle3, declaring exactly the draft `cfg`."""
+def llama_keys(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
+    """The HF LlamaConfig keys of the draft's decoder layer: exactly the draft `cfg`, nothing defaulted."""
     return {
-        "architectures": [ARCHITECTURE],
         "model_type": "llama",
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -97,12 +103,22 @@ def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
         "mlp_bias": False,
         "tie_word_embeddings": False,
         "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
+    """config.json for SGLang's LlamaForCausalLMEagle3 (vLLM loads it too), declaring exactly the draft `cfg`."""
+    return {
+        "architectures": [ARCHITECTURE],
+        **llama_keys(cfg, dtype),
         "draft_vocab_size": cfg.draft_vocab_size,
         "target_hidden_size": cfg.target_hidden_size,
+        "norm_before_residual": False,  # vLLM's switch; residual = g, as in SGLang
         "eagle_config": {
-            "eagle_aux_hidden_state_layer_ids": list(cfg.aux_layer_ids),  # SGLang: 0-based layer outputs
+            "eagle_aux_hidden_state_layer_ids": sglang_aux_ids(cfg.aux_layer_ids),  # SGLang: layer outputs
             "use_aux_hidden_state": True,
         },
+        "eagle_aux_hidden_state_layer_ids": vllm_aux_ids(cfg.aux_layer_ids),  # vLLM: HF hidden_states indices
         PROVENANCE_KEY: {"target_architecture": cfg.target_architecture, "extra": cfg.extra},
     }
 
@@ -117,13 +133,17 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[Eagle3Config, dict[str,
 
 
 def check_tensors(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse tensors that are not exactly what SGLang reads for the draft `cfg` (names, shapes, vocab map)."""
+    """Refuse tensors that are not exactly the draft `cfg`'s, by their checkpoint (and SGLang) names.
+
+    Names, shapes, dtypes and the vocab map are checked; the vLLM writer renames only after this check.
+    """
     missing = sorted(set(SGLANG_TENSORS) - set(tensors))
     unknown = sorted(set(tensors) - set(SGLANG_TENSORS))
     if missing or unknown:
         raise ValueError(f"{where}: missing tensors {missing}, unknown tensors {unknown}; SGLang would serve random "
-                         "weights for a missing one and drop an unknown one silently. Re-save the checkpoint with "
-                         "drafts.io.save_draft from an Eagle3Draft, or extend export/sglang.py for the new tensor")
+                         "weights for a missing one and drop an unknown one silently (vLLM would fail to load). "
+                         "Re-save the checkpoint with drafts.io.save_draft from an Eagle3Draft, or extend "
+                         "export/sglang.py and export/vllm.py for the new tensor")
     with torch.device("meta"):
         expected = Eagle3Draft(cfg).trainable_state_dict()
     assert set(expected) == set(SGLANG_TENSORS), sorted(set(expected) ^ set(SGLANG_TENSORS))
@@ -164,6 +184,25 @@ def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
             shutil.rmtree(tmp)
 
 
+def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, overwrite: bool,
+                 config: Callable[[Eagle3Config], dict], rename: Callable[[str], str] = lambda name: name) -> Path:
+    """Check a trainer checkpoint, cast its weights to `dtype` (d2t stays int64, t2d bool), and write
+    config.json (`config(cfg)`) + model.safetensors (names through `rename`) atomically to `out_dir`."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
+    out_dir = Path(out_dir)
+    cfg, tensors = read_checkpoint(checkpoint_dir)
+    check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
+    exported = {rename(k): (v if k in VOCAB_MAP else v.to(dtype)).contiguous() for k, v in tensors.items()}
+
+    def write(directory: Path) -> None:
+        (directory / CONFIG_FILE).write_text(json.dumps(config(cfg), indent=2) + "\n")
+        save_file(exported, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    write_atomically(out_dir, write, overwrite)
+    return out_dir
+
+
 def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                   overwrite: bool = False) -> Path:
     """Export the trainer checkpoint at `checkpoint_dir` to `out_dir` (config.json + model.safetensors).
@@ -171,16 +210,4 @@ def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     Weights are cast to `dtype` (d2t stays int64, t2d bool). Everything is checked before a file is written.
     Returns `out_dir`.
     """
-    if not dtype.is_floating_point:
-        raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
-    out_dir = Path(out_dir)
-    cfg, tensors = read_checkpoint(checkpoint_dir)
-    check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
-    exported = {k: (v if k in VOCAB_MAP else v.to(dtype)).contiguous() for k, v in tensors.items()}
-
-    def write(directory: Path) -> None:
-        (directory / CONFIG_FILE).write_text(json.dumps(sglang_config(cfg, dtype), indent=2) + "\n")
-        save_file(exported, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-
-    write_atomically(out_dir, write, overwrite)
-    return out_dir
+    return write_export(checkpoint_dir, out_dir, dtype, overwrite, lambda cfg: sglang_config(cfg, dtype))
