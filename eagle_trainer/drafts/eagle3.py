@@ -146,15 +146,24 @@ class DraftKVCache:
         self.k: torch.Tensor | None = None  # [B, nkv, S, D]
         self.v: torch.Tensor | None = None
 
-    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Feed [B, n] tokens with their hidden inputs; returns g_next [B, n, H] for them."""
+    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed [B, n] tokens with their hidden inputs; returns g_next [B, n, H] for them.
+
+        `allowed` [n, S] (S = cache length after appending) says which cached keys each new token sees;
+        by default every earlier key and, causally, the new ones (a tree decoder passes its ancestor mask).
+        """
         q, k, v = self.draft.step_qkv(tokens, hidden, positions)
         self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
         n, s = q.shape[2], self.k.shape[2]
-        allowed = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)  # [n, S]
+        if allowed is None:
+            allowed = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)  # [n, S]
         attn = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=allowed, enable_gqa=True)
         return self.draft.step_out(hidden, attn)
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
 
     def truncate(self, length: int) -> None:
         self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]

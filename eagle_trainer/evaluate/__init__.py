@@ -1,5 +1,11 @@
 """Real speculative decoding with target and draft, and acceptance length (DESIGN section 9).
 
-Arrives with the export/evaluation issue; until then the trainer reports the simulated acceptance length
-from per-step accuracy (drafts/ttt.py).
+    speculative.py  chain and EAGLE-2 tree drafting, greedy tree verification, KV caches on both sides
+    acceptance.py   prompts, acceptance-length report over many prompts, histogram plot
+    cli.py          the `eagle-eval` console script (real and simulated acceptance side by side)
 """
+
+from eagle_trainer.evaluate.acceptance import measure_acceptance
+from eagle_trainer.evaluate.speculative import DecodeConfig, greedy_generate, speculative_generate
+
+__all__ = ["DecodeConfig", "greedy_generate", "measure_acceptance", "speculative_generate"]

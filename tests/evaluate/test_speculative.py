@@ -1,0 +1,107 @@
+"""Speculative decoding reproduces plain greedy decoding token for token (chain and EAGLE-2 tree), and the
+acceptance report and `eagle-eval` built on it. Trained drafts come from the shortened demo runs (conftest);
+their targets run in float64 here so that no near-tie can flip an argmax between two equal computations.
+"""
+
+import json
+
+import pytest
+import torch
+
+from eagle_trainer.config import TargetConfig
+from eagle_trainer.data.chat import read_chat_jsonl
+from eagle_trainer.data.regenerate import stop_token_ids
+from eagle_trainer.drafts.io import load_draft
+from eagle_trainer.evaluate.acceptance import measure_acceptance, prompt_from_example, prompts_from_conversations
+from eagle_trainer.evaluate.cli import load_any_draft, main as eagle_eval
+from eagle_trainer.evaluate.speculative import DecodeConfig, Tree, accept, greedy_generate, speculative_generate
+from eagle_trainer.targets.loading import load_target
+
+
+def test_tree_ancestor_mask_and_greedy_walk():
+    # root -> a(5) -> c(7); root -> b(6) -> d(8) -> e(9)
+    tree = Tree(tokens=torch.tensor([5, 6, 7, 8, 9]), parents=torch.tensor([-1, -1, 0, 1, 3]),
+                depths=torch.tensor([1, 1, 2, 2, 3]))
+    mask = tree.ancestor_mask()
+    assert mask[5].tolist() == [True, False, True, False, True, True]  # e sees root, b, d, itself
+    assert mask[3].tolist() == [True, True, False, True, False, False]  # c sees root, a, itself
+    # target argmax at [root, a, b, c, d, e]
+    assert accept(tree, torch.tensor([6, 0, 8, 0, 9, 4])) == [1, 3, 4]  # b, d, e: all accepted
+    assert accept(tree, torch.tensor([5, 1, 0, 0, 0, 0])) == [0]  # a, then its child c (7) != 1
+    assert accept(tree, torch.tensor([3, 0, 0, 0, 0, 0])) == []
+
+
+def test_decode_config_checks_its_values():
+    assert DecodeConfig(mode="chain", steps=4).tree_shape() == (1, 4, 4)
+    assert DecodeConfig(mode="tree", topk=3, depth=2, total_tokens=5).tree_shape() == (3, 2, 5)
+    with pytest.raises(ValueError, match="'beam'"):
+        DecodeConfig(mode="beam")
+    with pytest.raises(ValueError, match="steps"):
+        DecodeConfig(steps=0)
+
+
+def test_prompt_is_everything_before_the_last_trained_reply():
+    assert prompt_from_example([1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 1, 0, 1, 1]) == [1, 2, 3, 4, 5]
+    assert prompt_from_example([1, 2], [0, 0]) is None
+
+
+def run_target_and_draft(run_dir, checkpoint):
+    model, tokenizer, _, _ = load_target(TargetConfig(path=str(run_dir / "target")), torch.device("cpu"))
+    model.double()
+    draft = load_draft(checkpoint, embedding=model.get_input_embeddings().weight).double()
+    convs, _ = read_chat_jsonl(run_dir / "data/eval.jsonl")
+    return model, draft, tokenizer, prompts_from_conversations(tokenizer, convs[:3])
+
+
+@pytest.mark.parametrize("which", ["demo_run", "demo_moe_run"])
+def test_speculative_equals_greedy_for_chain_and_tree(which, request):
+    run_dir, summary = request.getfixturevalue(which)
+    model, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
+    stop = tuple(stop_token_ids(tokenizer))
+    modes = [DecodeConfig(mode="chain", steps=4, max_new_tokens=24),
+             DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=15, max_new_tokens=24)]
+    accepted = {}
+    for cfg in modes:
+        lengths = []
+        for prompt in prompts:
+            gen = speculative_generate(model, draft, prompt, cfg, stop)
+            assert gen.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
+            lengths += gen.accept_lengths
+        accepted[cfg.mode] = sum(lengths) / len(lengths)
+    # the trained draft is right often enough that accepted paths (not only rejections) were exercised
+    assert accepted["chain"] > 1.5 and accepted["tree"] > 1.5, accepted
+
+
+def test_random_draft_gets_nothing_accepted_but_output_is_still_greedy(demo_run):
+    run_dir, summary = demo_run
+    model, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
+    torch.manual_seed(0)
+    for p in draft.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.5)
+    report = measure_acceptance(model, draft, prompts[:2], DecodeConfig(mode="tree", max_new_tokens=16),
+                                tuple(stop_token_ids(tokenizer)))
+    assert report["accept_len"] < 1.2 and sum(report["histogram"].values()) == report["num_rounds"]
+
+
+def test_eagle_eval_on_an_export(demo_run, tmp_path):
+    run_dir, summary = demo_run
+    out = tmp_path / "eval.json"
+    assert eagle_eval(["--target", str(run_dir / "target"), "--draft", str(run_dir / "export/sglang"),
+                       "--data", str(run_dir / "data/eval.jsonl"), "--out", str(out), "--num-prompts", "4",
+                       "--max-new-tokens", "24", "--topk", "4", "--depth", "4", "--total-tokens", "12",
+                       "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"chain", "tree"}
+    for rep in result["modes"].values():
+        assert rep["num_prompts"] == 4 and len(rep["per_prompt"]) == 4
+        assert sum(int(k) * v for k, v in rep["histogram"].items()) / rep["num_rounds"] == pytest.approx(
+            rep["accept_len"])
+        assert rep["accept_len"] > 1.5
+    assert len(result["simulated"]["acc"]) == 7 and result["simulated"]["sim_accept_len"] > 1.5
+    assert out.with_suffix(".png").is_file()
+    # a checkpoint and a run dir give the same draft; the exports give it in bf16
+    a, b = load_any_draft(summary.checkpoint), load_any_draft(run_dir)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items() if "embed" not in k)
+    c = load_any_draft(run_dir / "export/sglang")
+    assert torch.equal(c.fc.weight, a.fc.weight.to(torch.bfloat16).float())
