@@ -78,7 +78,23 @@ class TrainConfig:
     save_every: int = 500
     eval_batches: int = 4  # held-out batches for the logged eval metrics (0: none)
     progress: bool = True
-    export_formats: list[str] = field(default_factory=lambda: ["sglang"])  # written to <run_dir>/export/<format>
+    # written to <run_dir>/export/<format>: sglang (plain LlamaForCausalLMEagle3), vllm (speculators format)
+    export_formats: list[str] = field(default_factory=lambda: ["sglang", "vllm"])
+
+
+@dataclass
+class AcceptConfig:
+    """Real acceptance length while training: speculative decoding of held-out prompts by target and draft."""
+
+    enabled: bool = True
+    every: int = 0  # steps between measurements; 0: with every checkpoint (and at the start and the end)
+    num_prompts: int = 8  # held-out prompts (eval split), each decoded up to max_new_tokens
+    max_new_tokens: int = 64
+    modes: list[str] = field(default_factory=lambda: ["chain", "tree"])  # the first picks the best checkpoint
+    steps: int = 5  # chain: draft tokens per round
+    topk: int = 8  # tree (EAGLE-2): children per expanded node and nodes expanded per depth
+    depth: int = 5
+    total_tokens: int = 31  # tree: draft tokens verified per round
 
 
 @dataclass
@@ -106,4 +122,5 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    accept: AcceptConfig = field(default_factory=AcceptConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

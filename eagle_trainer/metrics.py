@@ -32,7 +32,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
-    """loss.png (train and eval), accuracy.png (per TTT step), acceptance.png (simulated tau)."""
+    """loss.png (train and eval), accuracy.png (per TTT step), acceptance.png (simulated and real tau)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -60,7 +60,18 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
         save(fig, name)
 
     train_and_eval("loss", "TTT loss", "loss", "loss.png")
-    train_and_eval("sim_accept_len", "tokens per target forward", "simulated acceptance length", "acceptance.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train], [r["sim_accept_len"] for r in train], alpha=0.6, label="simulated (train)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["sim_accept_len"] for r in evals], "o-", label="simulated (eval)")
+    accepts = [r for r in records if r.get("split") == "accept"]
+    for mode in (accepts[0]["accept_len"] if accepts else {}):
+        ax.plot([r["step"] for r in accepts], [r["accept_len"][mode] for r in accepts], "s-",
+                label=f"real, {mode} (held-out prompts)")
+    ax.set(xlabel="step", ylabel="tokens per target forward", title="acceptance length: simulated and real")
+    ax.legend(fontsize=8)
+    save(fig, "acceptance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     num_steps = len((train or evals)[0]["acc"]) if (train or evals) else 0

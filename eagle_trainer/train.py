@@ -21,9 +21,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from eagle_trainer import registry
-from eagle_trainer.config import Config
+from eagle_trainer.config import AcceptConfig, Config
 from eagle_trainer.data import batches, build_dataset, build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
+from eagle_trainer.data.regenerate import stop_token_ids
 from eagle_trainer.drafts.ttt import pick_attention
+from eagle_trainer.evaluate.acceptance import measure_acceptance, prompts_from_dataset
+from eagle_trainer.evaluate.speculative import DecodeConfig
 from eagle_trainer.export import WRITERS
 from eagle_trainer.targets.frozen import FrozenTarget
 from eagle_trainer.targets.loading import load_target
@@ -116,14 +119,31 @@ def run(cfg: Config) -> Summary:
                 break
             eval_batches.append(batch.pad_to_multiple(multiple, pad_id))
 
-    trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device)
+    acceptance = build_acceptance(cfg.accept, model, draft, tokenizer, eval_ds)
+    trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
+                      acceptance=acceptance, accept_every=cfg.accept.every)
     summary = trainer.fit()
     for fmt in cfg.train.export_formats:
         if fmt not in WRITERS:
             raise ValueError(f"train.export_formats has {fmt!r}; known formats: {sorted(WRITERS)}")
-        WRITERS[fmt](summary.checkpoint, run_dir / "export" / fmt, overwrite=True)
+        extra = {"verifier": str(Path(cfg.target.path).resolve())} if fmt == "vllm" else {}
+        WRITERS[fmt](summary.checkpoint, run_dir / "export" / fmt, overwrite=True, **extra)
     print(format_summary(summary, run_dir))
     return summary
+
+
+def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds):
+    """The trainer's real-acceptance hook: speculative decoding of held-out prompts, one report per mode."""
+    if not cfg.enabled or eval_ds is None or cfg.num_prompts < 1:
+        return None
+    prompts = prompts_from_dataset(eval_ds, cfg.num_prompts)
+    if not prompts:
+        raise ValueError("accept.enabled needs held-out prompts, but no eval example has a trained assistant "
+                         "turn; set data.eval_path / data.eval_holdout, or accept.enabled=false")
+    decodes = [DecodeConfig(mode=m, steps=cfg.steps, topk=cfg.topk, depth=cfg.depth, total_tokens=cfg.total_tokens,
+                            max_new_tokens=cfg.max_new_tokens) for m in cfg.modes]
+    stop_ids = tuple(stop_token_ids(tokenizer))
+    return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids) for d in decodes}
 
 
 def format_summary(s: Summary, run_dir: Path) -> str:
@@ -138,6 +158,10 @@ def format_summary(s: Summary, run_dir: Path) -> str:
         ("acc per TTT step (eval)", " ".join(f"{a:.3f}" for a in acc)),
         ("simulated accept len before", f"{s.eval_before.get('sim_accept_len', float('nan')):.3f}"),
         ("simulated accept len after", f"{s.eval_after.get('sim_accept_len', float('nan')):.3f}"),
+        *[(f"real accept len {mode} before / after",
+           f"{s.accept_before.get(mode, float('nan')):.3f} / {tau:.3f}") for mode, tau in s.accept_after.items()],
+        *([("best checkpoint (real accept len)", f"step {s.best['step']}: {s.best['accept_len']:.3f} "
+            f"({s.best['mode']})")] if s.best else []),
         ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}"),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("run dir", str(run_dir)),

@@ -50,12 +50,16 @@ class Summary:
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
     checkpoint: str = ""
+    accept_before: dict = field(default_factory=dict)  # mode -> real acceptance length
+    accept_after: dict = field(default_factory=dict)
+    best: dict = field(default_factory=dict)  # {"step", "accept_len", "mode", "checkpoint"} of checkpoints/best
 
 
 class Trainer:
     def __init__(self, spec: DraftSpec, target, draft: torch.nn.Module, draft_cfg: DraftConfig, optim: OptimConfig,
                  train: TrainConfig, train_batches: Callable[[int], Iterable[Batch]], eval_batches: list[Batch],
-                 device: torch.device, rank: int = 0):
+                 device: torch.device, rank: int = 0, acceptance: Callable[[], dict] | None = None,
+                 accept_every: int = 0):
         self.spec, self.target, self.draft = spec, target, draft
         self.draft_cfg, self.optim_cfg, self.train_cfg = draft_cfg, optim, train
         self.train_batches, self.eval_batches = train_batches, eval_batches
@@ -69,6 +73,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
         self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)
         self.step = 0
+        # acceptance() -> {mode: report} by real speculative decoding (evaluate/acceptance.py); measured every
+        # accept_every steps (0: with each checkpoint), at the start and at the end
+        self.acceptance, self.accept_every = acceptance, accept_every
+        self.best: dict = {}
 
     def _loss(self, batch: Batch):
         outputs = self.target.forward(batch)
@@ -102,9 +110,25 @@ class Trainer:
             self.metrics.log({"split": "eval", "step": self.step, **result})
         return result
 
-    def save_checkpoint(self) -> Path:
-        """Write checkpoints/step_N atomically (temp dir, then rename)."""
-        final = self.run_dir / "checkpoints" / f"step_{self.step:07d}"
+    def measure_acceptance(self) -> dict:
+        """Real acceptance length per decoding mode, logged; a new best (first mode) is kept in checkpoints/best."""
+        if self.acceptance is None:
+            return {}
+        reports = self.acceptance()
+        taus = {mode: rep["accept_len"] for mode, rep in reports.items()}
+        self.metrics.log({"split": "accept", "step": self.step, "accept_len": taus,
+                          "histogram": {mode: rep["histogram"] for mode, rep in reports.items()}})
+        mode, tau = next(iter(taus.items()))
+        if not self.best or tau > self.best["accept_len"]:
+            path = self.save_checkpoint("best")
+            self.best = {"step": self.step, "accept_len": tau, "mode": mode, "checkpoint": str(path)}
+            if self.rank == 0:
+                (path / "best.json").write_text(json.dumps(self.best))
+        return taus
+
+    def save_checkpoint(self, name: str | None = None) -> Path:
+        """Write checkpoints/step_N (or checkpoints/<name>) atomically (temp dir, then rename)."""
+        final = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}")
         if self.rank != 0:
             return final
         tmp = final.with_name(final.name + ".tmp")
@@ -120,10 +144,11 @@ class Trainer:
     def fit(self) -> Summary:
         """Train to max_steps (or epochs); eval at the start, at each checkpoint and at the end."""
         cfg = self.train_cfg
-        summary = Summary(eval_before=self.evaluate_and_log())
+        summary = Summary(eval_before=self.evaluate_and_log(), accept_before=self.measure_acceptance())
         self.draft.train()
         bar = tqdm(total=cfg.max_steps, desc="train", disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
         start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
+        paused_total = 0.0  # seconds of checkpoints and evals inside the loop
         accum = self.optim_cfg.grad_accum
         done = False
         for epoch in range(cfg.epochs):
@@ -156,10 +181,21 @@ class Trainer:
                     })
                     window_tokens, window_start = 0, now
                     summary.final_loss, summary.train_acc = out.loss.item(), out.step_acc
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-                    self.evaluate_and_log()
-                    self._plot()
+                saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
+                measuring = self.step < cfg.max_steps and (saving if self.accept_every == 0
+                                                           else self.step % self.accept_every == 0)
+                if saving or measuring:  # not training time: kept out of tokens/s
+                    paused = time.perf_counter()
+                    if saving:
+                        self.save_checkpoint()
+                        self.evaluate_and_log()
+                    if measuring:
+                        self.measure_acceptance()
+                    if saving:
+                        self._plot()
+                    paused = time.perf_counter() - paused
+                    window_start += paused
+                    paused_total += paused
                 if self.step >= cfg.max_steps:
                     done = True
                     break
@@ -167,9 +203,11 @@ class Trainer:
                 break
         bar.close()
         summary.wall_s = time.perf_counter() - start
-        summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s, 1e-9)
+        summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s - paused_total, 1e-9)
         summary.eval_after = self.evaluate_and_log()
         summary.checkpoint = str(self.save_checkpoint())
+        summary.accept_after = self.measure_acceptance()
+        summary.best = dict(self.best)
         self._plot()
         return summary
 

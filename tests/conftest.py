@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 # Without a GPU the Triton kernels run in Triton's interpreter; it is chosen when a kernel is defined (at import).
 if not torch.cuda.is_available():
@@ -34,3 +35,31 @@ def tiny_qwen3_moe_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_qwen3_moe")
     config = tiny_qwen3_moe_config(vocab_size=1024, hidden_size=64, num_layers=8, num_experts=8, top_k=2)
     return save_tiny_checkpoint(path, config, logit_std=6.0)
+
+
+def compose_demo(config_name, run_dir, max_steps, save_every):
+    """A shortened demo recipe (`config` or `demo_moe`) writing into run_dir."""
+    from eagle_trainer.train import RECIPES, to_config
+    overrides = [f"train.run_dir={run_dir}", "demo.num_prompts=96", "demo.num_eval_prompts=16",
+                 f"train.max_steps={max_steps}", f"train.save_every={save_every}", "train.progress=false",
+                 "accept.num_prompts=4", "accept.max_new_tokens=32"]
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return to_config(compose(config_name, overrides=overrides))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The demo job, shortened: (run_dir, Summary) of a draft trained on a tiny dense Qwen3 target."""
+    from eagle_trainer.train import run
+    run_dir = tmp_path_factory.mktemp("demo")
+    return run_dir, run(compose_demo("config", run_dir, max_steps=60, save_every=30))
+
+
+@pytest.fixture(scope="session")
+def demo_moe_run(tmp_path_factory):
+    """The demo_moe job, shortened: a draft trained on a tiny Qwen3-MoE target."""
+    from eagle_trainer.train import run
+    run_dir = tmp_path_factory.mktemp("demo_moe")
+    cfg = compose_demo("demo_moe", run_dir, max_steps=40, save_every=40)
+    assert cfg.demo.architecture == "qwen3_moe" and cfg.target.moe_impl == "auto"
+    return run_dir, run(cfg)

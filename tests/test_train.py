@@ -15,19 +15,6 @@ from eagle_trainer.metrics import read_metrics
 from eagle_trainer.train import RECIPES, run, to_config
 
 
-def compose_demo(config_name, run_dir, max_steps, save_every):
-    overrides = [f"train.run_dir={run_dir}", "demo.num_prompts=96", "demo.num_eval_prompts=16",
-                 f"train.max_steps={max_steps}", f"train.save_every={save_every}", "train.progress=false"]
-    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
-        return to_config(compose(config_name, overrides=overrides))
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo")
-    return run_dir, run(compose_demo("config", run_dir, max_steps=60, save_every=30))
-
-
 def test_demo_learns(demo_run):
     _, summary = demo_run
     before, after = summary.eval_before, summary.eval_after
@@ -35,6 +22,10 @@ def test_demo_learns(demo_run):
     assert after["acc"][0] > before["acc"][0] + 0.3, (before, after)
     assert after["loss"] < 0.7 * before["loss"]
     assert after["sim_accept_len"] > before["sim_accept_len"] + 0.5
+    # real speculative decoding on held-out prompts: the trained draft gets tokens accepted, the random one not
+    assert set(summary.accept_after) == {"chain", "tree"}
+    assert summary.accept_before["chain"] < 1.2
+    assert summary.accept_after["chain"] > 1.5 and summary.accept_after["tree"] >= summary.accept_after["chain"]
 
 
 def test_demo_writes_run_files(demo_run):
@@ -44,7 +35,13 @@ def test_demo_writes_run_files(demo_run):
     assert [r["step"] for r in train][-1] == 60 and len(train[-1]["acc"]) == 7
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "accuracy.png", "acceptance.png"}
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert steps == ["step_0000030", "step_0000060"]
+    assert steps == ["best", "step_0000030", "step_0000060"]
+    best = json.loads((run_dir / "checkpoints/best/best.json").read_text())
+    assert best == summary.best and best["mode"] == "chain"
+    accepts = [r for r in records if r["split"] == "accept"]
+    assert [r["step"] for r in accepts] == [0, 30, 60]  # start, checkpoint, end
+    assert best["accept_len"] == max(r["accept_len"]["chain"] for r in accepts)
+    assert best["step"] == next(r["step"] for r in accepts if r["accept_len"]["chain"] == best["accept_len"])
     last = run_dir / "checkpoints/step_0000060"
     assert json.loads((last / "trainer_state.json").read_text()) == {"step": 60}
     state = torch.load(last / "optimizer.pt", weights_only=True)
@@ -52,6 +49,10 @@ def test_demo_writes_run_files(demo_run):
     evals = [r["step"] for r in records if r["split"] == "eval"]
     assert evals == [0, 30, 60]
     assert {p.name for p in (run_dir / "export/sglang").iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in (run_dir / "export/vllm").iterdir()} == {"config.json", "model.safetensors"}
+    speculators = json.loads((run_dir / "export/vllm/config.json").read_text())
+    assert speculators["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]  # vLLM: HF hidden_states indices
+    assert speculators["speculators_config"]["verifier"]["name_or_path"] == str((run_dir / "target").resolve())
     cfg = json.loads((run_dir / "export/sglang/config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"]
     assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
@@ -69,19 +70,12 @@ def test_exported_draft_equals_checkpoint(demo_run):
 def test_second_run_reuses_assets(demo_run):
     run_dir, _ = demo_run
     overrides = [f"train.run_dir={run_dir}", "train.max_steps=2", "train.progress=false", "train.eval_batches=0",
+                 "accept.enabled=false",
                  "demo.num_prompts=96", "demo.num_eval_prompts=16"]
     mtime = (run_dir / "data/train.jsonl").stat().st_mtime_ns
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
         run(to_config(compose("config", overrides=overrides)))
     assert (run_dir / "data/train.jsonl").stat().st_mtime_ns == mtime
-
-
-@pytest.fixture(scope="module")
-def demo_moe_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo_moe")
-    cfg = compose_demo("demo_moe", run_dir, max_steps=40, save_every=40)
-    assert cfg.demo.architecture == "qwen3_moe" and cfg.target.moe_impl == "auto"
-    return run_dir, run(cfg)
 
 
 def test_demo_moe_learns_and_exports(demo_moe_run):
