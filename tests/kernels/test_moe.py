@@ -9,7 +9,7 @@ import torch
 
 from eagle_trainer.kernels.moe import align_pairs, experts as experts_mod, moe_experts, moe_forward, moe_route
 from eagle_trainer.kernels.moe.configs import get_config
-from eagle_trainer.kernels.moe.reference import moe_experts_reference, moe_route_reference
+from eagle_trainer.kernels.moe.reference import align_pairs_reference, moe_experts_reference, moe_route_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -74,6 +74,17 @@ def test_align_pairs_blocks_hold_one_expert_each(num_tokens, num_experts, top_k,
         else:
             assert valid.numel() > 0 and (flat[valid.long()] == expert).all()
             assert torch.equal(valid, valid.sort().values)  # stable: pair order within an expert
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [
+    (1, 4, 1, 16), (37, 6, 2, 16), (300, 9, 3, 64), (200, 128, 8, 64), (150, 512, 10, 128)])
+def test_counting_sort_equals_a_stable_sort(num_tokens, num_experts, top_k, block_m):
+    g = torch.Generator().manual_seed(num_tokens)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)]).to(DEVICE)
+    ids[: num_tokens // 3, 0] = 1  # a hot expert
+    pairs, blocks = align_pairs(ids.to(torch.int32), num_experts, block_m)
+    ref_pairs, ref_blocks = align_pairs_reference(ids, num_experts, block_m)
+    assert torch.equal(pairs, ref_pairs) and torch.equal(blocks, ref_blocks)
 
 
 @pytest.mark.parametrize("num_tokens,hidden,num_experts,inter,top_k", [

@@ -5,7 +5,7 @@
     moe_experts(hidden [T,H], ids, weights, gate_up [E,2I,H], down [E,H,I], batch_invariant=True) -> [T,H]
     moe_forward(hidden, router_weight, gate_up, down, top_k, norm_topk_prob) -> [T,H]  (both in turn)
 
-routing.py: router kernel and the host-sync-free sort; experts.py: the GEMMs and the top-k sum;
+routing.py: router kernel and the host-sync-free counting sort; experts.py: the GEMMs and the top-k sum;
 configs.py: tile configs; reference.py: plain torch; tune.py: writes configs/<device>.json.
 Same input -> same bits; with batch_invariant=True a token's output does not depend on the rest of the batch.
 """

@@ -43,3 +43,23 @@ def moe_experts_reference(hidden: torch.Tensor, ids: torch.Tensor, weights: torc
         y = (F.silu(gate) * up) @ down[e].to(dtype).T  # [n, H]
         out.index_add_(0, token, y * weights[token, slot].to(dtype)[:, None])
     return out
+
+
+def align_pairs_reference(ids: torch.Tensor, num_experts: int, block_m: int):
+    """routing.align_pairs with torch ops: a stable sort of the expert ids, padded per expert to block_m rows."""
+    flat = ids.reshape(-1).to(torch.int64)
+    num_pairs = flat.numel()
+    device = flat.device
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts = torch.arange(num_experts, device=device)
+    starts = torch.searchsorted(sorted_ids, experts, right=False)
+    counts = torch.searchsorted(sorted_ids, experts, right=True) - starts
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_ends = torch.cumsum(padded, dim=0)
+    num_blocks = min(num_pairs, -(-num_pairs // block_m) + num_experts)
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, device=device, dtype=torch.int32)
+    rank = torch.arange(num_pairs, device=device) - starts[sorted_ids]
+    sorted_pairs[(pad_ends - padded)[sorted_ids] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(num_blocks, device=device) * block_m
+    block_expert = torch.searchsorted(pad_ends, block_starts, right=True).to(torch.int32)  # E past the end
+    return sorted_pairs, block_expert

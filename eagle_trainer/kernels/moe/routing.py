@@ -1,4 +1,4 @@
-"""MoE routing: the fused router kernel and the host-sync-free sort of (token, expert) pairs.
+"""MoE routing: the fused router kernel and the host-sync-free counting sort of (token, expert) pairs.
 
 `moe_route`: router logits (x @ W_r^T, fp32 accumulation, rounded to the model dtype as HF's F.linear does)
 -> fp32 softmax -> top-k (lowest expert id wins ties) -> renormalise when `norm_topk_prob`. One program owns
@@ -86,22 +86,74 @@ def moe_route(hidden: torch.Tensor, router_weight: torch.Tensor, top_k: int, nor
     return logits, weights, ids
 
 
+@triton.jit
+def moe_count_fwd_kernel(ids_ptr, hist_ptr, S, E: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr,
+                         SUB: tl.constexpr):
+    """hist[c, e] = number of pairs with expert e among pairs [c*BS, (c+1)*BS)."""
+    i_c = tl.program_id(0)
+    o_e = tl.arange(0, BE)
+    b_hist = tl.zeros([BE], dtype=tl.int32)
+    for s0 in range(0, BS, SUB):
+        o_p = i_c * BS + s0 + tl.arange(0, SUB)
+        b_ids = tl.load(ids_ptr + o_p, mask=o_p < S, other=-1)
+        b_hist += tl.sum((b_ids[:, None] == o_e[None, :]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + i_c * E + o_e, b_hist, mask=o_e < E)
+
+
+@triton.jit
+def moe_align_fwd_kernel(ids_ptr, hist_ptr, pairs_ptr, block_expert_ptr, S, num_chunks, num_blocks,
+                         E: tl.constexpr, BE: tl.constexpr, BS: tl.constexpr, SUB: tl.constexpr,
+                         BC: tl.constexpr, BM: tl.constexpr, BB: tl.constexpr):
+    """Scatter chunk i_c's pairs to their slots: expert e's padded start + pairs of e in earlier chunks + rank."""
+    i_c = tl.program_id(0)
+    o_e = tl.arange(0, BE)
+    m_e = o_e < E
+    b_count = tl.zeros([BE], dtype=tl.int32)  # pairs per expert, all chunks
+    b_before = tl.zeros([BE], dtype=tl.int32)  # pairs per expert in chunks before i_c
+    for c0 in range(0, num_chunks, BC):
+        o_c = c0 + tl.arange(0, BC)
+        b_h = tl.load(hist_ptr + o_c[:, None] * E + o_e[None, :], mask=(o_c < num_chunks)[:, None] & m_e[None, :],
+                      other=0)
+        b_count += tl.sum(b_h, axis=0)
+        b_before += tl.sum(tl.where((o_c < i_c)[:, None], b_h, 0), axis=0)
+    b_pad = (b_count + BM - 1) // BM * BM
+    b_pad_end = tl.cumsum(b_pad, axis=0)
+    b_next = b_pad_end - b_pad + b_before  # slot of the next pair of each expert from this chunk
+    for s0 in range(0, BS, SUB):
+        o_p = i_c * BS + s0 + tl.arange(0, SUB)
+        m_p = o_p < S
+        b_ids = tl.load(ids_ptr + o_p, mask=m_p, other=-1)
+        b_hot = (b_ids[:, None] == o_e[None, :]).to(tl.int32)  # [SUB, BE]
+        b_rank = tl.sum((tl.cumsum(b_hot, axis=0) - b_hot) * b_hot, axis=1)  # earlier same-expert pairs in SUB
+        b_dest = tl.sum(b_hot * b_next[None, :], axis=1) + b_rank
+        tl.store(pairs_ptr + b_dest, o_p, mask=m_p)
+        b_next += tl.sum(b_hot, axis=0)
+    if i_c == 0:  # the expert of every block: how many experts' padded ranges end at or before its start
+        for b0 in range(0, num_blocks, BB):
+            o_b = b0 + tl.arange(0, BB)
+            b_done = (b_pad_end[None, :] <= (o_b * BM)[:, None]) & m_e[None, :]
+            tl.store(block_expert_ptr + o_b, tl.sum(b_done.to(tl.int32), axis=1), mask=o_b < num_blocks)
+
+
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int):
-    """ids [T,k] -> (sorted_pairs [NB*BM] int32, block_expert [NB] int32); see the module docstring."""
-    flat = ids.reshape(-1).to(torch.int64)
+    """ids [T,k] -> (sorted_pairs [NB*BM] int32, block_expert [NB] int32); see the module docstring.
+
+    A counting sort in two launches: per-chunk expert histograms, then each chunk scatters its pairs (no
+    atomics: a pair's slot follows from the histograms of the chunks before it). Same order as a stable sort.
+    """
+    flat = ids.reshape(-1).to(torch.int32).contiguous()
     num_pairs = flat.numel()
-    device = flat.device
-    sorted_ids, order = torch.sort(flat, stable=True)
-    experts = torch.arange(num_experts, device=device)
-    starts = torch.searchsorted(sorted_ids, experts, right=False)
-    counts = torch.searchsorted(sorted_ids, experts, right=True) - starts
-    padded = (counts + block_m - 1) // block_m * block_m
-    pad_ends = torch.cumsum(padded, dim=0)
-    pad_starts = pad_ends - padded
     num_blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
-    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, device=device, dtype=torch.int32)
-    rank = torch.arange(num_pairs, device=device) - starts[sorted_ids]
-    sorted_pairs[pad_starts[sorted_ids] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(num_blocks, device=device) * block_m
-    block_expert = torch.searchsorted(pad_ends, block_starts, right=True).to(torch.int32)  # E past the end
+    sorted_pairs = torch.full((num_blocks * block_m,), num_pairs, device=flat.device, dtype=torch.int32)
+    block_expert = torch.empty(num_blocks, device=flat.device, dtype=torch.int32)
+    if num_pairs == 0:
+        return sorted_pairs, block_expert
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    chunk, sub = 1024, max(1, 4096 // block_e)  # a [SUB, BE] one-hot tile of about 4096 elements
+    num_chunks = triton.cdiv(num_pairs, chunk)
+    hist = torch.empty(num_chunks, num_experts, device=flat.device, dtype=torch.int32)
+    moe_count_fwd_kernel[(num_chunks,)](flat, hist, num_pairs, E=num_experts, BE=block_e, BS=chunk, SUB=sub)
+    moe_align_fwd_kernel[(num_chunks,)](
+        flat, hist, sorted_pairs, block_expert, num_pairs, num_chunks, num_blocks, E=num_experts, BE=block_e,
+        BS=chunk, SUB=sub, BC=max(1, 4096 // block_e), BM=block_m, BB=max(1, 4096 // block_e))
     return sorted_pairs, block_expert
