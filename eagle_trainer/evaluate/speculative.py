@@ -69,8 +69,12 @@ class TargetCache:
         self.length = 0
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None):
-        """ids, positions [n]; tree_mask [n, n] bool (None: causal) -> (logits [n, V], aux hidden [n, 3Ht])."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                last_logits_only: bool = False):
+        """ids, positions [n]; tree_mask [n, n] bool (None: causal) -> (logits [n or 1, V], aux hidden [n, 3Ht]).
+
+        `last_logits_only` (the prefill): the LM head runs on the last position only, not on [n, V].
+        """
         n = ids.shape[0]
         mask = None
         if tree_mask is not None:  # a prepared 4D mask is used as is: [1, 1, n, S] additive
@@ -80,7 +84,8 @@ class TargetCache:
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             mask = mask[None, None]
         out = self.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, output_hidden_states=True)
+                         past_key_values=self.cache, use_cache=True, output_hidden_states=True,
+                         logits_to_keep=1 if last_logits_only else 0)
         self.length += n
         aux = torch.cat([out.hidden_states[i + 1][0] for i in self.aux_layer_ids], dim=-1)
         return out.logits[0], aux
@@ -199,7 +204,7 @@ def speculative_generate(model, draft: Eagle3Draft, prompt: list[int], cfg: Deco
     topk, depth, total = cfg.tree_shape()
 
     ids = torch.tensor(prompt, device=device)
-    logits, aux = target.forward(ids, torch.arange(len(prompt), device=device))
+    logits, aux = target.forward(ids, torch.arange(len(prompt), device=device), last_logits_only=True)
     pending = int(logits[-1].argmax())
     out = Generation(tokens=[pending])
     # draft prefill: position t gets (aux at t, token t+1)
@@ -229,9 +234,8 @@ def speculative_generate(model, draft: Eagle3Draft, prompt: list[int], cfg: Deco
             out.tokens.append(t)
             if t in stop_ids or len(out.tokens) == cfg.max_new_tokens:
                 break
-        if out.tokens[-1] in stop_ids:
+        if out.tokens[-1] in stop_ids:  # a stop token inside the accepted run ends decoding there
             break
-    out.tokens = out.tokens[:cfg.max_new_tokens]
     return out
 
 
@@ -244,7 +248,7 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, stop_ids: tup
     ids = torch.tensor(prompt, device=device)[None]
     tokens = []
     while len(tokens) < max_new_tokens:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         tokens.append(int(logits[0, -1].argmax()))
         if tokens[-1] in stop_ids:
             break
