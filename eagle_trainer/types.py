@@ -40,6 +40,16 @@ class TargetOutputs:
     teacher_valid: torch.Tensor  # [B, T] bool: full-vocab argmax lies in the draft vocab (all True when off)
 
 
+@dataclass
+class CapturedStates:
+    """What one target forward captures, before the teacher is formed (online, or stored by offline dumps)."""
+
+    aux_hidden: torch.Tensor  # [B, T, 3*Ht] aux layer outputs
+    last_hidden: torch.Tensor | None  # [B, T, Ht] before the final norm (EAGLE-1 feature), when kept
+    final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the teacher is rebuilt from it
+    argmax_valid: torch.Tensor  # [B, T] bool: the full-vocab target argmax lies in the draft vocab
+
+
 @dataclass(frozen=True)
 class TargetInfo:
     """The facts about a target that a draft needs to be built (no weights)."""

@@ -2,12 +2,13 @@
 batches, the draft vocab map (d2t / t2d), and regeneration of responses by the target."""
 
 from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
-from eagle_trainer.data.dataset import batches, build_dataset, collate, num_batches
+from eagle_trainer.data.dataset import batch_indices, batches, build_dataset, collate, num_batches
 from eagle_trainer.data.regenerate import regenerate
 from eagle_trainer.data.template import tokenize_conversation
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
 
 __all__ = [
+    "batch_indices",
     "batches",
     "build_dataset",
     "build_vocab_map",

@@ -194,6 +194,27 @@ def num_batches(num_examples: int, batch_size: int, world_size: int = 1) -> int:
     return num_examples // (batch_size * world_size)
 
 
+def batch_indices(
+    num_examples: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1,
+    start: int = 0,
+) -> Iterator[np.ndarray]:
+    """This rank's example indices per batch of one epoch, from batch `start` on (resume skips without reading).
+
+    The order is a permutation seeded by (seed, epoch), the same on every rank; global batch j holds
+    positions [j*B*W, (j+1)*B*W) of it and rank r takes the r-th slice of B, so ranks are disjoint.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+    order = np.arange(num_examples)
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    step = batch_size * world_size
+    for j in range(start, num_batches(num_examples, batch_size, world_size)):
+        yield order[j * step + rank * batch_size : j * step + (rank + 1) * batch_size]
+
+
 def batches(
     dataset: datasets.Dataset,
     batch_size: int,
@@ -204,22 +225,11 @@ def batches(
     rank: int = 0,
     world_size: int = 1,
     pad_id: int = 0,
+    start: int = 0,
 ) -> Iterator[Batch]:
-    """One epoch of this rank's Batches.
-
-    The order is a permutation seeded by (seed, epoch), the same on every rank; global batch j holds
-    positions [j*B*W, (j+1)*B*W) of it and rank r takes the r-th slice of B, so ranks are disjoint.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
-    order = np.arange(len(dataset))
-    if shuffle:
-        order = np.random.default_rng([seed, epoch]).permutation(len(dataset))
-    step = batch_size * world_size
-    for j in range(num_batches(len(dataset), batch_size, world_size)):
-        indices = order[j * step + rank * batch_size : j * step + (rank + 1) * batch_size]
+    """One epoch of this rank's Batches, in `batch_indices` order (from batch `start` on)."""
+    for indices in batch_indices(len(dataset), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
+                                 world_size=world_size, start=start):
         rows = dataset[indices.tolist()]  # column dict: {"input_ids": [...], "loss_mask": [...]}
         examples = [{"input_ids": ids, "loss_mask": m} for ids, m in zip(rows["input_ids"], rows["loss_mask"])]
         yield collate(examples, pad_id)

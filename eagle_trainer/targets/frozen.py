@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from eagle_trainer.registry import TargetSpec
-from eagle_trainer.types import Batch, TargetOutputs
+from eagle_trainer.types import Batch, CapturedStates, TargetOutputs
 
 
 @torch.no_grad()
@@ -37,6 +37,20 @@ def chunked_argmax(h: torch.Tensor, weight: torch.Tensor, max_elems: int = 1 << 
             arg = torch.where(better, idx + c, arg)
         out[r:r + row_chunk] = arg
     return out
+
+
+@torch.no_grad()
+def teacher_outputs(states: CapturedStates, draft_head: torch.Tensor, mask_teacher_argmax: bool) -> TargetOutputs:
+    """TargetOutputs from captured states: teacher = softmax(final @ draft_head.T) in fp32 over the draft vocab.
+    Online (FrozenTarget.forward) and offline (OfflineTarget) training both go through here, so they agree."""
+    final = states.final_hidden
+    probs = (final @ draft_head.T).float().softmax(-1)  # [B, T, Vd]
+    if mask_teacher_argmax:
+        valid = states.argmax_valid
+    else:
+        valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
+    return TargetOutputs(aux_hidden=states.aux_hidden, last_hidden=states.last_hidden, teacher_probs=probs,
+                         teacher_valid=valid)
 
 
 class FrozenTarget:
@@ -80,21 +94,26 @@ class FrozenTarget:
         return self.model.get_submodule(self.spec.embed).weight
 
     @torch.no_grad()
-    def forward(self, batch: Batch) -> TargetOutputs:
+    def capture(self, batch: Batch, argmax: bool | None = None) -> CapturedStates:
+        """One target forward: the aux layers, the final (normed) hidden state, and the teacher mask.
+        `argmax` (default: mask_teacher_argmax) scans the full vocab; without it argmax_valid is all True."""
+        argmax = self.mask_teacher_argmax if argmax is None else argmax
         self._captured.clear()
         out = self.backbone(input_ids=batch.input_ids, use_cache=False)
         final = out.last_hidden_state  # [B, T, Ht], after the final norm
         aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)  # [B, T, 3Ht]
-        logits = (final @ self.draft_head.T).float()  # [B, T, Vd]
-        probs = logits.softmax(-1)
-        if self.mask_teacher_argmax:
+        if argmax:
             flat = final.reshape(-1, final.shape[-1])
-            valid = self.t2d[chunked_argmax(flat, self.lm_head_weight, self.argmax_chunk_elems)].view(final.shape[:2])
+            argmax_valid = self.t2d[chunked_argmax(flat, self.lm_head_weight, self.argmax_chunk_elems)].view(final.shape[:2])
         else:
-            valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
+            argmax_valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
         last = self._captured.get("last")
         self._captured.clear()
-        return TargetOutputs(aux_hidden=aux, last_hidden=last, teacher_probs=probs, teacher_valid=valid)
+        return CapturedStates(aux_hidden=aux, last_hidden=last, final_hidden=final, argmax_valid=argmax_valid)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> TargetOutputs:
+        return teacher_outputs(self.capture(batch), self.draft_head, self.mask_teacher_argmax)
 
     def close(self) -> None:
         for h in self._hooks:
