@@ -53,6 +53,9 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip : a bad JSONL line
     truncate: bool = True  # sequences over max_length: truncate (True) or drop (False); counted either way
     shuffle: bool = True
+    # a directory written by `eagle-data dump`: train on stored target hidden states instead of running the
+    # target (its manifest must match this run's target, aux layers and vocab map)
+    offline_path: Optional[str] = None
 
 
 @dataclass
@@ -80,6 +83,21 @@ class TrainConfig:
     progress: bool = True
     # written to <run_dir>/export/<format>: sglang (plain LlamaForCausalLMEagle3), vllm (speculators format)
     export_formats: list[str] = field(default_factory=lambda: ["sglang", "vllm"])
+    # none: start fresh; latest: the newest complete checkpoint in <run_dir>/checkpoints if there is one,
+    # else start fresh; or a checkpoint directory. Restores draft, optimizer, scheduler, data position, RNG, step.
+    resume: str = "none"
+    keep_last: int = 3  # step checkpoints kept (older ones deleted; checkpoints/best is kept apart); 0: keep all
+    max_nonfinite_steps: int = 5  # a NaN/inf loss or gradient skips the step; this many in a row stop the run
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go besides <run_dir>/metrics.jsonl and the console (both always on, rank 0 only)."""
+
+    tensorboard: bool = False  # event files in <run_dir>/tensorboard (needs the `tensorboard` package)
+    wandb: bool = False  # a wandb run in <run_dir>/wandb (needs the `wandb` package)
+    wandb_project: str = "eagle_trainer"
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) | online
 
 
 @dataclass
@@ -123,4 +141,5 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     accept: AcceptConfig = field(default_factory=AcceptConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from eagle_trainer import registry
+from eagle_trainer.checkpoint import check_checkpoint, latest_checkpoint
 from eagle_trainer.config import AcceptConfig, Config
 from eagle_trainer.data import batches, build_dataset, build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
 from eagle_trainer.data.regenerate import stop_token_ids
@@ -68,6 +69,17 @@ def vocab_map(cfg: Config, dataset, stats: dict, vocab_size: int, cache_dir: Pat
     return d2t, t2d
 
 
+def resume_path(resume: str, run_dir: Path) -> Path | None:
+    """train.resume: none | latest (newest complete checkpoint of this run dir, else a fresh start) | a directory."""
+    if resume == "none":
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(run_dir / "checkpoints")
+        print(f"resume: {found}" if found else f"resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting fresh")
+        return found
+    return check_checkpoint(resume)
+
+
 def run(cfg: Config) -> Summary:
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
@@ -107,9 +119,9 @@ def run(cfg: Config) -> Summary:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1
 
-    def train_batches(epoch: int):
+    def train_batches(epoch: int, start: int):
         for batch in batches(train_ds, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             shuffle=cfg.data.shuffle, pad_id=pad_id):
+                             shuffle=cfg.data.shuffle, pad_id=pad_id, start=start):
             yield batch.pad_to_multiple(multiple, pad_id)
 
     eval_batches = []
@@ -121,14 +133,16 @@ def run(cfg: Config) -> Summary:
 
     acceptance = build_acceptance(cfg.accept, model, draft, tokenizer, eval_ds)
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
-                      acceptance=acceptance, accept_every=cfg.accept.every)
+                      acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
+                      data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
+                      run_config=asdict(cfg))
     summary = trainer.fit()
     for fmt in cfg.train.export_formats:
         if fmt not in WRITERS:
             raise ValueError(f"train.export_formats has {fmt!r}; known formats: {sorted(WRITERS)}")
         extra = {"verifier": str(Path(cfg.target.path).resolve())} if fmt == "vllm" else {}
         WRITERS[fmt](summary.checkpoint, run_dir / "export" / fmt, overwrite=True, **extra)
-    print(format_summary(summary, run_dir))
+    print(format_summary(summary, run_dir, stats))
     return summary
 
 
@@ -146,7 +160,7 @@ def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds):
     return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids) for d in decodes}
 
 
-def format_summary(s: Summary, run_dir: Path) -> str:
+def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) -> str:
     acc = s.eval_after.get("acc") or s.train_acc
     rows = [
         ("steps", f"{s.steps}"),
@@ -163,6 +177,10 @@ def format_summary(s: Summary, run_dir: Path) -> str:
         *([("best checkpoint (real accept len)", f"step {s.best['step']}: {s.best['accept_len']:.3f} "
             f"({s.best['mode']})")] if s.best else []),
         ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}"),
+        *([("data: bad lines skipped / truncated / dropped",
+            f"{sum(data_stats['skipped'].values())} {dict(data_stats['skipped']) or ''} / {data_stats['truncated']} / "
+            f"{sum(data_stats['dropped'].values())} {dict(data_stats['dropped'])}")] if data_stats else []),
+        ("steps skipped (non-finite loss or grad)", f"{s.skipped_steps}"),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("run dir", str(run_dir)),
     ]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +17,8 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from eagle_trainer.config import DraftConfig, OptimConfig, TrainConfig
-from eagle_trainer.drafts.io import save_draft
+from eagle_trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from eagle_trainer.config import DraftConfig, LogConfig, OptimConfig, TrainConfig
 from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
 from eagle_trainer.registry import DraftSpec
@@ -53,17 +51,24 @@ class Summary:
     accept_before: dict = field(default_factory=dict)  # mode -> real acceptance length
     accept_after: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # {"step", "accept_len", "mode", "checkpoint"} of checkpoints/best
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a NaN/inf loss or gradient (train.max_nonfinite_steps)."""
 
 
 class Trainer:
     def __init__(self, spec: DraftSpec, target, draft: torch.nn.Module, draft_cfg: DraftConfig, optim: OptimConfig,
-                 train: TrainConfig, train_batches: Callable[[int], Iterable[Batch]], eval_batches: list[Batch],
-                 device: torch.device, rank: int = 0, acceptance: Callable[[], dict] | None = None,
-                 accept_every: int = 0):
+                 train: TrainConfig, train_batches: Callable[[int, int], Iterable[Batch]], eval_batches: list[Batch],
+                 device: torch.device, rank: int = 0, world_size: int = 1, acceptance: Callable[[], dict] | None = None,
+                 accept_every: int = 0, log: LogConfig | None = None, data_fingerprint: str = "",
+                 resume_from: str | Path | None = None, run_config: dict | None = None):
+        """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on."""
         self.spec, self.target, self.draft = spec, target, draft
         self.draft_cfg, self.optim_cfg, self.train_cfg = draft_cfg, optim, train
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.device, self.rank = device, rank
+        self.device, self.rank, self.world_size = device, rank, world_size
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -71,12 +76,19 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay, fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
-        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0)
-        self.step = 0
+        # the loop's position: optimizer steps taken, and examples (all ranks) used of the current epoch
+        self.step, self.epoch, self.examples_in_epoch = 0, 0, 0
+        self.skipped_steps, self.nonfinite_in_a_row = 0, 0
+        self.data_fingerprint = data_fingerprint
         # acceptance() -> {mode: report} by real speculative decoding (evaluate/acceptance.py); measured every
         # accept_every steps (0: with each checkpoint), at the start and at the end
         self.acceptance, self.accept_every = acceptance, accept_every
         self.best: dict = {}
+        self.resumed_from: Path | None = None
+        if resume_from is not None:
+            self.resume(resume_from)
+        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0, log=log,
+                                     resume_step=self.step if self.resumed_from else None, run_config=run_config)
 
     def _loss(self, batch: Batch):
         outputs = self.target.forward(batch)
@@ -126,61 +138,105 @@ class Trainer:
                 (path / "best.json").write_text(json.dumps(self.best))
         return taus
 
+    def trainer_state(self) -> dict:
+        """What resumes the loop besides weights, optimizer and RNG (checkpoint.py writes it as JSON)."""
+        return {"step": self.step, "epoch": self.epoch, "examples_in_epoch": self.examples_in_epoch,
+                "batch_size": self.optim_cfg.batch_size, "world_size": self.world_size,
+                "skipped_steps": self.skipped_steps, "data_fingerprint": self.data_fingerprint}
+
     def save_checkpoint(self, name: str | None = None) -> Path:
-        """Write checkpoints/step_N (or checkpoints/<name>) atomically (temp dir, then rename)."""
-        final = self.run_dir / "checkpoints" / (name or f"step_{self.step:07d}")
-        if self.rank != 0:
-            return final
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_draft(tmp, self.draft)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": self.step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+        """checkpoints/step_N (or checkpoints/<name>), written atomically; old step_N beyond keep_last deleted."""
+        root = self.run_dir / "checkpoints"
+        path = save_checkpoint(root / (name or f"step_{self.step:07d}"), self.draft, self.optimizer, self.scheduler,
+                               self.trainer_state(), self.device)
+        if self.rank == 0 and name is None:
+            prune_checkpoints(root, self.train_cfg.keep_last)
+        return path
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint: weights, optimizer, scheduler, RNG, step and data position."""
+        state = load_checkpoint(path, self.draft, self.optimizer, self.scheduler, self.device)
+        if self.data_fingerprint and state.get("data_fingerprint") not in (None, self.data_fingerprint):
+            raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state['data_fingerprint']}, "
+                             f"this run {self.data_fingerprint}); the data position would be wrong. Resume with the "
+                             "same data.path/tokenizer/max_length, or start fresh with train.resume=none")
+        self.step, self.epoch, self.skipped_steps = state["step"], state["epoch"], state.get("skipped_steps", 0)
+        self.examples_in_epoch = state["examples_in_epoch"]
+        per_batch = self.optim_cfg.batch_size * self.world_size
+        if self.examples_in_epoch % per_batch:
+            print(f"resume: {self.examples_in_epoch} examples of epoch {self.epoch} were used with batch "
+                  f"{state['batch_size']} x {state['world_size']} ranks; with {self.optim_cfg.batch_size} x "
+                  f"{self.world_size} the epoch continues at example {self.examples_in_epoch // per_batch * per_batch}")
+        best = self.run_dir / "checkpoints" / "best" / "best.json"
+        if best.is_file():
+            self.best = json.loads(best.read_text())
+        self.resumed_from = Path(path)
 
     def fit(self) -> Summary:
         """Train to max_steps (or epochs); eval at the start, at each checkpoint and at the end."""
+        try:
+            return self._fit()
+        finally:
+            self.metrics.close()  # flush the TensorBoard / wandb sinks however the run ends
+
+    def _fit(self) -> Summary:
         cfg = self.train_cfg
-        summary = Summary(eval_before=self.evaluate_and_log(), accept_before=self.measure_acceptance())
+        if self.resumed_from is None:
+            summary = Summary(eval_before=self.evaluate_and_log(), accept_before=self.measure_acceptance())
+        else:  # the start was measured by the run that wrote the checkpoint
+            summary = Summary(eval_before=self._first_logged("eval"), accept_before=self._first_logged("accept"))
+            print(f"resumed from {self.resumed_from} at step {self.step} (epoch {self.epoch}, "
+                  f"{self.examples_in_epoch} examples into it)")
         self.draft.train()
-        bar = tqdm(total=cfg.max_steps, desc="train", disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress or self.rank != 0,
+                   dynamic_ncols=True)
         start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
         paused_total = 0.0  # seconds of checkpoints and evals inside the loop
         accum = self.optim_cfg.grad_accum
-        done = False
-        for epoch in range(cfg.epochs):
-            micro = 0
-            for batch in self.train_batches(epoch):
+        per_batch = self.optim_cfg.batch_size * self.world_size  # examples per micro-batch, all ranks
+        while self.step < cfg.max_steps and self.epoch < cfg.epochs:
+            micro, finite = 0, True
+            self.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation at an epoch's end is dropped
+            for batch in self.train_batches(self.epoch, self.examples_in_epoch // per_batch):
                 n_tok = int(batch.attention_mask.sum())  # counted on the host copy: no device sync
                 batch = batch.to(self.device)
                 out = self._loss(batch)
-                (out.loss / accum).backward()
+                loss = out.loss.item()
+                if math.isfinite(loss):
+                    (out.loss / accum).backward()
+                else:
+                    finite = False
                 micro += 1
+                self.examples_in_epoch += per_batch
                 tokens += n_tok
                 window_tokens += n_tok
                 if micro % accum:
                     continue
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
-                self.optimizer.step()
+                grad_norm = float(grad_norm)
+                if finite and math.isfinite(grad_norm):
+                    self.optimizer.step()
+                    self.nonfinite_in_a_row = 0
+                else:
+                    self._skip_step(loss, grad_norm)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
+                finite = True
                 bar.update(1)
-                bar.set_postfix(loss=f"{out.loss.item():.3f}", acc0=f"{out.step_acc[0]:.2f}")
+                bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{out.step_acc[0]:.2f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.perf_counter()
                     self.metrics.log({
-                        "split": "train", "step": self.step, "epoch": epoch, "loss": out.loss.item(),
+                        "split": "train", "step": self.step, "epoch": self.epoch, "loss": loss,
                         "acc": out.step_acc, "step_loss": out.step_loss,
                         "sim_accept_len": simulated_acceptance(out.step_acc),
-                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "skipped_steps": self.skipped_steps,
                     })
                     window_tokens, window_start = 0, now
-                    summary.final_loss, summary.train_acc = out.loss.item(), out.step_acc
+                    summary.final_loss, summary.train_acc = loss, out.step_acc
                 saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
                 measuring = self.step < cfg.max_steps and (saving if self.accept_every == 0
                                                            else self.step % self.accept_every == 0)
@@ -197,19 +253,42 @@ class Trainer:
                     window_start += paused
                     paused_total += paused
                 if self.step >= cfg.max_steps:
-                    done = True
                     break
-            if done:
-                break
+            else:
+                self.epoch, self.examples_in_epoch = self.epoch + 1, 0
         bar.close()
         summary.wall_s = time.perf_counter() - start
         summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s - paused_total, 1e-9)
+        summary.skipped_steps = self.skipped_steps
         summary.eval_after = self.evaluate_and_log()
         summary.checkpoint = str(self.save_checkpoint())
         summary.accept_after = self.measure_acceptance()
         summary.best = dict(self.best)
         self._plot()
         return summary
+
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        """A NaN/inf loss or gradient: no update this step; too many in a row stop the run."""
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.metrics.log({"split": "skip", "step": self.step + 1, "loss": loss, "grad_norm": grad_norm})
+        limit = self.train_cfg.max_nonfinite_steps
+        print(f"step {self.step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+              f"({self.nonfinite_in_a_row} in a row, stop at {limit})")
+        if self.nonfinite_in_a_row >= limit:
+            latest = latest_checkpoint(self.run_dir / "checkpoints")  # skipped steps never wrote NaN weights
+            raise NonFiniteLossError(
+                f"stopped at step {self.step + 1}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                f"gradient (train.max_nonfinite_steps={limit}). Lower optim.lr or raise optim.warmup_steps, check the "
+                f"data for degenerate rows, then resume from the latest checkpoint "
+                f"({latest or 'none yet'}) with train.resume=latest")
+
+    def _first_logged(self, split: str) -> dict:
+        """The first record of a split from the restored metrics (a resumed run's 'before' numbers)."""
+        record = next((r for r in self.metrics.records if r.get("split") == split), None)
+        if record is None:
+            return {}
+        return dict(record["accept_len"]) if split == "accept" else {k: record[k] for k in ("loss", "acc", "sim_accept_len")}
 
     def _plot(self) -> None:
         if self.rank == 0 and self.metrics.records:

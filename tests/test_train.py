@@ -33,7 +33,7 @@ def test_demo_writes_run_files(demo_run):
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train][-1] == 60 and len(train[-1]["acc"]) == 7
-    assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "accuracy.png", "acceptance.png"}
+    assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "accuracy.png", "acceptance.png", "throughput.png"}
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert steps == ["best", "step_0000030", "step_0000060"]
     best = json.loads((run_dir / "checkpoints/best/best.json").read_text())
@@ -43,9 +43,9 @@ def test_demo_writes_run_files(demo_run):
     assert best["accept_len"] == max(r["accept_len"]["chain"] for r in accepts)
     assert best["step"] == next(r["step"] for r in accepts if r["accept_len"]["chain"] == best["accept_len"])
     last = run_dir / "checkpoints/step_0000060"
-    assert json.loads((last / "trainer_state.json").read_text()) == {"step": 60}
-    state = torch.load(last / "optimizer.pt", weights_only=True)
-    assert state["scheduler"]["last_epoch"] == 60 and state["optimizer"]["state"]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 60 and state["scheduler"]["last_epoch"] == 60 and state["skipped_steps"] == 0
+    assert (last / "state/.metadata").is_file() and (last / "rng/rank_00000.json").is_file()
     evals = [r["step"] for r in records if r["split"] == "eval"]
     assert evals == [0, 30, 60]
     assert {p.name for p in (run_dir / "export/sglang").iterdir()} == {"config.json", "model.safetensors"}

@@ -1,0 +1,179 @@
+"""Training checkpoints: what one holds, atomic saves, retention, and resume at any world size.
+
+    <run_dir>/checkpoints/step_0000100/
+        draft_config.json, draft.safetensors   the draft alone, fp32 (export/ and evaluate/ read these)
+        state/                                 torch.distributed.checkpoint: draft + AdamW state, keyed by
+                                               parameter name, so any world size can load it
+        trainer_state.json                     step, data position, scheduler, skip counters, data fingerprint
+        rng/rank_00000.json                    each rank's RNG states (python, numpy, torch CPU and CUDA)
+
+A checkpoint is written into `step_N.tmp` and renamed to `step_N` once every file is in it: a directory
+named `step_N` is always complete, and a crash during a save leaves the previous one untouched (the
+stale `.tmp` is removed by the next save). Tensors go through safetensors and DCP (which reads its data
+with torch.load(weights_only=True)); the rest is JSON. DCP's own `.metadata` index is a pickle written by
+torch: resume only from checkpoints your own runs wrote, as with any DCP checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from eagle_trainer.drafts.io import CONFIG_FILE, save_draft
+
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# The frozen target embedding inside the draft is the target's: never saved, never restored.
+_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states as JSON-able values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *(v.item() if hasattr(v, "item") else v for v in np_state[2:])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if device is not None and device.type == "cuda":
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state(device).numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        cuda = torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8)
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def save_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    trainer_state: dict, device: torch.device | None = None) -> Path:
+    """Write a complete checkpoint at `path` (atomically). Collective: every rank calls it; rank 0 writes
+    the draft files and renames, each rank writes its RNG file, DCP writes the shared state once."""
+    final = Path(path)
+    tmp = final.with_name(final.name + ".tmp")
+    rank, world = _rank_world()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+        save_draft(tmp, getattr(draft, "module", draft))
+        state = {**trainer_state, "scheduler": scheduler.state_dict(), "world_size": world}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    _barrier()
+    (tmp / "rng" / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state(device)))
+    model_sd, optim_sd = get_state_dict(draft, optimizer, options=_OPTIONS)
+    dcp.save({"draft": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DIR),
+             no_dist=not _distributed())
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    device: torch.device | None = None) -> dict:
+    """Restore draft, optimizer, scheduler and this rank's RNG from `path`; returns the trainer state.
+    The world size may differ from the one that saved: draft and optimizer state are whole tensors by name;
+    a rank with no RNG file of its own keeps its current (seeded) RNG."""
+    path = check_checkpoint(path)
+    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    check_draft_config(path, getattr(draft, "module", draft))
+    model_sd, optim_sd = get_state_dict(draft, optimizer, options=_OPTIONS)
+    state = {"draft": model_sd, "optimizer": optim_sd}
+    dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _distributed())
+    # not strict: the frozen embedding is left out on purpose; every other key must match
+    keys = set_state_dict(draft, optimizer, model_state_dict=state["draft"], optim_state_dict=state["optimizer"],
+                          options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    frozen = {name for name, p in draft.named_parameters() if not p.requires_grad}
+    missing = [k for k in keys.missing_keys if k.removeprefix("module.") not in frozen]
+    if missing or keys.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not fit this draft: missing {missing}, unexpected "
+                         f"{list(keys.unexpected_keys)}; resume with the draft config it was trained with")
+    scheduler.load_state_dict(trainer_state.pop("scheduler"))
+    rank, _ = _rank_world()
+    rng_file = path / "rng" / f"rank_{rank:05d}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()), device)
+    return trainer_state
+
+
+def check_draft_config(path: Path, draft: torch.nn.Module) -> None:
+    """The checkpoint's draft_config.json must describe this draft (else DCP fails deep inside on a shape)."""
+    saved = json.loads((path / CONFIG_FILE).read_text())
+    current = json.loads(json.dumps(asdict(draft.config)))
+    differ = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
+    if differ:
+        listed = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"checkpoint {path} holds a different draft ({listed}); resume with the recipe it was "
+                         "trained with, or start fresh with train.resume=none")
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """A complete training checkpoint directory, else a ValueError that says what it is not."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; use train.resume=latest, none, or an existing "
+                         "<run_dir>/checkpoints/step_N directory")
+    missing = [name for name in (TRAINER_STATE, CONFIG_FILE, STATE_DIR) if not (path / name).exists()]
+    if missing:
+        raise ValueError(f"{path} is not a complete training checkpoint (missing {missing}); an interrupted save "
+                         "leaves step_N.tmp, never step_N: resume from an earlier step_N or train.resume=none")
+    return path
+
+
+def step_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Complete step_N directories, oldest first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    found = step_checkpoints(checkpoint_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step_N checkpoints (0 keeps all) and stale .tmp directories.
+    Named checkpoints such as checkpoints/best are left alone. Returns what was deleted."""
+    root = Path(checkpoint_dir)
+    stale = [p for p in root.glob("*.tmp") if p.is_dir()] if root.is_dir() else []
+    old = step_checkpoints(root)[:-keep_last] if keep_last > 0 else []
+    for p in stale + old:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale + old
