@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -24,13 +25,15 @@ from eagle_trainer import registry
 from eagle_trainer.checkpoint import check_checkpoint, latest_checkpoint
 from eagle_trainer.config import AcceptConfig, Config
 from eagle_trainer.data import batches, build_dataset, build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
+from eagle_trainer.data.offline import VOCAB_FILE, OfflineStore, expected_manifest
 from eagle_trainer.data.regenerate import stop_token_ids
 from eagle_trainer.drafts.ttt import pick_attention
 from eagle_trainer.evaluate.acceptance import measure_acceptance, prompts_from_dataset
 from eagle_trainer.evaluate.speculative import DecodeConfig
 from eagle_trainer.export import WRITERS
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.targets.loading import load_target
+from eagle_trainer.targets.loading import load_target, load_tokenizer, resolve_dtype, target_info
+from eagle_trainer.targets.offline import OfflineTarget
 from eagle_trainer.trainer import Summary, Trainer
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -69,6 +72,72 @@ def vocab_map(cfg: Config, dataset, stats: dict, vocab_size: int, cache_dir: Pat
     return d2t, t2d
 
 
+@dataclass
+class TrainingData:
+    """What the loop reads, online (tokenised data + the live target) or offline (a dump + its teacher)."""
+
+    train: Any  # datasets.Dataset (online) or OfflineStore (offline)
+    eval: Any  # the same kind, or None
+    batches: Callable  # data.batches (online) or OfflineStore.batches: (source, batch_size, **kw) -> Batches
+    stats: dict  # num_examples, num_tokens, num_loss_tokens, skipped, truncated, dropped, fingerprint
+    d2t: torch.Tensor
+    t2d: torch.Tensor
+    target: Any  # FrozenTarget or OfflineTarget: forward(batch) -> TargetOutputs
+
+
+def holdout(cfg: Config, train, select):
+    """(train, eval) with the last data.eval_holdout examples held out, or (train, None)."""
+    n, k = len(train), cfg.data.eval_holdout
+    if not k:
+        return train, None
+    if k >= n:
+        raise ValueError(f"data.eval_holdout={k} leaves no training data out of {n} examples")
+    return select(train, range(n - k)), select(train, range(n - k, n))
+
+
+def online_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec, device) -> TrainingData:
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.train.run_dir) / "cache")
+    train_ds, stats = build_dataset(cfg.data, tokenizer, cache_dir)
+    if cfg.data.eval_path:
+        eval_ds = build_dataset(cfg.data, tokenizer, cache_dir, path=cfg.data.eval_path)[0]
+    else:
+        train_ds, eval_ds = holdout(cfg, train_ds, lambda ds, rows: ds.select(rows))
+    d2t, t2d = vocab_map(cfg, train_ds, stats, info.vocab_size, cache_dir)
+    target = FrozenTarget(model, target_spec, aux_ids, draft_ids_from_d2t(d2t), t2d, cfg.draft.mask_teacher_argmax,
+                          keep_last_hidden=spec.algorithm.needs_last_hidden)
+    return TrainingData(train_ds, eval_ds, batches, stats, d2t, t2d, target)
+
+
+def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec, device) -> TrainingData:
+    """A dump from `eagle-data dump`, checked against this run's target, aux layers and vocab map."""
+    store = OfflineStore(cfg.data.offline_path)
+    if cfg.data.eval_path:
+        raise ValueError(f"data.eval_path={cfg.data.eval_path!r} has no dumped target states; in offline mode hold "
+                         "examples of the dump out with data.eval_holdout=N (or dump the eval set and train on it)")
+    vocab_path = Path(cfg.data.vocab_path or Path(cfg.data.offline_path) / VOCAB_FILE)
+    if not vocab_path.is_file():
+        raise ValueError(f"no draft vocab map at {vocab_path}; pass the one the dump was made with as data.vocab_path")
+    d2t, t2d = load_vocab_map(vocab_path)
+    if d2t.numel() != cfg.draft.draft_vocab_size or t2d.numel() != info.vocab_size:
+        raise ValueError(f"vocab map {vocab_path} is for Vd={d2t.numel()}, V={t2d.numel()} but the run has "
+                         f"draft.draft_vocab_size={cfg.draft.draft_vocab_size}, target vocab {info.vocab_size}")
+    store.check(expected_manifest(cfg.target.path, info.architecture, aux_ids, d2t, t2d,
+                                  spec.algorithm.needs_last_hidden))
+    dtype = store.dtype if cfg.target.dtype == "auto" else resolve_dtype(cfg.target.dtype, device)
+    target = OfflineTarget.from_checkpoint(cfg.target.path, draft_ids_from_d2t(d2t), cfg.draft.mask_teacher_argmax,
+                                           device, dtype, trust_remote_code=cfg.target.trust_remote_code)
+    manifest = store.manifest
+    stats = {"num_examples": manifest["num_examples"], "num_tokens": manifest["num_tokens"],
+             "fingerprint": manifest["data_fingerprint"], **manifest.get("data_stats", {})}
+    stats.setdefault("num_loss_tokens", "?")
+    for key, empty in (("skipped", {}), ("truncated", 0), ("dropped", {})):
+        stats.setdefault(key, empty)
+    train, evals = holdout(cfg, store, lambda st, rows: st.select(rows))
+    pin = device.type == "cuda"
+    return TrainingData(train, evals, lambda st, bs, **kw: st.batches(bs, pin_memory=pin, **kw), stats, d2t, t2d,
+                        target)
+
+
 def resume_path(resume: str, run_dir: Path) -> Path | None:
     """train.resume: none | latest (newest complete checkpoint of this run dir, else a fresh start) | a directory."""
     if resume == "none":
@@ -90,48 +159,44 @@ def run(cfg: Config) -> Summary:
         cfg = prepare_demo(cfg, device)
     (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
-    model, tokenizer, target_spec, info = load_target(cfg.target, device)
+    offline = cfg.data.offline_path is not None
+    if offline:  # no model: the dump holds the target's states; embedding and lm_head rows come from its files
+        target_spec, info = target_info(cfg.target)
+        model, tokenizer = None, load_tokenizer(cfg.target, info)
+    else:
+        model, tokenizer, target_spec, info = load_target(cfg.target, device)
     spec = registry.resolve(info.architecture, cfg.draft.algorithm)
-    cache_dir = Path(cfg.data.cache_dir or run_dir / "cache")
-    train_ds, stats = build_dataset(cfg.data, tokenizer, cache_dir)
+    aux_ids = tuple(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else target_spec.aux_layers(info.num_layers)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1
+    data = (offline_data if offline else online_data)(cfg, spec, info, aux_ids, tokenizer, model, target_spec, device)
+    stats, d2t, t2d, target = data.stats, data.d2t, data.t2d, data.target
     print(f"data: {stats['num_examples']} conversations, {stats['num_tokens']} tokens "
           f"({stats['num_loss_tokens']} trained), skipped {stats['skipped']}, truncated {stats['truncated']}, "
-          f"dropped {stats['dropped']}")
-    if cfg.data.eval_path:
-        eval_ds, _ = build_dataset(cfg.data, tokenizer, cache_dir, path=cfg.data.eval_path)
-    elif cfg.data.eval_holdout:
-        n = len(train_ds)
-        if cfg.data.eval_holdout >= n:
-            raise ValueError(f"data.eval_holdout={cfg.data.eval_holdout} leaves no training data out of {n} examples")
-        train_ds, eval_ds = train_ds.select(range(n - cfg.data.eval_holdout)), train_ds.select(range(n - cfg.data.eval_holdout, n))
-    else:
-        eval_ds = None
-    d2t, t2d = vocab_map(cfg, train_ds, stats, info.vocab_size, cache_dir)
+          f"dropped {stats['dropped']}" + (f"; offline from {cfg.data.offline_path}" if offline else ""))
 
-    aux_ids = tuple(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else target_spec.aux_layers(info.num_layers)
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
-    target = FrozenTarget(model, target_spec, aux_ids, draft_ids_from_d2t(d2t), t2d, cfg.draft.mask_teacher_argmax,
-                          keep_last_hidden=spec.algorithm.needs_last_hidden)
     draft.to(device)
     draft.set_embedding(target.input_embedding())  # copy_ casts in place: no host round trip of [V, H]
     draft.set_vocab_map(d2t, t2d)
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1
-
     def train_batches(epoch: int, start: int):
-        for batch in batches(train_ds, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                             shuffle=cfg.data.shuffle, pad_id=pad_id, start=start):
+        for batch in data.batches(data.train, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
+                                  shuffle=cfg.data.shuffle, pad_id=pad_id, start=start):
             yield batch.pad_to_multiple(multiple, pad_id)
 
     eval_batches = []
-    if eval_ds is not None:
-        for batch in batches(eval_ds, cfg.optim.batch_size, seed=0, epoch=0, shuffle=False, pad_id=pad_id):
+    if data.eval is not None:
+        for batch in data.batches(data.eval, cfg.optim.batch_size, seed=0, epoch=0, shuffle=False, pad_id=pad_id):
             if len(eval_batches) == cfg.train.eval_batches:
                 break
             eval_batches.append(batch.pad_to_multiple(multiple, pad_id))
 
-    acceptance = build_acceptance(cfg.accept, model, draft, tokenizer, eval_ds)
+    if offline and cfg.accept.enabled:
+        print("accept: real acceptance needs the target model, which offline training does not load; measure the "
+              "exported draft with `eagle-eval` (accept.enabled=false silences this)")
+    acceptance = None if offline else build_acceptance(cfg.accept, model, draft, tokenizer, data.eval,
+                                                       progress=cfg.train.progress)
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
                       acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
                       data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
@@ -146,7 +211,7 @@ def run(cfg: Config) -> Summary:
     return summary
 
 
-def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds):
+def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds, progress: bool = False):
     """The trainer's real-acceptance hook: speculative decoding of held-out prompts, one report per mode."""
     if not cfg.enabled or eval_ds is None or cfg.num_prompts < 1:
         return None
@@ -157,7 +222,7 @@ def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds):
     decodes = [DecodeConfig(mode=m, steps=cfg.steps, topk=cfg.topk, depth=cfg.depth, total_tokens=cfg.total_tokens,
                             max_new_tokens=cfg.max_new_tokens) for m in cfg.modes]
     stop_ids = tuple(stop_token_ids(tokenizer))
-    return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids) for d in decodes}
+    return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids, progress=progress) for d in decodes}
 
 
 def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) -> str:

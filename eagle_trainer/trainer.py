@@ -105,7 +105,8 @@ class Trainer:
         self.draft.eval()
         k = self.draft_cfg.ttt_steps
         loss_sum, weight, hits, counts = 0.0, 0, [0.0] * k, [0] * k
-        for batch in self.eval_batches:
+        bar = tqdm(self.eval_batches, desc="eval", leave=False, disable=not self.train_cfg.progress or self.rank != 0)
+        for batch in bar:
             out = self._loss(batch.to(self.device))
             loss_sum += out.loss.item() * out.step_count[0]  # batches weighted by their step-0 tokens
             weight += out.step_count[0]

@@ -49,6 +49,41 @@ class CapturedStates:
     final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the teacher is rebuilt from it
     argmax_valid: torch.Tensor  # [B, T] bool: the full-vocab target argmax lies in the draft vocab
 
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "CapturedStates":
+        """On `device`, with the hidden states (not argmax_valid) cast to `dtype` when given."""
+        move = lambda x: None if x is None else x.to(device, dtype=dtype, non_blocking=True)
+        return CapturedStates(aux_hidden=move(self.aux_hidden), last_hidden=move(self.last_hidden),
+                              final_hidden=move(self.final_hidden),
+                              argmax_valid=self.argmax_valid.to(device, non_blocking=True))
+
+
+@dataclass
+class OfflineBatch(Batch):
+    """A Batch read from an offline dump: the target's captured states come with it (zeros on padding)."""
+
+    states: CapturedStates  # [B, T, ...] like the token tensors; argmax_valid is False on padding
+
+    def pad_to_multiple(self, multiple: int, pad_id: int) -> "OfflineBatch":
+        """Right-pad T up to a multiple; the states get zero rows and argmax_valid False there."""
+        extra = -self.input_ids.shape[1] % multiple
+        if extra == 0:
+            return self
+        tokens = Batch.pad_to_multiple(self, multiple, pad_id)
+
+        def pad(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            return torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
+
+        s = self.states
+        states = CapturedStates(aux_hidden=pad(s.aux_hidden), last_hidden=pad(s.last_hidden),
+                                final_hidden=pad(s.final_hidden), argmax_valid=pad(s.argmax_valid))
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states)
+
+    def to(self, device: torch.device | str) -> "OfflineBatch":
+        tokens = Batch.to(self, device)
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, self.states.to(device))
+
 
 @dataclass(frozen=True)
 class TargetInfo:

@@ -1,7 +1,6 @@
 """Checkpoints: complete or absent, retention, RNG, and draft + optimizer state across world sizes (gloo)."""
 
 import json
-import os
 import random
 
 import numpy as np

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from eagle_trainer.config import OptimConfig
 from eagle_trainer.trainer import cosine_schedule

@@ -1,16 +1,22 @@
-"""The `eagle-data` console script: build a draft vocab map, or regenerate a data set with the target.
+"""The `eagle-data` console script: build a draft vocab map, regenerate a data set, or dump target states.
 
     eagle-data vocab --tokenizer PATH --data FILE --draft-vocab-size N --out FILE
                      [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
                       --target-vocab-size V]
     eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
                           --top-p --seed --trust-remote-code --device --no-progress]
+    eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
+                    --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8 --last-hidden
+                    --dtype --device --trust-remote-code --no-progress --shard-size-mb N]
+    torchrun --nproc-per-node N -m eagle_trainer.data.cli dump ...    # each rank dumps 1/N of the examples
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
+import os
 from pathlib import Path
 
 from eagle_trainer.config import DataConfig
@@ -49,6 +55,30 @@ def _add_regenerate_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_dump_parser(sub) -> None:
+    p = sub.add_parser("dump", help="run the target once over a data set and store its hidden states for "
+                                    "offline training (data.offline_path)")
+    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--vocab", required=True, help="draft vocab map (d2t, t2d .safetensors) from `eagle-data vocab`")
+    p.add_argument("--out", required=True, help="output directory of the dump")
+    p.add_argument("--aux-layers", default=None,
+                   help="comma list of 0-based decoder-layer outputs (default: the target's [1, L//2-1, L-4])")
+    p.add_argument("--max-length", type=int, default=DataConfig.max_length)
+    p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
+    p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
+    p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <parent of --out>/cache)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compress", choices=["none", "fp8"], default="none",
+                   help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
+    p.add_argument("--last-hidden", action="store_true", help="also store the pre-norm last hidden state (EAGLE-1)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shard-size-mb", type=float, default=1024, help="shard files roll over at about this size")
+
+
 def _target_vocab_size(tokenizer_path: str, tokenizer) -> int:
     config_path = Path(tokenizer_path) / "config.json"
     if config_path.is_file():
@@ -65,7 +95,7 @@ def run_vocab(args: argparse.Namespace) -> dict:
     from eagle_trainer.data.dataset import build_dataset
     from eagle_trainer.data.vocab import count_loss_tokens, save_vocab_map, vocab_coverage, vocab_map_from_counts
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     vocab_size = args.target_vocab_size or _target_vocab_size(args.tokenizer, tokenizer)
     cfg = DataConfig(
         path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False
@@ -117,16 +147,101 @@ def run_regenerate(args: argparse.Namespace) -> int:
     return len(out)
 
 
+def _parse_aux_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--aux-layers={text!r} is not a comma list of layer ids, e.g. 1,17,32") from None
+
+
+def _dump_device(name: str, world_size: int):
+    """auto | cpu | cuda | cuda:N; under torchrun (world_size > 1) cuda means cuda:LOCAL_RANK."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and world_size > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+DATA_STAT_KEYS = ("data_path", "num_conversations", "num_loss_tokens", "skipped", "truncated", "dropped")
+
+
+def run_dump(args: argparse.Namespace) -> dict:
+    """Load the target as training does, tokenise the data, and dump this rank's share of the examples."""
+    import torch
+    import torch.distributed as dist
+
+    from eagle_trainer.config import TargetConfig
+    from eagle_trainer.data.dataset import build_dataset
+    from eagle_trainer.data.offline import VOCAB_FILE, dump_hidden_states, dump_manifest
+    from eagle_trainer.data.vocab import draft_ids_from_d2t, load_vocab_map
+    from eagle_trainer.targets.frozen import FrozenTarget
+    from eagle_trainer.targets.loading import load_target
+
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = _dump_device(args.device, world_size)
+    own_group = world_size > 1 and not dist.is_initialized()
+    if own_group:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    try:
+        d2t, t2d = load_vocab_map(args.vocab)
+        target_cfg = TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        model, tokenizer, spec, info = load_target(target_cfg, device)
+        if t2d.numel() != info.vocab_size:
+            raise ValueError(f"vocab map {args.vocab} is for a target vocab of {t2d.numel()} ids but {args.target} has "
+                             f"vocab_size {info.vocab_size}; build the map for this target with `eagle-data vocab "
+                             f"--tokenizer {args.target} ...`")
+        aux_ids = _parse_aux_layers(args.aux_layers) if args.aux_layers else spec.aux_layers(info.num_layers)
+        data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
+                              on_error=args.on_error, shuffle=False)
+        cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
+        if rank == 0:  # one process tokenises into the cache; the others read it back
+            dataset, stats = build_dataset(data_cfg, tokenizer, cache_dir)
+        if world_size > 1:
+            dist.barrier()
+        if rank != 0:
+            dataset, stats = build_dataset(data_cfg, tokenizer, cache_dir)
+        target = FrozenTarget(model, spec, aux_ids, draft_ids_from_d2t(d2t), t2d, keep_last_hidden=args.last_hidden)
+        result = dump_hidden_states(
+            target, dataset, args.out,
+            manifest={**dump_manifest(args.target, info.architecture, d2t, t2d, stats["fingerprint"]),
+                      "data_stats": {k: stats[k] for k in DATA_STAT_KEYS}},
+            batch_size=args.batch_size, compression=args.compress, keep_last_hidden=args.last_hidden, rank=rank,
+            world_size=world_size, progress=not args.no_progress, shard_bytes=int(args.shard_size_mb * (1 << 20)),
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        )
+        target.close()
+        if rank == 0:  # offline training reads the map from here unless data.vocab_path names one
+            shutil.copyfile(args.vocab, Path(args.out) / VOCAB_FILE)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    if rank == 0:
+        error = ", ".join(f"{k} {v:.4f}" for k, v in result["compression_error"].items()) or "none (lossless)"
+        print(f"dumped {result['num_examples']} examples, {result['num_tokens']} tokens, "
+              f"{result['bytes_per_token']:.0f} bytes/token, compression error {error}; wrote {args.out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eagle-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_vocab_parser(sub)
     _add_regenerate_parser(sub)
+    _add_dump_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "vocab":
         run_vocab(args)
-    else:
+    elif args.command == "regenerate":
         run_regenerate(args)
+    else:
+        run_dump(args)
     return 0
 
 

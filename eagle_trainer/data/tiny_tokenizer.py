@@ -69,4 +69,4 @@ def build_tiny_tokenizer(vocab_size: int = 1024, seed: int = 0) -> PreTrainedTok
 def save_tiny_tokenizer(out_dir: str | Path, vocab_size: int = 1024, seed: int = 0) -> PreTrainedTokenizerFast:
     """Build, save (HF format) and load back, so callers use the on-disk tokenizer like a real one."""
     build_tiny_tokenizer(vocab_size, seed).save_pretrained(str(out_dir))
-    return AutoTokenizer.from_pretrained(str(out_dir))
+    return AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False)

@@ -6,13 +6,20 @@ MoE experts may be stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], `down_pr
 (`mlp.experts.{e}.{gate,up,down}_proj.weight`); transformers' conversion mapping fuses the latter at load.
 A checkpoint whose tensors do not all land on the model (missing, unexpected or mis-shaped keys) is refused:
 a frozen target with randomly initialised weights would train a draft on noise without any other sign.
+
+Offline training does not build the model: `read_target_tensors` reads single tensors (the embedding, the
+lm_head) straight from the safetensors files, and `target_fingerprint` names a checkpoint without reading
+its weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eagle_trainer import registry
@@ -47,6 +54,11 @@ def check_checkpoint_dir(path: str | Path) -> Path:
 
 def read_config(cfg: TargetConfig):
     path = check_checkpoint_dir(cfg.path)
+    auto_map = json.loads((path / "config.json").read_text()).get("auto_map")
+    if auto_map and not cfg.trust_remote_code:
+        raise ValueError(f"{path / 'config.json'} asks for custom code ({sorted(auto_map.values())}); it is not run "
+                         "unless you set target.trust_remote_code=true (or --trust-remote-code), which executes that "
+                         "Python from the checkpoint directory: only for code you trust")
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     archs = getattr(hf_config, "architectures", None) or []
     if not archs:
@@ -61,15 +73,22 @@ def target_info(cfg: TargetConfig) -> tuple[registry.TargetSpec, TargetInfo]:
     return spec, spec.read_info(arch, hf_config)
 
 
+def load_tokenizer(cfg: TargetConfig, info: TargetInfo):
+    """The checkpoint's tokenizer; refused when it has more ids than the target's vocab (another model's)."""
+    path = check_checkpoint_dir(cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    if len(tokenizer) > info.vocab_size:
+        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} ids but the target's vocab_size is "
+                         f"{info.vocab_size}: tokenizer and weights do not belong together")
+    return tokenizer
+
+
 def load_target(cfg: TargetConfig, device: torch.device):
     """-> (model in eval mode with no grads, tokenizer, spec, info)."""
     path, arch, hf_config = read_config(cfg)
     spec = registry.target_spec(arch)
     info = spec.read_info(arch, hf_config)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
-    if len(tokenizer) > info.vocab_size:
-        raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} ids but the target's vocab_size is "
-                         f"{info.vocab_size}: tokenizer and weights do not belong together")
+    tokenizer = load_tokenizer(cfg, info)
     model, loading = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation, use_safetensors=True,
@@ -90,3 +109,56 @@ def check_loading_info(path: Path, loading: dict) -> None:
         listed = "; ".join(f"{k} ({len(v)}): {v[:5]}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
         raise ValueError(f"the weights in {path} do not match the model its config.json describes: {listed}. "
                          "Check that the safetensors files belong to this config (architecture, layer count, shapes)")
+
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def target_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json, the sorted (name, size) of the *.safetensors files and the index json if any.
+
+    The weights themselves are not read (a real target is up to ~160 GB); a copy of the checkpoint elsewhere
+    has the same fingerprint, an edited config or a re-saved weight file of another size does not.
+    """
+    p = check_checkpoint_dir(path)
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    files = sorted((f.name, f.stat().st_size) for f in p.glob("*.safetensors"))
+    h.update(json.dumps(files).encode())
+    if (p / _INDEX_FILE).is_file():
+        h.update((p / _INDEX_FILE).read_bytes())
+    return h.hexdigest()
+
+
+def read_target_tensors(path: str | Path, names: list[str], trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint, read from its safetensors files without building the model.
+
+    Sharded checkpoints are resolved through model.safetensors.index.json, others by the files' headers. A tied
+    lm_head (config tie_word_embeddings, no lm_head tensor stored) is served by the embedding tensor. Tensors
+    come back in their stored dtype on the CPU.
+    """
+    p, arch, hf_config = read_config(TargetConfig(path=str(path), trust_remote_code=trust_remote_code))
+    if (p / _INDEX_FILE).is_file():
+        weight_map = json.loads((p / _INDEX_FILE).read_text())["weight_map"]
+    else:
+        weight_map = {}
+        for f in sorted(p.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as handle:
+                weight_map.update({key: f.name for key in handle.keys()})
+    spec = registry.target_spec(arch)
+    head, embed = spec.lm_head + ".weight", spec.embed + ".weight"
+    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    stored = {}  # requested name -> name in the files
+    for name in names:
+        key = embed if name == head and head not in weight_map and tied else name
+        if key not in weight_map:
+            tie_note = f" (config tie_word_embeddings={tied}, embedding {embed!r})" if name == head else ""
+            raise ValueError(f"checkpoint {str(p)!r} has no tensor {name!r}{tie_note}; check the name against the "
+                             "checkpoint's safetensors files / index")
+        stored[name] = key
+    out = {}
+    for file in sorted({weight_map[k] for k in stored.values()}):
+        with safe_open(str(p / file), framework="pt") as handle:
+            for name, key in stored.items():
+                if weight_map[key] == file:
+                    out[name] = handle.get_tensor(key)
+    return out

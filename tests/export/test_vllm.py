@@ -12,7 +12,7 @@ from eagle_trainer.export import WRITERS, export_vllm, read_vllm
 from eagle_trainer.export.cli import main
 from eagle_trainer.export.sglang import SGLANG_TENSORS
 from eagle_trainer.export.vllm import VLLM_TENSORS
-from export_cases import (HT, V, VD, edit_checkpoint, tiny_draft, vllm_captures,
+from export_cases import (HT, V, VD, tiny_draft, vllm_captures,
                           vllm_speculators_hf_config)
 
 
