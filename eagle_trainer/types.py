@@ -5,7 +5,7 @@ Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -62,6 +62,9 @@ class OfflineBatch(Batch):
     """A Batch read from an offline dump: the target's captured states come with it (zeros on padding)."""
 
     states: CapturedStates  # [B, T, ...] like the token tensors; argmax_valid is False on padding
+    # fp8 dumps: state name -> per-token scale [B, T, 1] fp32 of a state held as float8_e4m3fn; `to` moves the
+    # one-byte values and dequantises them on the device (value = q * scale, fp32)
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pad_to_multiple(self, multiple: int, pad_id: int) -> "OfflineBatch":
         """Right-pad T up to a multiple; the states get zero rows and argmax_valid False there."""
@@ -78,11 +81,16 @@ class OfflineBatch(Batch):
         s = self.states
         states = CapturedStates(aux_hidden=pad(s.aux_hidden), last_hidden=pad(s.last_hidden),
                                 final_hidden=pad(s.final_hidden), argmax_valid=pad(s.argmax_valid))
-        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states)
+        scales = {name: pad(scale) for name, scale in self.scales.items()}
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales)
 
     def to(self, device: torch.device | str) -> "OfflineBatch":
         tokens = Batch.to(self, device)
-        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, self.states.to(device))
+        states = self.states.to(device)
+        for name, scale in self.scales.items():
+            q = getattr(states, name)
+            setattr(states, name, q.float() * scale.to(device, non_blocking=True))
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states)
 
 
 @dataclass(frozen=True)

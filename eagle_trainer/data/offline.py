@@ -321,7 +321,8 @@ def collate_offline(examples: list[dict[str, torch.Tensor]], pad_id: int) -> Off
 
     states = CapturedStates(aux_hidden=stack("aux_hidden"), last_hidden=stack("last_hidden"),
                             final_hidden=stack("final_hidden"), argmax_valid=stack("argmax_valid"))
-    return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states)
+    scales = {name: stack(name + ".scale") for name in HIDDEN_NAMES if name + ".scale" in examples[0]}
+    return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales)
 
 
 class OfflineStore:
@@ -366,17 +367,20 @@ class OfflineStore:
                 self._handles[file] = safe_open(str(self.path / file), framework="pt")
             return self._handles[file]
 
-    def example(self, i: int) -> dict[str, torch.Tensor]:
+    def example(self, i: int, dequantize: bool = True) -> dict[str, torch.Tensor]:
         """Example i, unpadded: input_ids int64 [T], loss_mask and argmax_valid bool [T], and the hidden
-        tensors ([T, 3*Ht] aux_hidden, [T, Ht] final_hidden, last_hidden when stored) in the manifest dtype."""
+        tensors ([T, 3*Ht] aux_hidden, [T, Ht] final_hidden, last_hidden when stored) in the manifest dtype.
+        `dequantize=False` leaves fp8 tensors as stored and adds their `<name>.scale` [T, 1]."""
         i = self._ids[i]
         f = self._handle(self._files[i])
         out = {"input_ids": f.get_tensor(f"{i}.input_ids").to(torch.int64), "loss_mask": f.get_tensor(f"{i}.loss_mask"),
                "argmax_valid": f.get_tensor(f"{i}.argmax_valid")}
         for name in self.hidden_names:
             t = f.get_tensor(f"{i}.{name}")
-            if name in self.manifest["compressed"]:
+            if name in self.manifest["compressed"] and dequantize:
                 t = dequantize_fp8(t, f.get_tensor(f"{i}.{name}.scale"), self.dtype)
+            elif name in self.manifest["compressed"]:
+                out[name + ".scale"] = f.get_tensor(f"{i}.{name}.scale")
             out[name] = t
         return out
 
@@ -412,7 +416,8 @@ class OfflineStore:
         def read() -> Iterator[OfflineBatch]:
             for indices in batch_indices(len(self), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
                                          world_size=world_size, start=start):
-                batch = collate_offline([self.example(int(i)) for i in indices], pad_id)
+                # fp8 stays fp8 until the batch is on its device (OfflineBatch.to dequantises there)
+                batch = collate_offline([self.example(int(i), dequantize=False) for i in indices], pad_id)
                 yield _pinned(batch) if pin_memory else batch
 
         return read() if prefetch < 1 else _prefetched(read(), prefetch)
@@ -427,7 +432,7 @@ def _pinned(batch: OfflineBatch) -> OfflineBatch:
     s = batch.states
     return OfflineBatch(pin(batch.input_ids), pin(batch.loss_mask), pin(batch.attention_mask), CapturedStates(
         aux_hidden=pin(s.aux_hidden), last_hidden=pin(s.last_hidden), final_hidden=pin(s.final_hidden),
-        argmax_valid=pin(s.argmax_valid)))
+        argmax_valid=pin(s.argmax_valid)), {name: pin(scale) for name, scale in batch.scales.items()})
 
 
 _DONE = object()

@@ -170,6 +170,15 @@ def test_fp8_error_is_small_and_recorded(env, tmp_path):
         assert torch.equal(store.example(i)["final_hidden"], captured_alone(env, i).final_hidden[0])
     # fp32 target: aux goes from 4 bytes to 1 per element (+ a 4-byte scale per token); final stays at 4
     assert result["bytes_per_token"] < 0.5 * env["result"]["bytes_per_token"]
+    # batches carry the one-byte values; moving a batch to its device dequantises, padding stays zero
+    batch = next(store.batches(3, seed=0, epoch=0, shuffle=False, prefetch=0)).pad_to_multiple(64, 0)
+    assert batch.states.aux_hidden.dtype == torch.float8_e4m3fn and set(batch.scales) == {"aux_hidden"}
+    moved = batch.to("cpu")
+    assert not moved.scales and moved.states.aux_hidden.dtype == torch.float32
+    for row in range(3):
+        n = store.lengths[row]
+        assert torch.equal(moved.states.aux_hidden[row, :n].to(store.dtype), store.example(row)["aux_hidden"])
+        assert (moved.states.aux_hidden[row, n:] == 0).all()
 
 
 def test_fp8_zero_rows_and_range():
@@ -237,10 +246,10 @@ def test_prefetch_raises_the_reader_error_and_stops_with_the_consumer(env, monke
     store = OfflineStore(env["root"] / "exact")
     read = store.example
 
-    def flaky(i):
+    def flaky(i, **kw):
         if i == 4:
             raise OSError("disk gone")
-        return read(i)
+        return read(i, **kw)
 
     monkeypatch.setattr(store, "example", flaky)
     with pytest.raises(OSError, match="disk gone"):
