@@ -174,6 +174,10 @@ def run(cfg: Config) -> Summary:
     print(f"data: {stats['num_examples']} conversations, {stats['num_tokens']} tokens "
           f"({stats['num_loss_tokens']} trained), skipped {stats['skipped']}, truncated {stats['truncated']}, "
           f"dropped {stats['dropped']}" + (f"; offline from {cfg.data.offline_path}" if offline else ""))
+    left = len(data.train) % cfg.optim.batch_size
+    if left:
+        print(f"data: each epoch leaves {left} of {len(data.train)} examples out (they do not fill a batch of "
+              f"{cfg.optim.batch_size}){'; a different ' + str(left) + ' each epoch (shuffled)' if cfg.data.shuffle else ''}")
 
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     draft.to(device)
