@@ -127,11 +127,9 @@ def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec
     target = OfflineTarget.from_checkpoint(cfg.target.path, draft_ids_from_d2t(d2t), cfg.draft.mask_teacher_argmax,
                                            device, dtype, trust_remote_code=cfg.target.trust_remote_code)
     manifest = store.manifest
-    stats = {"num_examples": manifest["num_examples"], "num_tokens": manifest["num_tokens"],
-             "fingerprint": manifest["data_fingerprint"], **manifest.get("data_stats", {})}
-    stats.setdefault("num_loss_tokens", "?")
-    for key, empty in (("skipped", {}), ("truncated", 0), ("dropped", {})):
-        stats.setdefault(key, empty)
+    stats = {"num_loss_tokens": "?", "skipped": {}, "truncated": 0, "dropped": {},  # a dump made without the CLI
+             **manifest.get("data_stats", {}), "num_examples": manifest["num_examples"],
+             "num_tokens": manifest["num_tokens"], "fingerprint": manifest["data_fingerprint"]}
     train, evals = holdout(cfg, store, lambda st, rows: st.select(rows))
     pin = device.type == "cuda"
     return TrainingData(train, evals, lambda st, bs, **kw: st.batches(bs, pin_memory=pin, **kw), stats, d2t, t2d,

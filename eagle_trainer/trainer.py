@@ -162,12 +162,12 @@ class Trainer:
                              f"this run {self.data_fingerprint}); the data position would be wrong. Resume with the "
                              "same data.path/tokenizer/max_length, or start fresh with train.resume=none")
         self.step, self.epoch, self.skipped_steps = state["step"], state["epoch"], state.get("skipped_steps", 0)
-        self.examples_in_epoch = state["examples_in_epoch"]
         per_batch = self.optim_cfg.batch_size * self.world_size
-        if self.examples_in_epoch % per_batch:
-            print(f"resume: {self.examples_in_epoch} examples of epoch {self.epoch} were used with batch "
+        self.examples_in_epoch = state["examples_in_epoch"] // per_batch * per_batch  # a whole number of batches
+        if self.examples_in_epoch != state["examples_in_epoch"]:
+            print(f"resume: {state['examples_in_epoch']} examples of epoch {self.epoch} were used with batch "
                   f"{state['batch_size']} x {state['world_size']} ranks; with {self.optim_cfg.batch_size} x "
-                  f"{self.world_size} the epoch continues at example {self.examples_in_epoch // per_batch * per_batch}")
+                  f"{self.world_size} the epoch continues at example {self.examples_in_epoch}")
         best = self.run_dir / "checkpoints" / "best" / "best.json"
         if best.is_file():
             self.best = json.loads(best.read_text())
