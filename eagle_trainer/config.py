@@ -27,13 +27,20 @@ class TargetConfig:
 
 @dataclass
 class DraftConfig:
-    algorithm: str = "eagle3"
+    algorithm: str = "eagle3"  # eagle3 | eagle1 | eagle2 (= eagle1 training, tree decoding at serve time)
     num_layers: int = 1
     draft_vocab_size: int = 32000
     ttt_steps: int = 7  # K: training-time-test unroll length
     step_weight: float = 0.8  # loss weight of step k is step_weight**k
     mask_teacher_argmax: bool = True  # drop positions whose full-vocab target argmax is outside the draft vocab
     attention: str = "auto"  # naive (materialises [T,T]; reference), flex (O(T) memory), auto: flex on GPU
+    # EAGLE-1/2 only: fc bias (SGLang's LlamaForCausalLMEagle has one; vLLM's EAGLE-1 loader has none), the
+    # uniform noise U(-a, a) added to the input features while training, and the loss weights of the feature
+    # regression (SmoothL1) and of the soft cross-entropy of lm_head(f_hat). ttt_steps > 1 unrolls the chain.
+    fc_bias: bool = True
+    feature_noise: float = 0.1
+    feature_weight: float = 1.0
+    ce_weight: float = 0.1
     # Shape overrides; None takes the target's value.
     num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
@@ -120,16 +127,16 @@ class DemoConfig:
     """The embedded default job: build a tiny target, data and tokenizer locally, then train on them."""
 
     enabled: bool = False
-    architecture: str = "qwen3"  # the tiny target: qwen3 (dense) | qwen3_moe
+    architecture: str = "qwen3"  # the tiny target: qwen3 (dense) | qwen3_moe | qwen3_next (hybrid GDN + MoE)
     num_prompts: int = 320
     num_eval_prompts: int = 32
     max_new_tokens: int = 40
     hidden_size: int = 128
     num_layers: int = 8
     vocab_size: int = 1024
-    num_experts: int = 8  # qwen3_moe only: routed experts per layer
-    top_k: int = 2  # qwen3_moe only: experts per token
-    moe_intermediate_size: int = 64  # qwen3_moe only: each expert's SwiGLU width
+    num_experts: int = 8  # MoE targets (qwen3_moe, qwen3_next): routed experts per layer
+    top_k: int = 2  # MoE targets (qwen3_moe, qwen3_next): experts per token
+    moe_intermediate_size: int = 64  # MoE targets (qwen3_moe, qwen3_next): each expert's SwiGLU width
     logit_std: float = 6.0  # sharpen the random target so its next-token distributions are far from uniform
 
 

@@ -121,8 +121,11 @@ def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec
     if d2t.numel() != cfg.draft.draft_vocab_size or t2d.numel() != info.vocab_size:
         raise ValueError(f"vocab map {vocab_path} is for Vd={d2t.numel()}, V={t2d.numel()} but the run has "
                          f"draft.draft_vocab_size={cfg.draft.draft_vocab_size}, target vocab {info.vocab_size}")
-    store.check(expected_manifest(cfg.target.path, info.architecture, aux_ids, d2t, t2d,
-                                  spec.algorithm.needs_last_hidden))
+    expected = expected_manifest(cfg.target.path, info.architecture, aux_ids, d2t, t2d,
+                                 spec.algorithm.needs_last_hidden)
+    if not aux_ids:  # EAGLE-1/2 do not read the aux layers, whichever the dump holds
+        expected.pop("aux_layer_ids")
+    store.check(expected)
     dtype = store.dtype if cfg.target.dtype == "auto" else resolve_dtype(cfg.target.dtype, device)
     target = OfflineTarget.from_checkpoint(cfg.target.path, draft_ids_from_d2t(d2t), cfg.draft.mask_teacher_argmax,
                                            device, dtype, trust_remote_code=cfg.target.trust_remote_code)
@@ -164,7 +167,9 @@ def run(cfg: Config) -> Summary:
     else:
         model, tokenizer, target_spec, info = load_target(cfg.target, device)
     spec = registry.resolve(info.architecture, cfg.draft.algorithm)
-    aux_ids = tuple(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else target_spec.aux_layers(info.num_layers)
+    aux_ids = ()  # EAGLE-1/2 read the final hidden state only
+    if spec.algorithm.needs_aux_hidden:
+        aux_ids = tuple(cfg.target.aux_layer_ids or target_spec.aux_layers(info.num_layers))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1
     data = (offline_data if offline else online_data)(cfg, spec, info, aux_ids, tokenizer, model, target_spec, device)
@@ -179,7 +184,8 @@ def run(cfg: Config) -> Summary:
 
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     draft.to(device)
-    draft.set_embedding(target.input_embedding())  # copy_ casts in place: no host round trip of [V, H]
+    # the embedding is copied in place (copy_ casts: no host round trip of [V, H]); EAGLE-1 shares the lm_head
+    draft.set_target_weights(target.input_embedding(), target.output_head())
     draft.set_vocab_map(d2t, t2d)
 
     def train_batches(epoch: int, start: int):
@@ -197,8 +203,12 @@ def run(cfg: Config) -> Summary:
     if offline and cfg.accept.enabled:
         print("accept: real acceptance needs the target model, which offline training does not load; measure the "
               "exported draft with `eagle-eval` (accept.enabled=false silences this)")
-    acceptance = None if offline else build_acceptance(cfg.accept, model, draft, tokenizer, data.eval,
-                                                       progress=cfg.train.progress)
+    acceptance = None
+    if cfg.accept.enabled and not offline and not target_spec.speculative_eval:
+        print(f"accept: real acceptance is not measured for {info.architecture} targets yet (its recurrent "
+              "layers' state cannot be rolled back to the accepted tokens); the simulated one is logged")
+    elif not offline:
+        acceptance = build_acceptance(cfg.accept, model, draft, tokenizer, data.eval, progress=cfg.train.progress)
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
                       acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
                       data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
@@ -227,6 +237,12 @@ def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds, progre
     return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids, progress=progress) for d in decodes}
 
 
+def counted(by_reason: dict) -> str:
+    """'3 (bad_json: 2, too_long: 1)', or '0'."""
+    total = sum(by_reason.values())
+    return f"{total} ({', '.join(f'{k}: {v}' for k, v in by_reason.items() if v)})" if total else "0"
+
+
 def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) -> str:
     acc = s.eval_after.get("acc") or s.train_acc
     rows = [
@@ -244,9 +260,9 @@ def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) ->
         *([("best checkpoint (real accept len)", f"step {s.best['step']}: {s.best['accept_len']:.3f} "
             f"({s.best['mode']})")] if s.best else []),
         ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}"),
-        *([("data: bad lines skipped / truncated / dropped",
-            f"{sum(data_stats['skipped'].values())} {dict(data_stats['skipped']) or ''} / {data_stats['truncated']} / "
-            f"{sum(data_stats['dropped'].values())} {dict(data_stats['dropped'])}")] if data_stats else []),
+        *([("data: bad lines skipped / truncated / dropped", " / ".join([
+            counted(data_stats["skipped"]), str(data_stats["truncated"]), counted(data_stats["dropped"])]))]
+          if data_stats else []),
         ("steps skipped (non-finite loss or grad)", f"{s.skipped_steps}"),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("run dir", str(run_dir)),

@@ -234,7 +234,7 @@ class Trainer:
                         "sim_accept_len": simulated_acceptance(out.step_acc),
                         "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "skipped_steps": self.skipped_steps,
+                        "skipped_steps": self.skipped_steps, **out.extra,
                     })
                     window_tokens, window_start = 0, now
                     summary.final_loss, summary.train_acc = loss, out.step_acc

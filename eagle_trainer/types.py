@@ -34,8 +34,9 @@ class Batch:
 class TargetOutputs:
     """What the frozen target gives the draft for one batch (online or read back from disk)."""
 
-    aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] EAGLE-3: aux layer outputs, low/mid/high concatenated
+    aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] EAGLE-3: aux layer outputs, low/mid/high concatenated (None: none kept)
     last_hidden: torch.Tensor | None  # [B, T, Ht] final decoder-layer output, before the final norm
+    final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the EAGLE-1 feature (what engines feed it)
     teacher_probs: torch.Tensor  # [B, T, Vd] fp32: softmax of target logits over the draft vocab
     teacher_valid: torch.Tensor  # [B, T] bool: full-vocab argmax lies in the draft vocab (all True when off)
 
@@ -44,7 +45,7 @@ class TargetOutputs:
 class CapturedStates:
     """What one target forward captures, before the teacher is formed (online, or stored by offline dumps)."""
 
-    aux_hidden: torch.Tensor  # [B, T, 3*Ht] aux layer outputs
+    aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] aux layer outputs (None when no aux layers are captured)
     last_hidden: torch.Tensor | None  # [B, T, Ht] before the final norm (EAGLE-1 feature), when kept
     final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the teacher is rebuilt from it
     argmax_valid: torch.Tensor  # [B, T] bool: the full-vocab target argmax lies in the draft vocab

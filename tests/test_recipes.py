@@ -16,7 +16,8 @@ from eagle_trainer.train import RECIPES, to_config
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))
 # Real configs (config.json only, no weights) of the targets the experiments are written for.
-TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json", "qwen3_30b_a3b_eagle3": "qwen3_30b_a3b_config.json"}
+TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json", "qwen3_30b_a3b_eagle3": "qwen3_30b_a3b_config.json",
+                  "qwen3_30b_a3b_eagle1": "qwen3_30b_a3b_config.json"}
 
 
 def compose_recipe(overrides):
@@ -62,9 +63,16 @@ def test_experiment_builds_on_meta(name, tmp_path):
         target = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
         draft = algo.build_draft(info, cfg.draft, aux)
     assert len(target.get_submodule(spec.layers)) == info.num_layers
-    assert draft.fc.weight.shape == (info.hidden_size, 3 * info.hidden_size)
-    assert draft.lm_head.weight.shape == (cfg.draft.draft_vocab_size, info.hidden_size)
-    assert draft.midlayer.self_attn.q_proj.weight.shape == (info.num_heads * info.head_dim, 2 * info.hidden_size)
+    q_shape = (info.num_heads * info.head_dim,)
+    if cfg.draft.algorithm == "eagle3":
+        assert draft.fc.weight.shape == (info.hidden_size, 3 * info.hidden_size)
+        assert draft.lm_head.weight.shape == (cfg.draft.draft_vocab_size, info.hidden_size)
+        assert draft.midlayer.self_attn.q_proj.weight.shape == (*q_shape, 2 * info.hidden_size)
+    else:  # EAGLE-1/2: fc over [embed, feature] with bias, the target's lm_head (not a draft parameter)
+        assert cfg.draft.algorithm == "eagle1" and not algo.needs_aux_hidden
+        assert draft.fc.weight.shape == (info.hidden_size, 2 * info.hidden_size) and draft.fc.bias is not None
+        assert draft.layers[0].self_attn.q_proj.weight.shape == (*q_shape, info.hidden_size)
+        assert draft.layers[0].input_layernorm is None and not hasattr(draft, "lm_head")
 
 
 def test_qwen3_8b_shapes():

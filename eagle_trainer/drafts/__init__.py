@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from eagle_trainer import registry
 from eagle_trainer.config import DraftConfig
+import torch
+import torch.nn.functional as F
+
+from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from eagle_trainer.drafts.ttt import TTTLoss, step_valid_mask, ttt_logits, ttt_loss
+from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_logits, ttt_loss
 from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
@@ -49,4 +53,67 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     return ttt_loss(logits, outputs.teacher_probs, valid, cfg.step_weight)
 
 
+def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1Config:
+    """EAGLE-1/2: H = Ht (the draft reads and predicts target features), the target's attention shape."""
+    if cfg.draft_vocab_size > info.vocab_size:
+        raise ValueError(f"draft.draft_vocab_size={cfg.draft_vocab_size} exceeds the target vocab {info.vocab_size}; "
+                         f"set draft.draft_vocab_size <= {info.vocab_size}")
+    return Eagle1Config(
+        hidden_size=info.hidden_size,
+        num_heads=cfg.num_heads or info.num_heads,
+        num_kv_heads=cfg.num_kv_heads or info.num_kv_heads,
+        head_dim=cfg.head_dim or info.head_dim,
+        intermediate_size=cfg.intermediate_size or info.intermediate_size,
+        vocab_size=info.vocab_size,
+        draft_vocab_size=cfg.draft_vocab_size,
+        rms_norm_eps=info.rms_norm_eps,
+        rope_theta=info.rope_theta,
+        rope_scaling=info.rope_scaling,
+        max_position_embeddings=info.max_position_embeddings,
+        num_layers=cfg.num_layers,
+        fc_bias=cfg.fc_bias,
+        target_architecture=info.architecture,
+        algorithm=algorithm,
+    )
+
+
+def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
+                attention: str) -> TTTLoss:
+    """Per step k (K = draft.ttt_steps, 1 = plain EAGLE-1): feature_weight * SmoothL1(f_hat, f[t+1+k]) (mean
+    over H) + ce_weight * soft-CE(lm_head(f_hat) over the draft vocab, teacher at t+1+k), each averaged over
+    the step's valid tokens and weighted step_weight**k. Inputs get U(-a, a) noise while training."""
+    features = outputs.final_hidden.to(draft.fc.weight.dtype)  # f [B, T, H], after the target's final norm
+    inputs = features
+    if draft.training and cfg.feature_noise > 0:
+        inputs = features + (torch.rand_like(features) * 2 - 1) * cfg.feature_noise
+    predicted = unroll(draft, batch.input_ids, inputs, cfg.ttt_steps, attention)
+    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps)
+    acc = torch.promote_types(features.dtype, torch.float32)  # losses in fp32 at least (bf16 under autocast)
+    total = features.new_zeros((), dtype=acc)
+    teacher_top = outputs.teacher_probs.argmax(-1)
+    stats = []
+    for k, f_hat in enumerate(predicted):
+        mask = valid[k].to(acc)
+        n = mask.sum().clamp_min(1)
+        target = shift_left(features, 1 + k)  # f[t+1+k]
+        feature = (F.smooth_l1_loss(f_hat.to(acc), target.to(acc), reduction="none").mean(-1) * mask).sum() / n
+        logits = draft.draft_logits(f_hat).to(acc)  # [B, T, Vd]
+        labels = shift_left(outputs.teacher_probs, 1 + k)
+        ce = (-(labels * F.log_softmax(logits, -1)).sum(-1) * mask).sum() / n
+        step = cfg.feature_weight * feature + cfg.ce_weight * ce
+        total = total + cfg.step_weight**k * step
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
+            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n, mask.sum(), feature.detach()]))
+    losses, accs, counts, features_loss = torch.stack(stats).T.tolist()
+    return TTTLoss(total, losses, accs, [int(c) for c in counts], extra={"feature_loss": features_loss})
+
+
+def _eagle1_builder(algorithm: str):
+    return lambda info, cfg, aux_layer_ids: Eagle1Draft(eagle1_config(info, cfg, algorithm))
+
+
 registry.register_algorithm(registry.AlgorithmSpec(name="eagle3", build_draft=build_eagle3, loss=eagle3_loss))
+for _name in ("eagle1", "eagle2"):  # one draft and training; eagle2 decodes with dynamic trees at serve time
+    registry.register_algorithm(registry.AlgorithmSpec(name=_name, build_draft=_eagle1_builder(_name),
+                                                       loss=eagle1_loss, needs_aux_hidden=False))

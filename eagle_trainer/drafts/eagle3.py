@@ -99,6 +99,17 @@ class Eagle3Draft(nn.Module):
             self.d2t.copy_(d2t)
             self.t2d.copy_(t2d)
 
+    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None = None) -> None:
+        """The target weights a draft shares: EAGLE-3 copies the embedding and has its own lm_head."""
+        self.set_embedding(embedding)
+
+    def target_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """From HF `output_hidden_states` (entry i+1 = output of decoder layer i) -> aux [.., T, 3Ht]."""
+        return torch.cat([hidden_states[i + 1] for i in self.config.aux_layer_ids], dim=-1)
+
+    def new_cache(self) -> "DraftKVCache":
+        return DraftKVCache(self)
+
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

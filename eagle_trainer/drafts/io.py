@@ -1,23 +1,25 @@
 """Draft weights on disk, in the trainer's own layout (checkpoints; export/ writes the engines' layouts).
 
-    <dir>/draft_config.json   Eagle3Config fields
+    <dir>/draft_config.json   Eagle3Config or Eagle1Config fields (an `algorithm` key marks EAGLE-1/2)
     <dir>/draft.safetensors   every draft tensor except the frozen target embedding (fp32), d2t and t2d included
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 
 CONFIG_FILE = "draft_config.json"
 WEIGHTS_FILE = "draft.safetensors"
 
 
-def save_draft(directory: str | Path, draft: Eagle3Draft) -> None:
+def save_draft(directory: str | Path, draft: Eagle3Draft | Eagle1Draft) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     draft.config.save(directory / CONFIG_FILE)
@@ -25,16 +27,25 @@ def save_draft(directory: str | Path, draft: Eagle3Draft) -> None:
     save_file(tensors, str(directory / WEIGHTS_FILE))
 
 
-def load_draft(directory: str | Path, embedding: torch.Tensor | None = None) -> Eagle3Draft:
-    """Rebuild a draft from `save_draft` output. `embedding` [V, H]: the target's, else left random."""
+def build_from_config(path: str | Path) -> Eagle3Draft | Eagle1Draft:
+    """An untrained draft of the kind and shape a draft_config.json describes."""
+    if json.loads(Path(path).read_text()).get("algorithm") in ("eagle1", "eagle2"):
+        return Eagle1Draft(Eagle1Config.load(path))
+    return Eagle3Draft(Eagle3Config.load(path))
+
+
+def load_draft(directory: str | Path, embedding: torch.Tensor | None = None,
+               lm_head: torch.Tensor | None = None) -> Eagle3Draft | Eagle1Draft:
+    """Rebuild a draft from `save_draft` output. `embedding` [V, H]: the target's, else left random;
+    `lm_head` [V, H]: the target's, which an EAGLE-1/2 draft decodes with."""
     directory = Path(directory)
     if not (directory / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{directory} is not a draft checkpoint: no {CONFIG_FILE} in it")
-    draft = Eagle3Draft(Eagle3Config.load(directory / CONFIG_FILE))
+    draft = build_from_config(directory / CONFIG_FILE)
     missing, unexpected = draft.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
     missing = [k for k in missing if not k.startswith("embed_tokens.")]
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_FILE}: missing tensors {missing}, unexpected tensors {unexpected}")
     if embedding is not None:
-        draft.set_embedding(embedding)
+        draft.set_target_weights(embedding, lm_head)
     return draft

@@ -18,7 +18,7 @@ Shapes: B batch, T tokens, H hidden, nh/nkv heads, D head dim, Vd draft vocab, K
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,7 @@ class TTTLoss:
     step_loss: list[float]
     step_acc: list[float]
     step_count: list[int]
+    extra: dict = field(default_factory=dict)  # further per-step metrics to log (e.g. EAGLE-1 feature_loss)
 
 
 def step_valid_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, teacher_valid: torch.Tensor,

@@ -24,6 +24,7 @@ from eagle_trainer import registry
 from eagle_trainer.config import DataConfig, DraftConfig, TargetConfig
 from eagle_trainer.data import batches, build_dataset, draft_ids_from_d2t
 from eagle_trainer.data.regenerate import stop_token_ids
+from eagle_trainer.drafts.eagle1 import Eagle1Draft
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
 from eagle_trainer.drafts.io import CONFIG_FILE as CHECKPOINT_CONFIG
 from eagle_trainer.drafts.io import load_draft
@@ -34,19 +35,24 @@ from eagle_trainer.targets.frozen import FrozenTarget
 from eagle_trainer.targets.loading import load_target
 
 
-def load_any_draft(path: str | Path) -> Eagle3Draft:
-    """A draft from a checkpoint dir, a run dir (newest checkpoint) or an engine export dir (sglang or vllm)."""
-    from eagle_trainer.export import read_sglang, read_vllm
+def load_any_draft(path: str | Path) -> Eagle3Draft | Eagle1Draft:
+    """A draft from a checkpoint dir, a run dir (newest checkpoint) or an engine export dir (sglang, vllm,
+    eagle1-sglang or eagle1-vllm: config.json tells which)."""
+    from eagle_trainer.export import read_eagle1, read_sglang, read_vllm
     from eagle_trainer.export.cli import resolve_checkpoint
+    from eagle_trainer.export.eagle1 import ARCHITECTURES as EAGLE1_ARCHITECTURES
     path = Path(path)
     if (path / CHECKPOINT_CONFIG).is_file() or (path / "checkpoints").is_dir():
         return load_draft(resolve_checkpoint(path))
-    config = path / "config.json"
-    if not config.is_file():
+    config_file = path / "config.json"
+    if not config_file.is_file():
         raise ValueError(f"--draft {str(path)!r} is neither a checkpoint ({CHECKPOINT_CONFIG}), a run directory "
                          "(checkpoints/) nor an export directory (config.json + model.safetensors)")
-    if "speculators_model_type" in json.loads(config.read_text()):
+    config = json.loads(config_file.read_text())
+    if "speculators_model_type" in config:
         return read_vllm(path)
+    if config.get("architectures") in [[arch] for arch in EAGLE1_ARCHITECTURES.values()]:
+        return read_eagle1(path)
     return read_sglang(path)
 
 
@@ -54,9 +60,9 @@ def load_any_draft(path: str | Path) -> Eagle3Draft:
 def simulated_on(model, architecture: str, draft: Eagle3Draft, dataset, ttt_steps: int, batch_size: int,
                  pad_id: int, device: torch.device) -> dict:
     """Per-step TTT accuracy of the draft on `dataset` and the simulated acceptance length from it."""
-    draft_spec = registry.resolve(architecture, "eagle3")
-    target = FrozenTarget(model, draft_spec.target, draft.config.aux_layer_ids, draft_ids_from_d2t(draft.d2t),
-                          draft.t2d, mask_teacher_argmax=True)
+    draft_spec = registry.resolve(architecture, getattr(draft.config, "algorithm", "eagle3"))
+    target = FrozenTarget(model, draft_spec.target, getattr(draft.config, "aux_layer_ids", ()),
+                          draft_ids_from_d2t(draft.d2t), draft.t2d, mask_teacher_argmax=True)
     draft_cfg = DraftConfig(ttt_steps=ttt_steps)
     attention = pick_attention("auto", device)
     hits, counts = [0.0] * ttt_steps, [0] * ttt_steps
@@ -95,14 +101,18 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
-    model, tokenizer, _, info = load_target(
+    model, tokenizer, spec, info = load_target(
         TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device)
+    if not spec.speculative_eval:
+        raise ValueError(f"{args.target} is a {info.architecture} target: speculative decoding with it needs its "
+                         "recurrent layers' state rolled back to the accepted tokens, which eagle-eval does not do yet")
     draft = load_any_draft(args.draft).to(device)
-    if draft.config.vocab_size != info.vocab_size or draft.config.target_hidden_size != info.hidden_size:
+    hidden = getattr(draft.config, "target_hidden_size", draft.config.hidden_size)
+    if draft.config.vocab_size != info.vocab_size or hidden != info.hidden_size:
         raise ValueError(f"draft {args.draft} was trained for vocab {draft.config.vocab_size} / hidden "
-                         f"{draft.config.target_hidden_size}, but target {args.target} has {info.vocab_size} / "
+                         f"{hidden}, but target {args.target} has {info.vocab_size} / "
                          f"{info.hidden_size}: pass the target the draft was trained on")
-    draft.set_embedding(model.get_input_embeddings().weight)
+    draft.set_target_weights(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
     with tempfile.TemporaryDirectory() as cache:
         dataset, _ = build_dataset(DataConfig(path=args.data, max_length=args.max_length), tokenizer, Path(cache))
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))

@@ -1,8 +1,10 @@
-"""Speculative decoding with a frozen HF target and an EAGLE-3 draft: chain and EAGLE-2 dynamic trees, greedy.
+"""Speculative decoding with a frozen HF target and an EAGLE draft: chain and EAGLE-2 dynamic trees, greedy.
 
 One sequence at a time, KV caches on both sides. With L tokens committed, the target's cache holds positions
 0..L-2 and the last committed token is pending; the draft's cache holds positions 0..L-2 too, where the entry
-at position t pairs the target's aux hidden state at t with token t+1, and its output g at L-2 predicts token L.
+at position t pairs the target's feature at t (EAGLE-3: aux hidden states; EAGLE-1/2: the final normed hidden
+state) with token t+1, and its output g at L-2 predicts token L. The draft says which feature it reads
+(`target_features`) and brings its own KV cache (`new_cache`): Eagle3Draft and Eagle1Draft both do.
 
 A round:
   1. draft a tree from g at L-2: depth 1 holds the top-k draft tokens; each later depth expands the top-k nodes
@@ -11,7 +13,7 @@ A round:
   2. the target verifies [pending token] + tree in one forward (tree attention mask, positions by depth);
      walking down from the root, a child is accepted while its token equals the target's argmax at its parent.
   3. commit the accepted tokens plus the target's own next token (the bonus); keep their target KV entries;
-     feed the draft their aux hidden states.
+     feed the draft their target features.
 tau (acceptance length) = tokens committed per verifying target forward = accepted + 1, averaged over rounds.
 
 Shapes: n new tokens of a forward, S cache length, Vd draft vocab, H draft hidden, Ht target hidden.
@@ -23,7 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from typing import Callable
+
+from eagle_trainer.drafts.eagle1 import Eagle1Draft
 from eagle_trainer.drafts.eagle3 import DraftKVCache, Eagle3Draft
+
+Draft = Eagle3Draft | Eagle1Draft
 
 
 @dataclass(frozen=True)
@@ -61,17 +68,18 @@ class Generation:
 class TargetCache:
     """The HF target with its KV cache: forward new tokens, keep only the committed entries afterwards."""
 
-    def __init__(self, model, aux_layer_ids: tuple[int, ...]):
+    def __init__(self, model, features: Callable[[tuple], torch.Tensor]):
+        """`features(hidden_states)` picks the draft's input from HF's output_hidden_states."""
         from transformers import DynamicCache
         self.model = model
-        self.aux_layer_ids = aux_layer_ids
+        self.features = features
         self.cache = DynamicCache(config=model.config)
         self.length = 0
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
                 last_logits_only: bool = False):
-        """ids, positions [n]; tree_mask [n, n] bool (None: causal) -> (logits [n or 1, V], aux hidden [n, 3Ht]).
+        """ids, positions [n]; tree_mask [n, n] bool (None: causal) -> (logits [n or 1, V], features [n, F]).
 
         `last_logits_only` (the prefill): the LM head runs on the last position only, not on [n, V].
         """
@@ -87,8 +95,7 @@ class TargetCache:
                          past_key_values=self.cache, use_cache=True, output_hidden_states=True,
                          logits_to_keep=1 if last_logits_only else 0)
         self.length += n
-        aux = torch.cat([out.hidden_states[i + 1][0] for i in self.aux_layer_ids], dim=-1)
-        return out.logits[0], aux
+        return out.logits[0], self.features(out.hidden_states)[0]
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the cache entries at `index` (ascending), e.g. the committed prefix plus the accepted path."""
@@ -117,7 +124,7 @@ class Tree:
 
 
 @torch.no_grad()
-def draft_tree(draft: Eagle3Draft, cache: DraftKVCache, g_root: torch.Tensor, position: int,
+def draft_tree(draft: Draft, cache: DraftKVCache, g_root: torch.Tensor, position: int,
                topk: int, depth: int, total_tokens: int) -> Tree:
     """EAGLE-2 dynamic tree from g_root [H] (the draft output at `position`); the cache grows and is truncated back.
 
@@ -127,7 +134,7 @@ def draft_tree(draft: Eagle3Draft, cache: DraftKVCache, g_root: torch.Tensor, po
     """
     committed = len(cache)
     device = g_root.device
-    logp = torch.log_softmax(draft.logits(g_root[None, None]).float()[0, 0], -1)  # [Vd]
+    logp = torch.log_softmax(draft.logits(g_root[None, None]).float()[0, 0], -1)  # [Vd] (EAGLE-1: [V])
     scores, ids = logp.topk(min(topk, logp.numel()))
     cand_tok, cand_score = [ids], [scores]  # per depth: draft ids and cumulative log-probs
     parents, depths = [-1] * ids.numel(), [1] * ids.numel()  # host lists, one entry per candidate
@@ -194,29 +201,29 @@ def accept(tree: Tree, target_next: torch.Tensor) -> list[int]:
 
 
 @torch.no_grad()
-def speculative_generate(model, draft: Eagle3Draft, prompt: list[int], cfg: DecodeConfig,
+def speculative_generate(model, draft: Draft, prompt: list[int], cfg: DecodeConfig,
                          stop_ids: tuple[int, ...] = ()) -> Generation:
     """Greedy speculative decoding of `prompt` (target ids); the output equals plain greedy decoding."""
     device = next(model.parameters()).device
     draft_dtype = next(draft.parameters()).dtype
-    target = TargetCache(model, draft.config.aux_layer_ids)
-    dcache = DraftKVCache(draft)
+    target = TargetCache(model, draft.target_features)
+    dcache = draft.new_cache()
     topk, depth, total = cfg.tree_shape()
 
     ids = torch.tensor(prompt, device=device)
-    logits, aux = target.forward(ids, torch.arange(len(prompt), device=device), last_logits_only=True)
+    logits, feats = target.forward(ids, torch.arange(len(prompt), device=device), last_logits_only=True)
     pending = int(logits[-1].argmax())
     out = Generation(tokens=[pending])
-    # draft prefill: position t gets (aux at t, token t+1)
+    # draft prefill: position t gets (target feature at t, token t+1)
     tokens = torch.cat([ids[1:], ids.new_tensor([pending])])
-    g = dcache.extend(tokens[None], draft.project(aux.to(draft_dtype))[None],
+    g = dcache.extend(tokens[None], draft.project(feats.to(draft_dtype))[None],
                       torch.arange(len(prompt), device=device)[None])[0, -1]
     committed = len(prompt)  # tokens in the target cache; the pending token sits at position `committed`
     while len(out.tokens) < cfg.max_new_tokens and pending not in stop_ids:
         tree = draft_tree(draft, dcache, g, committed - 1, topk, depth, total)
         verify_ids = torch.cat([ids.new_tensor([pending]), tree.tokens])
         positions = committed + torch.cat([tree.depths.new_zeros(1), tree.depths])
-        logits, aux = target.forward(verify_ids, positions, tree.ancestor_mask())
+        logits, feats = target.forward(verify_ids, positions, tree.ancestor_mask())
         target_next = logits.argmax(-1)  # [N+1]
         path = accept(tree, target_next)
         last = path[-1] + 1 if path else 0
@@ -226,7 +233,7 @@ def speculative_generate(model, draft: Eagle3Draft, prompt: list[int], cfg: Deco
         target.keep(torch.cat([torch.arange(committed, device=device), committed + rows]))
         dcache.truncate(committed)
         g = dcache.extend(torch.tensor(new_tokens, device=device)[None],
-                          draft.project(aux[rows].to(draft_dtype))[None],
+                          draft.project(feats[rows].to(draft_dtype))[None],
                           (committed + torch.arange(rows.numel(), device=device))[None])[0, -1]
         committed += rows.numel()
         pending = new_tokens[-1]

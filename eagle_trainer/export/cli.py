@@ -1,10 +1,13 @@
 """The `eagle-export` console script: write a trained draft in a serving engine's format.
 
-    eagle-export --checkpoint DIR --format {sglang,vllm} --out DIR [--dtype bfloat16|float32] [--overwrite]
-                 [--verifier TARGET]
+    eagle-export --checkpoint DIR --format {sglang,vllm,eagle1-sglang,eagle1-vllm} --out DIR
+                 [--dtype bfloat16|float32] [--overwrite] [--verifier TARGET]
 
---format sglang writes the plain LlamaForCausalLMEagle3 draft (SGLang; vLLM loads it too), vllm the speculators
-format (vLLM's native Eagle3Speculator); export/sglang.py and export/vllm.py say what each holds.
+EAGLE-3 drafts: --format sglang writes the plain LlamaForCausalLMEagle3 draft (SGLang; vLLM loads it too), vllm
+the speculators format (vLLM's native Eagle3Speculator); export/sglang.py and export/vllm.py say what each holds.
+EAGLE-1/2 drafts: --format eagle1-sglang writes SGLang's LlamaForCausalLMEagle, eagle1-vllm vLLM's
+EagleLlamaForCausalLM (a draft trained with draft.fc_bias=true is refused: vLLM's fc has no bias); export/eagle1.py
+says what each holds. A checkpoint of the other draft kind is refused, naming its formats.
 
 --checkpoint is either
   - a trainer checkpoint directory: it holds draft_config.json and draft.safetensors (drafts/io.py), or

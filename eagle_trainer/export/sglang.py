@@ -5,6 +5,9 @@
     <out>/model.safetensors   fc.weight [H, 3Ht], midlayer.*, norm.weight [H], lm_head.weight [Vd, H] (bf16 by
                               default), d2t int64 [Vd], t2d bool [V]; no embedding (the engine shares the target's)
 
+The checked writing (read_checkpoint, check_against, write_model, write_atomically) is shared with the other
+formats (export/vllm.py, export/eagle1.py).
+
 Verified against the engines' loader source (DESIGN section 8):
 - sglang python/sglang/srt/models/llama_eagle3.py: `LlamaModel` holds `fc` (in = 3 * target_hidden_size, else
   3 * hidden_size; bias only if config `bias`), `midlayer` (one decoder layer whose qkv reads 2H, plus
@@ -52,9 +55,11 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from eagle_trainer.drafts.eagle1 import Eagle1Config
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.io import CONFIG_FILE as CHECKPOINT_CONFIG
 from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
+from eagle_trainer.drafts.io import build_from_config
 from eagle_trainer.export.aux_layers import sglang_aux_ids, vllm_aux_ids
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -80,10 +85,12 @@ SGLANG_TENSORS = (
     "d2t",
     "t2d",
 )
-VOCAB_MAP = {"d2t": torch.int64, "t2d": torch.bool}  # kept in these dtypes; weights take the export dtype
+# The export formats of each draft kind, named in the refusal of a checkpoint of the other kind.
+FORMATS = {Eagle3Config: "sglang|vllm", Eagle1Config: "eagle1-sglang|eagle1-vllm"}
+KINDS = {Eagle3Config: "an EAGLE-3", Eagle1Config: "an EAGLE-1/2"}
 
 
-def llama_keys(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
+def llama_keys(cfg: Eagle3Config | Eagle1Config, dtype: torch.dtype) -> dict:
     """The HF LlamaConfig keys of the draft's decoder layer: exactly the draft `cfg`, nothing defaulted."""
     return {
         "model_type": "llama",
@@ -123,13 +130,40 @@ def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
     }
 
 
-def read_checkpoint(checkpoint_dir: str | Path) -> tuple[Eagle3Config, dict[str, torch.Tensor]]:
-    """Config and raw tensors of a trainer checkpoint (drafts/io.py layout), not yet checked."""
+def read_checkpoint(checkpoint_dir: str | Path,
+                    kind: type) -> tuple[Eagle3Config | Eagle1Config, dict[str, torch.Tensor]]:
+    """Config (of type `kind`: Eagle3Config or Eagle1Config) and raw tensors of a trainer checkpoint (drafts/io.py
+    layout), not yet checked. A checkpoint of the other draft kind is refused, naming its export formats."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / CHECKPOINT_CONFIG).is_file() or not (checkpoint_dir / CHECKPOINT_WEIGHTS).is_file():
         raise ValueError(f"{str(checkpoint_dir)!r} is not a draft checkpoint: it needs {CHECKPOINT_CONFIG} and "
                          f"{CHECKPOINT_WEIGHTS} (written by drafts.io.save_draft); pass a checkpoint directory")
-    return Eagle3Config.load(checkpoint_dir / CHECKPOINT_CONFIG), load_file(str(checkpoint_dir / CHECKPOINT_WEIGHTS))
+    with torch.device("meta"):  # drafts.io's own dispatch on the `algorithm` key, without allocating weights
+        cfg = build_from_config(checkpoint_dir / CHECKPOINT_CONFIG).config
+    if not isinstance(cfg, kind):
+        raise ValueError(f"{str(checkpoint_dir)!r} holds {KINDS[type(cfg)]} draft (algorithm "
+                         f"{getattr(cfg, 'algorithm', 'eagle3')!r}), which this format does not describe; export it "
+                         f"with --format {FORMATS[type(cfg)]}")
+    return cfg, load_file(str(checkpoint_dir / CHECKPOINT_WEIGHTS))
+
+
+def check_against(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """Refuse `tensors` unless they have exactly the names and shapes of `expected` (a draft's state dict, on the
+    meta device): floating where it is floating, and exactly its dtype elsewhere (d2t int64, t2d bool)."""
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing tensors {missing}, unknown tensors {unknown}; SGLang would serve random "
+                         f"weights for a missing one and drop an unknown one silently (vLLM would fail to load). {fix}")
+    wrong = [f"{k} {tuple(tensors[k].shape)} (config says {tuple(v.shape)})"
+             for k, v in expected.items() if tensors[k].shape != v.shape]
+    wrong += [f"{k} dtype {tensors[k].dtype} (needs {v.dtype})"
+              for k, v in expected.items() if not v.is_floating_point() and tensors[k].dtype != v.dtype]
+    wrong += [f"{k} dtype {tensors[k].dtype} (needs a floating dtype)"
+              for k, v in expected.items() if v.is_floating_point() and not tensors[k].is_floating_point()]
+    if wrong:
+        raise ValueError(f"{where}: tensors disagree with its config: {wrong}; export the checkpoint together with "
+                         "the draft_config.json it was trained with")
 
 
 def check_tensors(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -137,30 +171,22 @@ def check_tensors(cfg: Eagle3Config, tensors: dict[str, torch.Tensor], where: st
 
     Names, shapes, dtypes and the vocab map are checked; the vLLM writer renames only after this check.
     """
-    missing = sorted(set(SGLANG_TENSORS) - set(tensors))
-    unknown = sorted(set(tensors) - set(SGLANG_TENSORS))
-    if missing or unknown:
-        raise ValueError(f"{where}: missing tensors {missing}, unknown tensors {unknown}; SGLang would serve random "
-                         "weights for a missing one and drop an unknown one silently (vLLM would fail to load). "
-                         "Re-save the checkpoint with drafts.io.save_draft from an Eagle3Draft, or extend "
-                         "export/sglang.py and export/vllm.py for the new tensor")
     with torch.device("meta"):
         expected = Eagle3Draft(cfg).trainable_state_dict()
     assert set(expected) == set(SGLANG_TENSORS), sorted(set(expected) ^ set(SGLANG_TENSORS))
-    wrong = [f"{k} {tuple(tensors[k].shape)} (config says {tuple(v.shape)})"
-             for k, v in expected.items() if tensors[k].shape != v.shape]
-    wrong += [f"{k} dtype {tensors[k].dtype} (needs {d})" for k, d in VOCAB_MAP.items() if tensors[k].dtype != d]
-    wrong += [f"{k} dtype {tensors[k].dtype} (needs a floating dtype)"
-              for k in SGLANG_TENSORS if k not in VOCAB_MAP and not tensors[k].is_floating_point()]
-    if wrong:
-        raise ValueError(f"{where}: tensors disagree with its config: {wrong}; export the checkpoint together with "
-                         "the draft_config.json it was trained with")
+    check_against(expected, tensors, where, "Re-save the checkpoint with drafts.io.save_draft from an Eagle3Draft, "
+                  "or extend export/sglang.py and export/vllm.py for the new tensor")
     ids = tensors["d2t"] + torch.arange(cfg.draft_vocab_size)  # target id of each draft id
     in_range = bool(((ids >= 0) & (ids < cfg.vocab_size)).all())
     if not in_range or not bool((ids[1:] > ids[:-1]).all()) or not torch.equal(
             tensors["t2d"].nonzero().flatten(), ids):
         raise ValueError(f"{where}: d2t/t2d are not a vocab map (d2t[i] + i must be the ascending target ids "
                          f"< {cfg.vocab_size} that t2d marks); rebuild it with `eagle-data vocab` and retrain")
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point:
+        raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
 
 
 def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
@@ -184,23 +210,29 @@ def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
             shutil.rmtree(tmp)
 
 
-def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, overwrite: bool,
-                 config: Callable[[Eagle3Config], dict], rename: Callable[[str], str] = lambda name: name) -> Path:
-    """Check a trainer checkpoint, cast its weights to `dtype` (d2t stays int64, t2d bool), and write
-    config.json (`config(cfg)`) + model.safetensors (names through `rename`) atomically to `out_dir`."""
-    if not dtype.is_floating_point:
-        raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
+def write_model(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                overwrite: bool) -> Path:
+    """Write config.json (`config`) + model.safetensors (`tensors`, floating ones cast to `dtype`, the vocab map
+    kept as it is) atomically to `out_dir`. The tensors are checked before this."""
     out_dir = Path(out_dir)
-    cfg, tensors = read_checkpoint(checkpoint_dir)
-    check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
-    exported = {rename(k): (v if k in VOCAB_MAP else v.to(dtype)).contiguous() for k, v in tensors.items()}
+    exported = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
     def write(directory: Path) -> None:
-        (directory / CONFIG_FILE).write_text(json.dumps(config(cfg), indent=2) + "\n")
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(exported, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
     write_atomically(out_dir, write, overwrite)
     return out_dir
+
+
+def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, overwrite: bool,
+                 config: Callable[[Eagle3Config], dict], rename: Callable[[str], str] = lambda name: name) -> Path:
+    """Check an EAGLE-3 trainer checkpoint, cast its weights to `dtype` (d2t stays int64, t2d bool), and write
+    config.json (`config(cfg)`) + model.safetensors (names through `rename`) atomically to `out_dir`."""
+    check_dtype(dtype)
+    cfg, tensors = read_checkpoint(checkpoint_dir, Eagle3Config)
+    check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
+    return write_model(out_dir, config(cfg), {rename(k): v for k, v in tensors.items()}, dtype, overwrite)
 
 
 def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -6,6 +6,8 @@ model definition; an entry says where things live and which kernels to bind.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from eagle_trainer import registry
 from eagle_trainer.targets.moe import bind_moe
 from eagle_trainer.targets.norms import bind_rms_norm
@@ -16,6 +18,32 @@ def bind_qwen3_moe(model, cfg) -> dict[str, str]:
     return {"moe": bind_moe(model, cfg), "norm": bind_rms_norm(model, cfg, ("Qwen3MoeRMSNorm",))}
 
 
+def bind_qwen3_next(model, cfg) -> dict[str, str]:
+    """HF's own MoE paths and norms: moe_impl auto is eager on the CPU, grouped_mm on a GPU.
+
+    No Triton kernel is bound yet: our MoE core does not fuse Qwen3-Next's gated shared expert, and our RMSNorm
+    kernel computes `w * x_hat`, not Qwen3-Next's zero-centred `(1 + w) * x_hat`. Asking for triton is refused
+    rather than silently served by HF.
+    """
+    if "triton" in (cfg.moe_impl, cfg.norm_impl):
+        raise ValueError(f"target.moe_impl={cfg.moe_impl!r}, target.norm_impl={cfg.norm_impl!r}: no Triton kernels "
+                         "are bound for Qwen3NextForCausalLM yet; use moe_impl=auto|eager|grouped_mm and "
+                         "norm_impl=auto|hf")
+    if cfg.norm_impl not in ("auto", "hf"):
+        raise ValueError(f"target.norm_impl={cfg.norm_impl!r} is not one of ('auto', 'triton', 'hf')")
+    moe = cfg.moe_impl
+    if moe == "auto":
+        moe = "grouped_mm" if next(model.parameters()).device.type == "cuda" else "eager"
+    return {"moe": bind_moe(model, replace(cfg, moe_impl=moe)), "norm": "hf"}
+
+
 QWEN3 = registry.register_target(registry.TargetSpec(architectures=("Qwen3ForCausalLM",)))
 QWEN3_MOE = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3MoeForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_moe))
+# Hybrid: layers 3, 7, ... hold `self_attn` (gated full attention), the rest `linear_attn` (gated delta net);
+# every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts`.
+# Real speculative decoding needs the gated delta net's recurrent state rolled back to the accepted tokens
+# (and tree verification through it), which evaluate/ does not do yet: speculative_eval=False.
+QWEN3_NEXT = registry.register_target(registry.TargetSpec(
+    architectures=("Qwen3NextForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_next,
+    speculative_eval=False))

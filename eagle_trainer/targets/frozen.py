@@ -49,8 +49,8 @@ def teacher_outputs(states: CapturedStates, draft_head: torch.Tensor, mask_teach
         valid = states.argmax_valid
     else:
         valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
-    return TargetOutputs(aux_hidden=states.aux_hidden, last_hidden=states.last_hidden, teacher_probs=probs,
-                         teacher_valid=valid)
+    return TargetOutputs(aux_hidden=states.aux_hidden, last_hidden=states.last_hidden, final_hidden=final,
+                         teacher_probs=probs, teacher_valid=valid)
 
 
 class FrozenTarget:
@@ -93,6 +93,10 @@ class FrozenTarget:
     def input_embedding(self) -> torch.Tensor:
         return self.model.get_submodule(self.spec.embed).weight
 
+    def output_head(self) -> torch.Tensor:
+        """The lm_head weight [V, Ht] (EAGLE-1 drafts decode with it)."""
+        return self.lm_head_weight
+
     @torch.no_grad()
     def capture(self, batch: Batch, argmax: bool | None = None) -> CapturedStates:
         """One target forward: the aux layers, the final (normed) hidden state, and the teacher mask.
@@ -101,7 +105,7 @@ class FrozenTarget:
         self._captured.clear()
         out = self.backbone(input_ids=batch.input_ids, use_cache=False)
         final = out.last_hidden_state  # [B, T, Ht], after the final norm
-        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1)  # [B, T, 3Ht]
+        aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1) if self.aux_layer_ids else None
         if argmax:
             flat = final.reshape(-1, final.shape[-1])
             argmax_valid = self.t2d[chunked_argmax(flat, self.lm_head_weight, self.argmax_chunk_elems)].view(final.shape[:2])

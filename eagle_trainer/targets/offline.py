@@ -24,10 +24,12 @@ from eagle_trainer.types import OfflineBatch, TargetOutputs
 class OfflineTarget:
     """Stands in for FrozenTarget when the states come from an offline dump (data.offline.OfflineStore)."""
 
-    def __init__(self, draft_head: torch.Tensor, mask_teacher_argmax: bool, embedding: torch.Tensor | None = None):
+    def __init__(self, draft_head: torch.Tensor, mask_teacher_argmax: bool, embedding: torch.Tensor | None = None,
+                 lm_head: torch.Tensor | None = None):
         self.draft_head = draft_head  # [Vd, Ht]: lm_head rows of the draft ids
         self.mask_teacher_argmax = mask_teacher_argmax
         self.embedding = embedding  # [V, Ht] the target's input embedding (the draft's, frozen)
+        self.lm_head = lm_head  # [V, Ht] on the host; moved to the device only if a draft asks (EAGLE-1)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, draft_ids: torch.Tensor, mask_teacher_argmax: bool,
@@ -39,13 +41,20 @@ class OfflineTarget:
         head, embed = spec.lm_head + ".weight", spec.embed + ".weight"
         tensors = read_target_tensors(path, [head, embed], trust_remote_code=trust_remote_code)
         draft_head = tensors[head][draft_ids.cpu()].to(device, dtype)
-        return cls(draft_head, mask_teacher_argmax, tensors[embed].to(device, dtype))
+        return cls(draft_head, mask_teacher_argmax, tensors[embed].to(device, dtype), tensors[head].to(dtype))
 
     def input_embedding(self) -> torch.Tensor:
         if self.embedding is None:
             raise ValueError("this OfflineTarget was built without the target embedding; pass embedding= or use "
                              "OfflineTarget.from_checkpoint")
         return self.embedding
+
+    def output_head(self) -> torch.Tensor:
+        """The target's lm_head [V, Ht] on the teacher's device (EAGLE-1 drafts decode with it)."""
+        if self.lm_head is None:
+            raise ValueError("this OfflineTarget was built without the target lm_head; use OfflineTarget.from_checkpoint")
+        self.lm_head = self.lm_head.to(self.draft_head.device)
+        return self.lm_head
 
     @torch.no_grad()
     def forward(self, batch: OfflineBatch) -> TargetOutputs:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config, Qwen3MoeConfig, Qwen3NextConfig
 
 from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer
 
@@ -41,6 +41,30 @@ def tiny_qwen3_moe_config(vocab_size: int, hidden_size: int = 64, num_layers: in
     )
     kw.update(overrides)
     return Qwen3MoeConfig(**kw)
+
+
+def tiny_qwen3_next_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 8, num_experts: int = 8,
+                           top_k: int = 2, moe_intermediate_size: int = 32, **overrides) -> Qwen3NextConfig:
+    """A small Qwen3-Next-80B-A3B: the same layer pattern and blocks, small widths.
+
+    Every 4th layer is gated full attention (output gate on q_proj, partial RoPE over 25% of head_dim), the
+    others are gated delta net linear attention (value heads 2x key heads, conv kernel 4); every layer's MLP is
+    sparse (routed experts, top-k renormalised, plus a shared expert behind a sigmoid gate); the RMSNorms are
+    zero-centred ((1 + w) * x_normed).
+    """
+    head_dim = hidden_size // 4
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, full_attention_interval=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, partial_rotary_factor=0.25,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4,
+        moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=moe_intermediate_size,
+        num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=1024, tie_word_embeddings=False, rms_norm_eps=1e-6,
+    )
+    kw.update(overrides)
+    return Qwen3NextConfig(**kw)
 
 
 EXPERT_LAYOUTS = ("fused", "per_expert")

@@ -48,14 +48,17 @@ def test_prompt_is_everything_before_the_last_trained_reply():
 def run_target_and_draft(run_dir, checkpoint):
     model, tokenizer, _, _ = load_target(TargetConfig(path=str(run_dir / "target")), torch.device("cpu"))
     model.double()
-    draft = load_draft(checkpoint, embedding=model.get_input_embeddings().weight).double()
+    draft = load_draft(checkpoint, embedding=model.get_input_embeddings().weight,
+                       lm_head=model.get_output_embeddings().weight).double()
     convs, _ = read_chat_jsonl(run_dir / "data/eval.jsonl")
     return model, draft, tokenizer, prompts_from_conversations(tokenizer, convs[:3])
 
 
-@pytest.mark.parametrize("which", ["demo_run", "demo_moe_run"])
+@pytest.mark.parametrize("which", ["demo_run", "demo_moe_run", "demo_eagle1_run"])
 def test_speculative_equals_greedy_for_chain_and_tree(which, request):
-    run_dir, summary = request.getfixturevalue(which)
+    """EAGLE-3 drafts (dense and MoE targets) and an EAGLE-1 draft (chain = EAGLE-1, tree = EAGLE-2)."""
+    fixture = request.getfixturevalue(which)
+    run_dir, summary = fixture[0], fixture[-1]  # the directory holding target/ and data/, and the Summary
     model, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
     stop = tuple(stop_token_ids(tokenizer))
     modes = [DecodeConfig(mode="chain", steps=4, max_new_tokens=24),

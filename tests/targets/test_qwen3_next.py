@@ -1,0 +1,188 @@
+"""Qwen3-Next targets through HF's modeling code: loading, aux capture, right padding past the gated delta
+net layers, the MoE switch, and the entry's facts for the real Qwen3-Next-80B-A3B config."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen3NextConfig
+
+from batches import draft_vocab, make_batch
+
+from eagle_trainer import registry
+from eagle_trainer.config import DemoConfig, TargetConfig
+from eagle_trainer.demo import tiny_target_config
+from eagle_trainer.targets import bind_qwen3_next
+from eagle_trainer.targets.frozen import FrozenTarget
+from eagle_trainer.targets.loading import load_target
+from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_next_config
+from eagle_trainer.types import Batch
+
+CPU = torch.device("cpu")
+ARCH = "Qwen3NextForCausalLM"
+
+# config.json of Qwen/Qwen3-Next-80B-A3B-Instruct (token ids and dtype left out)
+REAL_80B = dict(
+    architectures=[ARCH], decoder_sparse_step=1, full_attention_interval=4, head_dim=256, hidden_act="silu",
+    hidden_size=2048, intermediate_size=5120, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+    linear_num_key_heads=16, linear_num_value_heads=32, linear_value_head_dim=128, max_position_embeddings=262144,
+    mlp_only_layers=[], moe_intermediate_size=512, norm_topk_prob=True, num_attention_heads=16, num_experts=512,
+    num_experts_per_tok=10, num_hidden_layers=48, num_key_value_heads=2, partial_rotary_factor=0.25,
+    rms_norm_eps=1e-6, rope_scaling=None, rope_theta=10000000, shared_expert_intermediate_size=512,
+    tie_word_embeddings=False, vocab_size=151936,
+)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_qwen3_next_path):
+    return load_target(TargetConfig(path=str(tiny_qwen3_next_path)), CPU)
+
+
+def batch_of(ids: torch.Tensor) -> Batch:
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    return Batch(ids, ones, ones)
+
+
+def test_checkpoint_loads_every_tensor(tiny_qwen3_next_path, loaded):
+    """save_pretrained writes experts per expert (as the real checkpoint stores them); the loader fuses them and
+    refuses any missing or unexpected key, so every tensor here landed on the model."""
+    model, _, spec, info = loaded
+    saved = load_file(tiny_qwen3_next_path / "model.safetensors")
+    assert "model.layers.0.mlp.experts.7.gate_proj.weight" in saved
+    assert not any(k.endswith("gate_up_proj") for k in saved)
+    assert spec is registry.target_spec(ARCH)
+    layers = model.get_submodule(spec.layers)
+    assert [hasattr(layer, "self_attn") for layer in layers] == [i % 4 == 3 for i in range(8)]
+    assert all(hasattr(layer, "linear_attn") != hasattr(layer, "self_attn") for layer in layers)
+    params = dict(model.named_parameters())
+    assert torch.equal(params["model.layers.0.linear_attn.A_log"], saved["model.layers.0.linear_attn.A_log"])
+    gate_up = params["model.layers.5.mlp.experts.gate_up_proj"][2]
+    assert torch.equal(gate_up, torch.cat([saved["model.layers.5.mlp.experts.2.gate_proj.weight"],
+                                           saved["model.layers.5.mlp.experts.2.up_proj.weight"]]))
+    assert (info.num_layers, info.head_dim, info.num_kv_heads, info.rope_scaling) == (8, 16, 2, None)
+    assert (info.num_experts, info.num_experts_per_tok, info.moe_intermediate_size) == (8, 2, 32)
+
+
+def test_checkpoint_missing_a_linear_attention_tensor_is_refused(tiny_qwen3_next_path, tmp_path):
+    """A_log and dt_bias have their own init: left missing they would decay the state silently wrong. The MTP
+    head the real checkpoint ships (`mtp.*`) is not part of the model; HF drops it without a complaint."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_qwen3_next_path, d)
+    state = load_file(d / "model.safetensors")
+    state["mtp.fc.weight"] = torch.zeros(64, 128)
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    load_target(TargetConfig(path=str(d)), CPU)
+    del state["model.layers.4.linear_attn.A_log"]
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing_keys \(1\).*model\.layers\.4\.linear_attn\.A_log"):
+        load_target(TargetConfig(path=str(d)), CPU)
+
+
+def test_real_80b_config_info():
+    spec = registry.target_spec(ARCH)
+    info = spec.read_info(ARCH, Qwen3NextConfig(**REAL_80B))
+    assert (info.hidden_size, info.vocab_size, info.num_layers, info.intermediate_size) == (2048, 151936, 48, 5120)
+    assert (info.num_heads, info.num_kv_heads, info.head_dim) == (16, 2, 256)
+    assert (info.num_experts, info.num_experts_per_tok, info.moe_intermediate_size) == (512, 10, 512)
+    assert (info.rms_norm_eps, info.max_position_embeddings) == (1e-6, 262144)
+    # partial_rotary_factor 0.25 rides in rope_parameters with rope_type default, so rope_scaling is None:
+    # the draft keeps its own full-head RoPE at the target's theta
+    assert (info.rope_theta, info.rope_scaling) == (1e7, None)
+    assert spec.aux_layers(info.num_layers) == (1, 23, 44)
+
+
+def test_aux_hidden_and_teacher_match_full_forward(loaded):
+    model, _, spec, info = loaded
+    ids, t2d = draft_vocab(info.vocab_size, 300)
+    aux_ids = spec.aux_layers(info.num_layers)
+    assert aux_ids == (1, 3, 4)  # gated delta net, full attention, gated delta net
+    target = FrozenTarget(model, spec, aux_ids, ids, t2d, keep_last_hidden=True)
+    batch = make_batch(2, 13, info.vocab_size)
+    out = target.forward(batch)
+    ref = model(batch.input_ids, output_hidden_states=True)
+    torch.testing.assert_close(out.aux_hidden, torch.cat([ref.hidden_states[i + 1] for i in aux_ids], -1))
+    torch.testing.assert_close(model.model.norm(out.last_hidden), ref.hidden_states[-1])
+    torch.testing.assert_close(out.teacher_probs, ref.logits[..., ids].float().softmax(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_valid, t2d[ref.logits.argmax(-1)])
+    assert 0 < out.teacher_valid.float().mean() < 1
+    target.close()
+
+
+def test_every_layer_is_causal(loaded):
+    """Changing token p changes no layer's output before p (the conv and the delta-rule recurrence look only
+    back), and does change it from p on (the check can fail)."""
+    model, _, _, info = loaded
+    ids = make_batch(1, 70, info.vocab_size, seed=5).input_ids
+    changed = ids.clone()
+    changed[0, 30] = (ids[0, 30] + 1) % info.vocab_size
+    a = model.model(ids, output_hidden_states=True).hidden_states
+    b = model.model(changed, output_hidden_states=True).hidden_states
+    for layer, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x[:, :30], y[:, :30], rtol=1e-6, atol=1e-7, msg=f"hidden_states[{layer}]")
+        assert not torch.allclose(x[:, 30:], y[:, 30:]), layer
+
+
+def test_right_padded_row_captures_as_alone(loaded):
+    """FrozenTarget passes no attention mask: a right-padded row must capture as it does alone."""
+    model, tok, spec, info = loaded
+    ids, t2d = draft_vocab(info.vocab_size, 300)
+    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d, keep_last_hidden=True)
+    short = make_batch(1, 23, info.vocab_size, seed=6).input_ids
+    long = make_batch(1, 70, info.vocab_size, seed=7).input_ids  # spans two 64-token delta-rule chunks
+    padded = torch.cat([short, short.new_full((1, 47), tok.pad_token_id)], 1)
+    both = target.capture(batch_of(torch.cat([padded, long])))
+    for row, alone in ((0, target.capture(batch_of(short))), (1, target.capture(batch_of(long)))):
+        n = alone.final_hidden.shape[1]
+        for name in ("aux_hidden", "last_hidden", "final_hidden"):
+            torch.testing.assert_close(getattr(both, name)[row, :n], getattr(alone, name)[0], msg=name)
+        assert torch.equal(both.argmax_valid[row, :n], alone.argmax_valid[0])
+    target.close()
+
+
+def test_eager_and_grouped_mm_agree(loaded):
+    """auto is eager on the CPU; grouped_mm is HF's default elsewhere. Both run HF's router and shared expert."""
+    model, _, spec, info = loaded
+    assert model.config._experts_implementation == "eager"
+    ids, t2d = draft_vocab(info.vocab_size, 200)
+    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d)
+    batch = make_batch(2, 23, info.vocab_size, seed=1)
+    eager = target.forward(batch)
+    try:
+        assert bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm")) == {"moe": "grouped_mm",
+                                                                                         "norm": "hf"}
+        grouped = target.forward(batch)
+    finally:
+        bind_qwen3_next(model, TargetConfig(path="-", moe_impl="eager"))
+        target.close()
+    torch.testing.assert_close(grouped.aux_hidden, eager.aux_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.teacher_probs, eager.teacher_probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["moe_impl", "norm_impl"])
+def test_triton_is_refused(loaded, option):
+    """Neither our MoE core (no fused shared expert yet) nor our RMSNorm kernel (plain `w * x`, not Qwen3-Next's
+    `(1 + w) * x`) is bound: asking for them fails instead of running HF's code under their name."""
+    model = loaded[0]
+    with pytest.raises(ValueError, match=f"{option}='triton'.*Qwen3NextForCausalLM"):
+        bind_qwen3_next(model, TargetConfig(path="-", **{option: "triton"}))
+
+
+def test_registry_entry_and_demo_config():
+    target = registry.resolve(ARCH, "eagle3").target
+    assert target.experts == "mlp.experts" and target.bind_kernels is bind_qwen3_next
+    assert (target.layers, target.embed, target.final_norm, target.lm_head) == (
+        "model.layers", "model.embed_tokens", "model.norm", "lm_head")
+    config = tiny_target_config(DemoConfig(architecture="qwen3_next"))
+    assert isinstance(config, Qwen3NextConfig) and config.hidden_size == DemoConfig.hidden_size
+    assert config.layer_types.count("full_attention") == DemoConfig.num_layers // 4
+    assert config.rope_parameters["partial_rotary_factor"] == 0.25
+
+
+def test_fused_expert_layout_loads_the_same_model(loaded, tmp_path):
+    config = tiny_qwen3_next_config(vocab_size=1024, hidden_size=64, num_layers=8, num_experts=8, top_k=2)
+    path = save_tiny_checkpoint(tmp_path / "fused", config, logit_std=6.0, expert_layout="fused")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(path / "model.safetensors")
+    fused = load_target(TargetConfig(path=str(path)), CPU)[0]
+    for (name, a), (_, b) in zip(loaded[0].named_parameters(), fused.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
