@@ -2,7 +2,6 @@
 Qwen3-Next. The draft learns the target's features and distribution, and real speculative decoding with it
 (chain = EAGLE-1, dynamic tree = EAGLE-2) gets tokens accepted."""
 
-import pytest
 
 from conftest import compose_demo, on_demo_assets
 
