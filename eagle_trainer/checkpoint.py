@@ -17,11 +17,13 @@ torch: resume only from checkpoints your own runs wrote, as with any DCP checkpo
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,6 +53,14 @@ def _barrier() -> None:
 
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes a single process; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*assuming the intent is to")
+        yield
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -93,8 +103,9 @@ def save_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.o
     _barrier()
     (tmp / "rng" / f"rank_{rank:05d}.json").write_text(json.dumps(rng_state(device)))
     model_sd, optim_sd = get_state_dict(draft, optimizer, options=_OPTIONS)
-    dcp.save({"draft": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DIR),
-             no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save({"draft": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / STATE_DIR),
+                 no_dist=not _distributed())
     _barrier()
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -113,7 +124,8 @@ def load_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.o
     check_draft_config(path, getattr(draft, "module", draft))
     model_sd, optim_sd = get_state_dict(draft, optimizer, options=_OPTIONS)
     state = {"draft": model_sd, "optimizer": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _distributed())
     # not strict: the frozen embedding is left out on purpose; every other key must match
     keys = set_state_dict(draft, optimizer, model_state_dict=state["draft"], optim_state_dict=state["optimizer"],
                           options=StateDictOptions(ignore_frozen_params=True, strict=False))

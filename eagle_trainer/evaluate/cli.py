@@ -4,8 +4,8 @@
         [--mode chain tree] [--steps 5] [--topk 8 --depth 5 --total-tokens 31] [--num-prompts 32] [--max-new-tokens 128]
 
 --draft is a trainer checkpoint (draft_config.json), a run directory (its newest checkpoint), or an export
-directory in either engine format (`eagle-export --format sglang|vllm`). The draft takes the target's
-embedding. Prompts are the data's conversations up to their last assistant turn, tokenised the way training
+directory in any engine format (`eagle-export --format sglang|vllm|eagle1-sglang|eagle1-vllm`). The draft takes
+the target's embedding (and, for EAGLE-1/2, its lm_head). Prompts are the data's conversations up to their last assistant turn, tokenised the way training
 tokenises them. eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
 histogram of tokens committed per target forward; beside it the simulated acceptance length from the
 draft's per-step TTT accuracy on the same conversations. A PNG histogram is written next to eval.json.
