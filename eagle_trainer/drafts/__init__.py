@@ -16,14 +16,14 @@ from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_l
 from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
-def eagle3_config(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Config:
-    """The draft's shape: the target's attention shape unless overridden, H = Ht (DESIGN section 4)."""
+def shape_from_target(info: TargetInfo, cfg: DraftConfig) -> dict:
+    """The fields every draft takes from its target: H = Ht, the target's attention shape and RoPE unless
+    overridden, its vocab (DESIGN section 4)."""
     if cfg.draft_vocab_size > info.vocab_size:
         raise ValueError(f"draft.draft_vocab_size={cfg.draft_vocab_size} exceeds the target vocab {info.vocab_size}; "
                          f"set draft.draft_vocab_size <= {info.vocab_size}")
-    return Eagle3Config(
+    return dict(
         hidden_size=info.hidden_size,
-        target_hidden_size=info.hidden_size,
         num_heads=cfg.num_heads or info.num_heads,
         num_kv_heads=cfg.num_kv_heads or info.num_kv_heads,
         head_dim=cfg.head_dim or info.head_dim,
@@ -34,10 +34,14 @@ def eagle3_config(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Co
         rope_theta=info.rope_theta,
         rope_scaling=info.rope_scaling,
         max_position_embeddings=info.max_position_embeddings,
-        aux_layer_ids=tuple(aux_layer_ids),
         num_layers=cfg.num_layers,
         target_architecture=info.architecture,
     )
+
+
+def eagle3_config(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Config:
+    return Eagle3Config(**shape_from_target(info, cfg), target_hidden_size=info.hidden_size,
+                        aux_layer_ids=tuple(aux_layer_ids))
 
 
 def build_eagle3(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Draft:
@@ -54,27 +58,8 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
 
 
 def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1Config:
-    """EAGLE-1/2: H = Ht (the draft reads and predicts target features), the target's attention shape."""
-    if cfg.draft_vocab_size > info.vocab_size:
-        raise ValueError(f"draft.draft_vocab_size={cfg.draft_vocab_size} exceeds the target vocab {info.vocab_size}; "
-                         f"set draft.draft_vocab_size <= {info.vocab_size}")
-    return Eagle1Config(
-        hidden_size=info.hidden_size,
-        num_heads=cfg.num_heads or info.num_heads,
-        num_kv_heads=cfg.num_kv_heads or info.num_kv_heads,
-        head_dim=cfg.head_dim or info.head_dim,
-        intermediate_size=cfg.intermediate_size or info.intermediate_size,
-        vocab_size=info.vocab_size,
-        draft_vocab_size=cfg.draft_vocab_size,
-        rms_norm_eps=info.rms_norm_eps,
-        rope_theta=info.rope_theta,
-        rope_scaling=info.rope_scaling,
-        max_position_embeddings=info.max_position_embeddings,
-        num_layers=cfg.num_layers,
-        fc_bias=cfg.fc_bias,
-        target_architecture=info.architecture,
-        algorithm=algorithm,
-    )
+    """EAGLE-1/2: the draft reads and predicts target features (H = Ht) and decodes with the target's lm_head."""
+    return Eagle1Config(**shape_from_target(info, cfg), fc_bias=cfg.fc_bias, algorithm=algorithm)
 
 
 def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
