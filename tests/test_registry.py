@@ -18,6 +18,18 @@ def test_resolve_builtin():
     assert spec.target.layers == "model.layers" and spec.algorithm.name == "eagle3"
 
 
+def test_every_builtin_target_resolves_every_algorithm():
+    targets = registry.known_targets()
+    assert {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen3NextForCausalLM"} <= set(targets)
+    for arch in targets:
+        for name in ("eagle1", "eagle2", "eagle3"):
+            spec = registry.resolve(arch, name)
+            assert spec.algorithm.name == name and spec.algorithm.needs_aux_hidden == (name == "eagle3")
+    # eagle2 is eagle1's training: the same builder and loss, only the name (the intended decoding) differs
+    e1, e2 = registry.algorithm_spec("eagle1"), registry.algorithm_spec("eagle2")
+    assert e1.loss is e2.loss
+
+
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(KeyError, match="Qwen3ForCausalLM"):
         registry.resolve("NoSuchForCausalLM", "eagle3")
