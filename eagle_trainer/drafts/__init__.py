@@ -1,15 +1,16 @@
-"""Draft models and their training-time unroll. Never imports targets/ or parallel/.
+"""Draft models, their shapes from the target, and their losses. Never imports targets/ or parallel/.
 
-Registers the built-in draft algorithms with the registry on import.
+Registers the built-in draft algorithms with the registry on import: eagle3 (drafts/eagle3.py + ttt.py), and
+eagle1 / eagle2 (drafts/eagle1.py: one draft and training; eagle2 names the dynamic-tree decoding it is served with).
 """
 
 from __future__ import annotations
 
-from eagle_trainer import registry
-from eagle_trainer.config import DraftConfig
 import torch
 import torch.nn.functional as F
 
+from eagle_trainer import registry
+from eagle_trainer.config import DraftConfig
 from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_logits, ttt_loss
