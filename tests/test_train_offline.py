@@ -90,3 +90,12 @@ def test_a_dump_for_another_run_is_refused(dumped, tmp_path):
     (partial / "manifest.json").unlink()
     with pytest.raises(ValueError, match="not a complete offline dump.*eagle-data dump"):
         run(compose_cfg(demo_dir, tmp_path, **{"data.offline_path": partial}))
+
+
+def test_offline_eagle1_equals_online(dumped, tmp_path):
+    """EAGLE-1 reads the final normed hidden state, which every dump stores; the aux layers it ignores."""
+    demo_dir, dump, _ = dumped
+    eagle1 = {"draft": "eagle1", "draft.draft_vocab_size": 256, "train.max_steps": 4}
+    run(compose_cfg(demo_dir, tmp_path / "online", **eagle1))
+    run(compose_cfg(demo_dir, tmp_path / "offline", **eagle1, **{"data.offline_path": dump}))
+    assert_same_curve(train_losses(tmp_path / "offline"), train_losses(tmp_path / "online"))
