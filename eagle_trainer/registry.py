@@ -74,9 +74,10 @@ class TargetSpec:
     bind_kernels: Callable[[nn.Module, Any], Any] | None = None
     read_info: Callable[[str, Any], TargetInfo] = info_from_hf_config
     aux_layers: Callable[[int], tuple[int, ...]] = default_aux_layers
-    # evaluate/ verifies drafts by rolling the target's KV cache back to the accepted tokens; a target with
-    # recurrent layers (a linear-attention state) cannot be rolled back that way
-    speculative_eval: bool = True
+    # evaluate/ verifies a draft tree in one target forward and then keeps the accepted KV entries; a target
+    # with recurrent layers (a linear-attention state) cannot do either, and is verified token by token
+    # along the accepted path instead (DecodeConfig.verify="walk": the same tokens, more forwards)
+    tree_verify: bool = True
 
 
 @dataclass(frozen=True)

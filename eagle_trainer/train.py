@@ -203,12 +203,9 @@ def run(cfg: Config) -> Summary:
     if offline and cfg.accept.enabled:
         print("accept: real acceptance needs the target model, which offline training does not load; measure the "
               "exported draft with `eagle-eval` (accept.enabled=false silences this)")
-    acceptance = None
-    if cfg.accept.enabled and not offline and not target_spec.speculative_eval:
-        print(f"accept: real acceptance is not measured for {info.architecture} targets yet (its recurrent "
-              "layers' state cannot be rolled back to the accepted tokens); the simulated one is logged")
-    elif not offline:
-        acceptance = build_acceptance(cfg.accept, model, draft, tokenizer, data.eval, progress=cfg.train.progress)
+    acceptance = None if offline else build_acceptance(
+        cfg.accept, model, draft, tokenizer, data.eval, progress=cfg.train.progress,
+        verify="tree" if target_spec.tree_verify else "walk")
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
                       acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
                       data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
@@ -223,7 +220,8 @@ def run(cfg: Config) -> Summary:
     return summary
 
 
-def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds, progress: bool = False):
+def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds, progress: bool = False,
+                     verify: str = "tree"):
     """The trainer's real-acceptance hook: speculative decoding of held-out prompts, one report per mode."""
     if not cfg.enabled or eval_ds is None or cfg.num_prompts < 1:
         return None
@@ -232,7 +230,7 @@ def build_acceptance(cfg: AcceptConfig, model, draft, tokenizer, eval_ds, progre
         raise ValueError("accept.enabled needs held-out prompts, but no eval example has a trained assistant "
                          "turn; set data.eval_path / data.eval_holdout, or accept.enabled=false")
     decodes = [DecodeConfig(mode=m, steps=cfg.steps, topk=cfg.topk, depth=cfg.depth, total_tokens=cfg.total_tokens,
-                            max_new_tokens=cfg.max_new_tokens) for m in cfg.modes]
+                            max_new_tokens=cfg.max_new_tokens, verify=verify) for m in cfg.modes]
     stop_ids = tuple(stop_token_ids(tokenizer))
     return lambda: {d.mode: measure_acceptance(model, draft, prompts, d, stop_ids, progress=progress) for d in decodes}
 

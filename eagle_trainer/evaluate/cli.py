@@ -103,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     model, tokenizer, spec, info = load_target(
         TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device)
-    if not spec.speculative_eval:
-        raise ValueError(f"{args.target} is a {info.architecture} target: speculative decoding with it needs its "
-                         "recurrent layers' state rolled back to the accepted tokens, which eagle-eval does not do yet")
     draft = load_any_draft(args.draft).to(device)
     hidden = getattr(draft.config, "target_hidden_size", draft.config.hidden_size)
     if draft.config.vocab_size != info.vocab_size or hidden != info.hidden_size:
@@ -123,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     reports = {}
     for mode in args.mode:
         cfg = DecodeConfig(mode=mode, steps=args.steps, topk=args.topk, depth=args.depth,
-                           total_tokens=args.total_tokens, max_new_tokens=args.max_new_tokens)
+                           total_tokens=args.total_tokens, max_new_tokens=args.max_new_tokens,
+                           verify="tree" if spec.tree_verify else "walk")
         reports[mode] = measure_acceptance(model, draft, prompts, cfg, stop_ids, progress=args.progress)
     result = {"target": args.target, "draft": args.draft, "data": args.data, "modes": reports,
               "simulated": simulated}

@@ -43,10 +43,16 @@ class DecodeConfig:
     depth: int = 5  # tree: draft depth
     total_tokens: int = 31  # tree: draft tokens verified per round
     max_new_tokens: int = 128
+    # tree: the target checks all draft tokens in one forward (tree attention mask), then its KV cache keeps the
+    # accepted entries. walk: one forward per token along the greedy path, for targets whose recurrent state
+    # cannot be rolled back (Qwen3-Next); the same tokens are accepted, so tau is the same, at more forwards.
+    verify: str = "tree"
 
     def __post_init__(self):
         if self.mode not in ("chain", "tree"):
             raise ValueError(f"decode mode {self.mode!r} is not one of chain, tree")
+        if self.verify not in ("tree", "walk"):
+            raise ValueError(f"verify={self.verify!r} is not one of tree, walk")
         bad = {k: getattr(self, k) for k in ("steps", "topk", "depth", "total_tokens", "max_new_tokens")
                if getattr(self, k) < 1}
         if bad:
@@ -200,6 +206,25 @@ def accept(tree: Tree, target_next: torch.Tensor) -> list[int]:
         current = child
 
 
+def walk_verify(target: TargetCache, tree: Tree, pending: int, committed: int):
+    """Verify by feeding the target one token at a time along the greedy path: the pending token, then each
+    child whose token is the target's argmax at its parent. The target's cache then holds exactly the
+    committed tokens (no rollback needed). -> (path, new tokens incl. the bonus, features [len(path)+1, F])."""
+    device = tree.tokens.device
+    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    path, feats, token, current = [], [], pending, -1
+    while True:
+        logits, f = target.forward(torch.tensor([token], device=device),
+                                   torch.tensor([committed + len(path)], device=device))
+        feats.append(f)
+        want = int(logits[-1].argmax())
+        child = next((j for j in range(len(tokens)) if parents[j] == current and tokens[j] == want), None)
+        if child is None:
+            return path, [tokens[j] for j in path] + [want], torch.cat(feats)
+        path.append(child)
+        token, current = want, child
+
+
 @torch.no_grad()
 def speculative_generate(model, draft: Draft, prompt: list[int], cfg: DecodeConfig,
                          stop_ids: tuple[int, ...] = ()) -> Generation:
@@ -221,21 +246,24 @@ def speculative_generate(model, draft: Draft, prompt: list[int], cfg: DecodeConf
     committed = len(prompt)  # tokens in the target cache; the pending token sits at position `committed`
     while len(out.tokens) < cfg.max_new_tokens and pending not in stop_ids:
         tree = draft_tree(draft, dcache, g, committed - 1, topk, depth, total)
-        verify_ids = torch.cat([ids.new_tensor([pending]), tree.tokens])
-        positions = committed + torch.cat([tree.depths.new_zeros(1), tree.depths])
-        logits, feats = target.forward(verify_ids, positions, tree.ancestor_mask())
-        target_next = logits.argmax(-1)  # [N+1]
-        path = accept(tree, target_next)
-        last = path[-1] + 1 if path else 0
-        new_tokens = [int(tree.tokens[j]) for j in path] + [int(target_next[last])]
+        if cfg.verify == "walk":
+            path, new_tokens, feats = walk_verify(target, tree, pending, committed)
+        else:
+            verify_ids = torch.cat([ids.new_tensor([pending]), tree.tokens])
+            positions = committed + torch.cat([tree.depths.new_zeros(1), tree.depths])
+            logits, feats = target.forward(verify_ids, positions, tree.ancestor_mask())
+            target_next = logits.argmax(-1)  # [N+1]
+            path = accept(tree, target_next)
+            last = path[-1] + 1 if path else 0
+            new_tokens = [int(tree.tokens[j]) for j in path] + [int(target_next[last])]
+            rows = torch.tensor([0] + [j + 1 for j in path], device=device)  # verify rows now committed
+            target.keep(torch.cat([torch.arange(committed, device=device), committed + rows]))
+            feats = feats[rows]
         out.accept_lengths.append(len(new_tokens))
-        rows = torch.tensor([0] + [j + 1 for j in path], device=device)  # verify rows now committed
-        target.keep(torch.cat([torch.arange(committed, device=device), committed + rows]))
         dcache.truncate(committed)
-        g = dcache.extend(torch.tensor(new_tokens, device=device)[None],
-                          draft.project(feats[rows].to(draft_dtype))[None],
-                          (committed + torch.arange(rows.numel(), device=device))[None])[0, -1]
-        committed += rows.numel()
+        g = dcache.extend(torch.tensor(new_tokens, device=device)[None], draft.project(feats.to(draft_dtype))[None],
+                          (committed + torch.arange(len(new_tokens), device=device))[None])[0, -1]
+        committed += len(new_tokens)
         pending = new_tokens[-1]
         for t in new_tokens:
             out.tokens.append(t)

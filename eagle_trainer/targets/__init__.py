@@ -42,8 +42,8 @@ QWEN3_MOE = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3MoeForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_moe))
 # Hybrid: layers 3, 7, ... hold `self_attn` (gated full attention), the rest `linear_attn` (gated delta net);
 # every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts`.
-# Real speculative decoding needs the gated delta net's recurrent state rolled back to the accepted tokens
-# (and tree verification through it), which evaluate/ does not do yet: speculative_eval=False.
+# The gated delta net's recurrent state can neither take a tree mask nor be rolled back to the accepted
+# tokens: evaluate/ verifies drafts for it token by token along the accepted path (tree_verify=False).
 QWEN3_NEXT = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3NextForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_next,
-    speculative_eval=False))
+    tree_verify=False))

@@ -4,6 +4,7 @@ their targets run in float64 here so that no near-tie can flip an argmax between
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
             gen = speculative_generate(model, draft, prompt, cfg, stop)
             assert gen.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
             lengths += gen.accept_lengths
+            # token-by-token verification (for recurrent targets) accepts exactly what one tree forward does
+            walked = speculative_generate(model, draft, prompt, replace(cfg, verify="walk"), stop)
+            assert (walked.tokens, walked.accept_lengths) == (gen.tokens, gen.accept_lengths), cfg.mode
         accepted[cfg.mode] = sum(lengths) / len(lengths)
     # the trained draft is right often enough that accepted paths (not only rejections) were exercised
     assert accepted["chain"] > 1.5 and accepted["tree"] > 1.5, accepted
