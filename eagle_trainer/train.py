@@ -31,6 +31,7 @@ from eagle_trainer.drafts.ttt import pick_attention
 from eagle_trainer.evaluate.acceptance import measure_acceptance, prompts_from_dataset
 from eagle_trainer.evaluate.speculative import DecodeConfig
 from eagle_trainer.export import WRITERS
+from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops
 from eagle_trainer.targets.frozen import FrozenTarget
 from eagle_trainer.targets.loading import load_target, load_tokenizer, resolve_dtype, target_info
 from eagle_trainer.targets.offline import OfflineTarget
@@ -206,10 +207,14 @@ def run(cfg: Config) -> Summary:
     acceptance = None if offline else build_acceptance(
         cfg.accept, model, draft, tokenizer, data.eval, progress=cfg.train.progress,
         verify="tree" if target_spec.tree_verify else "walk")
+    target_flops = None if offline else TargetFlops.from_hf_config(model.config)  # offline: no target forward
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
                       acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
                       data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
-                      run_config=asdict(cfg))
+                      run_config=asdict(cfg),
+                      flops=lambda lengths: step_flops(target_flops, draft.config, lengths, cfg.draft.ttt_steps,
+                                                       cfg.draft.mask_teacher_argmax),
+                      peak_tflops=peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     summary = trainer.fit()
     for fmt in cfg.train.export_formats:
         if fmt not in WRITERS:
@@ -258,6 +263,8 @@ def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) ->
         *([("best checkpoint (real accept len)", f"step {s.best['step']}: {s.best['accept_len']:.3f} "
             f"({s.best['mode']})")] if s.best else []),
         ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}"),
+        *([("TFLOP/s (target fwd + draft fwd/bwd)", f"{s.flop_rates['tflops_per_s']:.2f}"
+            + (f", MFU {s.flop_rates['mfu']:.1%}" if "mfu" in s.flop_rates else ""))] if s.flop_rates else []),
         *([("data: bad lines skipped / truncated / dropped", " / ".join([
             counted(data_stats["skipped"]), str(data_stats["truncated"]), counted(data_stats["dropped"])]))]
           if data_stats else []),

@@ -52,6 +52,7 @@ class Summary:
     accept_after: dict = field(default_factory=dict)
     best: dict = field(default_factory=dict)  # {"step", "accept_len", "mode", "checkpoint"} of checkpoints/best
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    flop_rates: dict = field(default_factory=dict)  # {"tflops_per_s", "mfu"} over the training time
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,12 +64,16 @@ class Trainer:
                  train: TrainConfig, train_batches: Callable[[int, int], Iterable[Batch]], eval_batches: list[Batch],
                  device: torch.device, rank: int = 0, world_size: int = 1, acceptance: Callable[[], dict] | None = None,
                  accept_every: int = 0, log: LogConfig | None = None, data_fingerprint: str = "",
-                 resume_from: str | Path | None = None, run_config: dict | None = None):
-        """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on."""
+                 resume_from: str | Path | None = None, run_config: dict | None = None,
+                 flops: Callable[[list[int]], float] | None = None, peak_tflops: float | None = None):
+        """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on.
+        `flops(lengths)`: FLOPs of a training step over sequences of those lengths (flops.step_flops), logged as
+        TFLOP/s, and as MFU against `peak_tflops` (the device's bf16 dense peak) when that is known."""
         self.spec, self.target, self.draft = spec, target, draft
         self.draft_cfg, self.optim_cfg, self.train_cfg = draft_cfg, optim, train
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.device, self.rank, self.world_size = device, rank, world_size
+        self.flops, self.peak_tflops = flops, peak_tflops
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -192,6 +197,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress or self.rank != 0,
                    dynamic_ncols=True)
         start, tokens, window_tokens, window_start = time.perf_counter(), 0, 0, time.perf_counter()
+        total_flops, window_flops = 0.0, 0.0
         paused_total = 0.0  # seconds of checkpoints and evals inside the loop
         accum = self.optim_cfg.grad_accum
         per_batch = self.optim_cfg.batch_size * self.world_size  # examples per micro-batch, all ranks
@@ -200,6 +206,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation at an epoch's end is dropped
             for batch in self.train_batches(self.epoch, self.examples_in_epoch // per_batch):
                 n_tok = int(batch.attention_mask.sum())  # counted on the host copy: no device sync
+                if self.flops is not None:
+                    step = self.flops(batch.attention_mask.sum(1).tolist())
+                    total_flops, window_flops = total_flops + step, window_flops + step
                 batch = batch.to(self.device)
                 out = self._loss(batch)
                 loss = out.loss.item()
@@ -228,15 +237,16 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{out.step_acc[0]:.2f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     now = time.perf_counter()
+                    rates = self._flop_rates(window_flops, now - window_start)
                     self.metrics.log({
                         "split": "train", "step": self.step, "epoch": self.epoch, "loss": loss,
                         "acc": out.step_acc, "step_loss": out.step_loss,
                         "sim_accept_len": simulated_acceptance(out.step_acc),
                         "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "skipped_steps": self.skipped_steps, **out.extra,
+                        "skipped_steps": self.skipped_steps, **rates, **out.extra,
                     })
-                    window_tokens, window_start = 0, now
+                    window_tokens, window_flops, window_start = 0, 0.0, now
                     summary.final_loss, summary.train_acc = loss, out.step_acc
                 saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
                 measuring = self.step < cfg.max_steps and (saving if self.accept_every == 0
@@ -260,6 +270,7 @@ class Trainer:
         bar.close()
         summary.wall_s = time.perf_counter() - start
         summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s - paused_total, 1e-9)
+        summary.flop_rates = self._flop_rates(total_flops, summary.wall_s - paused_total)
         summary.skipped_steps = self.skipped_steps
         summary.eval_after = self.evaluate_and_log()
         summary.checkpoint = str(self.save_checkpoint())
@@ -267,6 +278,13 @@ class Trainer:
         summary.best = dict(self.best)
         self._plot()
         return summary
+
+    def _flop_rates(self, flops: float, seconds: float) -> dict:
+        """{"tflops_per_s", "mfu"} of `flops` done in `seconds` (empty without a FLOP counter; no mfu without a peak)."""
+        if self.flops is None:
+            return {}
+        tflops = flops / max(seconds, 1e-9) / 1e12
+        return {"tflops_per_s": tflops, **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         """A NaN/inf loss or gradient: no update this step; too many in a row stop the run."""

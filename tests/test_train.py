@@ -33,6 +33,9 @@ def test_demo_writes_run_files(demo_run):
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train][-1] == 60 and len(train[-1]["acc"]) == 7
+    # throughput in FLOPs (flops.py): logged every window and over the run; no MFU without a known GPU peak
+    assert train[-1]["tflops_per_s"] > 0 and "mfu" not in train[-1]
+    assert summary.flop_rates["tflops_per_s"] > 0
     assert {p.name for p in (run_dir / "plots").iterdir()} == {"loss.png", "accuracy.png", "acceptance.png", "throughput.png"}
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert steps == ["best", "step_0000030", "step_0000060"]
