@@ -23,6 +23,7 @@ class TargetConfig:
     moe_impl: str = "auto"
     moe_batch_invariant: bool = True  # triton: a token's routing and expert output do not depend on the rest of the batch
     norm_impl: str = "auto"  # MoE targets: RMSNorm as auto | triton | hf; auto = our fused kernel on GPU, HF's on CPU
+    gdn_impl: str = "auto"  # Qwen3-Next linear attention: auto | triton | hf; auto = our GDN core on GPU, HF's on CPU
 
 
 @dataclass

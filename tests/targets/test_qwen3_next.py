@@ -149,8 +149,8 @@ def test_eager_and_grouped_mm_agree(loaded):
     batch = make_batch(2, 23, info.vocab_size, seed=1)
     eager = target.forward(batch)
     try:
-        assert bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm")) == {"moe": "grouped_mm",
-                                                                                         "norm": "hf"}
+        bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm"))
+        assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf"}  # gdn_impl auto: HF's on the CPU
         grouped = target.forward(batch)
     finally:
         bind_qwen3_next(model, TargetConfig(path="-", moe_impl="eager"))
@@ -186,3 +186,46 @@ def test_fused_expert_layout_loads_the_same_model(loaded, tmp_path):
     fused = load_target(TargetConfig(path=str(path)), CPU)[0]
     for (name, a), (_, b) in zip(loaded[0].named_parameters(), fused.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
+    """gdn_impl=triton (the Triton GDN core; the interpreter on the CPU, fp32) captures what HF's torch path does;
+    a cached (decoding) call still goes through HF's forward."""
+    from eagle_trainer.targets.gdn import LINEAR_ATTENTION_CLASS
+    ref_model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="hf"),
+                                           torch.device("cpu"))
+    model, _, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="triton"), torch.device("cpu"))
+    gdn = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
+    assert gdn and all("forward" in m.__dict__ for m in gdn)
+    assert not any("forward" in m.__dict__ for m in ref_model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS)
+    ids, t2d = draft_vocab(info.vocab_size, 200)
+    aux_ids = spec.aux_layers(info.num_layers)
+    batch = make_batch(2, 70, info.vocab_size)  # more than one 64-token chunk
+    ours = FrozenTarget(model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
+    ref = FrozenTarget(ref_model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
+    torch.testing.assert_close(ours.aux_hidden, ref.aux_hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.final_hidden, ref.final_hidden, rtol=1e-4, atol=1e-4)
+    # incremental decoding with a cache takes HF's path: same logits as the reference model
+    from transformers import DynamicCache
+    out = model(batch.input_ids[:1, :5], past_key_values=DynamicCache(config=model.config), use_cache=True)
+    expect = ref_model(batch.input_ids[:1, :5], past_key_values=DynamicCache(config=ref_model.config), use_cache=True)
+    torch.testing.assert_close(out.logits, expect.logits)
+
+
+@pytest.mark.gpu
+def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_path):
+    """On the GPU in bf16, the captured states with our GDN core are about as close to HF's fp32 result as HF's own
+    bf16 torch path is (norm-relative error at most 2x HF's, plus a small floor)."""
+    dev = torch.device("cuda")
+
+    def capture(impl, dtype):
+        model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl,
+                                                        dtype=dtype), dev)
+        ids, t2d = draft_vocab(info.vocab_size, 200)
+        batch = make_batch(2, 300, info.vocab_size).to(dev)
+        return FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).capture(batch).final_hidden.float()
+
+    truth = capture("hf", "float32")
+    ours, theirs = capture("triton", "bfloat16"), capture("hf", "bfloat16")
+    err = lambda x: float((x - truth).norm() / truth.norm())
+    assert err(ours) <= 2 * err(theirs) + 1e-3, (err(ours), err(theirs))

@@ -1,0 +1,65 @@
+"""Binding the Triton GDN core (kernels/gdn) into HF's Qwen3-Next linear-attention modules, per instance.
+
+HF's `Qwen3NextGatedDeltaNet.forward` stays the model definition: our forward reuses the module's own
+projections, `fix_query_key_value_ordering`, conv weight, A_log, dt_bias, gated-norm weight and out_proj, and
+swaps the four steps between them for our kernels (conv1d + SiLU, g/beta gating, the chunked gated delta rule,
+the gated RMSNorm). The frozen target's training forward has no cache and no attention mask (batches are
+right-padded: the causal conv and the delta rule never carry padding into earlier tokens); any call with a
+cache (evaluation's incremental decoding) or a mask goes to HF's original forward.
+
+    gdn_impl   triton (GPU, or the CPU under TRITON_INTERPRET=1) | hf | auto (triton on a GPU, else hf)
+
+Shapes: B batch, T tokens, C conv channels (2*Hk*Dk + Hv*Dv), Hk/Hv key/value heads, Dk/Dv head dims.
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+
+from eagle_trainer.targets.moe import resolve_kernel_impl
+
+IMPLEMENTATIONS = ("auto", "triton", "hf")
+LINEAR_ATTENTION_CLASS = "Qwen3NextGatedDeltaNet"
+
+
+def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
+    if cache_params is not None or attention_mask is not None:
+        return type(self).forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
+                                  **kwargs)
+    from eagle_trainer.kernels.gdn import causal_conv1d_silu, chunk_gated_delta_rule, gated_rms_norm, gdn_gating
+    b, t, _ = hidden_states.shape
+    query, key, value, z, beta_in, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
+                                                                         self.in_proj_ba(hidden_states))
+    mixed = torch.cat([x.reshape(b, t, -1) for x in (query, key, value)], dim=-1)  # [B, T, C]
+    mixed = causal_conv1d_silu(mixed, self.conv1d.weight, self.conv1d.bias)
+    query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+    query = query.reshape(b, t, -1, self.head_k_dim)  # [B, T, Hk, Dk]
+    key = key.reshape(b, t, -1, self.head_k_dim)
+    value = value.reshape(b, t, -1, self.head_v_dim)  # [B, T, Hv, Dv]
+    g, beta = gdn_gating(a, beta_in, self.A_log, self.dt_bias)  # [B, T, Hv]
+    core = chunk_gated_delta_rule(query, key, value, g, beta, l2norm_qk=True)  # [B, T, Hv, Dv]
+    core = gated_rms_norm(core, z, self.norm.weight, self.norm.variance_epsilon)
+    return self.out_proj(core.reshape(b, t, -1))
+
+
+def resolve_gdn_impl(impl: str, device: torch.device) -> str:
+    return resolve_kernel_impl("gdn_impl", impl, IMPLEMENTATIONS, device, cpu="hf")
+
+
+def bind_gdn(model: nn.Module, cfg: Any) -> str:
+    """Give every linear-attention module of `model` our forward (or HF's back), per `cfg.gdn_impl`."""
+    device = next(model.parameters()).device
+    impl = resolve_gdn_impl(cfg.gdn_impl, device)
+    layers = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no {LINEAR_ATTENTION_CLASS} modules to bind")
+    for layer in layers:
+        if impl == "triton":
+            layer.forward = MethodType(_gdn_forward, layer)
+        else:
+            layer.__dict__.pop("forward", None)
+    return impl
