@@ -17,7 +17,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))
 # Real configs (config.json only, no weights) of the targets the experiments are written for.
 TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json", "qwen3_30b_a3b_eagle3": "qwen3_30b_a3b_config.json",
-                  "qwen3_30b_a3b_eagle1": "qwen3_30b_a3b_config.json"}
+                  "qwen3_30b_a3b_eagle1": "qwen3_30b_a3b_config.json",
+                  "qwen3_next_80b_a3b_eagle3": "qwen3_next_80b_a3b_config.json"}
 
 
 def compose_recipe(overrides):

@@ -229,3 +229,20 @@ def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_pat
     ours, theirs = capture("triton", "bfloat16"), capture("hf", "bfloat16")
     err = lambda x: float((x - truth).norm() / truth.norm())
     assert err(ours) <= 2 * err(theirs) + 1e-3, (err(ours), err(theirs))
+
+
+def test_eagle3_demo_on_qwen3_next_learns_and_exports(demo_next_run):
+    """EAGLE-3 trained on the tiny Qwen3-Next demo target (CPU, HF's GDN code) learns, gets real acceptance
+    measured (token-by-token verification) and exports as a plain LlamaForCausalLMEagle3 draft."""
+    import json
+    run_dir, summary = demo_next_run
+    before, after = summary.eval_before, summary.eval_after
+    assert after["acc"][0] > before["acc"][0] + 0.2 and after["loss"] < 0.8 * before["loss"], (before, after)
+    assert set(summary.accept_after) == {"chain", "tree"}
+    exported = json.loads((run_dir / "export/sglang/config.json").read_text())
+    target = json.loads((run_dir / "target/config.json").read_text())
+    assert exported["architectures"] == ["LlamaForCausalLMEagle3"]
+    # the target's attention shape and rope_theta; full rotary (the engines' Llama layer has no partial rotary)
+    assert exported["head_dim"] == target["head_dim"]
+    assert exported["rope_theta"] == target["rope_parameters"]["rope_theta"] and exported["rope_scaling"] is None
+    assert exported["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
