@@ -6,6 +6,7 @@ run compiled, and the gpu-marked one checks bf16 at Qwen3-Next's shape against H
 
 import pytest
 import torch
+from kernel_checks import poison, rel_err
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from eagle_trainer.kernels.gdn import chunk as chunk_mod
@@ -18,16 +19,10 @@ HF_CHUNK = getattr(hf.torch_chunk_gated_delta_rule, "__wrapped__", hf.torch_chun
 HF_RECURRENT = getattr(hf.torch_recurrent_gated_delta_rule, "__wrapped__", hf.torch_recurrent_gated_delta_rule)
 
 
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """The output buffer starts as NaN: an element the kernel does not write fails the test."""
-    def nan_buffer(shape, like):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
-    monkeypatch.setattr(chunk_mod, "new_buffer", nan_buffer)
+    poison(monkeypatch, chunk_mod)
 
 
 def random_inputs(batch, num_tokens, num_k_heads, num_v_heads, head_k_dim, head_v_dim, l2norm_qk=True,

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_checks import poison
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from eagle_trainer.kernels.gdn import causal_conv1d_silu, gated_rms_norm, gdn_gating
@@ -29,10 +30,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every output buffer the launchers allocate starts as NaN: an element no kernel writes fails the test."""
-    def nan_buffer(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
-    for mod in (conv_mod, gating_mod, norm_mod):
-        monkeypatch.setattr(mod, "new_buffer", nan_buffer)
+    poison(monkeypatch, conv_mod, gating_mod, norm_mod)
 
 
 def randn(*shape, seed=0, scale=1.0, dtype=torch.float32):

@@ -6,24 +6,20 @@ and the gpu-marked ones check bf16 at real Qwen3-MoE shapes, run-to-run determin
 
 import pytest
 import torch
+from kernel_checks import poison, rel_err
 
-from eagle_trainer.kernels.moe import align_pairs, experts as experts_mod, moe_experts, moe_forward, moe_route
+from eagle_trainer.kernels.moe import align_pairs, moe_experts, moe_forward, moe_route
+from eagle_trainer.kernels.moe import experts as experts_mod
 from eagle_trainer.kernels.moe.configs import get_config
 from eagle_trainer.kernels.moe.reference import align_pairs_reference, moe_experts_reference, moe_route_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the experts launcher allocates starts as NaN: an element no kernel writes fails the test."""
-    def nan_buffer(shape, like):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype)
-    monkeypatch.setattr(experts_mod, "new_buffer", nan_buffer)
+    poison(monkeypatch, experts_mod)
 
 
 def random_layer(num_tokens, hidden, num_experts, inter, dtype=torch.float32, seed=0, scale=0.1):
