@@ -7,7 +7,8 @@ the gated RMSNorm). The frozen target's training forward has no cache and no att
 right-padded: the causal conv and the delta rule never carry padding into earlier tokens); any call with a
 cache (evaluation's incremental decoding) or a mask goes to HF's original forward.
 
-    gdn_impl   triton (GPU, or the CPU under TRITON_INTERPRET=1) | hf | auto (triton on a GPU, else hf)
+    gdn_impl   hf (the default until the core is validated on a GPU) | triton (GPU, or the CPU under
+               TRITON_INTERPRET=1) | auto (triton on a GPU, else hf)
 
 Shapes: B batch, T tokens, C conv channels (2*Hk*Dk + Hv*Dv), Hk/Hv key/value heads, Dk/Dv head dims.
 """

@@ -150,7 +150,7 @@ def test_eager_and_grouped_mm_agree(loaded):
     eager = target.forward(batch)
     try:
         bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm"))
-        assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf"}  # gdn_impl auto: HF's on the CPU
+        assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf"}  # gdn_impl defaults to HF's code
         grouped = target.forward(batch)
     finally:
         bind_qwen3_next(model, TargetConfig(path="-", moe_impl="eager"))
