@@ -15,13 +15,12 @@ Shapes: B batch, T tokens, C conv channels (2*Hk*Dk + Hv*Dv), Hk/Hv key/value he
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any
 
 import torch
 from torch import nn
 
-from eagle_trainer.targets.moe import resolve_kernel_impl
+from eagle_trainer.targets.moe import bind_instances, resolve_kernel_impl
 
 IMPLEMENTATIONS = ("auto", "triton", "hf")
 LINEAR_ATTENTION_CLASS = "Qwen3NextGatedDeltaNet"
@@ -53,14 +52,5 @@ def resolve_gdn_impl(impl: str, device: torch.device) -> str:
 
 def bind_gdn(model: nn.Module, cfg: Any) -> str:
     """Give every linear-attention module of `model` our forward (or HF's back), per `cfg.gdn_impl`."""
-    device = next(model.parameters()).device
-    impl = resolve_gdn_impl(cfg.gdn_impl, device)
-    layers = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no {LINEAR_ATTENTION_CLASS} modules to bind")
-    for layer in layers:
-        if impl == "triton":
-            layer.forward = MethodType(_gdn_forward, layer)
-        else:
-            layer.__dict__.pop("forward", None)
-    return impl
+    impl = resolve_gdn_impl(cfg.gdn_impl, next(model.parameters()).device)
+    return bind_instances(model, "gdn_impl", impl, (LINEAR_ATTENTION_CLASS,), _gdn_forward)

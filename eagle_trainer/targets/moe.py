@@ -42,6 +42,20 @@ def resolve_kernel_impl(option: str, impl: str, choices: tuple[str, ...], device
     return impl
 
 
+def bind_instances(model: nn.Module, option: str, impl: str, class_names: tuple[str, ...], forward) -> str:
+    """Give every instance of `class_names` in `model` `forward` (impl "triton") or its class's forward back
+    (any other impl, which must already be resolved); returns `impl`. `option` names the recipe key in errors."""
+    modules = [m for m in model.modules() if type(m).__name__ in class_names]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no {class_names} modules to bind (target.{option})")
+    for module in modules:
+        if impl == "triton":
+            module.forward = MethodType(forward, module)
+        else:
+            module.__dict__.pop("forward", None)
+    return impl
+
+
 def resolve_moe_impl(impl: str, device: torch.device) -> str:
     return resolve_kernel_impl("moe_impl", impl, IMPLEMENTATIONS, device, cpu="eager")
 

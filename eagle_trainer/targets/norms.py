@@ -10,13 +10,12 @@ zero-centred `(1 + weight)` variant of Qwen3-Next), and their instances get our 
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any
 
 import torch
 from torch import nn
 
-from eagle_trainer.targets.moe import resolve_kernel_impl
+from eagle_trainer.targets.moe import bind_instances, resolve_kernel_impl
 
 IMPLEMENTATIONS = ("auto", "triton", "hf")
 
@@ -32,14 +31,5 @@ def resolve_norm_impl(impl: str, device: torch.device) -> str:
 
 def bind_rms_norm(model: nn.Module, cfg: Any, class_names: tuple[str, ...]) -> str:
     """Give every instance of `class_names` in `model` the fused forward (or HF's back); returns the impl bound."""
-    device = next(model.parameters()).device
-    impl = resolve_norm_impl(cfg.norm_impl, device)
-    norms = [m for m in model.modules() if type(m).__name__ in class_names]
-    if not norms:
-        raise ValueError(f"{type(model).__name__} has no {class_names} modules to bind")
-    for norm in norms:
-        if impl == "triton":
-            norm.forward = MethodType(_norm_forward, norm)
-        else:
-            norm.__dict__.pop("forward", None)
-    return impl
+    impl = resolve_norm_impl(cfg.norm_impl, next(model.parameters()).device)
+    return bind_instances(model, "norm_impl", impl, class_names, _norm_forward)
