@@ -89,6 +89,7 @@ class AlgorithmSpec:
     loss: Callable[..., Any]  # (draft, batch, target_outputs, draft_config, attention) -> TTTLoss-like
     needs_aux_hidden: bool = True
     needs_last_hidden: bool = False
+    needs_target_head: bool = False  # the draft decodes with the target's lm_head [V, H] (EAGLE-1/2)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec
     store.check(expected)
     dtype = store.dtype if cfg.target.dtype == "auto" else resolve_dtype(cfg.target.dtype, device)
     target = OfflineTarget.from_checkpoint(cfg.target.path, draft_ids_from_d2t(d2t), cfg.draft.mask_teacher_argmax,
-                                           device, dtype, trust_remote_code=cfg.target.trust_remote_code)
+                                           device, dtype, trust_remote_code=cfg.target.trust_remote_code,
+                                           keep_lm_head=spec.algorithm.needs_target_head)
     manifest = store.manifest
     stats = {"num_loss_tokens": "?", "skipped": {}, "truncated": 0, "dropped": {},  # a dump made without the CLI
              **manifest.get("data_stats", {}), "num_examples": manifest["num_examples"],
@@ -186,7 +187,8 @@ def run(cfg: Config) -> Summary:
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     draft.to(device)
     # the embedding is copied in place (copy_ casts: no host round trip of [V, H]); EAGLE-1 shares the lm_head
-    draft.set_target_weights(target.input_embedding(), target.output_head())
+    lm_head = target.output_head() if spec.algorithm.needs_target_head else None
+    draft.set_target_weights(target.input_embedding(), lm_head)
     draft.set_vocab_map(d2t, t2d)
 
     def train_batches(epoch: int, start: int):

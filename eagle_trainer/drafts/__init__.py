@@ -102,4 +102,5 @@ def _eagle1_builder(algorithm: str):
 registry.register_algorithm(registry.AlgorithmSpec(name="eagle3", build_draft=build_eagle3, loss=eagle3_loss))
 for _name in ("eagle1", "eagle2"):  # one draft and training; eagle2 decodes with dynamic trees at serve time
     registry.register_algorithm(registry.AlgorithmSpec(name=_name, build_draft=_eagle1_builder(_name),
-                                                       loss=eagle1_loss, needs_aux_hidden=False))
+                                                       loss=eagle1_loss, needs_aux_hidden=False,
+                                                       needs_target_head=True))

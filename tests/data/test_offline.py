@@ -132,6 +132,10 @@ def test_offline_target_equals_frozen_target(env):
     online = env["target"]
     assert torch.equal(offline.draft_head, online.draft_head)
     assert torch.equal(offline.input_embedding(), online.input_embedding())
+    assert offline.lm_head is None  # the whole [V, Ht] head is kept only for drafts that decode with it
+    kept = OfflineTarget.from_checkpoint(env["path"], env["draft_ids"], True, torch.device("cpu"), torch.float32,
+                                         keep_lm_head=True)
+    assert torch.equal(kept.output_head(), online.output_head())
     kw = dict(seed=1, epoch=0, shuffle=True)
     # batch_size 1: the same shapes online and offline, so the same bits
     for mask in (True, False):
