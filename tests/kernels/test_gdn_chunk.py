@@ -19,6 +19,13 @@ HF_CHUNK = getattr(hf.torch_chunk_gated_delta_rule, "__wrapped__", hf.torch_chun
 HF_RECURRENT = getattr(hf.torch_recurrent_gated_delta_rule, "__wrapped__", hf.torch_recurrent_gated_delta_rule)
 
 
+def hf_heads(q, k, v):
+    """q, k repeated to v's heads, as HF's Qwen3NextGatedDeltaNet does before its core (older transformers'
+    torch paths take equal head counts only)."""
+    group = v.shape[2] // k.shape[2]
+    return q.repeat_interleave(group, dim=2), k.repeat_interleave(group, dim=2)
+
+
 @pytest.fixture
 def poisoned(monkeypatch):
     """The output buffer starts as NaN: an element the kernel does not write fails the test."""
@@ -46,8 +53,8 @@ def test_reference_matches_hf(l2norm_qk):
     q, k, v, g, beta = (x.double().cpu() for x in random_inputs(2, 70, 2, 4, 16, 24, l2norm_qk, seed=1))
     ref = gated_delta_rule_reference(q, k, v, g, beta, l2norm_qk=l2norm_qk)
     assert ref.dtype == torch.float64 and ref.shape == v.shape
-    recurrent, _ = HF_RECURRENT(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2norm_qk)
-    chunked, _ = HF_CHUNK(q, k, v, g, beta, use_qk_l2norm_in_kernel=l2norm_qk)
+    recurrent, _ = HF_RECURRENT(*hf_heads(q, k, v), v, g, beta, use_qk_l2norm_in_kernel=l2norm_qk)
+    chunked, _ = HF_CHUNK(*hf_heads(q, k, v), v, g, beta, use_qk_l2norm_in_kernel=l2norm_qk)
     assert rel_err(recurrent, ref) < 1e-6
     assert rel_err(chunked, ref) < 1e-5
 
@@ -114,11 +121,12 @@ def test_gpu_bf16_qwen3_next_shape_matches_hf(poisoned):
     q, k, v, g, beta = random_inputs(1, 4096, 16, 32, 128, 128, dtype=torch.bfloat16, seed=6, max_decay=2.0)
     beta = beta.bfloat16()
     out = chunk_gated_delta_rule(q, k, v, g, beta)
-    ref, _ = HF_CHUNK(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    ref, _ = HF_CHUNK(*hf_heads(q, k, v), v, g, beta, use_qk_l2norm_in_kernel=True)
     assert out.dtype == torch.bfloat16 and not out.isnan().any()
     assert rel_err(out, ref) < 1e-2
     cu_seqlens = torch.tensor([0, 1000, 1001, 3000, 4096], device=DEVICE, dtype=torch.int32)
     out = chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu_seqlens)
     for bos, eos in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        ref, _ = HF_CHUNK(*(x[:, bos:eos] for x in (q, k, v, g, beta)), use_qk_l2norm_in_kernel=True)
+        doc_q, doc_k, doc_v, doc_g, doc_beta = (x[:, bos:eos] for x in (q, k, v, g, beta))
+        ref, _ = HF_CHUNK(*hf_heads(doc_q, doc_k, doc_v), doc_v, doc_g, doc_beta, use_qk_l2norm_in_kernel=True)
         assert rel_err(out[:, bos:eos], ref) < 1e-2

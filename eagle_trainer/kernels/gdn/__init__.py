@@ -2,12 +2,14 @@
 
     conv.py        causal depthwise conv1d + SiLU over packed documents (cu_seqlens)
     gating.py      g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)
-    chunk.py       the chunked gated delta rule (chunk 64, WY form), state kept on chip, grouped value heads
+    chunk.py       the chunked gated delta rule (chunk 64, WY form): a parallel prepare kernel (T = (I + A)^-1,
+                   Aqk, q/k norms) and a recurrent kernel that keeps the state on chip; grouped value heads
     norm.py        gated RMSNorm * silu(z) epilogue
     reference.py / reference_ops.py   plain-torch references (the delta rule token by token in fp64)
 
-Not yet bound into the Qwen3-Next target (targets/), and not yet run on a GPU: tested in fp32 under the
-Triton interpreter against the references and HF's pure-torch code.
+Bound into the Qwen3-Next target by targets/gdn.py (gdn_impl auto = these kernels on a GPU). Tested in fp32
+under the Triton interpreter against the references and HF's pure-torch code, and in bf16 on an H100 against
+HF's torch path and fla; `benchmarks/gdn.py` times the core against fla's chunk_gated_delta_rule.
 
 Shapes: T tokens (or T_total packed with cu_seqlens [N+1] int32), C conv channels (2*key_dim + value_dim),
 Hk/Hv key/value heads, D head dim.
