@@ -6,8 +6,6 @@ model definition; an entry says where things live and which kernels to bind.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from eagle_trainer import registry
 from eagle_trainer.targets.gdn import bind_gdn
 from eagle_trainer.targets.moe import bind_moe
@@ -20,23 +18,16 @@ def bind_qwen3_moe(model, cfg) -> dict[str, str]:
 
 
 def bind_qwen3_next(model, cfg) -> dict[str, str]:
-    """Our GDN core for the linear-attention layers (`gdn_impl`); HF's own MoE paths and norms: moe_impl auto is
-    eager on the CPU, grouped_mm on a GPU.
+    """Our MoE core (router + routed experts, `moe_impl`), the zero-centred fused RMSNorm for Qwen3NextRMSNorm
+    (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton on a GPU for the
+    MoE and the norms (eager / hf on the CPU).
 
-    Our MoE core does not fuse Qwen3-Next's gated shared expert yet, and our RMSNorm kernel computes `w * x_hat`,
-    not Qwen3-Next's zero-centred `(1 + w) * x_hat`: asking for triton there is refused rather than silently
-    served by HF.
+    The shared expert (a dense Qwen3NextMLP) and its sigmoid `shared_expert_gate` stay HF's modules:
+    Qwen3NextSparseMoeBlock.forward adds them to whatever the experts implementation returns. The GDN's gated
+    norm (Qwen3NextRMSNormGated) is not a Qwen3NextRMSNorm: it belongs to the GDN binding.
     """
-    if "triton" in (cfg.moe_impl, cfg.norm_impl):
-        raise ValueError(f"target.moe_impl={cfg.moe_impl!r}, target.norm_impl={cfg.norm_impl!r}: no Triton MoE or "
-                         "RMSNorm kernels are bound for Qwen3NextForCausalLM yet; use moe_impl=auto|eager|grouped_mm and "
-                         "norm_impl=auto|hf")
-    if cfg.norm_impl not in ("auto", "hf"):
-        raise ValueError(f"target.norm_impl={cfg.norm_impl!r} is not one of ('auto', 'triton', 'hf')")
-    moe = cfg.moe_impl
-    if moe == "auto":
-        moe = "grouped_mm" if next(model.parameters()).device.type == "cuda" else "eager"
-    return {"moe": bind_moe(model, replace(cfg, moe_impl=moe)), "norm": "hf", "gdn": bind_gdn(model, cfg)}
+    return {"moe": bind_moe(model, cfg), "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True),
+            "gdn": bind_gdn(model, cfg)}
 
 
 QWEN3 = registry.register_target(registry.TargetSpec(architectures=("Qwen3ForCausalLM",)))

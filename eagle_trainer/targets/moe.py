@@ -1,10 +1,12 @@
-"""Binding the Triton MoE core into HF's Qwen3-MoE modeling code (no forked model files).
+"""Binding the Triton MoE core into HF's Qwen3-MoE and Qwen3-Next modeling code (no forked model files).
 
 HF transformers 5.x dispatches each `@use_experts_implementation` experts module through
 `ALL_EXPERTS_FUNCTIONS[config._experts_implementation]`. We register our core there as "eagle_triton" and
 switch the loaded model to it. The router (`mlp.gate`, a `*TopKRouter`) is a plain module whose forward
 returns (router_logits, top_k_weights, top_k_index); with our core bound its forward is replaced, per
 instance, by our fused router kernel, so routing is batch invariant and ties go to the lowest expert id.
+Anything else in the sparse block stays HF's: Qwen3-Next's shared expert and its sigmoid gate run as HF's
+modules and are added to our experts' output by HF's Qwen3NextSparseMoeBlock.forward.
 
     moe_impl   what runs
     triton     our router + our experts core (GPU, or the CPU under TRITON_INTERPRET=1)

@@ -31,7 +31,8 @@ def random_layer(num_tokens, hidden, num_experts, inter, dtype=torch.float32, se
 
 
 @pytest.mark.parametrize("num_tokens,hidden,num_experts,top_k,norm", [
-    (1, 48, 6, 2, True), (37, 80, 6, 2, True), (131, 72, 24, 3, False), (300, 64, 128, 8, True)])
+    (1, 48, 6, 2, True), (37, 80, 6, 2, True), (131, 72, 24, 3, False), (300, 64, 128, 8, True),
+    (150, 96, 512, 10, True), (40, 64, 384, 10, False), (9, 32, 10, 10, True)])
 def test_route_matches_reference(num_tokens, hidden, num_experts, top_k, norm):
     x, router, _, _ = random_layer(num_tokens, hidden, num_experts, 8, seed=num_tokens)
     logits, weights, ids = moe_route(x, router, top_k, norm)
@@ -40,6 +41,31 @@ def test_route_matches_reference(num_tokens, hidden, num_experts, top_k, norm):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6)
     assert torch.equal(ids, ref_ids.to(DEVICE))
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-7)
+
+
+def test_route_matches_hf_qwen3_next_router():
+    """HF's Qwen3NextTopKRouter at the real Qwen3-Next-80B-A3B routing shape (512 experts, top-10, renormalised;
+    a narrower hidden size): the same experts, and the weights to fp32 rounding (HF's softmax and sum run in
+    another order). HF returns the weights in the logits' dtype; with fp32 logits that is fp32 too."""
+    import json
+    from pathlib import Path
+
+    from transformers import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextTopKRouter
+    fields = json.loads((Path(__file__).parents[1] / "fixtures/qwen3_next_80b_a3b_config.json").read_text())
+    config = Qwen3NextConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
+    config.hidden_size = 256
+    router = Qwen3NextTopKRouter(config).to(DEVICE)
+    assert (router.num_experts, router.top_k, router.norm_topk_prob) == (512, 10, True)
+    x, weight, _, _ = random_layer(77, 256, 512, 8, seed=11, scale=0.2)  # logits of std 3
+    with torch.no_grad():
+        router.weight.copy_(weight)
+        ref_logits, ref_weights, ref_ids = router(x)
+    logits, weights, ids = moe_route(x, router.weight, router.top_k, router.norm_topk_prob)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids.long(), ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(77, device=DEVICE))
 
 
 def test_route_ties_go_to_the_lowest_expert():

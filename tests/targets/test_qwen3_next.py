@@ -1,5 +1,6 @@
 """Qwen3-Next targets through HF's modeling code: loading, aux capture, right padding past the gated delta
-net layers, the MoE switch, and the entry's facts for the real Qwen3-Next-80B-A3B config."""
+net layers, the MoE switch, our MoE / zero-centred RMSNorm / GDN cores bound against HF's own path, and the
+entry's facts for the real Qwen3-Next-80B-A3B config."""
 
 import shutil
 
@@ -20,6 +21,8 @@ from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_next_con
 from eagle_trainer.types import Batch
 
 CPU = torch.device("cpu")
+# where the Triton cores run: the GPU, else the CPU under the interpreter (conftest sets TRITON_INTERPRET=1)
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ARCH = "Qwen3NextForCausalLM"
 
 # config.json of Qwen/Qwen3-Next-80B-A3B-Instruct (token ids and dtype left out)
@@ -141,7 +144,7 @@ def test_right_padded_row_captures_as_alone(loaded):
 
 
 def test_eager_and_grouped_mm_agree(loaded):
-    """auto is eager on the CPU; grouped_mm is HF's default elsewhere. Both run HF's router and shared expert."""
+    """auto is eager on the CPU (our Triton core on a GPU); grouped_mm is HF's GPU path. Both run HF's router."""
     model, _, spec, info = loaded
     assert model.config._experts_implementation == "eager"
     ids, t2d = draft_vocab(info.vocab_size, 200)
@@ -159,13 +162,82 @@ def test_eager_and_grouped_mm_agree(loaded):
     torch.testing.assert_close(grouped.teacher_probs, eager.teacher_probs, rtol=1e-5, atol=1e-6)
 
 
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def moe_and_norm_modules(model):
+    """The modules moe_impl and norm_impl bind: routers and Qwen3NextRMSNorms (not the GDN's gated norm)."""
+    names = ("Qwen3NextTopKRouter", "Qwen3NextRMSNorm")
+    found = [m for m in model.modules() if type(m).__name__ in names]
+    assert {type(m).__name__ for m in found} == set(names)
+    return found
+
+
+@pytest.mark.parametrize("gdn_impl", ["hf", "triton"])
+def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl):
+    """moe_impl=triton (our router + routed experts; HF's shared expert and gate) and norm_impl=triton (the
+    zero-centred kernel in every Qwen3NextRMSNorm) give HF eager's backbone hidden states, in fp32 under the
+    interpreter (compiled on a GPU); with the GDN core bound too, as well. Binding eager / hf back restores HF's forwards exactly."""
+    from eagle_trainer.targets import moe as moe_binding
+    cfg = TargetConfig(path=str(tiny_qwen3_next_path), moe_impl="eager", norm_impl="hf", gdn_impl="hf",
+                       dtype="float32")
+    model, _, _, info = load_target(cfg, DEVICE)
+    with torch.no_grad():  # HF initialises the (1 + w) weights to zero: make w matter
+        for m in model.modules():
+            if type(m).__name__ == "Qwen3NextRMSNorm":
+                m.weight.normal_(0.0, 0.2)
+    ids = make_batch(2, 45, info.vocab_size, seed=3).input_ids.to(DEVICE)
+    ref = model.model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="triton", norm_impl="triton", gdn_impl=gdn_impl))
+    assert bound == {"moe": "triton", "norm": "triton", "gdn": gdn_impl}
+    assert model.config._experts_implementation == moe_binding.TRITON_NAME
+    assert all("forward" in r.__dict__ for r in moe_binding._routers(model))
+    layers = model.model.layers
+    for norm in (model.model.norm, layers[0].input_layernorm, layers[0].post_attention_layernorm,
+                 layers[3].self_attn.q_norm, layers[3].self_attn.k_norm):
+        assert "forward" in norm.__dict__
+    # HF's own: the shared expert and its gate, and the GDN's gated norm (the GDN binding's business)
+    assert not any("forward" in m.__dict__ for m in (layers[0].mlp.shared_expert, layers[0].mlp.shared_expert_gate,
+                                                     layers[0].linear_attn.norm))
+    out = model.model(ids, output_hidden_states=True, use_cache=False).hidden_states
+    tol = 1e-5 if gdn_impl == "hf" else 1e-4  # the GDN core's chunked sums run in another order than HF's
+    for i, (a, b) in enumerate(zip(out, ref, strict=True)):
+        assert rel_err(a, b) < tol, (i, rel_err(a, b))
+    assert bind_qwen3_next(model, cfg) == {"moe": "eager", "norm": "hf", "gdn": "hf"}
+    assert model.config._experts_implementation == "eager"
+    assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
+    for a, b in zip(model.model(ids, output_hidden_states=True, use_cache=False).hidden_states, ref, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("option", ["moe_impl", "norm_impl"])
-def test_triton_is_refused(loaded, option):
-    """Neither our MoE core (no fused shared expert yet) nor our RMSNorm kernel (plain `w * x`, not Qwen3-Next's
-    `(1 + w) * x`) is bound: asking for them fails instead of running HF's code under their name."""
+def test_triton_off_the_gpu_needs_the_interpreter(loaded, option, monkeypatch):
+    """triton is served (no longer refused for Qwen3-Next), but on the CPU only under TRITON_INTERPRET=1."""
     model = loaded[0]
-    with pytest.raises(ValueError, match=f"{option}='triton'.*Qwen3NextForCausalLM"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=f"{option}=triton needs a CUDA device.*TRITON_INTERPRET=1"):
         bind_qwen3_next(model, TargetConfig(path="-", **{option: "triton"}))
+    assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
+
+
+@pytest.mark.gpu
+def test_moe_and_norm_cores_bound_in_bf16_on_gpu_track_the_fp32_truth(tiny_qwen3_next_path):
+    """On the GPU in bf16, our MoE core and zero-centred norms (auto) capture states about as close to HF's fp32
+    result as HF's own bf16 path (grouped_mm, HF norms) does."""
+    dev = torch.device("cuda")
+
+    def capture(moe_impl, norm_impl, dtype):
+        model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), moe_impl=moe_impl,
+                                                        norm_impl=norm_impl, dtype=dtype), dev)
+        ids, t2d = draft_vocab(info.vocab_size, 200)
+        batch = make_batch(2, 300, info.vocab_size).to(dev)
+        return FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).capture(batch).final_hidden.float()
+
+    truth = capture("eager", "hf", "float32")
+    ours, theirs = capture("auto", "auto", "bfloat16"), capture("grouped_mm", "hf", "bfloat16")
+    err = lambda x: float((x - truth).norm() / truth.norm())
+    assert err(ours) <= 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
 
 
 def test_registry_entry_and_demo_config():
@@ -189,18 +261,19 @@ def test_fused_expert_layout_loads_the_same_model(loaded, tmp_path):
 
 
 def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
-    """gdn_impl=triton (the Triton GDN core; the interpreter on the CPU, fp32) captures what HF's torch path does;
+    """gdn_impl=triton (the Triton GDN core, fp32: compiled on a GPU, interpreted on the CPU) captures what HF's torch path does;
     a cached (decoding) call still goes through HF's forward."""
     from eagle_trainer.targets.gdn import LINEAR_ATTENTION_CLASS
-    ref_model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="hf"),
-                                           torch.device("cpu"))
-    model, _, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="triton"), torch.device("cpu"))
+    kinds = {"moe_impl": "eager", "norm_impl": "hf", "dtype": "float32"}  # only the GDN differs
+    ref_model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="hf", **kinds),
+                                           DEVICE)
+    model, _, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="triton", **kinds), DEVICE)
     gdn = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
     assert gdn and all("forward" in m.__dict__ for m in gdn)
     assert not any("forward" in m.__dict__ for m in ref_model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS)
     ids, t2d = draft_vocab(info.vocab_size, 200)
     aux_ids = spec.aux_layers(info.num_layers)
-    batch = make_batch(2, 70, info.vocab_size)  # more than one 64-token chunk
+    batch = make_batch(2, 70, info.vocab_size).to(DEVICE)  # more than one 64-token chunk
     ours = FrozenTarget(model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
     ref = FrozenTarget(ref_model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
     torch.testing.assert_close(ours.aux_hidden, ref.aux_hidden, rtol=1e-4, atol=1e-4)
@@ -214,21 +287,25 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
 
 @pytest.mark.gpu
 def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_path):
-    """On the GPU in bf16, the captured states with our GDN core are about as close to HF's fp32 result as HF's own
-    bf16 torch path is (norm-relative error at most 2x HF's, plus a small floor)."""
+    """On the GPU in bf16, the captured states and the teacher with our GDN core are about as close to HF's fp32
+    result as HF's own bf16 torch path is (norm-relative error at most 2x HF's, plus a small floor). The MoE and
+    the norms stay HF's in all three runs, so only the GDN differs."""
     dev = torch.device("cuda")
 
-    def capture(impl, dtype):
-        model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl,
-                                                        dtype=dtype), dev)
+    def forward(impl, dtype):
+        model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl, dtype=dtype,
+                                                        moe_impl="eager" if dtype == "float32" else "grouped_mm",
+                                                        norm_impl="hf"), dev)
         ids, t2d = draft_vocab(info.vocab_size, 200)
         batch = make_batch(2, 300, info.vocab_size).to(dev)
-        return FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).capture(batch).final_hidden.float()
+        out = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).forward(batch)
+        return out.aux_hidden.float(), out.final_hidden.float(), out.teacher_probs
 
-    truth = capture("hf", "float32")
-    ours, theirs = capture("triton", "bfloat16"), capture("hf", "bfloat16")
-    err = lambda x: float((x - truth).norm() / truth.norm())
-    assert err(ours) <= 2 * err(theirs) + 1e-3, (err(ours), err(theirs))
+    truth = forward("hf", "float32")
+    ours, theirs = forward("triton", "bfloat16"), forward("hf", "bfloat16")
+    for i, name in enumerate(("aux_hidden", "final_hidden", "teacher_probs")):
+        err = lambda x: float((x[i] - truth[i]).norm() / truth[i].norm())  # noqa: B023
+        assert err(ours) <= 2 * err(theirs) + 1e-3, (name, err(ours), err(theirs))
 
 
 def test_eagle3_demo_on_qwen3_next_learns_and_exports(demo_next_run):

@@ -1,8 +1,11 @@
 """MoE routing: the fused router kernel and the host-sync-free counting sort of (token, expert) pairs.
 
 `moe_route`: router logits (x @ W_r^T, fp32 accumulation, rounded to the model dtype as HF's F.linear does)
--> fp32 softmax -> top-k (lowest expert id wins ties) -> renormalise when `norm_topk_prob`. One program owns
-BT whole tokens and every expert, so a token's result never depends on the other tokens in the batch.
+-> fp32 softmax -> top-k (lowest expert id wins ties) -> renormalise when `norm_topk_prob` (a division by the
+fp32 sum of the k probabilities, as HF's Qwen3-MoE / Qwen3-Next *TopKRouter does). One program owns BT whole
+tokens and every expert, so a token's result never depends on the other tokens in the batch. The expert count
+and k are compile-time constants with no other limit than k <= E; a program holds a [BT, next_pow2(E)] fp32
+tile (BT = 16 from 256 experts up), sized for Qwen3-Next-80B-A3B's E = 512, k = 10.
 
 `align_pairs`: the T*k (token, expert) pairs, numbered p = t*k + j, sorted by expert (stable, so by p within
 an expert) and laid out in blocks of BM rows that each hold one expert's pairs only; a block's tail is padded
@@ -53,12 +56,14 @@ def moe_route_fwd_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, T, H, s
         b_idx = tl.min(tl.where(b_q == b_best[:, None], o_e[None, :], BE), axis=1)
         b_total += b_best
         b_q = tl.where(o_e[None, :] == b_idx[:, None], -1.0, b_q)
-    b_scale = 1.0 / b_total if NORM else tl.full([BT], 1.0, tl.float32)
     b_q = b_p
     for j in tl.static_range(TOPK):
         b_best = tl.max(b_q, axis=1)
         b_idx = tl.min(tl.where(b_q == b_best[:, None], o_e[None, :], BE), axis=1)
-        tl.store(weights_ptr + o_t * TOPK + j, b_best * b_scale, mask=m_t)
+        b_w = b_best
+        if NORM:  # a division, as HF's `router_top_value /= sum` (not a multiply by the reciprocal)
+            b_w = b_best / b_total
+        tl.store(weights_ptr + o_t * TOPK + j, b_w, mask=m_t)
         tl.store(ids_ptr + o_t * TOPK + j, b_idx, mask=m_t)
         b_q = tl.where(o_e[None, :] == b_idx[:, None], -1.0, b_q)
 
