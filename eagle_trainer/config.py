@@ -22,10 +22,11 @@ class TargetConfig:
     # MoE targets only (ignored for dense ones): auto | triton | eager | grouped_mm; auto = triton on GPU, eager on CPU
     moe_impl: str = "auto"
     moe_batch_invariant: bool = True  # triton: a token's routing and expert output do not depend on the rest of the batch
-    norm_impl: str = "auto"  # MoE targets: RMSNorm as auto | triton | hf; auto = our fused kernel on GPU, HF's on CPU
+    # MoE targets (Qwen3-MoE, Qwen3-Next: zero-centred): RMSNorm as auto | triton | hf; auto = our fused kernel on GPU
+    norm_impl: str = "auto"
     # Qwen3-Next linear attention: hf | triton (our GDN core; not yet validated on a GPU, so not the default) |
     # auto (triton on a GPU, hf on the CPU)
-    gdn_impl: str = "hf"
+    gdn_impl: str = "auto"
 
 
 @dataclass
@@ -63,6 +64,10 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip : a bad JSONL line
     truncate: bool = True  # sequences over max_length: truncate (True) or drop (False); counted either way
     shuffle: bool = True
+    # pack each batch's examples back to back into one row [1, N] (no padding; position_ids restart per document)
+    # instead of right-padding them to [B, T]; attention, the GDN state and the loss stay within each document.
+    # Qwen3-Next targets need target.gdn_impl=triton for it (HF's linear attention would leak state across documents)
+    pack: bool = False
     # a directory written by `eagle-data dump`: train on stored target hidden states instead of running the
     # target (its manifest must match this run's target, aux layers and vocab map)
     offline_path: Optional[str] = None

@@ -193,12 +193,13 @@ def run(cfg: Config) -> Summary:
 
     def train_batches(epoch: int, start: int):
         for batch in data.batches(data.train, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                  shuffle=cfg.data.shuffle, pad_id=pad_id, start=start):
+                                  shuffle=cfg.data.shuffle, pad_id=pad_id, start=start, pack=cfg.data.pack):
             yield batch.pad_to_multiple(multiple, pad_id)
 
     eval_batches = []
     if data.eval is not None:
-        for batch in data.batches(data.eval, cfg.optim.batch_size, seed=0, epoch=0, shuffle=False, pad_id=pad_id):
+        for batch in data.batches(data.eval, cfg.optim.batch_size, seed=0, epoch=0, shuffle=False, pad_id=pad_id,
+                                  pack=cfg.data.pack):
             if len(eval_batches) == cfg.train.eval_batches:
                 break
             eval_batches.append(batch.pad_to_multiple(multiple, pad_id))

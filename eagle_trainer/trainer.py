@@ -66,7 +66,8 @@ class Trainer:
                  accept_every: int = 0, log: LogConfig | None = None, data_fingerprint: str = "",
                  resume_from: str | Path | None = None, run_config: dict | None = None,
                  flops: Callable[[list[int]], float] | None = None, peak_tflops: float | None = None):
-        """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on.
+        """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on (padded
+        or packed: tokens/s and FLOPs count real tokens, per document).
         `flops(lengths)`: FLOPs of a training step over sequences of those lengths (flops.step_flops), logged as
         TFLOP/s, and as MFU against `peak_tflops` (the device's bf16 dense peak) when that is known."""
         self.spec, self.target, self.draft = spec, target, draft
@@ -205,9 +206,9 @@ class Trainer:
             micro, finite = 0, True
             self.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation at an epoch's end is dropped
             for batch in self.train_batches(self.epoch, self.examples_in_epoch // per_batch):
-                n_tok = int(batch.attention_mask.sum())  # counted on the host copy: no device sync
-                if self.flops is not None:
-                    step = self.flops(batch.attention_mask.sum(1).tolist())
+                n_tok = int(batch.attention_mask.sum())  # real tokens, on the host copy: no device sync
+                if self.flops is not None:  # per document (a packed row's attention stays within each one)
+                    step = self.flops(batch.document_lengths())
                     total_flops, window_flops = total_flops + step, window_flops + step
                 batch = batch.to(self.device)
                 out = self._loss(batch)

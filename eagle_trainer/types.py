@@ -1,6 +1,7 @@
 """Data passed between layers. torch and dataclasses only.
 
-Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
+Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab. A packed batch (data.pack) is
+one row of N tokens holding D documents: [1, N] wherever [B, T] is written.
 """
 
 from __future__ import annotations
@@ -12,22 +13,66 @@ import torch
 
 @dataclass
 class Batch:
-    """A right-padded batch of tokenised conversations."""
+    """Tokenised conversations: right-padded rows [B, T], or (data.pack) all of them packed into one row [1, N].
 
-    input_ids: torch.Tensor  # [B, T] int64
+    A packed batch holds its documents back to back with no padding between them; `position_ids` restart at 0
+    at each document and `cu_seqlens` gives the document starts. Padding added after the last document
+    (`pad_to_multiple`) is a document of its own, masked out of both masks, so nothing real attends into it.
+    """
+
+    input_ids: torch.Tensor  # [B, T] int64 ([1, N] packed)
     loss_mask: torch.Tensor  # [B, T] bool: token is part of an assistant turn (end-of-turn included)
     attention_mask: torch.Tensor  # [B, T] bool: real token (False on padding)
+    # packed batches only (None on padded ones): position in its document [1, N] int64, and the document starts
+    # [D+1] int32 (first 0, last N; D = the packed examples, plus one padding document after pad_to_multiple)
+    position_ids: torch.Tensor | None = field(default=None, kw_only=True)
+    cu_seqlens: torch.Tensor | None = field(default=None, kw_only=True)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def document_ids(self) -> torch.Tensor | None:
+        """[1, N] int64: the document each token of a packed batch belongs to (None when not packed)."""
+        if self.cu_seqlens is None:
+            return None
+        n = self.input_ids.shape[1]
+        tokens = torch.arange(n, device=self.cu_seqlens.device, dtype=self.cu_seqlens.dtype)
+        return torch.searchsorted(self.cu_seqlens[1:], tokens, right=True).to(torch.int64)[None]
+
+    def document_lengths(self) -> list[int]:
+        """Real tokens per document (per row when not packed; padding documents left out), on the host."""
+        real = self.attention_mask.sum(1) if self.cu_seqlens is None else _segment_sums(self.attention_mask[0],
+                                                                                        self.cu_seqlens)
+        return [n for n in real.tolist() if n > 0]
 
     def pad_to_multiple(self, multiple: int, pad_id: int) -> "Batch":
-        """Right-pad T up to a multiple (fewer distinct shapes for compiled kernels); padding is masked."""
+        """Pad T up to a multiple (fewer distinct shapes for compiled kernels); padding is masked. A packed batch
+        gets the padding as one more document (positions from 0, a cu_seqlens entry at the new end)."""
         extra = -self.input_ids.shape[1] % multiple
         if extra == 0:
             return self
         pad = lambda x, v: torch.cat([x, x.new_full((x.shape[0], extra), v)], dim=1)
-        return Batch(pad(self.input_ids, pad_id), pad(self.loss_mask, False), pad(self.attention_mask, False))
+        packing = {}
+        if self.packed:
+            positions = torch.arange(extra, dtype=self.position_ids.dtype, device=self.position_ids.device)
+            end = self.cu_seqlens.new_full((1,), self.input_ids.shape[1] + extra)
+            packing = {"position_ids": torch.cat([self.position_ids, positions[None]], dim=1),
+                       "cu_seqlens": torch.cat([self.cu_seqlens, end])}
+        return Batch(pad(self.input_ids, pad_id), pad(self.loss_mask, False), pad(self.attention_mask, False),
+                     **packing)
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.loss_mask, self.attention_mask)))
+        move = lambda x: None if x is None else x.to(device, non_blocking=True)
+        return Batch(move(self.input_ids), move(self.loss_mask), move(self.attention_mask),
+                     position_ids=move(self.position_ids), cu_seqlens=move(self.cu_seqlens))
+
+
+def _segment_sums(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sum of x [N] over each segment [cu_seqlens[i], cu_seqlens[i+1]) -> [D] int64."""
+    c = torch.cat([x.new_zeros(1, dtype=torch.int64), x.to(torch.int64).cumsum(0)])
+    cu = cu_seqlens.to(torch.int64)
+    return c[cu[1:]] - c[cu[:-1]]
 
 
 @dataclass
@@ -60,7 +105,8 @@ class CapturedStates:
 
 @dataclass
 class OfflineBatch(Batch):
-    """A Batch read from an offline dump: the target's captured states come with it (zeros on padding)."""
+    """A Batch read from an offline dump: the target's captured states come with it (zeros on padding).
+    Packed like its tokens when data.pack is on ([1, N, ...])."""
 
     states: CapturedStates  # [B, T, ...] like the token tensors; argmax_valid is False on padding
     # fp8 dumps: state name -> per-token scale [B, T, 1] fp32 of a state held as float8_e4m3fn; `to` moves the
@@ -68,7 +114,7 @@ class OfflineBatch(Batch):
     scales: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pad_to_multiple(self, multiple: int, pad_id: int) -> "OfflineBatch":
-        """Right-pad T up to a multiple; the states get zero rows and argmax_valid False there."""
+        """Pad T up to a multiple as Batch does; the states get zero rows and argmax_valid False there."""
         extra = -self.input_ids.shape[1] % multiple
         if extra == 0:
             return self
@@ -83,7 +129,8 @@ class OfflineBatch(Batch):
         states = CapturedStates(aux_hidden=pad(s.aux_hidden), last_hidden=pad(s.last_hidden),
                                 final_hidden=pad(s.final_hidden), argmax_valid=pad(s.argmax_valid))
         scales = {name: pad(scale) for name, scale in self.scales.items()}
-        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales)
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales,
+                            position_ids=tokens.position_ids, cu_seqlens=tokens.cu_seqlens)
 
     def to(self, device: torch.device | str) -> "OfflineBatch":
         tokens = Batch.to(self, device)
@@ -91,7 +138,8 @@ class OfflineBatch(Batch):
         for name, scale in self.scales.items():
             q = getattr(states, name)
             setattr(states, name, q.float() * scale.to(device, non_blocking=True))
-        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states)
+        return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states,
+                            position_ids=tokens.position_ids, cu_seqlens=tokens.cu_seqlens)
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,13 @@ def test_offline_eagle1_equals_online(dumped, tmp_path):
     run(compose_cfg(demo_dir, tmp_path / "online", **eagle1))
     run(compose_cfg(demo_dir, tmp_path / "offline", **eagle1, **{"data.offline_path": dump}))
     assert_same_curve(train_losses(tmp_path / "offline"), train_losses(tmp_path / "online"))
+
+
+def test_offline_packed_equals_offline_padded(dumped, tmp_path):
+    """data.pack reads the same examples per batch from the dump, packed with their states into one row."""
+    demo_dir, dump, _ = dumped
+    cfg = {"data.offline_path": dump, "optim.batch_size": 4, "train.max_steps": 4}
+    run(compose_cfg(demo_dir, tmp_path / "padded", **cfg))
+    run(compose_cfg(demo_dir, tmp_path / "packed", **cfg, **{"data.pack": "true"}))
+    padded, packed = train_losses(tmp_path / "padded"), train_losses(tmp_path / "packed")
+    assert sorted(packed) == [1, 2, 3, 4] and packed == pytest.approx(padded, rel=1e-5)

@@ -7,7 +7,8 @@ tokenizer (vocabulary, special tokens, chat template), max_length, thinking, tru
 turn markers. A second build with the same key reads the Arrow file and the saved stats back without
 tokenising. Several processes must not build the same key at once: let rank 0 build, then barrier.
 
-Columns: input_ids list[int32] [T], loss_mask list[bool] [T]. Batch shapes: [B, T] (see types.Batch).
+Columns: input_ids list[int32] [T], loss_mask list[bool] [T]. Batch shapes: [B, T] right-padded, or with
+data.pack [1, N] (the batch's examples back to back, position_ids and cu_seqlens marking them; see types.Batch).
 """
 
 from __future__ import annotations
@@ -175,8 +176,19 @@ def _tokenize_line(tokenizer, messages, cfg, path, line_no, skipped, assistant_h
         raise line_error(path, line_no, e) from None
 
 
-def collate(examples: list[dict], pad_id: int) -> Batch:
-    """Right-pad examples ({"input_ids", "loss_mask"}) into a Batch; padding is masked out of both masks."""
+def collate(examples: list[dict], pad_id: int, pack: bool = False) -> Batch:
+    """Examples ({"input_ids", "loss_mask"}) into a Batch: right-padded rows [B, T] with padding masked out of
+    both masks, or with `pack` one row [1, N] holding them back to back (N = their total length, no padding),
+    with position_ids restarting at each example and cu_seqlens [B+1] at their starts."""
+    if pack:
+        lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])
+        input_ids = torch.cat([torch.as_tensor(ex["input_ids"], dtype=torch.int64) for ex in examples])[None]  # [1, N]
+        loss_mask = torch.cat([torch.as_tensor(ex["loss_mask"], dtype=torch.bool) for ex in examples])[None]
+        cu_seqlens = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)  # [B+1]
+        starts = torch.repeat_interleave(cu_seqlens[:-1].to(torch.int64), lengths)  # [N]: each token's document start
+        position_ids = (torch.arange(input_ids.shape[1]) - starts)[None]
+        return Batch(input_ids, loss_mask, torch.ones_like(loss_mask), position_ids=position_ids,
+                     cu_seqlens=cu_seqlens)
     lengths = [len(ex["input_ids"]) for ex in examples]
     num_rows, max_len = len(examples), max(lengths)
     input_ids = torch.full((num_rows, max_len), pad_id, dtype=torch.int64)  # [B, T]
@@ -226,10 +238,12 @@ def batches(
     world_size: int = 1,
     pad_id: int = 0,
     start: int = 0,
+    pack: bool = False,
 ) -> Iterator[Batch]:
-    """One epoch of this rank's Batches, in `batch_indices` order (from batch `start` on)."""
+    """One epoch of this rank's Batches, in `batch_indices` order (from batch `start` on); `pack`: each batch's
+    examples packed into one row (see `collate`). Which examples make a batch does not depend on `pack`."""
     for indices in batch_indices(len(dataset), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
                                  world_size=world_size, start=start):
         rows = dataset[indices.tolist()]  # column dict: {"input_ids": [...], "loss_mask": [...]}
         examples = [{"input_ids": ids, "loss_mask": m} for ids, m in zip(rows["input_ids"], rows["loss_mask"])]
-        yield collate(examples, pad_id)
+        yield collate(examples, pad_id, pack)

@@ -24,6 +24,9 @@ A dump directory:
     target distribution magnifies its error (2.6% relative error in final_hidden moved the tiny test target's
     teacher by 0.07 in L1). The manifest lists the compressed tensors and their relative Frobenius error.
 
+Training with data.pack reads the same examples per batch and lays their tokens and states back to back
+in one row (`collate_offline(..., pack=True)`), as the online packed batch holds them.
+
 Rank r of W dumps the examples i with i % W == r. Rows of a batched capture differ from the same example
 captured alone by float rounding (padding changes the matmul shapes); with batch_size=1 a dump is bit-exact
 and the same for any world size.
@@ -305,14 +308,17 @@ def _finish(out_dir: Path, world_size: int, num_examples: int, manifest: dict) -
     })
 
 
-def collate_offline(examples: list[dict[str, torch.Tensor]], pad_id: int) -> OfflineBatch:
-    """Right-pad stored examples into an OfflineBatch; the states are zero (argmax_valid False) on padding."""
-    tokens = collate(examples, pad_id)  # [B, T]
+def collate_offline(examples: list[dict[str, torch.Tensor]], pad_id: int, pack: bool = False) -> OfflineBatch:
+    """Stored examples into an OfflineBatch as `collate` lays out their tokens: right-padded [B, T, ...] with
+    zero states (argmax_valid False) on padding, or with `pack` back to back in one row [1, N, ...]."""
+    tokens = collate(examples, pad_id, pack)  # [B, T] or [1, N]
     num_rows, max_len = tokens.input_ids.shape
 
     def stack(name: str) -> torch.Tensor | None:
         if name not in examples[0]:
             return None
+        if pack:
+            return torch.cat([ex[name] for ex in examples])[None]  # [1, N, ...]
         first = examples[0][name]
         out = first.new_zeros((num_rows, max_len, *first.shape[1:]))  # [B, T, ...]
         for row, ex in enumerate(examples):
@@ -322,7 +328,8 @@ def collate_offline(examples: list[dict[str, torch.Tensor]], pad_id: int) -> Off
     states = CapturedStates(aux_hidden=stack("aux_hidden"), last_hidden=stack("last_hidden"),
                             final_hidden=stack("final_hidden"), argmax_valid=stack("argmax_valid"))
     scales = {name: stack(name + ".scale") for name in HIDDEN_NAMES if name + ".scale" in examples[0]}
-    return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales)
+    return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales,
+                        position_ids=tokens.position_ids, cu_seqlens=tokens.cu_seqlens)
 
 
 class OfflineStore:
@@ -410,14 +417,16 @@ class OfflineStore:
                              "dump made for them")
 
     def batches(self, batch_size: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0, world_size: int = 1,
-                pad_id: int = 0, start: int = 0, prefetch: int = 2, pin_memory: bool = False) -> Iterator[OfflineBatch]:
+                pad_id: int = 0, start: int = 0, prefetch: int = 2, pin_memory: bool = False,
+                pack: bool = False) -> Iterator[OfflineBatch]:
         """One epoch of this rank's OfflineBatches in `batch_indices` order (the online `batches` order), from
-        batch `start` on. A background thread reads `prefetch` batches ahead (0: read in the caller's thread)."""
+        batch `start` on; `pack` packs each batch into one row. A background thread reads `prefetch` batches ahead
+        (0: read in the caller's thread)."""
         def read() -> Iterator[OfflineBatch]:
             for indices in batch_indices(len(self), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
                                          world_size=world_size, start=start):
                 # fp8 stays fp8 until the batch is on its device (OfflineBatch.to dequantises there)
-                batch = collate_offline([self.example(int(i), dequantize=False) for i in indices], pad_id)
+                batch = collate_offline([self.example(int(i), dequantize=False) for i in indices], pad_id, pack)
                 yield _pinned(batch) if pin_memory else batch
 
         return read() if prefetch < 1 else _prefetched(read(), prefetch)
@@ -432,7 +441,8 @@ def _pinned(batch: OfflineBatch) -> OfflineBatch:
     s = batch.states
     return OfflineBatch(pin(batch.input_ids), pin(batch.loss_mask), pin(batch.attention_mask), CapturedStates(
         aux_hidden=pin(s.aux_hidden), last_hidden=pin(s.last_hidden), final_hidden=pin(s.final_hidden),
-        argmax_valid=pin(s.argmax_valid)), {name: pin(scale) for name, scale in batch.scales.items()})
+        argmax_valid=pin(s.argmax_valid)), {name: pin(scale) for name, scale in batch.scales.items()},
+        position_ids=pin(batch.position_ids), cu_seqlens=pin(batch.cu_seqlens))
 
 
 _DONE = object()

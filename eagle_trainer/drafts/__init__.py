@@ -51,10 +51,11 @@ def build_eagle3(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Dra
 
 def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
                 attention: str) -> TTTLoss:
-    """The K-step TTT loss of one batch (DESIGN section 4)."""
+    """The K-step TTT loss of one batch (DESIGN section 4); a packed batch keeps every chain in its document."""
     aux = outputs.aux_hidden.to(draft.fc.weight.dtype)
-    logits = ttt_logits(draft, batch.input_ids, aux, cfg.ttt_steps, attention)
-    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps)
+    documents = batch.document_ids()  # None unless packed
+    logits = ttt_logits(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
+    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     return ttt_loss(logits, outputs.teacher_probs, valid, cfg.step_weight)
 
 
@@ -72,8 +73,9 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     inputs = features
     if draft.training and cfg.feature_noise > 0:
         inputs = features + (torch.rand_like(features) * 2 - 1) * cfg.feature_noise
-    predicted = unroll(draft, batch.input_ids, inputs, cfg.ttt_steps, attention)
-    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps)
+    documents = batch.document_ids()  # None unless packed
+    predicted = unroll(draft, batch.input_ids, inputs, cfg.ttt_steps, attention, batch.position_ids, documents)
+    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     acc = torch.promote_types(features.dtype, torch.float32)  # losses in fp32 at least (bf16 under autocast)
     total = features.new_zeros((), dtype=acc)
     teacher_top = outputs.teacher_probs.argmax(-1)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
-from eagle_trainer.drafts.ttt import ATTENTION, shift_left
+from eagle_trainer.drafts.ttt import shift_left, step0_attention
 
 
 @dataclass(frozen=True)
@@ -156,16 +156,19 @@ class Eagle1Draft(nn.Module):
 
 
 def unroll(draft: Eagle1Draft, input_ids: torch.Tensor, features: torch.Tensor, num_steps: int,
-           attention: str = "naive") -> list[torch.Tensor]:
+           attention: str = "naive", position_ids: torch.Tensor | None = None,
+           documents: torch.Tensor | None = None) -> list[torch.Tensor]:
     """K steps over every position at once -> K predicted features [B, T, H].
 
     Step k at position t: token x[t+1+k], input feature f[t] (k = 0) or step k-1's prediction at t, RoPE
     position t + k; it predicts f[t+1+k]. Attention per layer: the step-0 keys at positions <= t plus that
-    layer's step-j keys at t for j = 1..k (what a serving engine's KV cache holds for the chain after t)."""
-    attend = ATTENTION[attention]
+    layer's step-j keys at t for j = 1..k (what a serving engine's KV cache holds for the chain after t).
+    Packed batches (position_ids, documents [B, T]) follow drafts/ttt.py: RoPE position position_ids[t] + k,
+    step-0 keys of t's document only."""
+    attend = step0_attention(attention, documents)
     cfg = draft.config
     b, t = input_ids.shape
-    base_pos = torch.arange(t, device=input_ids.device).expand(b, t)
+    base_pos = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
     kv0: list = [None] * cfg.num_layers  # per layer: step-0 (k, v)
     diag = [([], []) for _ in range(cfg.num_layers)]  # per layer: the later steps' k and v at t
     hidden, out = features, []

@@ -12,7 +12,13 @@ Two attention paths compute the same function:
 - `flex`:  a causal flex_attention over the step-0 block (compiled on the GPU: never holds [T, T]) that
            returns its log-sum-exp, merged with the k diagonal terms; memory is O(T).
 
-Shapes: B batch, T tokens, H hidden, nh/nkv heads, D head dim, Vd draft vocab, K steps.
+Packed batches (data.pack: documents back to back in one row, `documents` [1, N] gives each token's document):
+the RoPE position of t at step k is position_ids[t] + k (its place in its own document), the step-0 block is
+causal AND same-document (both paths), and step k at t counts only if t+2+k, the token it predicts, is in t's
+document (`step_valid_mask`), so no input token, key or label crosses a document boundary. The diagonal
+step-j terms are per position and need nothing more.
+
+Shapes: B batch, T tokens (N packed), H hidden, nh/nkv heads, D head dim, Vd draft vocab, K steps.
 """
 
 from __future__ import annotations
@@ -35,16 +41,19 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat([kept, pad], dim=1)
 
 
-def naive_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
-    """q [B, nh, T, D]; k0/v0 [B, nkv, T, D]; diag_k/v: k tensors like k0. -> [B, nh, T, D]."""
+def naive_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, nh, T, D]; k0/v0 [B, nkv, T, D]; diag_k/v: k tensors like k0; documents [B, T] (packed) or None.
+    -> [B, nh, T, D]."""
     rep = q.shape[1] // k0.shape[1]
     k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
     scale = q.shape[-1] ** -0.5
     t = q.shape[2]
     acc = torch.promote_types(q.dtype, torch.float32)
     scores = (q @ k0.transpose(-1, -2)).to(acc) * scale  # [B, nh, T, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    allowed = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()  # [T, T] causal
+    if documents is not None:
+        allowed = allowed & (documents[:, :, None] == documents[:, None, :])[:, None]  # [B, 1, T, T]
+    scores = scores.masked_fill(~allowed, float("-inf"))
     diag = [((q * kj.repeat_interleave(rep, 1)).sum(-1, keepdim=True)).to(acc) * scale for kj in diag_k]
     probs = torch.cat([scores, *diag], dim=-1).softmax(-1).to(q.dtype)  # [B, nh, T, T + k]
     out = probs[..., :t] @ v0
@@ -63,6 +72,19 @@ def _causal_block_mask(t: int, device: str):
     return create_block_mask(_causal, None, None, t, t, device=device)
 
 
+def _document_block_mask(documents: torch.Tensor):
+    """Causal and same-document, for documents [B, T]: built per batch (compiled on the GPU, so the mask is
+    evaluated block by block and never held as [T, T])."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal_same_document(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (documents[b, q_idx] == documents[b, kv_idx])
+
+    b, t = documents.shape
+    return create_block_mask(causal_same_document, b, None, t, t, device=documents.device,
+                             _compile=documents.device.type == "cuda")
+
+
 @functools.cache
 def _flex(device_type: str):
     """flex_attention compiled for CUDA (the fused O(T) kernel); eager elsewhere (a reference, forward only)."""
@@ -70,14 +92,18 @@ def _flex(device_type: str):
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
-def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list) -> torch.Tensor:
-    """Same function as `naive_ttt_attention` in O(T) memory: a causal flex_attention over the step-0 block
-    returns its output and log-sum-exp, and the k diagonal terms are merged in through the log-sum-exp.
-    The flex call has the same shapes at every step, so it compiles once per sequence length."""
+def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.Tensor | None = None,
+                       block_mask=None) -> torch.Tensor:
+    """Same function as `naive_ttt_attention` in O(T) memory: a causal (and, with `documents`, same-document)
+    flex_attention over the step-0 block returns its output and log-sum-exp, and the k diagonal terms are merged
+    in through the log-sum-exp. The flex call has the same shapes at every step, so it compiles once per
+    sequence length. `block_mask`: the step-0 mask built once per batch by the caller (else built here)."""
     b, nh, t, d = q.shape
     nkv = k0.shape[1]
-    out0, lse0 = _flex(q.device.type)(q, k0, v0, block_mask=_causal_block_mask(t, str(q.device)),
-                                       enable_gqa=True, return_lse=True)  # [B, nh, T, D], [B, nh, T]
+    if block_mask is None:
+        block_mask = _causal_block_mask(t, str(q.device)) if documents is None else _document_block_mask(documents)
+    out0, lse0 = _flex(q.device.type)(q, k0, v0, block_mask=block_mask, enable_gqa=True,
+                                       return_lse=True)  # [B, nh, T, D], [B, nh, T]
     if not diag_k:
         return out0
     qg = q.view(b, nkv, nh // nkv, t, d)  # query heads grouped by their kv head
@@ -102,12 +128,25 @@ def pick_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def ttt_logits(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int,
-               attention: str = "naive") -> list[torch.Tensor]:
-    """Unroll the draft K steps over every position at once. Returns K tensors [B, T, Vd]."""
+def step0_attention(attention: str, documents: torch.Tensor | None):
+    """The attention function of one unroll: `ATTENTION[attention]` with the documents (and, for flex, the step-0
+    block mask, built once for all K steps and every layer) bound."""
     attend = ATTENTION[attention]
+    if documents is None:
+        return attend
+    if attention == "flex":
+        return functools.partial(attend, documents=documents, block_mask=_document_block_mask(documents))
+    return functools.partial(attend, documents=documents)
+
+
+def ttt_logits(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int,
+               attention: str = "naive", position_ids: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Unroll the draft K steps over every position at once. Returns K tensors [B, T, Vd].
+    Packed batches pass position_ids [B, T] (position in the document) and documents [B, T] (document ids)."""
+    attend = step0_attention(attention, documents)
     b, t = input_ids.shape
-    base_pos = torch.arange(t, device=input_ids.device).expand(b, t)
+    base_pos = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
     hidden = draft.project(aux_hidden)  # g0 [B, T, H]
     k0 = v0 = None
     diag_k, diag_v, out = [], [], []
@@ -134,12 +173,16 @@ class TTTLoss:
 
 
 def step_valid_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, teacher_valid: torch.Tensor,
-                    num_steps: int) -> list[torch.Tensor]:
+                    num_steps: int, documents: torch.Tensor | None = None) -> list[torch.Tensor]:
     """valid[k][b, t]: step k at t predicts token t+2+k, which must exist and be an assistant token,
-    and the label position t+1+k must have a usable teacher. Positions past the end are masked."""
+    and the label position t+1+k must have a usable teacher. Positions past the end are masked.
+    Packed (documents [B, T]): token t+2+k must also be in t's document (so are its input tokens and label)."""
     predicts_loss_token = shift_left(loss_mask & attention_mask, 1, fill=False)  # at p: token p+1 is a loss token
     label_ok = predicts_loss_token & teacher_valid
-    return [shift_left(label_ok, 1 + k, fill=False) for k in range(num_steps)]
+    valid = [shift_left(label_ok, 1 + k, fill=False) for k in range(num_steps)]
+    if documents is not None:
+        valid = [v & (documents == shift_left(documents, 2 + k, fill=-1)) for k, v in enumerate(valid)]
+    return valid
 
 
 def ttt_loss(step_logits: list[torch.Tensor], teacher_probs: torch.Tensor, valid: list[torch.Tensor],

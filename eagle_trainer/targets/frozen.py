@@ -5,7 +5,11 @@ is `softmax(h @ lm_head[draft_ids].T)` in fp32 from the final (normed) hidden st
 are never materialised; the optional argmax mask scans the full vocab in chunks.
 
 Batches are right-padded, so real tokens never attend to padding under the causal mask and no attention
-mask is passed to the model.
+mask is passed to the model. A packed batch (data.pack, one row of documents back to back) passes its
+position_ids instead: with no attention mask and no cache, HF's `create_causal_mask` finds the documents where
+the positions restart (`masking_utils.find_packed_sequence_indices`) and builds a causal, same-document mask for
+sdpa, eager and flex alike; RoPE sees each document's own positions. Recurrent layers get the document starts
+through `targets.packing.documents` (Qwen3-Next's gated delta net: targets/gdn.py).
 
 Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
 """
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 
 from eagle_trainer.registry import TargetSpec
+from eagle_trainer.targets.packing import documents
 from eagle_trainer.types import Batch, CapturedStates, TargetOutputs
 
 
@@ -103,7 +108,8 @@ class FrozenTarget:
         `argmax` (default: mask_teacher_argmax) scans the full vocab; without it argmax_valid is all True."""
         argmax = self.mask_teacher_argmax if argmax is None else argmax
         self._captured.clear()
-        out = self.backbone(input_ids=batch.input_ids, use_cache=False)
+        with documents(batch.cu_seqlens):  # None unless packed
+            out = self.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
         final = out.last_hidden_state  # [B, T, Ht], after the final norm
         aux = torch.cat([self._captured[i] for i in self.aux_layer_ids], dim=-1) if self.aux_layer_ids else None
         if argmax:

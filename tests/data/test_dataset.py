@@ -1,4 +1,5 @@
-"""Tokenised dataset: stats, truncation / drop counts, the cache key, collate, and rank-disjoint batches."""
+"""Tokenised dataset: stats, truncation / drop counts, the cache key, collate (padded and packed), and
+rank-disjoint batches."""
 
 import json
 
@@ -97,6 +98,46 @@ def test_collate_right_pads_and_masks_padding():
     assert batch.input_ids.dtype == torch.int64 and batch.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch.loss_mask.tolist() == [[False, True, True], [True, False, False]]
     assert batch.attention_mask.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_collate_pack_puts_documents_back_to_back():
+    examples = [{"input_ids": [5, 6, 7], "loss_mask": [False, True, True]}, {"input_ids": [8], "loss_mask": [True]},
+                {"input_ids": [9, 4], "loss_mask": [True, False]}]
+    batch = collate(examples, pad_id=0, pack=True)
+    assert batch.packed and not collate(examples, pad_id=0).packed
+    assert batch.input_ids.dtype == torch.int64 and batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 4]]
+    assert batch.loss_mask.tolist() == [[False, True, True, True, True, False]]
+    assert batch.attention_mask.tolist() == [[True] * 6]
+    assert batch.position_ids.dtype == torch.int64 and batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert batch.cu_seqlens.dtype == torch.int32 and batch.cu_seqlens.tolist() == [0, 3, 4, 6]
+    assert batch.document_ids().tolist() == [[0, 0, 0, 1, 2, 2]]
+    assert batch.document_lengths() == [3, 1, 2] == collate(examples, pad_id=0).document_lengths()
+
+
+def test_pad_to_multiple_on_a_packed_batch_adds_a_padding_document():
+    examples = [{"input_ids": [5, 6, 7], "loss_mask": [False, True, True]}, {"input_ids": [8], "loss_mask": [True]}]
+    batch = collate(examples, pad_id=0, pack=True).pad_to_multiple(8, pad_id=2)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 2, 2, 2, 2]]
+    assert batch.loss_mask.tolist() == [[False, True, True, True] + [False] * 4]
+    assert batch.attention_mask.tolist() == [[True] * 4 + [False] * 4]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]  # HF sees a new document at the padding
+    assert batch.cu_seqlens.tolist() == [0, 3, 4, 8] and batch.cu_seqlens.dtype == torch.int32
+    assert batch.document_ids().tolist() == [[0, 0, 0, 1, 2, 2, 2, 2]]
+    assert batch.document_lengths() == [3, 1]  # real tokens only: the padding document is left out
+    assert batch.pad_to_multiple(8, pad_id=2) is batch
+    moved = batch.to("cpu")
+    assert torch.equal(moved.position_ids, batch.position_ids) and torch.equal(moved.cu_seqlens, batch.cu_seqlens)
+    padded = collate(examples, pad_id=0).pad_to_multiple(4, pad_id=0)
+    assert padded.position_ids is None and padded.cu_seqlens is None and padded.document_ids() is None
+
+
+def test_packing_keeps_the_examples_of_each_batch(tmp_path, tokenizer):
+    ds, _ = build_dataset(DataConfig(path=str(write_data(tmp_path / "d.jsonl", 9))), tokenizer, tmp_path / "cache")
+    kw = {"seed": 3, "epoch": 1, "shuffle": True, "pad_id": 0, "start": 1}
+    for padded, packed in zip(batches(ds, 3, **kw), batches(ds, 3, pack=True, **kw), strict=True):
+        assert torch.equal(padded.input_ids[padded.attention_mask], packed.input_ids[0])
+        assert torch.equal(padded.loss_mask[padded.attention_mask], packed.loss_mask[0])
+        assert packed.cu_seqlens.tolist() == [0, *padded.attention_mask.sum(1).cumsum(0).tolist()]
 
 
 def test_batches_are_disjoint_across_ranks_and_seeded(tmp_path, tokenizer):

@@ -18,6 +18,7 @@ from eagle_trainer.data.cli import main
 from eagle_trainer.data.dataset import batches, build_dataset, collate
 from eagle_trainer.data.offline import (
     OfflineStore,
+    collate_offline,
     dequantize_fp8,
     dump_hidden_states,
     dump_manifest,
@@ -114,6 +115,35 @@ def test_store_batches_follow_the_online_order(env, seed, epoch, shuffle, rank, 
         pad = ~off.attention_mask
         assert not off.states.argmax_valid[pad].any() and not off.states.aux_hidden[pad].any()
         assert off.states.final_hidden.shape == (*off.input_ids.shape, 64)
+
+
+def test_store_packs_batches_as_the_online_collate(env):
+    """data.pack offline: the same examples per batch as unpacked, tokens as the online packed batch, and each
+    example's stored states back to back; fp8 scales travel with them and pad_to_multiple pads them too."""
+    store = OfflineStore(env["root"] / "exact")
+    kw = {"seed": 2, "epoch": 0, "shuffle": True, "pad_id": 5}
+    online = list(batches(env["dataset"], 3, pack=True, **kw))
+    padded = list(store.batches(3, **kw))
+    packed = list(store.batches(3, pack=True, **kw))
+    assert len(packed) == len(padded) == len(online) > 0
+    for on, pad, off in zip(online, padded, packed):
+        for name in ("input_ids", "loss_mask", "attention_mask", "position_ids", "cu_seqlens"):
+            assert torch.equal(getattr(off, name), getattr(on, name)), name
+        real = pad.attention_mask
+        for name in ("aux_hidden", "final_hidden", "last_hidden", "argmax_valid"):
+            assert torch.equal(getattr(off.states, name)[0], getattr(pad.states, name)[real]), name
+    wide = packed[0].pad_to_multiple(16, pad_id=5).to("cpu")
+    n = packed[0].input_ids.shape[1]
+    assert wide.input_ids.shape[1] % 16 == 0 and wide.cu_seqlens[-1] == wide.input_ids.shape[1]
+    assert wide.states.aux_hidden.shape[:2] == wide.input_ids.shape and not wide.states.argmax_valid[0, n:].any()
+    assert torch.equal(wide.position_ids[0, :n], packed[0].position_ids[0])
+    fp8 = collate_offline([{"input_ids": torch.tensor([1, 2]), "loss_mask": torch.ones(2, dtype=torch.bool),
+                            "argmax_valid": torch.ones(2, dtype=torch.bool),
+                            "final_hidden": torch.ones(2, 4), "aux_hidden": torch.ones(2, 4) * i,
+                            "aux_hidden.scale": torch.full((2, 1), 0.5 * i)} for i in (1, 2)], 0, pack=True)
+    assert fp8.scales["aux_hidden"].shape == (1, 4, 1) and fp8.cu_seqlens.tolist() == [0, 2, 4]
+    moved = fp8.to("cpu")  # dequantised on the device: q * scale
+    assert moved.states.aux_hidden[0, :, 0].tolist() == [0.5, 0.5, 2.0, 2.0] and moved.cu_seqlens is not None
 
 
 def test_select_is_a_view_like_dataset_select(env):

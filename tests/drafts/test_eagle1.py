@@ -4,7 +4,7 @@ LlamaForCausalLMEagle (no layer-0 input norm, no final norm), and its loss reads
 import pytest
 import torch
 
-from batches import draft_vocab
+from batches import documents_of, draft_vocab, pack_rows
 
 from eagle_trainer.config import DraftConfig
 from eagle_trainer.drafts import eagle1_loss
@@ -105,6 +105,39 @@ def test_unrolled_loss_has_k_steps():
     assert loss.step_count == [t - 2, t - 3, t - 4] and len(loss.step_acc) == 3
     loss.loss.backward()
     assert draft.fc.weight.grad is not None and draft.embed_tokens.weight.grad is None
+
+
+@pytest.mark.parametrize("attention,dtype,tol", [("naive", torch.float64, 1e-10), ("flex", torch.float32, 1e-5)])
+def test_packed_batch_equals_padded(attention, dtype, tol):
+    """The unroll on packed documents equals the padded one wherever step k's chain stays in t's document, and
+    so does the loss (as drafts/ttt.py; two layers, so every layer's step-0 keys are kept per document)."""
+    lengths, steps = (6, 1, 11, 3), 3
+    padded, packed = documents_of(lengths, V, seed=1, pad_to=8)
+    draft = tiny_draft(num_layers=2).to(dtype)
+    draft.eval()  # no feature noise: both runs see the same inputs
+    out = outputs_for(draft, *padded.input_ids.shape, seed=2)
+    out = TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=out.final_hidden.to(dtype),
+                        teacher_probs=out.teacher_probs.to(dtype), teacher_valid=out.teacher_valid)
+    out_packed = TargetOutputs(aux_hidden=None, last_hidden=None,
+                               final_hidden=pack_rows(out.final_hidden, padded, packed),
+                               teacher_probs=pack_rows(out.teacher_probs, padded, packed, fill=1 / VD),
+                               teacher_valid=pack_rows(out.teacher_valid, padded, packed))
+    cfg = DraftConfig(algorithm="eagle1", ttt_steps=steps, draft_vocab_size=VD)
+    with torch.no_grad():
+        ref = unroll(draft, padded.input_ids, out.final_hidden, steps, attention)
+        got = unroll(draft, packed.input_ids, out_packed.final_hidden, steps, attention, packed.position_ids,
+                     packed.document_ids())
+        for k in range(steps):  # fp32: relative to the step's whole output (the random layers amplify rounding)
+            pairs = [(got[k][0, start:start + n - 1 - k], ref[k][row, :n - 1 - k])
+                     for row, (n, start) in enumerate(zip(lengths, packed.cu_seqlens.tolist())) if n - 1 - k > 0]
+            x, y = (torch.cat(side) for side in zip(*pairs))
+            assert float((x - y).norm() / y.norm()) < tol, k
+        a = eagle1_loss(draft, padded, out, cfg, attention)
+        b = eagle1_loss(draft, packed, out_packed, cfg, attention)
+    assert a.step_count == b.step_count and a.step_count[-1] > 0
+    torch.testing.assert_close(b.loss, a.loss, rtol=tol, atol=0)
+    torch.testing.assert_close(torch.tensor(b.extra["feature_loss"]), torch.tensor(a.extra["feature_loss"]),
+                               rtol=tol, atol=0)
 
 
 @pytest.mark.gpu

@@ -1,11 +1,17 @@
-"""The TTT unroll equals serving-style autoregressive drafting per prefix (DESIGN section 4)."""
+"""The TTT unroll equals serving-style autoregressive drafting per prefix (DESIGN section 4), and a packed
+batch gives what the same documents give right-padded."""
 
 import pytest
 import torch
 
+from batches import documents_of, pack_rows
+
+from eagle_trainer.config import DraftConfig
+from eagle_trainer.drafts import eagle3_loss
 from eagle_trainer.drafts.eagle3 import DraftKVCache, Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.ttt import (naive_ttt_attention, simulated_acceptance, step_valid_mask, ttt_logits,
                                       ttt_loss)
+from eagle_trainer.types import TargetOutputs
 
 
 def tiny_draft(seed=0, **kw) -> Eagle3Draft:
@@ -79,6 +85,65 @@ def test_valid_mask_and_loss_normalisation():
     torch.testing.assert_close(out.loss, sum(0.8**k * e for k, e in enumerate(expected)), rtol=1e-5, atol=1e-6)
 
 
+def test_valid_mask_keeps_each_chain_in_its_document():
+    loss_mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    ones = torch.ones_like(loss_mask)
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    one_row = step_valid_mask(loss_mask, ones, ones, 2)
+    packed = step_valid_mask(loss_mask, ones, ones, 2, documents)
+    assert one_row[0].tolist() == [[True, True, True, True, True, False, False]]
+    # step k at t predicts token t+2+k: it must lie in t's document
+    assert packed[0].tolist() == [[True, False, False, True, True, False, False]]
+    assert packed[1].tolist() == [[False, False, False, True, False, False, False]]
+
+
+def random_outputs(padded, packed, aux_dim, vd, dtype, seed=0):
+    """TargetOutputs for a padded batch and the same values laid out as the packed batch."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = padded.input_ids.shape
+    aux = torch.randn(b, t, aux_dim, generator=g, dtype=dtype)
+    probs = torch.softmax(torch.randn(b, t, vd, generator=g, dtype=dtype) * 3, -1)
+    valid = torch.rand(b, t, generator=g) > 0.1
+    final = torch.randn(b, t, aux_dim // 3, generator=g, dtype=dtype)
+    return [TargetOutputs(aux_hidden=a, last_hidden=None, final_hidden=f, teacher_probs=p, teacher_valid=v)
+            for a, f, p, v in ((aux, final, probs, valid),
+                               (pack_rows(aux, padded, packed), pack_rows(final, padded, packed),
+                                pack_rows(probs, padded, packed, fill=1 / vd), pack_rows(valid, padded, packed)))]
+
+
+@pytest.mark.parametrize("attention,dtype,tol", [("naive", torch.float64, 1e-10), ("flex", torch.float32, 1e-5)])
+def test_packed_batch_equals_padded(attention, dtype, tol):
+    """Each step's logits at t equal the padded batch's wherever the chain's inputs stay in t's document
+    (t+1+k before its end), and the loss, its per-step terms and counts are the same (the positions that count
+    are the same pairs (document, t), and each step is normalised over them)."""
+    lengths, steps = (7, 1, 12, 2, 9), 4
+    padded, packed = documents_of(lengths, 50, pad_to=8)
+    assert packed.input_ids.shape == (1, 32) and packed.cu_seqlens.tolist() == [0, 7, 8, 20, 22, 31, 32]
+    draft = tiny_draft().to(dtype)
+    out_padded, out_packed = random_outputs(padded, packed, 72, 20, dtype)
+    cfg = DraftConfig(ttt_steps=steps, draft_vocab_size=20)
+    with torch.set_grad_enabled(attention == "naive"):  # flex has no backward on the CPU
+        ref = ttt_logits(draft, padded.input_ids, out_padded.aux_hidden, steps, attention)
+        got = ttt_logits(draft, packed.input_ids, out_packed.aux_hidden, steps, attention, packed.position_ids,
+                         packed.document_ids())
+        for k in range(steps):
+            for row, (n, start) in enumerate(zip(lengths, packed.cu_seqlens.tolist())):
+                m = max(n - 1 - k, 0)
+                torch.testing.assert_close(got[k][0, start:start + m], ref[k][row, :m], rtol=tol, atol=tol)
+        a = eagle3_loss(draft, padded, out_padded, cfg, attention)
+        b = eagle3_loss(draft, packed, out_packed, cfg, attention)
+    assert a.step_count == b.step_count and a.step_count[0] > a.step_count[-1] > 0
+    torch.testing.assert_close(torch.tensor(b.step_loss), torch.tensor(a.step_loss), rtol=tol, atol=0)
+    torch.testing.assert_close(b.loss, a.loss, rtol=tol, atol=0)
+    assert b.step_acc == a.step_acc
+    if attention == "naive":
+        a.loss.backward()
+        grad = draft.fc.weight.grad.clone()
+        draft.zero_grad()
+        b.loss.backward()
+        torch.testing.assert_close(draft.fc.weight.grad, grad, rtol=1e-9, atol=1e-12)
+
+
 def test_simulated_acceptance():
     assert simulated_acceptance([1.0, 1.0]) == 3.0
     assert simulated_acceptance([0.5, 0.5]) == 1.75
@@ -117,6 +182,25 @@ def test_flex_path_matches_naive_on_gpu_forward_and_backward(t):
         grads.append(g)
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(grads[0], grads[1], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_packed_flex_on_gpu_matches_naive_forward_and_backward():
+    """The compiled flex path with a per-batch document block mask (built compiled) equals the naive one."""
+    torch.manual_seed(0)
+    draft = tiny_draft(hidden_size=64, target_hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16).float().cuda()
+    _, packed = documents_of((300, 1, 77, 140, 5), 50, pad_to=128)
+    packed = packed.to("cuda")
+    aux = torch.randn(1, packed.input_ids.shape[1], 3 * 64, device="cuda")
+    grads, outs = [], []
+    for attention in ("flex", "naive"):
+        logits = ttt_logits(draft, packed.input_ids, aux, 3, attention, packed.position_ids, packed.document_ids())
+        draft.zero_grad(set_to_none=True)
+        sum(x.square().mean() for x in logits).backward()
+        outs.append(torch.stack(logits))
+        grads.append(draft.fc.weight.grad.clone())
+    err = lambda a, b: float((a - b).norm() / b.norm())
+    assert err(outs[0], outs[1]) < 5e-3 and err(grads[0], grads[1]) < 5e-3, (err(*outs), err(*grads))
 
 
 @pytest.mark.gpu
