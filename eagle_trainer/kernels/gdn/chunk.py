@@ -103,6 +103,63 @@ def _store_block_row(ptr, o_row, m_row, HV: tl.constexpr, BT: tl.constexpr, BS: 
 
 
 @triton.jit
+def _block_products(a_ptr, b_ptr, r0, r1, r2, r3, m0, m1, m2, m3, STRIDE: tl.constexpr, K: tl.constexpr,
+                    BK: tl.constexpr, BS: tl.constexpr, SAME: tl.constexpr, L2NORM: tl.constexpr,
+                    PREC: tl.constexpr):
+    """a_i.b_j for the ten [BS, BS] blocks j <= i of a chunk's four row blocks (rows r0..r3, masks m0..m3, STRIDE
+    elements apart), accumulated over Dk in BK slices, and 1 / |a_i| per row (1 without L2NORM; HF's l2norm:
+    rsqrt(sum a^2 + 1e-6)). SAME: b is a (no second load)."""
+    p00 = tl.zeros([BS, BS], dtype=tl.float32)
+    p10 = tl.zeros([BS, BS], dtype=tl.float32)
+    p11 = tl.zeros([BS, BS], dtype=tl.float32)
+    p20 = tl.zeros([BS, BS], dtype=tl.float32)
+    p21 = tl.zeros([BS, BS], dtype=tl.float32)
+    p22 = tl.zeros([BS, BS], dtype=tl.float32)
+    p30 = tl.zeros([BS, BS], dtype=tl.float32)
+    p31 = tl.zeros([BS, BS], dtype=tl.float32)
+    p32 = tl.zeros([BS, BS], dtype=tl.float32)
+    p33 = tl.zeros([BS, BS], dtype=tl.float32)
+    n0 = tl.zeros([BS], dtype=tl.float32)
+    n1 = tl.zeros([BS], dtype=tl.float32)
+    n2 = tl.zeros([BS], dtype=tl.float32)
+    n3 = tl.zeros([BS], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        a0 = tl.load(a_ptr + (r0 * STRIDE)[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+        a1 = tl.load(a_ptr + (r1 * STRIDE)[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+        a2 = tl.load(a_ptr + (r2 * STRIDE)[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+        a3 = tl.load(a_ptr + (r3 * STRIDE)[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+        if SAME:
+            b0, b1, b2, b3 = a0, a1, a2, a3
+        else:
+            b0 = tl.load(b_ptr + (r0 * STRIDE)[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+            b1 = tl.load(b_ptr + (r1 * STRIDE)[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+            b2 = tl.load(b_ptr + (r2 * STRIDE)[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+            b3 = tl.load(b_ptr + (r3 * STRIDE)[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+        if L2NORM:
+            n0 += tl.sum(a0.to(tl.float32) * a0.to(tl.float32), axis=1)
+            n1 += tl.sum(a1.to(tl.float32) * a1.to(tl.float32), axis=1)
+            n2 += tl.sum(a2.to(tl.float32) * a2.to(tl.float32), axis=1)
+            n3 += tl.sum(a3.to(tl.float32) * a3.to(tl.float32), axis=1)
+        p00 = tl.dot(a0, tl.trans(b0), p00, input_precision=PREC)
+        p10 = tl.dot(a1, tl.trans(b0), p10, input_precision=PREC)
+        p11 = tl.dot(a1, tl.trans(b1), p11, input_precision=PREC)
+        p20 = tl.dot(a2, tl.trans(b0), p20, input_precision=PREC)
+        p21 = tl.dot(a2, tl.trans(b1), p21, input_precision=PREC)
+        p22 = tl.dot(a2, tl.trans(b2), p22, input_precision=PREC)
+        p30 = tl.dot(a3, tl.trans(b0), p30, input_precision=PREC)
+        p31 = tl.dot(a3, tl.trans(b1), p31, input_precision=PREC)
+        p32 = tl.dot(a3, tl.trans(b2), p32, input_precision=PREC)
+        p33 = tl.dot(a3, tl.trans(b3), p33, input_precision=PREC)
+    if L2NORM:
+        n0, n1, n2, n3 = tl.rsqrt(n0 + 1e-6), tl.rsqrt(n1 + 1e-6), tl.rsqrt(n2 + 1e-6), tl.rsqrt(n3 + 1e-6)
+    else:
+        n0, n1, n2, n3 = n0 + 1.0, n1 + 1.0, n2 + 1.0, n3 + 1.0
+    return p00, p10, p11, p20, p21, p22, p30, p31, p32, p33, n0, n1, n2, n3
+
+
+@triton.jit
 def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, aqk_ptr, cu_seqlens_ptr,
                          cu_chunks_ptr, scale, num_seqs, num_steps, HK: tl.constexpr, HV: tl.constexpr,
                          K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
@@ -147,47 +204,9 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
     gc3 = tl.cumsum(g3, axis=0) + tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0)
     zero = tl.zeros([BS, BS], dtype=tl.float32)
 
-    # Pass 1 over Dk: k_i.k_j and |k_i|^2
-    kk00 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk10 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk11 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk20 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk21 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk22 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk30 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk31 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk32 = tl.zeros([BS, BS], dtype=tl.float32)
-    kk33 = tl.zeros([BS, BS], dtype=tl.float32)
-    nk0 = tl.zeros([BS], dtype=tl.float32)
-    nk1 = tl.zeros([BS], dtype=tl.float32)
-    nk2 = tl.zeros([BS], dtype=tl.float32)
-    nk3 = tl.zeros([BS], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        k0 = tl.load(k_ptr + (r0 * (HK * K))[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
-        k1 = tl.load(k_ptr + (r1 * (HK * K))[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
-        k2 = tl.load(k_ptr + (r2 * (HK * K))[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
-        k3 = tl.load(k_ptr + (r3 * (HK * K))[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
-        if L2NORM:
-            nk0 += tl.sum(k0.to(tl.float32) * k0.to(tl.float32), axis=1)
-            nk1 += tl.sum(k1.to(tl.float32) * k1.to(tl.float32), axis=1)
-            nk2 += tl.sum(k2.to(tl.float32) * k2.to(tl.float32), axis=1)
-            nk3 += tl.sum(k3.to(tl.float32) * k3.to(tl.float32), axis=1)
-        kk00 = tl.dot(k0, tl.trans(k0), kk00, input_precision=PREC)
-        kk10 = tl.dot(k1, tl.trans(k0), kk10, input_precision=PREC)
-        kk11 = tl.dot(k1, tl.trans(k1), kk11, input_precision=PREC)
-        kk20 = tl.dot(k2, tl.trans(k0), kk20, input_precision=PREC)
-        kk21 = tl.dot(k2, tl.trans(k1), kk21, input_precision=PREC)
-        kk22 = tl.dot(k2, tl.trans(k2), kk22, input_precision=PREC)
-        kk30 = tl.dot(k3, tl.trans(k0), kk30, input_precision=PREC)
-        kk31 = tl.dot(k3, tl.trans(k1), kk31, input_precision=PREC)
-        kk32 = tl.dot(k3, tl.trans(k2), kk32, input_precision=PREC)
-        kk33 = tl.dot(k3, tl.trans(k3), kk33, input_precision=PREC)
-    if L2NORM:
-        rk0, rk1, rk2, rk3 = tl.rsqrt(nk0 + 1e-6), tl.rsqrt(nk1 + 1e-6), tl.rsqrt(nk2 + 1e-6), tl.rsqrt(nk3 + 1e-6)
-    else:
-        rk0, rk1, rk2, rk3 = nk0 + 1.0, nk1 + 1.0, nk2 + 1.0, nk3 + 1.0
+    # Pass 1 over Dk: k_i.k_j and 1 / |k_i|
+    kk00, kk10, kk11, kk20, kk21, kk22, kk30, kk31, kk32, kk33, rk0, rk1, rk2, rk3 = _block_products(
+        k_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, HK * K, K, BK, BS, True, L2NORM, PREC)
     bk0 = rk0 * tl.load(beta_ptr + r0 * HV, mask=m0, other=0.0).to(tl.float32)
     bk1 = rk1 * tl.load(beta_ptr + r1 * HV, mask=m1, other=0.0).to(tl.float32)
     bk2 = rk2 * tl.load(beta_ptr + r2 * HV, mask=m2, other=0.0).to(tl.float32)
@@ -219,51 +238,9 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
     _store_block_row(t_ptr, r2, m2, HV, BT, BS, 3, t20, t21, d2, zero)
     _store_block_row(t_ptr, r3, m3, HV, BT, BS, 4, t30, t31, t32, d3)
 
-    # Pass 2 over Dk: q_i.k_j and |q_i|^2 -> Aqk = q^_i.k^_j exp(gc_i - gc_j), j <= i, the scale on q
-    qk00 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk10 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk11 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk20 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk21 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk22 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk30 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk31 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk32 = tl.zeros([BS, BS], dtype=tl.float32)
-    qk33 = tl.zeros([BS, BS], dtype=tl.float32)
-    nq0 = tl.zeros([BS], dtype=tl.float32)
-    nq1 = tl.zeros([BS], dtype=tl.float32)
-    nq2 = tl.zeros([BS], dtype=tl.float32)
-    nq3 = tl.zeros([BS], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        k0 = tl.load(k_ptr + (r0 * (HK * K))[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
-        k1 = tl.load(k_ptr + (r1 * (HK * K))[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
-        k2 = tl.load(k_ptr + (r2 * (HK * K))[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
-        k3 = tl.load(k_ptr + (r3 * (HK * K))[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
-        q0 = tl.load(q_ptr + (r0 * (HK * K))[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
-        q1 = tl.load(q_ptr + (r1 * (HK * K))[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
-        q2 = tl.load(q_ptr + (r2 * (HK * K))[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
-        q3 = tl.load(q_ptr + (r3 * (HK * K))[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
-        if L2NORM:
-            nq0 += tl.sum(q0.to(tl.float32) * q0.to(tl.float32), axis=1)
-            nq1 += tl.sum(q1.to(tl.float32) * q1.to(tl.float32), axis=1)
-            nq2 += tl.sum(q2.to(tl.float32) * q2.to(tl.float32), axis=1)
-            nq3 += tl.sum(q3.to(tl.float32) * q3.to(tl.float32), axis=1)
-        qk00 = tl.dot(q0, tl.trans(k0), qk00, input_precision=PREC)
-        qk10 = tl.dot(q1, tl.trans(k0), qk10, input_precision=PREC)
-        qk11 = tl.dot(q1, tl.trans(k1), qk11, input_precision=PREC)
-        qk20 = tl.dot(q2, tl.trans(k0), qk20, input_precision=PREC)
-        qk21 = tl.dot(q2, tl.trans(k1), qk21, input_precision=PREC)
-        qk22 = tl.dot(q2, tl.trans(k2), qk22, input_precision=PREC)
-        qk30 = tl.dot(q3, tl.trans(k0), qk30, input_precision=PREC)
-        qk31 = tl.dot(q3, tl.trans(k1), qk31, input_precision=PREC)
-        qk32 = tl.dot(q3, tl.trans(k2), qk32, input_precision=PREC)
-        qk33 = tl.dot(q3, tl.trans(k3), qk33, input_precision=PREC)
-    if L2NORM:
-        rq0, rq1, rq2, rq3 = tl.rsqrt(nq0 + 1e-6), tl.rsqrt(nq1 + 1e-6), tl.rsqrt(nq2 + 1e-6), tl.rsqrt(nq3 + 1e-6)
-    else:
-        rq0, rq1, rq2, rq3 = nq0 + 1.0, nq1 + 1.0, nq2 + 1.0, nq3 + 1.0
+    # Pass 2 over Dk: q_i.k_j and 1 / |q_i| -> Aqk = q^_i.k^_j exp(gc_i - gc_j), j <= i, the scale on q
+    qk00, qk10, qk11, qk20, qk21, qk22, qk30, qk31, qk32, qk33, rq0, rq1, rq2, rq3 = _block_products(
+        q_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, HK * K, K, BK, BS, False, L2NORM, PREC)
     if i_h % (HV // HK) == 0:  # the first value head of a group stores its key head's reciprocal norms
         tl.store(rk_ptr + r0 * HK, rk0, mask=m0)
         tl.store(rk_ptr + r1 * HK, rk1, mask=m1)
