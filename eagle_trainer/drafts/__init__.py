@@ -13,7 +13,8 @@ from eagle_trainer import registry
 from eagle_trainer.config import DraftConfig
 from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
-from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_logits, ttt_loss
+from eagle_trainer.drafts.soft_ce import fused_ttt_loss, unfused_ttt_loss
+from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_hidden
 from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
@@ -54,9 +55,10 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     """The K-step TTT loss of one batch (DESIGN section 4); a packed batch keeps every chain in its document."""
     aux = outputs.aux_hidden.to(draft.fc.weight.dtype)
     documents = batch.document_ids()  # None unless packed
-    logits = ttt_logits(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
+    normed = ttt_hidden(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
-    return ttt_loss(logits, outputs.teacher_probs, valid, cfg.step_weight)
+    head = fused_ttt_loss if cfg.fused_head else unfused_ttt_loss
+    return head(normed, draft.lm_head.weight, outputs.teacher_probs, valid, cfg.step_weight)
 
 
 def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1Config:

@@ -142,7 +142,16 @@ def step0_attention(attention: str, documents: torch.Tensor | None):
 def ttt_logits(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int,
                attention: str = "naive", position_ids: torch.Tensor | None = None,
                documents: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Unroll the draft K steps over every position at once. Returns K tensors [B, T, Vd].
+    """Unroll the draft K steps over every position at once. Returns K tensors [B, T, Vd]."""
+    normed = ttt_hidden(draft, input_ids, aux_hidden, num_steps, attention, position_ids, documents)
+    return [draft.lm_head(h) for h in normed]
+
+
+def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int,
+               attention: str = "naive", position_ids: torch.Tensor | None = None,
+               documents: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Unroll the draft K steps over every position at once. Returns K final-normed hidden states [B, T, H]
+    (the lm_head's input; `soft_ce.fused_ttt_loss` takes them without forming the logits).
     Packed batches pass position_ids [B, T] (position in the document) and documents [B, T] (document ids)."""
     attend = step0_attention(attention, documents)
     b, t = input_ids.shape
@@ -159,7 +168,7 @@ def ttt_logits(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
             diag_k.append(kk)
             diag_v.append(vv)
         hidden = draft.step_out(hidden, attend(q, k0, v0, diag_k, diag_v))
-        out.append(draft.logits(hidden))
+        out.append(draft.norm(hidden))
     return out
 
 

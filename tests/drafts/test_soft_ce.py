@@ -1,0 +1,72 @@
+"""The fused lm_head + soft-CE TTT head against the unfused reference: loss, per-step stats and gradients."""
+
+import pytest
+import torch
+
+from eagle_trainer.drafts.soft_ce import fused_ttt_loss, unfused_ttt_loss
+
+
+def case(batch=2, tokens=37, hidden=24, vocab=53, steps=3, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    normed = [torch.randn(batch, tokens, hidden, generator=gen, dtype=dtype) for _ in range(steps)]
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=dtype) * 0.3
+    teacher = torch.randn(batch, tokens, vocab, generator=gen).mul(2).softmax(-1)
+    valid = [torch.rand(batch, tokens, generator=gen) > 0.3 for _ in range(steps)]
+    for k, v in enumerate(valid):
+        v[:, tokens - 1 - k:] = False  # as step_valid_mask: no label past the end
+    return normed, weight, teacher, valid
+
+
+def run(head, normed, weight, teacher, valid, scale=1.0, **kw):
+    normed = [h.clone().requires_grad_() for h in normed]
+    weight = weight.clone().requires_grad_()
+    out = head(normed, weight, teacher, valid, 0.8, **kw)
+    (out.loss * scale).backward()
+    return out, weight.grad, [h.grad for h in normed]
+
+
+@pytest.mark.parametrize("max_elems", [10**9, 53 * 5, 1])  # one chunk, 5-row chunks, one row per chunk
+def test_fused_matches_unfused(max_elems):
+    # fp32 (the unfused head computes its soft-CE in fp32 whatever the input dtype)
+    args = case()
+    ref, ref_w, ref_h = run(unfused_ttt_loss, *args)
+    out, grad_w, grad_h = run(fused_ttt_loss, *args, max_elems=max_elems)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert out.step_loss == pytest.approx(ref.step_loss, rel=1e-5)
+    assert out.step_acc == pytest.approx(ref.step_acc, rel=1e-6) and out.step_count == ref.step_count
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grad_h, ref_h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_scaled_loss():
+    """Backward scales by the incoming gradient (the trainer divides by the accumulation steps)."""
+    args = case(seed=1)
+    ref, ref_w, ref_h = run(unfused_ttt_loss, *args, scale=0.25)
+    out, grad_w, grad_h = run(fused_ttt_loss, *args, scale=0.25, max_elems=53 * 4)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    torch.testing.assert_close(grad_w, ref_w, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grad_h, ref_h, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_valid_position_gives_zero_loss_and_grads():
+    normed, weight, teacher, valid = case(steps=2, seed=2)
+    valid = [torch.zeros_like(v) for v in valid]
+    out, grad_w, grad_h = run(fused_ttt_loss, normed, weight, teacher, valid)
+    assert out.loss.item() == 0 and out.step_count == [0, 0]
+    assert not grad_w.any() and not any(g.any() for g in grad_h)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_unfused():
+    dev = torch.device("cuda")
+    normed, weight, teacher, valid = case(batch=1, tokens=1000, hidden=256, vocab=4000, steps=3, seed=3)
+    normed = [h.to(dev, torch.bfloat16) for h in normed]
+    weight, teacher, valid = weight.to(dev, torch.bfloat16), teacher.to(dev), [v.to(dev) for v in valid]
+    ref, ref_w, ref_h = run(unfused_ttt_loss, normed, weight, teacher, valid)
+    out, grad_w, grad_h = run(fused_ttt_loss, normed, weight, teacher, valid, max_elems=4000 * 128)
+    assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-3)
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(grad_w, ref_w) < 1e-2
+    assert all(rel(a, b) < 1e-2 for a, b in zip(grad_h, ref_h, strict=True))
