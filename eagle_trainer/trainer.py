@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from eagle_trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from eagle_trainer.config import DraftConfig, LogConfig, OptimConfig, TrainConfig
+from eagle_trainer.drafts import frozen_weights_to
 from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
 from eagle_trainer.registry import DraftSpec
@@ -78,6 +79,8 @@ class Trainer:
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+        if self.autocast is not None:
+            frozen_weights_to(draft, torch.bfloat16)
         params = [p for p in draft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                            weight_decay=optim.weight_decay, fused=device.type == "cuda")

@@ -18,6 +18,14 @@ from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_h
 from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
+def frozen_weights_to(draft: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hold the draft's frozen weights (EAGLE-3's copied target embedding, [V, H]) in `dtype`: on the GPU they are
+    only read under bf16 autocast, and an fp32 copy of Qwen3's 151936 x 2048 embedding is 1.2 GiB."""
+    for p in draft.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            p.data = p.data.to(dtype)
+
+
 def shape_from_target(info: TargetInfo, cfg: DraftConfig) -> dict:
     """The fields every draft takes from its target: H = Ht, the target's attention shape and RoPE unless
     overridden, its vocab (DESIGN section 4)."""
