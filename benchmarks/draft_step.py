@@ -80,7 +80,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import RESULTS, append_rows, row
+from results import RESULTS, add_run_args, append_rows, row
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_30b_a3b_config.json"
 # widths for a CPU dry run (draft vocab TINY_VD)
@@ -320,12 +320,8 @@ def main(argv=None) -> None:
                         "(default: on the GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; --tiny: 1)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 10; --tiny: 2)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: fp32, torch.compile off, Triton interpreted (a dry run; use with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="tiny widths (a dry run of the script)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help=f"RESULTS.md to append to (default {RESULTS.name}; a --tiny run appends only here)")
-    parser.add_argument("--profile", action="store_true", help="print a profiler table of one step of each side")
+    add_run_args(parser, "cpu: fp32, torch.compile off, Triton interpreted (a dry run; use with --tiny)",
+                 "print a profiler table of one step of each side")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import RESULTS, append_rows, row
+from results import RESULTS, add_run_args, append_rows, row
 
 from eagle_trainer.flops import TargetFlops, peak_tflops
 
@@ -153,12 +153,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=None, help="default 4 (--tiny: 2)")
     parser.add_argument("--seq", type=int, default=None, help="default 4096 (--tiny: 80)")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: fp32 with the Triton kernels interpreted (a dry run; use with --tiny)")
-    parser.add_argument("--tiny", action="store_true", help="tiny widths (a dry run of the script)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help=f"RESULTS.md to append to (default {RESULTS.name}; a --tiny run appends only here)")
-    parser.add_argument("--profile", action="store_true", help="print the CUDA kernel table of each variant")
+    add_run_args(parser, "cpu: fp32 with the Triton kernels interpreted (a dry run; use with --tiny)",
+                 "print the CUDA kernel table of each variant")
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.tiny else 4)
     args.seq = args.seq or (80 if args.tiny else 4096)

@@ -19,6 +19,15 @@ def row(case: str, ours: str, peer: str, peer_name: str, ratio: float) -> str:
     return f"| {case} | {ours} | {peer} | {peer_name} | {ratio:.2f} | {device_name()} | {datetime.date.today()} |\n"
 
 
+def add_run_args(parser, cpu_help: str, profile_help: str) -> None:
+    """--device / --tiny (a CPU dry run of the script) / --results / --profile, shared by the model benchmarks."""
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=cpu_help)
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (a dry run of the script)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help=f"RESULTS.md to append to (default {RESULTS.name}; a --tiny run appends only here)")
+    parser.add_argument("--profile", action="store_true", help=profile_help)
+
+
 def append_rows(name: str, rows: list[str], note: str = "", path: Path = RESULTS) -> None:
     """Add rows under `## name` (creating the section with its note and header if missing)."""
     text = path.read_text() if path.is_file() else "# Benchmark results\n\nWritten by benchmarks/*.py.\n"
