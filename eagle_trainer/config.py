@@ -67,7 +67,7 @@ class DataConfig:
     shuffle: bool = True
     # pack each batch's examples back to back into one row [1, N] (no padding; position_ids restart per document)
     # instead of right-padding them to [B, T]; attention, the GDN state and the loss stay within each document.
-    # Qwen3-Next targets need target.gdn_impl=triton for it (HF's linear attention would leak state across documents)
+    # Qwen3-Next targets need our GDN core for it (gdn_impl auto on a GPU, or triton): HF's would leak state
     pack: bool = False
     # a directory written by `eagle-data dump`: train on stored target hidden states instead of running the
     # target (its manifest must match this run's target, aux layers and vocab map)

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_trainer.kernels.gdn.conv import document_of
+
 BT = 64  # the chunk: the WY algebra's block
 BS = 16  # the forward-substitution block inside a chunk
 # BV splits Dv across the recurrent programs; it is chosen per call so that there are enough programs to fill
@@ -41,19 +43,6 @@ BS = 16  # the forward-substitution block inside a chunk
 RECURRENT_GPU = {"BV": None, "HPP": 1, "num_warps": 4, "num_stages": None}  # None: `_recurrent_launch`
 PREPARE_GPU = {"BK": 32, "num_warps": 1, "num_stages": 1}
 INTERPRET = {"BK": 32, "BV": 32, "HPP": 2, "num_warps": 1, "num_stages": 1}
-
-
-@triton.jit
-def _find_chunk(cu_chunks_ptr, i_c, num_seqs, num_steps):
-    """The document n with cu_chunks[n] <= i_c < cu_chunks[n+1] (binary search over [N+1] chunk starts)."""
-    lo = 0
-    hi = num_seqs - 1
-    for _ in range(num_steps):
-        mid = (lo + hi + 1) // 2
-        go_up = tl.load(cu_chunks_ptr + mid) <= i_c
-        lo = tl.where(go_up, mid, lo)
-        hi = tl.where(go_up, hi, mid - 1)
-    return lo
 
 
 @triton.jit
@@ -170,7 +159,7 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if i_c >= tl.load(cu_chunks_ptr + num_seqs):
         return  # the grid is sized by an upper bound on the number of chunks
-    i_n = _find_chunk(cu_chunks_ptr, i_c, num_seqs, num_steps)
+    i_n = document_of(cu_chunks_ptr, i_c, num_seqs, num_steps)  # cu_chunks[n] <= i_c < cu_chunks[n+1]
     bos = tl.load(cu_seqlens_ptr + i_n).to(tl.int64)
     seq_len = (tl.load(cu_seqlens_ptr + i_n + 1) - tl.load(cu_seqlens_ptr + i_n)).to(tl.int32)
     t0 = (i_c - tl.load(cu_chunks_ptr + i_n)).to(tl.int32) * BT  # chunk start within the document

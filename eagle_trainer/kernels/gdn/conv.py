@@ -17,16 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _doc_start(cu_ptr, o_t, num_docs, num_steps):
-    """cu_seqlens[i] for the largest i < num_docs with cu_seqlens[i] <= t, per t in o_t (a binary search)."""
-    lo = tl.zeros_like(o_t)
-    hi = tl.zeros_like(o_t) + (num_docs - 1)
+def document_of(cu_ptr, x, num_docs, num_steps):
+    """The largest i < num_docs with cu[i] <= x (x a scalar or a tensor of positions; cu ascending, cu[0] <= x):
+    a binary search of num_steps = bit_length(num_docs - 1) loads, no host sync. Also used by chunk.py."""
+    lo = x * 0
+    hi = x * 0 + (num_docs - 1)
     for _ in range(num_steps):
         mid = (lo + hi + 1) // 2
-        go_up = tl.load(cu_ptr + mid) <= o_t
+        go_up = tl.load(cu_ptr + mid) <= x
         lo = tl.where(go_up, mid, lo)
         hi = tl.where(go_up, hi, mid - 1)
-    return tl.load(cu_ptr + lo)
+    return lo
 
 
 @triton.jit
@@ -39,7 +40,7 @@ def causal_conv1d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cu_ptr, T, C, num_docs,
     m_t = o_t < T
     m_c = o_c < C
     if IS_VARLEN:
-        b_start = _doc_start(cu_ptr, o_t, num_docs, num_steps)
+        b_start = tl.load(cu_ptr + document_of(cu_ptr, o_t, num_docs, num_steps))
     else:
         b_start = tl.zeros_like(o_t)
     p_x = x_ptr + i_b.to(tl.int64) * T * C + o_c[None, :]
