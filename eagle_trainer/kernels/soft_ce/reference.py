@@ -1,0 +1,18 @@
+"""Plain-torch reference of the soft cross-entropy row kernel (kernels/soft_ce)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def soft_ce_rows_reference(z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor):
+    """z [C, V] draft logits, teacher [C, V] target logits, weight [C] fp32 ->
+    (dz [C, V] in z's dtype, ce [C] fp32 (fp64 for fp64 z), hit [C] likewise). See kernels/soft_ce."""
+    acc = torch.promote_types(z.dtype, torch.float32)
+    zf, tf = z.to(acc), teacher.to(acc)
+    lse = zf.logsumexp(-1)
+    p = tf.softmax(-1)
+    ce = lse - (p * zf).sum(-1)
+    hit = (zf.argmax(-1) == tf.argmax(-1)).to(acc)
+    dz = (torch.exp(zf - lse[:, None]) - p) * weight[:, None].to(acc)
+    return dz.to(z.dtype), ce, hit
