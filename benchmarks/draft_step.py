@@ -15,7 +15,7 @@ The teacher, the same on both sides: both steps start from the final hidden stat
 softmax over the draft-vocab columns of the bf16 logits, in fp32, masked where the full-vocab argmax is outside
 the draft vocab. SpecForge does it inside its step (TargetHead -> [1, T, V] logits -> _compute_target_p), so ours
 does too, as our online trainer does per batch: chunked_argmax over the full lm_head (FrozenTarget.capture) and
-teacher_outputs over the lm_head rows of the draft ids (TargetOutputs.teacher_probs [1, T, Vd], teacher_valid).
+teacher_outputs over the lm_head rows of the draft ids (TargetOutputs.teacher_logits [1, T, Vd], teacher_valid).
 
 Ours (eagle_trainer/train.py + trainer.py): registry.resolve(arch, "eagle3"); build_draft from the target's
 TargetInfo and DraftConfig(draft_vocab_size, ttt_steps=7, attention=--attention); fp32 master weights, the

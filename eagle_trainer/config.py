@@ -37,7 +37,8 @@ class DraftConfig:
     ttt_steps: int = 7  # K: training-time-test unroll length
     step_weight: float = 0.8  # loss weight of step k is step_weight**k
     mask_teacher_argmax: bool = True  # drop positions whose full-vocab target argmax is outside the draft vocab
-    attention: str = "auto"  # naive (materialises [T,T]; reference), flex (O(T) memory), auto: flex on GPU
+    attention: str = "auto"  # naive (materialises [T,T]; reference), flex or fused (O(T) memory; fused: cuDNN/FA2
+    # step-0 kernel + Triton merge, drafts/ttt.py), auto: fused on a GPU, naive on the CPU
     fused_head: bool = True  # EAGLE-3: lm_head + soft-CE fused, no step's [T, Vd] logits kept (false: reference)
     # EAGLE-1/2 only: fc bias (SGLang's LlamaForCausalLMEagle has one; vLLM's EAGLE-1 loader has none), the
     # uniform noise U(-a, a) added to the input features while training, and the loss weights of the feature

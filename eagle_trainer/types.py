@@ -82,8 +82,13 @@ class TargetOutputs:
     aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] EAGLE-3: aux layer outputs, low/mid/high concatenated (None: none kept)
     last_hidden: torch.Tensor | None  # [B, T, Ht] final decoder-layer output, before the final norm
     final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the EAGLE-1 feature (what engines feed it)
-    teacher_probs: torch.Tensor  # [B, T, Vd] fp32: softmax of target logits over the draft vocab
+    teacher_logits: torch.Tensor  # [B, T, Vd] the target's logits over the draft vocab, in the head's dtype (bf16 on a
+    # GPU: half the bytes of fp32 probabilities; the teacher is softmax(teacher_logits.float()))
     teacher_valid: torch.Tensor  # [B, T] bool: full-vocab argmax lies in the draft vocab (all True when off)
+
+    def teacher_probs(self) -> torch.Tensor:
+        """[B, T, Vd] fp32: the teacher distribution, softmax over the draft vocab."""
+        return self.teacher_logits.float().softmax(-1)
 
 
 @dataclass

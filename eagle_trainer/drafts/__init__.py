@@ -66,7 +66,7 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     normed = ttt_hidden(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     head = fused_ttt_loss if cfg.fused_head else unfused_ttt_loss
-    return head(normed, draft.lm_head.weight, outputs.teacher_probs, valid, cfg.step_weight)
+    return head(normed, draft.lm_head.weight, outputs.teacher_logits, valid, cfg.step_weight)
 
 
 def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1Config:
@@ -88,7 +88,8 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     acc = torch.promote_types(features.dtype, torch.float32)  # losses in fp32 at least (bf16 under autocast)
     total = features.new_zeros((), dtype=acc)
-    teacher_top = outputs.teacher_probs.argmax(-1)
+    teacher = outputs.teacher_probs()  # [B, T, Vd] fp32
+    teacher_top = teacher.argmax(-1)
     stats = []
     for k, f_hat in enumerate(predicted):
         mask = valid[k].to(acc)
@@ -96,7 +97,7 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
         target = shift_left(features, 1 + k)  # f[t+1+k]
         feature = (F.smooth_l1_loss(f_hat.to(acc), target.to(acc), reduction="none").mean(-1) * mask).sum() / n
         logits = draft.draft_logits(f_hat).to(acc)  # [B, T, Vd]
-        labels = shift_left(outputs.teacher_probs, 1 + k)
+        labels = shift_left(teacher, 1 + k)
         ce = (-(labels * F.log_softmax(logits, -1)).sum(-1) * mask).sum() / n
         step = cfg.feature_weight * feature + cfg.ce_weight * ce
         total = total + cfg.step_weight**k * step

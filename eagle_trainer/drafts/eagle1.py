@@ -165,7 +165,7 @@ def unroll(draft: Eagle1Draft, input_ids: torch.Tensor, features: torch.Tensor, 
     layer's step-j keys at t for j = 1..k (what a serving engine's KV cache holds for the chain after t).
     Packed batches (position_ids, documents [B, T]) follow drafts/ttt.py: RoPE position position_ids[t] + k,
     step-0 keys of t's document only."""
-    attend = step0_attention(attention, documents)
+    attend = step0_attention(attention, documents, input_ids.device)
     cfg = draft.config
     b, t = input_ids.shape
     base_pos = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids

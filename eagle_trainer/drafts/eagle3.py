@@ -60,6 +60,22 @@ class Eagle3Config:
         return cls(**raw)
 
 
+@dataclass
+class UnrollWeights:
+    """`Eagle3Draft.unroll_weights()`: the decoder layer's weights in the compute dtype, for the TTT unroll."""
+
+    dtype: torch.dtype
+    qkv_token: torch.Tensor  # [(nh + 2 nkv) D, H]: q/k/v rows over the input_layernorm(embedding) half
+    qkv_hidden: torch.Tensor  # [(nh + 2 nkv) D, H]: over the hidden_norm(g) half
+    o: torch.Tensor  # [H, nh D]
+    gate_up: torch.Tensor  # [2 I, H]
+    down: torch.Tensor  # [H, I]
+    input_norm: torch.Tensor  # [H] each
+    hidden_norm: torch.Tensor
+    post_norm: torch.Tensor
+    final_norm: torch.Tensor
+
+
 class Eagle3Layer(nn.Module):
     def __init__(self, cfg: Eagle3Config):
         super().__init__()
@@ -135,6 +151,22 @@ class Eagle3Draft(nn.Module):
         b, _, t, _ = attn.shape
         h = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def unroll_weights(self) -> "UnrollWeights":
+        """The layer's weights for one TTT unroll, cast once to the compute dtype (autocast's, else the params'):
+        under autocast every use would cast the fp32 masters again, K times per step. Gradients flow back through
+        the casts. q/k/v are one [(nh + 2 nkv) D, 2H] matrix split into its token and hidden halves, gate/up one
+        [2 I, H] matrix."""
+        device = self.fc.weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc.weight.dtype
+        layer, attn, h = self.midlayer, self.midlayer.self_attn, self.config.hidden_size
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)
+        cast = lambda m: m.weight.to(dtype)  # noqa: E731
+        return UnrollWeights(
+            dtype=dtype, qkv_token=qkv[:, :h], qkv_hidden=qkv[:, h:], o=cast(attn.o_proj),
+            gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).to(dtype),
+            down=cast(layer.mlp.down_proj), input_norm=cast(layer.input_layernorm), hidden_norm=cast(layer.hidden_norm),
+            post_norm=cast(layer.post_attention_layernorm), final_norm=cast(self.norm))
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         """g [B, T, H] -> draft-vocab logits [B, T, Vd]."""

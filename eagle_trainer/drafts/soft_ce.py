@@ -5,14 +5,15 @@ fp32 log-softmax and a shifted copy of the teacher [B, T, Vd] alive until backwa
 T = 16384 that is over 20 GiB. Here one autograd function takes the K normed hidden states and the lm_head
 weight, and walks each step's positions in row chunks of at most `max_elems` logits:
 
-    z = h W^T (rounded to W's dtype, then fp32, as the unfused head)     p = teacher[t + 1 + k] (a view, no copy)
-    ce = sum(p) lse(z) - p.z                                                 the soft cross-entropy per row
-    dz = w_row (softmax(z) sum(p) - p),  w_row = step_weight^k valid / n_k   (what backward would get)
-    dh = dz W,  dW += dz^T h                                                 (dz in W's dtype, dW summed in fp32)
+    z = h W^T  (in the compute dtype: autocast's, else h's)     teacher logits at t + 1 + k (a view, no copy)
+    ce, hit, dz = kernels.soft_ce.soft_ce_rows(z, teacher, w_row)   one Triton kernel (the reference on the CPU):
+        ce = lse(z) - softmax(teacher).z,  dz = w_row (softmax(z) - softmax(teacher)),  written over z
+        w_row = step_weight^k valid / n_k   (what backward would get)
+    dh = dz W,  dW += dz^T h                 (dW summed in fp32: cuBLAS with an fp32 output on the GPU)
 
 so the gradients are formed in the forward pass (no logits recomputed) and held as [B, T, H] per step plus one
 [Vd, H] fp32 buffer; backward scales them by the incoming gradient. Per-step loss, accuracy (draft argmax ==
-teacher argmax) and counts are the unfused head's, to fp32 rounding.
+teacher argmax) and counts are the unfused head's, to rounding.
 
 Shapes: B batch, T tokens, H draft hidden, Vd draft vocab, K steps, C rows per chunk.
 """
@@ -22,43 +23,58 @@ from __future__ import annotations
 import torch
 
 from eagle_trainer.drafts.ttt import TTTLoss, ttt_loss
+from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
 
-MAX_ELEMS = 1 << 26  # logits per chunk: 2^26 fp32 = 256 MiB, a few of them live at once
+MAX_ELEMS = 1 << 28  # logits per chunk: 2^28 bf16 = 512 MiB, one chunk alive at a time
+
+
+def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_w (fp32) + dz^T h, the product summed in fp32 (one cuBLAS call with an fp32 output for bf16 on a GPU)."""
+    if dz.is_cuda and dz.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(grad_w, dz.T, h, out_dtype=torch.float32)
+    return grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
+
+
+def _soft_ce_rows(z, teacher, weight):
+    """The kernel on a GPU (dz written over z), the plain-torch reference elsewhere."""
+    if z.is_cuda:
+        return soft_ce_rows(z, teacher, weight, out=z)
+    return soft_ce_rows_reference(z, teacher, weight)
 
 
 class _FusedTTTCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, teacher, valid, step_weight, max_elems, *hiddens):
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hiddens[0].dtype
         batch, num_tokens, _ = hiddens[0].shape
         rows = max(1, max_elems // weight.shape[0])
-        teacher_top = teacher.argmax(-1)  # [B, T]
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_h, stats = [], []
-        total = teacher.new_zeros(())
-        for k, h in enumerate(hiddens):
-            count = valid[k].sum()
-            scale = step_weight**k / count.clamp_min(1)
-            ce_sum, hits = teacher.new_zeros(()), teacher.new_zeros(())
-            dh = torch.zeros_like(h)
-            for b in range(batch):
-                for t0 in range(0, num_tokens - 1 - k, rows):  # t + 1 + k past the end has no label
-                    t1 = min(t0 + rows, num_tokens - 1 - k)
-                    hc = h[b, t0:t1]  # [C, H]
-                    z = (hc @ weight.T).float()  # [C, Vd]
-                    p = teacher[b, t0 + 1 + k:t1 + 1 + k]
-                    m = valid[k, b, t0:t1].to(z.dtype)
-                    lse = z.logsumexp(-1)
-                    psum = p.sum(-1)
-                    ce_sum = ce_sum + ((psum * lse - (p * z).sum(-1)) * m).sum()
-                    hits = hits + ((z.argmax(-1) == teacher_top[b, t0 + 1 + k:t1 + 1 + k]).to(z.dtype) * m).sum()
-                    dz = torch.exp(z - lse[:, None]).mul_(psum[:, None]).sub_(p).mul_((m * scale)[:, None])
-                    dz = dz.to(weight.dtype)
-                    dh[b, t0:t1] = dz @ weight
-                    grad_w += (dz.T @ hc).float()
-            step_loss = ce_sum / count.clamp_min(1)
-            total = total + step_weight**k * step_loss
-            stats.append(torch.stack([step_loss, hits / count.clamp_min(1), count.to(step_loss.dtype)]))
-            grad_h.append(dh)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            acc = torch.promote_types(dtype, torch.float32)  # sums and dW: fp32 (fp64 for fp64 inputs)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            grad_h, stats = [], []
+            total = torch.zeros((), dtype=acc, device=weight.device)
+            for k, h in enumerate(hiddens):
+                count = valid[k].sum()
+                scale = step_weight**k / count.clamp_min(1)
+                ce_sum, hits = torch.zeros_like(total), torch.zeros_like(total)
+                dh = torch.zeros_like(h)  # rows past T - 1 - k have no label and no gradient
+                for b in range(batch):
+                    for t0 in range(0, num_tokens - 1 - k, rows):  # t + 1 + k past the end has no label
+                        t1 = min(t0 + rows, num_tokens - 1 - k)
+                        hc = h[b, t0:t1].to(dtype)  # [C, H]
+                        m = valid[k, b, t0:t1].to(acc)
+                        z = hc @ w.T  # [C, Vd]
+                        dz, ce, hit = _soft_ce_rows(z, teacher[b, t0 + 1 + k:t1 + 1 + k], m * scale)
+                        ce_sum += (ce * m).sum()
+                        hits += (hit * m).sum()
+                        dh[b, t0:t1] = dz @ w
+                        grad_w = _accumulate(grad_w, dz, hc)
+                step_loss = ce_sum / count.clamp_min(1)
+                total += step_weight**k * step_loss
+                stats.append(torch.stack([step_loss, hits / count.clamp_min(1), count.to(step_loss.dtype)]))
+                grad_h.append(dh)
         ctx.save_for_backward(grad_w, *grad_h)
         ctx.weight_dtype = weight.dtype
         return total, torch.stack(stats)
@@ -70,22 +86,22 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
         return (scaled_w, None, None, None, None, *(g * grad_total.to(g.dtype) for g in grad_h))
 
 
-def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_probs: torch.Tensor,
+def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
                    valid: list[torch.Tensor], step_weight: float, max_elems: int = MAX_ELEMS) -> TTTLoss:
     """`ttt.ttt_loss` over `lm_head(normed[k])`, without keeping any step's [B, T, Vd] logits.
 
     normed: K tensors [B, T, H], the draft's final-normed hidden state per step; lm_head [Vd, H];
-    teacher_probs [B, T, Vd] fp32; valid: K masks [B, T] (`ttt.step_valid_mask`)."""
-    total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_probs, torch.stack(valid), step_weight, max_elems,
-                                               *normed)
+    teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`)."""
+    total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid),
+                                               step_weight, max_elems, *normed)
     losses, accs, counts = stats.T.tolist()
     return TTTLoss(total, losses, accs, [int(c) for c in counts])
 
 
-def unfused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_probs: torch.Tensor,
+def unfused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
                      valid: list[torch.Tensor], step_weight: float) -> TTTLoss:
     """The reference: per-step logits through autograd (`ttt.ttt_loss`)."""
-    return ttt_loss([h @ lm_head.T for h in normed], teacher_probs, valid, step_weight)
+    return ttt_loss([h @ lm_head.T for h in normed], teacher_logits.float().softmax(-1), valid, step_weight)
 
 
 __all__ = ["fused_ttt_loss", "unfused_ttt_loss"]

@@ -7,10 +7,13 @@ Attention at step k, position t: the step-0 keys/values at positions <= t (causa
 keys/values at position t for j = 1..k. That is what a serving engine computes when it drafts k+1
 tokens after prefix t with a KV cache; tests/drafts/test_ttt.py checks it against `DraftKVCache`.
 
-Two attention paths compute the same function:
+Three attention paths compute the same function:
 - `naive`: scores against all step-0 keys [B, nh, T, T] plus k diagonal scores; the reference.
 - `flex`:  a causal flex_attention over the step-0 block (compiled on the GPU: never holds [T, T]) that
-           returns its log-sum-exp, merged with the k diagonal terms; memory is O(T).
+           returns its log-sum-exp, merged with the k diagonal terms in torch; memory is O(T).
+- `fused`: the step-0 block through cuDNN's attention (FlashAttention-2 varlen for packed rows) with its
+           log-sum-exp, the diagonal terms merged by Triton kernels, and a backward that hands the library the
+           merged output and log-sum-exp (kernels/ttt_attention); O(T) memory, the default on a GPU.
 
 Packed batches (data.pack: documents back to back in one row, `documents` [1, N] gives each token's document):
 the RoPE position of t at step k is position_ids[t] + k (its place in its own document), the step-0 block is
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
+from eagle_trainer.kernels.ttt_attention import step0_kernel, ttt_attention
 
 
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
@@ -117,21 +121,34 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.T
     return out.to(q.dtype)
 
 
-ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention}
+def fused_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.Tensor | None = None,
+                        step0=None) -> torch.Tensor:
+    """Same function again, with a library attention kernel for the step-0 block (cuDNN, or FlashAttention-2 varlen
+    for packed rows; kernels/ttt_attention) and Triton kernels merging the diagonal terms, forward and backward.
+    `step0`: `step0_kernel(device, documents)` built once per unroll. fp32 on a GPU (no library kernel takes it)
+    goes to the flex path."""
+    if q.device.type == "cuda" and q.dtype == torch.float32:
+        return flex_ttt_attention(q, k0, v0, diag_k, diag_v, documents)
+    return ttt_attention(q, k0, v0, diag_k, diag_v, step0=step0 or step0_kernel(q.device, documents))
+
+
+ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention, "fused": fused_ttt_attention}
 
 
 def pick_attention(name: str, device: torch.device) -> str:
     if name == "auto":
-        return "flex" if device.type == "cuda" else "naive"
+        return "fused" if device.type == "cuda" else "naive"
     if name not in ATTENTION:
         raise ValueError(f"draft.attention={name!r} is not one of auto, {', '.join(ATTENTION)}")
     return name
 
 
-def step0_attention(attention: str, documents: torch.Tensor | None):
-    """The attention function of one unroll: `ATTENTION[attention]` with the documents (and, for flex, the step-0
-    block mask, built once for all K steps and every layer) bound."""
+def step0_attention(attention: str, documents: torch.Tensor | None, device: torch.device):
+    """The attention function of one unroll: `ATTENTION[attention]` with what its step-0 block needs built once for
+    all K steps and bound: the documents; flex's block mask; the fused path's step-0 kernel."""
     attend = ATTENTION[attention]
+    if attention == "fused":
+        return functools.partial(attend, documents=documents, step0=step0_kernel(device, documents))
     if documents is None:
         return attend
     if attention == "flex":
@@ -152,24 +169,82 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
                documents: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Unroll the draft K steps over every position at once. Returns K final-normed hidden states [B, T, H]
     (the lm_head's input; `soft_ce.fused_ttt_loss` takes them without forming the logits).
-    Packed batches pass position_ids [B, T] (position in the document) and documents [B, T] (document ids)."""
-    attend = step0_attention(attention, documents)
+    Packed batches pass position_ids [B, T] (position in the document) and documents [B, T] (document ids).
+
+    The same function as K calls of `draft.step_qkv` / `step_out` (tests/drafts/test_ttt.py checks it against the
+    KV-cached decoder), arranged for training: the weights are cast once (`draft.unroll_weights`); the q/k/v rows
+    over the token half of the layer input, input_layernorm(embed(x[t+1+k])) W^T, are computed once for x[t+1] and
+    read k rows on at step k (K-1 fewer products over that half, forward and backward); on a GPU the step's pieces
+    around the attention and the matrix products are compiled (fused norms, rotary, SwiGLU, residuals)."""
+    attend = step0_attention(attention, documents, input_ids.device)
+    cfg, device = draft.config, input_ids.device.type
     b, t = input_ids.shape
     base_pos = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
-    hidden = draft.project(aux_hidden)  # g0 [B, T, H]
+    w = draft.unroll_weights()
+    eps, inv_freq = cfg.rms_norm_eps, draft.rotary.inv_freq
+    hidden = draft.project(aux_hidden).to(w.dtype)  # g0 [B, T, H]
+    # x[t+1] for t < T + K - 1 (token 0 past the end, as shift_left pads): step k reads rows k .. k + T - 1
+    ids = torch.cat([input_ids[:, 1:], input_ids.new_zeros(b, num_steps)], dim=1)
+    tokens = draft.embed_tokens(ids).to(w.dtype)
+    token_qkv = _compiled(_token_qkv, device)(tokens, w.input_norm, w.qkv_token, eps)  # [B, T+K-1, (nh+2nkv) D]
     k0 = v0 = None
     diag_k, diag_v, out = [], [], []
     for k in range(num_steps):
-        tokens = shift_left(input_ids, 1 + k)  # x[t+1+k]
-        q, kk, vv = draft.step_qkv(tokens, hidden, base_pos + k)
+        q, kk, vv = (x.transpose(1, 2) for x in _compiled(_step_qkv, device)(  # [B, n, T, D] views
+            hidden, token_qkv[:, k:k + t], base_pos + k, inv_freq, w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
+            cfg.num_kv_heads))
         if k == 0:
             k0, v0 = kk, vv
         else:
             diag_k.append(kk)
             diag_v.append(vv)
-        hidden = draft.step_out(hidden, attend(q, k0, v0, diag_k, diag_v))
-        out.append(draft.norm(hidden))
+        hidden, normed = _compiled(_step_out, device)(hidden, attend(q, k0, v0, diag_k, diag_v), w.o, w.post_norm,
+                                                      w.gate_up, w.down, w.final_norm, eps)
+        out.append(normed)
     return out
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """layers.RMSNorm's arithmetic: fp32 statistics, the normalised value rounded to x's dtype, times the weight."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _token_qkv(tokens, norm_weight, weight, eps):
+    """input_layernorm(embed(x)) W_token^T: the q/k/v rows over the token half of the layer input."""
+    return _rms(tokens, norm_weight, eps) @ weight.T
+
+
+def _step_qkv(hidden, token_qkv, positions, inv_freq, norm_weight, weight, eps, num_heads: int, num_kv_heads: int):
+    """Eagle3Draft.step_qkv with the token half precomputed -> q [B, T, nh, D], k/v [B, T, nkv, D] (RoPE'd q, k;
+    written token-major: the caller's transposes to [B, n, T, D] are views, as the attention kernels read them)."""
+    b, t, _ = hidden.shape
+    d = 2 * inv_freq.shape[0]
+    qkv = _rms(hidden, norm_weight, eps) @ weight.T + token_qkv
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq  # as layers.Rotary
+    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
+    cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
+
+    def rotate(x):  # layers.apply_rotary, in the [B, T, n, D] layout
+        return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1) * sin
+
+    return rotate(q.view(b, t, num_heads, d)), rotate(k.view(b, t, num_kv_heads, d)), v.reshape(b, t, num_kv_heads, d)
+
+
+def _step_out(hidden, attn, o_weight, post_norm, gate_up, down, final_norm, eps):
+    """Eagle3Draft.step_out, then the final norm -> (g_next [B, T, H], norm(g_next))."""
+    b, nh, t, d = attn.shape
+    h = hidden + attn.transpose(1, 2).reshape(b, t, nh * d) @ o_weight.T
+    gate, up = (_rms(h, post_norm, eps) @ gate_up.T).chunk(2, dim=-1)
+    g_next = h + (F.silu(gate) * up) @ down.T
+    return g_next, _rms(g_next, final_norm, eps)
+
+
+@functools.cache
+def _compiled(fn, device_type: str):
+    """fn compiled for CUDA (fused elementwise work, fewer saved activations); as it is elsewhere."""
+    return torch.compile(fn) if device_type == "cuda" else fn
 
 
 @dataclass

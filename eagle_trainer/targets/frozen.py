@@ -1,8 +1,8 @@
 """The frozen target in the training loop: one forward, hooks on the aux layers, teacher over the draft vocab.
 
 Only the aux layers' outputs are kept (forward hooks; no output_hidden_states over all layers). The teacher
-is `softmax(h @ lm_head[draft_ids].T)` in fp32 from the final (normed) hidden state, so the [B, T, V] logits
-are never materialised; the optional argmax mask scans the full vocab in chunks.
+is formed from the final (normed) hidden state as the logits `h @ lm_head[draft_ids].T` over the draft vocab (the
+loss takes their fp32 softmax), so the [B, T, V] logits are never materialised; the optional argmax mask scans the full vocab in chunks.
 
 Batches are right-padded, so real tokens never attend to padding under the causal mask and no attention
 mask is passed to the model. A packed batch (data.pack, one row of documents back to back) passes its
@@ -36,7 +36,8 @@ def chunked_argmax(h: torch.Tensor, weight: torch.Tensor, max_elems: int = 1 << 
         best = torch.full((rows.shape[0],), float("-inf"), device=h.device)
         arg = torch.zeros(rows.shape[0], dtype=torch.long, device=h.device)
         for c in range(0, weight.shape[0], col_chunk):
-            val, idx = (rows @ weight[c:c + col_chunk].T).float().max(-1)
+            val, idx = (rows @ weight[c:c + col_chunk].T).max(-1)  # in the logits' dtype: the max is exact
+            val = val.float()
             better = val > best
             best = torch.where(better, val, best)
             arg = torch.where(better, idx + c, arg)
@@ -46,16 +47,17 @@ def chunked_argmax(h: torch.Tensor, weight: torch.Tensor, max_elems: int = 1 << 
 
 @torch.no_grad()
 def teacher_outputs(states: CapturedStates, draft_head: torch.Tensor, mask_teacher_argmax: bool) -> TargetOutputs:
-    """TargetOutputs from captured states: teacher = softmax(final @ draft_head.T) in fp32 over the draft vocab.
-    Online (FrozenTarget.forward) and offline (OfflineTarget) training both go through here, so they agree."""
+    """TargetOutputs from captured states: teacher logits final @ draft_head.T over the draft vocab (the teacher is
+    their fp32 softmax). Online (FrozenTarget.forward) and offline (OfflineTarget) training both go through here,
+    so they agree."""
     final = states.final_hidden
-    probs = (final @ draft_head.T).float().softmax(-1)  # [B, T, Vd]
+    logits = final @ draft_head.T  # [B, T, Vd]
     if mask_teacher_argmax:
         valid = states.argmax_valid
     else:
         valid = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device)
     return TargetOutputs(aux_hidden=states.aux_hidden, last_hidden=states.last_hidden, final_hidden=final,
-                         teacher_probs=probs, teacher_valid=valid)
+                         teacher_logits=logits, teacher_valid=valid)
 
 
 class FrozenTarget:

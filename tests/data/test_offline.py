@@ -172,15 +172,15 @@ def test_offline_target_equals_frozen_target(env):
         online.mask_teacher_argmax = offline.mask_teacher_argmax = mask
         for on_batch, off_batch in zip(batches(env["dataset"], 1, **kw), store.batches(1, **kw)):
             on, off = online.forward(on_batch), offline.forward(off_batch.to("cpu"))
-            for name in ("aux_hidden", "last_hidden", "teacher_probs", "teacher_valid"):
+            for name in ("aux_hidden", "last_hidden", "teacher_logits", "teacher_valid"):
                 assert torch.equal(getattr(off, name), getattr(on, name)), name
     online.mask_teacher_argmax = offline.mask_teacher_argmax = True
     # batch_size 4: online rows are padded to other lengths than when dumped; equal up to fp32 rounding
     for on_batch, off_batch in zip(batches(env["dataset"], 4, **kw), store.batches(4, **kw)):
         on, off = online.forward(on_batch), offline.forward(off_batch.pad_to_multiple(16, 0))
         real = on_batch.attention_mask
-        assert off.teacher_probs.shape[1] % 16 == 0 and not off.teacher_valid[:, real.shape[1]:].any()
-        torch.testing.assert_close(off.teacher_probs[:, :real.shape[1]][real], on.teacher_probs[real],
+        assert off.teacher_logits.shape[1] % 16 == 0 and not off.teacher_valid[:, real.shape[1]:].any()
+        torch.testing.assert_close(off.teacher_probs()[:, :real.shape[1]][real], on.teacher_probs()[real],
                                    rtol=1e-5, atol=1e-6)
         assert torch.equal(off.teacher_valid[:, :real.shape[1]][real], on.teacher_valid[real])
 

@@ -60,9 +60,9 @@ def test_unroll_matches_autoregressive_drafting_per_prefix(t, steps, layers):
 def outputs_for(draft, b, t, seed=0):
     g = torch.Generator().manual_seed(seed)
     final = torch.randn(b, t, H, generator=g, dtype=torch.float64)
-    probs = torch.softmax(torch.randn(b, t, VD, generator=g, dtype=torch.float64) * 3, -1)
+    logits = torch.randn(b, t, VD, generator=g, dtype=torch.float64) * 3
     valid = torch.ones(b, t, dtype=torch.bool)
-    return TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=final, teacher_probs=probs,
+    return TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=final, teacher_logits=logits,
                          teacher_valid=valid)
 
 
@@ -81,7 +81,7 @@ def test_loss_regresses_the_next_feature_and_the_teacher():
     n = t - 2
     feature = torch.nn.functional.smooth_l1_loss(f_hat[:, :n], out.final_hidden[:, 1:n + 1], reduction="none")
     logits = draft.draft_logits(f_hat[:, :n])
-    ce = -(out.teacher_probs[:, 1:n + 1] * logits.log_softmax(-1)).sum(-1)
+    ce = -(out.teacher_probs()[:, 1:n + 1] * logits.log_softmax(-1)).sum(-1)
     expect = feature.mean(-1).mean() + 0.1 * ce.mean()
     torch.testing.assert_close(loss.loss, expect, rtol=1e-9, atol=1e-12)
     assert loss.step_count == [b * n] and len(loss.extra["feature_loss"]) == 1
@@ -117,10 +117,10 @@ def test_packed_batch_equals_padded(attention, dtype, tol):
     draft.eval()  # no feature noise: both runs see the same inputs
     out = outputs_for(draft, *padded.input_ids.shape, seed=2)
     out = TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=out.final_hidden.to(dtype),
-                        teacher_probs=out.teacher_probs.to(dtype), teacher_valid=out.teacher_valid)
+                        teacher_logits=out.teacher_logits.to(dtype), teacher_valid=out.teacher_valid)
     out_packed = TargetOutputs(aux_hidden=None, last_hidden=None,
                                final_hidden=pack_rows(out.final_hidden, padded, packed),
-                               teacher_probs=pack_rows(out.teacher_probs, padded, packed, fill=1 / VD),
+                               teacher_logits=pack_rows(out.teacher_logits, padded, packed, fill=0),
                                teacher_valid=pack_rows(out.teacher_valid, padded, packed))
     cfg = DraftConfig(algorithm="eagle1", ttt_steps=steps, draft_vocab_size=VD)
     with torch.no_grad():

@@ -10,7 +10,7 @@ def case(batch=2, tokens=37, hidden=24, vocab=53, steps=3, dtype=torch.float32, 
     gen = torch.Generator().manual_seed(seed)
     normed = [torch.randn(batch, tokens, hidden, generator=gen, dtype=dtype) for _ in range(steps)]
     weight = torch.randn(vocab, hidden, generator=gen, dtype=dtype) * 0.3
-    teacher = torch.randn(batch, tokens, vocab, generator=gen).mul(2).softmax(-1)
+    teacher = torch.randn(batch, tokens, vocab, generator=gen).mul(2)  # logits
     valid = [torch.rand(batch, tokens, generator=gen) > 0.3 for _ in range(steps)]
     for k, v in enumerate(valid):
         v[:, tokens - 1 - k:] = False  # as step_valid_mask: no label past the end
@@ -63,7 +63,8 @@ def test_gpu_bf16_matches_unfused():
     dev = torch.device("cuda")
     normed, weight, teacher, valid = case(batch=1, tokens=1000, hidden=256, vocab=4000, steps=3, seed=3)
     normed = [h.to(dev, torch.bfloat16) for h in normed]
-    weight, teacher, valid = weight.to(dev, torch.bfloat16), teacher.to(dev), [v.to(dev) for v in valid]
+    weight, valid = weight.to(dev, torch.bfloat16), [v.to(dev) for v in valid]
+    teacher = teacher.to(dev, torch.bfloat16)  # the head's bf16 logits, as teacher_outputs forms them on a GPU
     ref, ref_w, ref_h = run(unfused_ttt_loss, normed, weight, teacher, valid)
     out, grad_w, grad_h = run(fused_ttt_loss, normed, weight, teacher, valid, max_elems=4000 * 128)
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-3)

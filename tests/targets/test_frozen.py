@@ -26,7 +26,7 @@ def test_aux_hidden_and_teacher_match_full_forward(tiny_qwen3_path):
     torch.testing.assert_close(out.aux_hidden, expect_aux)
     torch.testing.assert_close(model.model.norm(out.last_hidden), ref.hidden_states[-1])
     expect_probs = ref.logits[..., ids].float().softmax(-1)
-    torch.testing.assert_close(out.teacher_probs, expect_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_probs(), expect_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.teacher_valid, t2d[ref.logits.argmax(-1)])
     assert 0 < out.teacher_valid.float().mean() < 1
 

@@ -106,7 +106,7 @@ def test_aux_hidden_and_teacher_match_full_forward(loaded):
     ref = model(batch.input_ids, output_hidden_states=True)
     torch.testing.assert_close(out.aux_hidden, torch.cat([ref.hidden_states[i + 1] for i in aux_ids], -1))
     torch.testing.assert_close(model.model.norm(out.last_hidden), ref.hidden_states[-1])
-    torch.testing.assert_close(out.teacher_probs, ref.logits[..., ids].float().softmax(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.teacher_probs(), ref.logits[..., ids].float().softmax(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.teacher_valid, t2d[ref.logits.argmax(-1)])
     assert 0 < out.teacher_valid.float().mean() < 1
     target.close()
@@ -159,7 +159,7 @@ def test_eager_and_grouped_mm_agree(loaded):
         bind_qwen3_next(model, TargetConfig(path="-", moe_impl="eager"))
         target.close()
     torch.testing.assert_close(grouped.aux_hidden, eager.aux_hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped.teacher_probs, eager.teacher_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped.teacher_probs(), eager.teacher_probs(), rtol=1e-5, atol=1e-6)
 
 
 def rel_err(a, b):
@@ -299,7 +299,7 @@ def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_pat
         ids, t2d = draft_vocab(info.vocab_size, 200)
         batch = make_batch(2, 300, info.vocab_size).to(dev)
         out = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).forward(batch)
-        return out.aux_hidden.float(), out.final_hidden.float(), out.teacher_probs
+        return out.aux_hidden.float(), out.final_hidden.float(), out.teacher_probs()
 
     truth = forward("hf", "float32")
     ours, theirs = forward("triton", "bfloat16"), forward("hf", "bfloat16")
