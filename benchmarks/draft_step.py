@@ -51,12 +51,14 @@ Peer (SpecForge 0.2.0, its own code, read from the wheel):
 SpecForge imports with torch, transformers (with its huggingface_hub, safetensors) and triton alone; flash_attn is
 optional (a warning) and yunchang only for USP. On the device it is installed from .whl/ with
 `pip install --no-deps --target`. tokens/s = B*T / median step time (CUDA events around each step after warm-up).
-Peak memory: torch.cuda.max_memory_allocated over one step after warm-up, with only the shared inputs and that
-side alive: shared inputs + the side's frozen embedding, params, grads, AdamW state (SpecForge: + fp32 masters)
-+ activations and temporaries. The first update's losses of both sides are printed (different inits; SpecForge
+Peak memory: torch.cuda.max_memory_allocated over one step after warm-up, less what was allocated before that side
+was built, plus the shared inputs: shared inputs + the side's frozen embedding, params, grads, AdamW state
+(SpecForge: + fp32 masters) + activations and temporaries. (Counted from the build on: SpecForge's side leaves
+memory allocated after it is freed, about 4 GiB after the first T and 1.7 GiB more per T on an H100, which a raw
+peak would charge to every later measurement of both sides.) The first update's losses of both sides are printed (different inits; SpecForge
 averages over all T positions, ours over the valid ones, so its per-step losses are also shown x T / valid).
 
-    python benchmarks/draft_step.py [--seqs 2048 4096 8192 16384] [--attention flex|naive] [--results PATH] [--profile]
+    python benchmarks/draft_step.py [--seqs 2048 4096 8192 16384] [--attention fused|flex|naive] [--results PATH] [--profile]
     python benchmarks/draft_step.py --device cpu --tiny     # dry run: tiny widths, fp32, torch.compile off
 """
 
@@ -290,6 +292,7 @@ def run_side(label: str, build, args, device: torch.device) -> SimpleNamespace:
     for _ in range(args.warmup - 1):
         step()
     held, peak = step_memory(step, device)
+    held, peak = held - before, peak - before  # this side's own allocations (the caller adds the shared inputs)
     times = time_steps(step, device, args.iters)
     if args.profile:
         print(f"--- {label}\n{profile_table(step, device)}", flush=True)
@@ -311,8 +314,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=None, help="T values (default 2048 4096 8192 16384; "
                         "--tiny: 48 80)")
-    parser.add_argument("--attention", choices=("flex", "naive"), default=None,
-                        help="our TTT attention (default flex on the GPU, naive on the CPU)")
+    parser.add_argument("--attention", choices=("fused", "flex", "naive"), default=None,
+                        help="our TTT attention (default fused on the GPU, as draft.attention=auto; naive on the CPU)")
     parser.add_argument("--peer-attention", choices=("flex_attention", "sdpa"), default=None,
                         help="SpecForge's attention_backend (default flex_attention, its default; sdpa on the CPU)")
     parser.add_argument("--peer-fsdp", action=argparse.BooleanOptionalAction, default=None,
@@ -330,7 +333,7 @@ def main(argv=None) -> None:
     if args.peer_fsdp and not cuda:
         raise ValueError("--peer-fsdp needs a GPU (FSDP refuses CPU modules); leave it off with --device cpu")
     seqs = args.seqs or ([48, 80] if args.tiny else [2048, 4096, 8192, 16384])
-    args.attention = args.attention or ("flex" if cuda else "naive")
+    args.attention = args.attention or ("fused" if cuda else "naive")
     args.peer_attention = args.peer_attention or ("flex_attention" if cuda else "sdpa")
     args.peer_fsdp = cuda if args.peer_fsdp is None else args.peer_fsdp
     args.warmup = max(1, args.warmup or (1 if args.tiny else 3))
@@ -367,6 +370,8 @@ def main(argv=None) -> None:
         ours = run_side(f"ours T={seq}", build, args, device)
         build = partial(build_peer, work, hf_config, inputs, vd, args.peer_attention, args.peer_fsdp, device)
         peer = run_side(f"specforge T={seq}", build, args, device)
+        for side in (ours, peer):  # each side's own allocations + the shared inputs it reads
+            side.held, side.peak = side.held + shared, side.peak + shared
         del inputs, build
         counts = ours.first.step_count
         rescaled = [p * seq / max(c, 1) for p, c in zip(peer.first.step_loss, counts, strict=True)]

@@ -31,17 +31,27 @@ __all__ = ["ttt_attention", "step0_kernel", "merge_forward", "merge_backward"]
 
 
 @triton.jit
+def _program_tile(T, G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    """This program's token (b, t), kv head g, its G query heads and the head-dim offsets, with their masks."""
+    pid = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    oh, od = tl.arange(0, BG), tl.arange(0, BD)
+    mh, md = oh < G, od < D
+    return pid // T, pid % T, g, (g * G + oh).to(tl.int64), od, mh, md, mh[:, None] & md[None, :]
+
+
+@triton.jit
+def _load_heads(ptr, b, heads, t, od, s_b, s_h, s_t, mask):
+    """[BG, BD] fp32 tile of a [B, nh, T, D] tensor (strides s_b, s_h, s_t; unit stride in D) at token (b, t)."""
+    return tl.load(ptr + b * s_b + heads[:, None] * s_h + t * s_t + od[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def merge_fwd_kernel(q_ptr, o0_ptr, l0_ptr, k_ptr, v_ptr, o_ptr, l_ptr, T, NH, n_diag, scale,
                      sq_b, sq_h, sq_t, so_b, so_h, so_t, sk_n, sk_b, sk_h, sk_t,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    b, t = pid // T, pid % T
-    oh, od = tl.arange(0, BG), tl.arange(0, BD)
-    mh, md = oh < G, od < D
-    m2 = mh[:, None] & md[None, :]
-    heads = (g * G + oh).to(tl.int64)
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + t * sq_t + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    b, t, g, heads, od, mh, md, m2 = _program_tile(T, G, BG, D, BD)
+    q = _load_heads(q_ptr, b, heads, t, od, sq_b, sq_h, sq_t, m2)
     l0 = tl.load(l0_ptr + (b * NH + heads) * T + t, mask=mh, other=0.0)
     kv = b * sk_b + g * sk_h + t * sk_t
     run_max, run_sum = l0, tl.full((BG,), 1.0, tl.float32)
@@ -53,7 +63,7 @@ def merge_fwd_kernel(q_ptr, o0_ptr, l0_ptr, k_ptr, v_ptr, o_ptr, l_ptr, T, NH, n
         run_max = new
     lse = run_max + tl.log(run_sum)
     o_off = b * so_b + heads[:, None] * so_h + t * so_t + od[None, :]
-    o = tl.load(o0_ptr + o_off, mask=m2, other=0.0).to(tl.float32) * tl.exp(l0 - lse)[:, None]
+    o = _load_heads(o0_ptr, b, heads, t, od, so_b, so_h, so_t, m2) * tl.exp(l0 - lse)[:, None]
     for j in range(n_diag):
         kj = tl.load(k_ptr + kv + j * sk_n + od, mask=md, other=0.0).to(tl.float32)
         vj = tl.load(v_ptr + kv + j * sk_n + od, mask=md, other=0.0).to(tl.float32)
@@ -68,20 +78,13 @@ def merge_bwd_kernel(do_ptr, o_ptr, q_ptr, l_ptr, dq_ptr, k_ptr, v_ptr, dk_ptr, 
                      sdo_b, sdo_h, sdo_t, so_b, so_h, so_t, sq_b, sq_h, sq_t, sdq_b, sdq_h, sdq_t,
                      sk_n, sk_b, sk_h, sk_t,
                      G: tl.constexpr, BG: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    b, t = pid // T, pid % T
-    oh, od = tl.arange(0, BG), tl.arange(0, BD)
-    mh, md = oh < G, od < D
-    m2 = mh[:, None] & md[None, :]
-    heads = (g * G + oh).to(tl.int64)
-    rows = heads[:, None]
-    do = tl.load(do_ptr + b * sdo_b + rows * sdo_h + t * sdo_t + od[None, :], mask=m2, other=0.0).to(tl.float32)
-    o = tl.load(o_ptr + b * so_b + rows * so_h + t * so_t + od[None, :], mask=m2, other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + b * sq_b + rows * sq_h + t * sq_t + od[None, :], mask=m2, other=0.0).to(tl.float32)
+    b, t, g, heads, od, mh, md, m2 = _program_tile(T, G, BG, D, BD)
+    do = _load_heads(do_ptr, b, heads, t, od, sdo_b, sdo_h, sdo_t, m2)
+    o = _load_heads(o_ptr, b, heads, t, od, so_b, so_h, so_t, m2)
+    q = _load_heads(q_ptr, b, heads, t, od, sq_b, sq_h, sq_t, m2)
     lse = tl.load(l_ptr + (b * NH + heads) * T + t, mask=mh, other=0.0)
-    dq_off = b * sdq_b + rows * sdq_h + t * sdq_t + od[None, :]
-    dq = tl.load(dq_ptr + dq_off, mask=m2, other=0.0).to(tl.float32)
+    dq = _load_heads(dq_ptr, b, heads, t, od, sdq_b, sdq_h, sdq_t, m2)
+    dq_off = b * sdq_b + heads[:, None] * sdq_h + t * sdq_t + od[None, :]
     rowdot = tl.sum(do * o, 1)
     kv = b * sk_b + g * sk_h + t * sk_t
     for j in range(n_diag):
