@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
+from eagle_trainer.drafts.layers import rms_norm, rotary_cos_sin, rotate
 from eagle_trainer.kernels.ttt_attention import step0_kernel, ttt_attention
 
 
@@ -204,15 +205,9 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     return out
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """layers.RMSNorm's arithmetic: fp32 statistics, the normalised value rounded to x's dtype, times the weight."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def _token_qkv(tokens, norm_weight, weight, eps):
     """input_layernorm(embed(x)) W_token^T: the q/k/v rows over the token half of the layer input."""
-    return _rms(tokens, norm_weight, eps) @ weight.T
+    return rms_norm(tokens, norm_weight, eps) @ weight.T
 
 
 def _step_qkv(hidden, token_qkv, positions, inv_freq, norm_weight, weight, eps, num_heads: int, num_kv_heads: int):
@@ -220,25 +215,20 @@ def _step_qkv(hidden, token_qkv, positions, inv_freq, norm_weight, weight, eps, 
     written token-major: the caller's transposes to [B, n, T, D] are views, as the attention kernels read them)."""
     b, t, _ = hidden.shape
     d = 2 * inv_freq.shape[0]
-    qkv = _rms(hidden, norm_weight, eps) @ weight.T + token_qkv
+    qkv = rms_norm(hidden, norm_weight, eps) @ weight.T + token_qkv
     q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq  # as layers.Rotary
-    angles = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # [B, T, 1, D]
-    cos, sin = angles.cos().to(hidden.dtype), angles.sin().to(hidden.dtype)
-
-    def rotate(x):  # layers.apply_rotary, in the [B, T, n, D] layout
-        return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1) * sin
-
-    return rotate(q.view(b, t, num_heads, d)), rotate(k.view(b, t, num_kv_heads, d)), v.reshape(b, t, num_kv_heads, d)
+    cos, sin = (x[:, :, None] for x in rotary_cos_sin(positions, inv_freq))  # [B, T, 1, D]: the [B, T, n, D] layout
+    return (rotate(q.view(b, t, num_heads, d), cos, sin), rotate(k.view(b, t, num_kv_heads, d), cos, sin),
+            v.reshape(b, t, num_kv_heads, d))
 
 
 def _step_out(hidden, attn, o_weight, post_norm, gate_up, down, final_norm, eps):
     """Eagle3Draft.step_out, then the final norm -> (g_next [B, T, H], norm(g_next))."""
     b, nh, t, d = attn.shape
     h = hidden + attn.transpose(1, 2).reshape(b, t, nh * d) @ o_weight.T
-    gate, up = (_rms(h, post_norm, eps) @ gate_up.T).chunk(2, dim=-1)
+    gate, up = (rms_norm(h, post_norm, eps) @ gate_up.T).chunk(2, dim=-1)
     g_next = h + (F.silu(gate) * up) @ down.T
-    return g_next, _rms(g_next, final_norm, eps)
+    return g_next, rms_norm(g_next, final_norm, eps)
 
 
 @functools.cache

@@ -10,7 +10,7 @@ One program per row makes two passes over V in blocks: the first keeps running m
 both rows (an online log-sum-exp; sum p z is rescaled with the teacher's running max), the second writes dz.
 dz may alias z (the draft logits are not needed after): the EAGLE-3 loss head (drafts/soft_ce.py) overwrites its
 logits chunk with the gradient. Reads 2 x (z + teacher), writes dz: 10 bytes per bf16 element.
-reference.py holds the same function in plain torch (also the CPU path). Rows are independent.
+reference.py holds the same function in plain torch (the loss head's CPU path). Rows are independent.
 """
 
 from __future__ import annotations
@@ -79,17 +79,14 @@ def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -
 def soft_ce_rows(z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
                  block: int = 2048):
     """See the module docstring. z, teacher: [C, V] with unit column stride; weight [C] fp32;
-    out: where dz goes (default a new tensor like z; may be z itself). CPU tensors take the reference."""
+    out: where dz goes (default a new tensor like z; may be z itself)."""
     rows, vocab = z.shape
     if teacher.shape != z.shape or weight.shape != (rows,):
         raise ValueError(f"soft_ce_rows: z {tuple(z.shape)}, teacher {tuple(teacher.shape)} and weight "
                          f"{tuple(weight.shape)} must be [C, V], [C, V] and [C]")
     if z.device.type != "cuda" and not interpreting():
-        dz, ce, hit = soft_ce_rows_reference(z, teacher, weight)
-        if out is not None:
-            out.copy_(dz)
-            dz = out
-        return dz, ce, hit
+        raise ValueError(f"soft_ce_rows runs on a GPU (or the CPU with TRITON_INTERPRET=1), got {z.device} tensors; "
+                         "use kernels.soft_ce.reference.soft_ce_rows_reference there")
     dz = new_buffer((rows, vocab), z, z.dtype) if out is None else out
     ce = new_buffer((rows,), z, torch.float32)
     hit = new_buffer((rows,), z, torch.float32)
