@@ -152,7 +152,7 @@ class Eagle3Draft(nn.Module):
         h = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def unroll_weights(self) -> "UnrollWeights":
+    def unroll_weights(self) -> UnrollWeights:
         """The layer's weights for one TTT unroll, cast once to the compute dtype (autocast's, else the params'):
         under autocast every use would cast the fp32 masters again, K times per step. Gradients flow back through
         the casts. q/k/v are one [(nh + 2 nkv) D, 2H] matrix split into its token and hidden halves, gate/up one
@@ -161,7 +161,7 @@ class Eagle3Draft(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc.weight.dtype
         layer, attn, h = self.midlayer, self.midlayer.self_attn, self.config.hidden_size
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).to(dtype)
-        cast = lambda m: m.weight.to(dtype)  # noqa: E731
+        cast = lambda m: m.weight.to(dtype)
         return UnrollWeights(
             dtype=dtype, qkv_token=qkv[:, :h], qkv_hidden=qkv[:, h:], o=cast(attn.o_proj),
             gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).to(dtype),

@@ -7,7 +7,10 @@ from kernel_checks import poison
 
 from eagle_trainer.kernels import ttt_attention as ttt_mod
 from eagle_trainer.kernels.ttt_attention import merge_backward, merge_forward
-from eagle_trainer.kernels.ttt_attention.reference import merge_backward_reference, merge_forward_reference
+from eagle_trainer.kernels.ttt_attention.reference import (
+    merge_backward_reference,
+    merge_forward_reference,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

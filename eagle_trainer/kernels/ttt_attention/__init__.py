@@ -25,9 +25,12 @@ import triton
 import triton.language as tl
 
 from eagle_trainer.kernels.moe.configs import interpreting
-from eagle_trainer.kernels.ttt_attention.reference import merge_backward_reference, merge_forward_reference
+from eagle_trainer.kernels.ttt_attention.reference import (
+    merge_backward_reference,
+    merge_forward_reference,
+)
 
-__all__ = ["ttt_attention", "step0_kernel", "merge_forward", "merge_backward"]
+__all__ = ["merge_backward", "merge_forward", "step0_kernel", "ttt_attention"]
 
 
 @triton.jit
