@@ -36,6 +36,7 @@ from eagle_trainer.data.dataset import FEATURES, batches  # noqa: E402
 from eagle_trainer.data.offline import OfflineStore, dump_hidden_states, dump_manifest  # noqa: E402
 from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
+from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 from eagle_trainer.targets.offline import OfflineTarget  # noqa: E402
@@ -111,12 +112,14 @@ def read_specforge_format(out: Path, n: int) -> float:
     return time.perf_counter() - start
 
 
-def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bool):
-    """`steps` optimizer steps of the EAGLE-3 draft (B=1), from a fixed init; -> (tokens/s, losses)."""
+def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bool, draft_cfg: DraftConfig | None = None,
+          aux: tuple[int, ...] = AUX, target_flops: TargetFlops | None = None):
+    """`steps` optimizer steps of the EAGLE-3 draft (B=1), from a fixed init; -> (tokens/s, losses, train records).
+    With `target_flops` (None: offline, no target forward) the records carry TFLOP/s and MFU as train.py logs them."""
     spec = registry.resolve(info.architecture, "eagle3")
     torch.manual_seed(1)
-    draft_cfg = DraftConfig(draft_vocab_size=VD)
-    draft = spec.algorithm.build_draft(info, draft_cfg, AUX).cuda()
+    draft_cfg = draft_cfg or DraftConfig(draft_vocab_size=VD)
+    draft = spec.algorithm.build_draft(info, draft_cfg, aux).cuda()
     draft.set_embedding(target.input_embedding())
     draft.set_vocab_map(d2t, t2d)
     train_cfg = TrainConfig(run_dir=str(run_dir), max_steps=steps, save_every=0, log_every=1, eval_batches=0,
@@ -127,12 +130,15 @@ def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bo
             return source.batches(1, seed=0, epoch=epoch, shuffle=True, start=start, pin_memory=True)
         return batches(source, 1, seed=0, epoch=epoch, shuffle=True, start=start)
 
+    def flops(lengths):
+        return step_flops(target_flops, draft.config, lengths, draft_cfg.ttt_steps, draft_cfg.mask_teacher_argmax)
+
     trainer = Trainer(spec, target, draft, draft_cfg, OptimConfig(warmup_steps=2), train_cfg, train_batches, [],
-                      torch.device("cuda"))
+                      torch.device("cuda"), flops=flops, peak_tflops=peak_tflops(torch.cuda.get_device_name()))
     trainer.fit()
     records = [r for r in trainer.metrics.records if r.get("split") == "train"]
     per_step = sorted(r["tokens_per_s"] for r in records[WARMUP_STEPS:])  # each record is one step's window
-    return per_step[len(per_step) // 2], [r["loss"] for r in records]
+    return per_step[len(per_step) // 2], [r["loss"] for r in records], records
 
 
 def main(argv=None) -> None:
@@ -173,7 +179,7 @@ def main(argv=None) -> None:
     sf_bytes = dir_bytes(sf_dir) / tokens
     print(f"specforge format: dump {sf_dump:.2f} s, {sf_bytes:.0f} B/token, read {sf_read:.2f} s", flush=True)
 
-    online_tps, online_losses = train(target, dataset, args.steps, args.work / "run_online", info, d2t, t2d, False)
+    online_tps, online_losses, _ = train(target, dataset, args.steps, args.work / "run_online", info, d2t, t2d, False)
     target.close()
     offline_target = OfflineTarget.from_checkpoint(ckpt, draft_ids_from_d2t(d2t), True, torch.device("cuda"),
                                                    torch.bfloat16)
@@ -183,7 +189,7 @@ def main(argv=None) -> None:
     for compression in ("none", "fp8"):
         store = OfflineStore(args.work / f"dump_{compression}")
         offline[compression] = train(offline_target, store, args.steps, args.work / f"run_{compression}", info,
-                                     d2t, t2d, True)
+                                     d2t, t2d, True)[:2]
     diff = max(abs(a - b) for a, b in zip(online_losses, offline["none"][1]))
     diff8 = max(abs(a - b) / abs(a) for a, b in zip(online_losses, offline["fp8"][1]))
     print(f"train tokens/s: online {online_tps:.0f}, offline {offline['none'][0]:.0f}, offline fp8 "

@@ -1,0 +1,169 @@
+"""End-to-end online EAGLE-3 training on one GPU: tokens/s, MFU and peak memory, ours vs the configuration a user
+of an HF-based trainer gets, in the same trainer, on the same data, in the same process.
+
+Target: a Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM (tests/fixtures/qwen3_30b_a3b_config.json: H 2048, 32 heads,
+4 KV heads, 128 experts of width 768, top-8, V 151936) cut to `--layers` layers, random bf16 weights N(0, 0.02),
+saved as an HF checkpoint and loaded back with `load_target` (sdpa attention), aux layers 0,1,2 of 4. Draft: the
+EAGLE-3 draft train.py builds for it (one layer, H 2048, MLP 6144, Vd 32000, K 7). Data: `--steps` sequences of
+T random target ids, the second half of each trained, B=1; the vocab map built from them (train.py's way).
+
+Sides (the loaded model is rebound between them with the Qwen3-MoE entry's bind function, as load_target does):
+- ours: `target.moe_impl=triton` (our batch-invariant MoE core), `norm_impl=triton` (fused RMSNorm),
+  `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton log-sum-exp merge);
+- peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`,
+  `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does).
+Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss.item() and logging) is shared.
+
+Tokens/s: the median of the per-step windows after WARMUP_STEPS (each window spans data, the target's forward, the
+draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP counter (eagle_trainer/flops.py:
+target forward with teacher, 3 x the draft's unroll) over the same windows, against the bf16 dense peak. Peak
+memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides start from one
+draft init and one batch order: their step losses must agree to bf16 precision (checked).
+
+    python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from offline import WARMUP_STEPS, synthetic_dataset, train  # noqa: E402
+from results import RESULTS, append_rows, row  # noqa: E402
+
+from eagle_trainer.config import DraftConfig, TargetConfig  # noqa: E402
+from eagle_trainer.data.dataset import batches  # noqa: E402
+from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
+from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
+from eagle_trainer.flops import TargetFlops  # noqa: E402
+from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
+from eagle_trainer.targets.loading import load_target  # noqa: E402
+
+FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_30b_a3b_config.json"
+AUX = (0, 1, 2)
+VD = 32000
+SIDES = {  # side -> (target config fields, draft attention)
+    "ours": ({"moe_impl": "triton", "norm_impl": "triton"}, "fused"),
+    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf"}, "naive"),
+}
+PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention"
+
+
+def build_checkpoint(path: Path, layers: int) -> None:
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    fields = json.loads(FIXTURE.read_text())
+    fields.update(num_hidden_layers=layers, max_window_layers=layers, max_position_embeddings=65536)
+    config = Qwen3MoeConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.save_pretrained(str(path))
+    save_tiny_tokenizer(path, vocab_size=1024)
+    del model
+    torch.cuda.empty_cache()
+
+
+def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path) -> dict:
+    fields, attention = SIDES[side]
+    target_spec.bind_kernels(model, TargetConfig(path="", **fields))
+    target = FrozenTarget(model, target_spec, AUX, draft_ids_from_d2t(d2t), t2d)
+    first = next(batches(dataset, 1, seed=0, epoch=0, shuffle=False)).to("cuda")
+    target_ms = do_bench(lambda: target.forward(first), warmup=25, rep=200, return_mode="median")
+    first = None  # freed before the run, so its peak is the trainer's
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        tps, losses, records = train(target, dataset, steps, run_dir, info, d2t, t2d, offline=False,
+                                     draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=AUX,
+                                     target_flops=TargetFlops.from_hf_config(model.config))
+    except torch.OutOfMemoryError as e:
+        first = str(e).splitlines()[0]
+        print(f"{side}: out of memory: {first}", flush=True)
+        return {"oom": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    finally:
+        target.close()
+    mfu = sorted(r["mfu"] for r in records[WARMUP_STEPS:])
+    result = {"tokens_per_s": tps, "mfu": mfu[len(mfu) // 2], "losses": losses,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    step_ms = len(dataset[0]["input_ids"]) / tps * 1e3
+    print(f"{side}: {tps:,.0f} tokens/s ({step_ms:.1f} ms a step, of which the target forward + teacher "
+          f"{target_ms:.1f} ms), MFU {result['mfu']:.1%}, peak {result['peak_gib']:.2f} GiB, "
+          f"losses {[round(x, 3) for x in losses[:4]]}", flush=True)
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_online"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    sides = args.sides.split(",")
+    if unknown := set(sides) - set(SIDES):
+        raise ValueError(f"--sides has {sorted(unknown)}; known: {sorted(SIDES)}")
+    if args.steps <= WARMUP_STEPS:
+        raise ValueError(f"--steps {args.steps} leaves no timed step after the {WARMUP_STEPS} warm-up steps")
+    ckpt = args.work / "target"
+    t0 = time.perf_counter()
+    built = ckpt / "config.json"
+    if not (built.is_file() and json.loads(built.read_text())["num_hidden_layers"] == args.layers):
+        shutil.rmtree(args.work, ignore_errors=True)
+        build_checkpoint(ckpt, args.layers)  # else: the checkpoint of an earlier run with these shapes is reused
+    model, _, target_spec, info = load_target(TargetConfig(path=str(ckpt)), torch.device("cuda"))
+    print(f"target: {args.layers} layers, built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = []
+    for seq in args.seqs:
+        dataset = synthetic_dataset(args.steps, seq, info.vocab_size)
+        d2t, t2d = build_vocab_map(dataset, info.vocab_size, VD)
+        for side in sides:
+            shutil.rmtree(args.work / f"run_{side}_{seq}", ignore_errors=True)
+        res = {side: run_side(side, model, target_spec, info, dataset, d2t, t2d, args.steps,
+                              args.work / f"run_{side}_{seq}") for side in sides}
+        ours, peer = res.get("ours"), res.get("peer")
+        case = (f"online EAGLE-3 training, Qwen3-30B-A3B-shaped target {args.layers}L + draft, B=1 T={seq}, "
+                f"median step of {args.steps - WARMUP_STEPS}")
+        if ours is None or "oom" in ours:
+            continue
+        ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
+        if peer is not None and "oom" not in peer:
+            n = min(len(ours["losses"]), len(peer["losses"]))
+            diff = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"][:n], peer["losses"][:n]))
+            print(f"T={seq}: ours / peer {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s, "
+                  f"max relative loss difference {diff:.2g}", flush=True)
+            if not diff < 2e-2:
+                raise AssertionError(f"T={seq}: the two sides' losses differ by {diff:.3g} relative")
+            rows += [
+                row(f"{case} (losses agree within {diff:.1g}): tokens/s", ours_cell,
+                    f"{peer['tokens_per_s']:,.0f} tok/s, MFU {peer['mfu']:.1%}", PEER_NAME,
+                    ours["tokens_per_s"] / peer["tokens_per_s"]),
+                row(f"{case}: peak GPU memory, target weights included (ratio: peer / ours, > 1 = ours smaller)",
+                    f"{ours['peak_gib']:.2f} GiB", f"{peer['peak_gib']:.2f} GiB", PEER_NAME,
+                    peer["peak_gib"] / ours["peak_gib"]),
+            ]
+        elif peer is not None:  # the peer cannot run this length on this GPU at all
+            rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
+                            f"out of memory ({peer['oom'][:80]})", PEER_NAME, None))
+    note = ("`python benchmarks/train_online.py`: the whole training step of `Trainer.fit` (target forward, teacher, "
+            "draft forward/backward, AdamW), ours vs the same trainer with HF's grouped_mm experts, HF RMSNorm and "
+            "the naive TTT attention. MFU by eagle_trainer/flops.py against the bf16 dense peak (H100: 989 TFLOP/s).")
+    if rows:
+        append_rows("train_online", rows, note, args.results)
+        print("".join(rows))
+
+
+if __name__ == "__main__":
+    main()
