@@ -161,15 +161,18 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     final = inputs.final
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    def step() -> SimpleNamespace:
-        optimizer.zero_grad(set_to_none=True)
+    def forward():  # Trainer._loss: the teacher is dropped when it returns, before backward
         # the teacher, as FrozenTarget.capture + teacher_outputs form it after the target's backbone
         argmax_valid = inputs.t2d[chunked_argmax(final.reshape(-1, final.shape[-1]), inputs.lm_head)]
         states = CapturedStates(aux_hidden=inputs.aux, last_hidden=None, final_hidden=final,
                                 argmax_valid=argmax_valid.view(final.shape[:2]))
         outputs = teacher_outputs(states, draft_head, cfg.mask_teacher_argmax)
         with autocast:
-            out = spec.algorithm.loss(draft, batch, outputs, cfg, attention)
+            return spec.algorithm.loss(draft, batch, outputs, cfg, attention)
+
+    def step() -> SimpleNamespace:
+        optimizer.zero_grad(set_to_none=True)
+        out = forward()
         loss = out.loss.item()
         out.loss.backward()
         float(torch.nn.utils.clip_grad_norm_(draft.parameters(), optim.max_grad_norm))

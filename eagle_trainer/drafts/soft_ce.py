@@ -25,7 +25,10 @@ import torch
 from eagle_trainer.drafts.ttt import TTTLoss, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
 
-MAX_ELEMS = 1 << 28  # logits per chunk: 2^28 bf16 = 512 MiB, one chunk alive at a time
+# logits per chunk: 2^27 bf16 = 256 MiB, one chunk alive at a time. The head runs at the end of the unroll, when
+# every step's activations are held, so the chunk adds to the step's peak; but each chunk also reads and writes
+# the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048): on an H100 at T=8192, 2^26 cost 4% of the step.
+MAX_ELEMS = 1 << 27
 
 
 def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -69,21 +72,30 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                         dz, ce, hit = _soft_ce_rows(z, teacher[b, t0 + 1 + k:t1 + 1 + k], m * scale)
                         ce_sum += (ce * m).sum()
                         hits += (hit * m).sum()
-                        dh[b, t0:t1] = dz @ w
+                        if dh.dtype == dz.dtype:
+                            torch.mm(dz, w, out=dh[b, t0:t1])  # no [C, H] temporary
+                        else:
+                            dh[b, t0:t1] = dz @ w
                         grad_w = _accumulate(grad_w, dz, hc)
                 step_loss = ce_sum / count.clamp_min(1)
                 total += step_weight**k * step_loss
                 stats.append(torch.stack([step_loss, hits / count.clamp_min(1), count.to(step_loss.dtype)]))
                 grad_h.append(dh)
         ctx.save_for_backward(grad_w, *grad_h)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.consumed = weight.dtype, False
         return total, torch.stack(stats)
 
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):
+        # the gradients formed in forward are scaled in place and handed on: no second copy of K [B, T, H] and
+        # the [Vd, H] fp32 buffer at the start of backward, where the step's memory peaks
+        if ctx.consumed:
+            raise RuntimeError("backward through the fused TTT loss head ran twice (retain_graph): its gradients "
+                               "were formed in forward and handed on by the first backward")
+        ctx.consumed = True
         grad_w, *grad_h = ctx.saved_tensors
-        scaled_w = (grad_w * grad_total).to(ctx.weight_dtype)
-        return (scaled_w, None, None, None, None, *(g * grad_total.to(g.dtype) for g in grad_h))
+        grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
+        return (grad_w, None, None, None, None, *(g.mul_(grad_total.to(g.dtype)) for g in grad_h))
 
 
 def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,

@@ -71,3 +71,13 @@ def test_gpu_bf16_matches_unfused():
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     assert rel(grad_w, ref_w) < 1e-2
     assert all(rel(a, b) < 1e-2 for a, b in zip(grad_h, ref_h, strict=True))
+
+
+def test_a_second_backward_is_refused():
+    """Backward hands on, scaled in place, the gradients formed in forward: a second one would scale them again."""
+    normed, weight, teacher, valid = case(steps=2, seed=3)
+    normed = [h.clone().requires_grad_() for h in normed]
+    out = fused_ttt_loss(normed, weight.clone().requires_grad_(), teacher, valid, 0.8)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        out.loss.backward()

@@ -13,7 +13,8 @@ document is one sequence) or aten's CPU flash attention (CPU, tests). Grouped-qu
               the diagonal terms add p_j = exp(s_j - lse), ds_j = p_j (dout.v_j - rowsum(dout * out)):
               dq += sum_j ds_j k_j scale,  dk_j = sum_heads ds_j q scale,  dv_j = sum_heads p_j dout (merge_bwd_kernel)
 
-Nothing [T, T] is held; saved for backward: q, k0, v0 (shared by all steps), out, lse, the diagonal keys/values.
+Nothing [T, T] is held; saved for backward: q, k0, v0 (shared by all steps), out, lse, the diagonal keys/values
+(the step's own tensors: stacked [n, ...] for the kernels only while they run).
 reference.py holds the merge kernels in plain torch. Shapes: q [B, nh, T, D]; k0/v0 [B, nkv, T, D];
 diagonal keys/values stacked [n, B, nkv, T, D]; lse [B, nh, T] fp32.
 """
@@ -236,28 +237,34 @@ def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
 
 
 class _TTTAttention(torch.autograd.Function):
+    """One step's attention; the diagonal keys then values come as separate tensors (`*diag`), saved as they are
+    and stacked for the merge kernels only while they run: a stacked copy kept per step would hold the j-th step's
+    keys K-j times over the unroll."""
+
     @staticmethod
-    def forward(ctx, step0, q, k0, v0, diag_k, diag_v):
+    def forward(ctx, step0, q, k0, v0, *diag):
         scale = q.shape[-1] ** -0.5
         out0, lse0, saved = step0.forward(q, k0, v0, scale)
-        if diag_k is None:
+        n = len(diag) // 2
+        if n == 0:
             out, lse = out0, lse0
         else:
-            out, lse = merge_forward(q, out0, lse0, diag_k, diag_v, scale)
-        ctx.save_for_backward(q, k0, v0, out, lse, diag_k, diag_v)
+            out, lse = merge_forward(q, out0, lse0, torch.stack(diag[:n]), torch.stack(diag[n:]), scale)
+        ctx.save_for_backward(q, k0, v0, out, lse, *diag)
         ctx.step0, ctx.saved, ctx.scale = step0, saved, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k0, v0, out, lse, diag_k, diag_v = ctx.saved_tensors
+        q, k0, v0, out, lse, *diag = ctx.saved_tensors
         if dout.stride() != out.stride():  # the libraries read dout in out's layout
             dout = _like(out).copy_(dout)
         dq, dk0, dv0 = ctx.step0.backward(dout, q, k0, v0, out, lse, ctx.saved, ctx.scale)
-        ddk = ddv = None
-        if diag_k is not None:
-            dq, ddk, ddv = merge_backward(dout, out, q, lse, dq, diag_k, diag_v, ctx.scale)
-        return None, dq, dk0, dv0, ddk, ddv
+        n = len(diag) // 2
+        if n == 0:
+            return None, dq, dk0, dv0
+        dq, ddk, ddv = merge_backward(dout, out, q, lse, dq, torch.stack(diag[:n]), torch.stack(diag[n:]), ctx.scale)
+        return None, dq, dk0, dv0, *ddk.unbind(0), *ddv.unbind(0)
 
 
 def ttt_attention(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, diag_k: list, diag_v: list,
@@ -265,7 +272,6 @@ def ttt_attention(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, diag_k: l
     """TTT attention of one step: q [B, nh, T, D]; k0/v0 [B, nkv, T, D]; diag_k/diag_v: the k earlier steps'
     keys/values at each position (lists of [B, nkv, T, D]); step0: `step0_kernel(...)` (default: causal, by
     q's device). -> [B, nh, T, D] in q's dtype (bf16/fp16 on a GPU)."""
-    step0 = step0 or step0_kernel(q.device)
-    stacked_k = torch.stack(diag_k) if diag_k else None
-    stacked_v = torch.stack(diag_v) if diag_v else None
-    return _TTTAttention.apply(step0, q, k0, v0, stacked_k, stacked_v)
+    if len(diag_k) != len(diag_v):
+        raise ValueError(f"ttt_attention got {len(diag_k)} diagonal keys and {len(diag_v)} values")
+    return _TTTAttention.apply(step0 or step0_kernel(q.device), q, k0, v0, *diag_k, *diag_v)
