@@ -120,7 +120,7 @@ def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bo
     torch.manual_seed(1)
     draft_cfg = draft_cfg or DraftConfig(draft_vocab_size=VD)
     draft = spec.algorithm.build_draft(info, draft_cfg, aux).cuda()
-    draft.set_embedding(target.input_embedding())
+    draft.set_target_weights(target.input_embedding(), share=True)  # as train.py
     draft.set_vocab_map(d2t, t2d)
     train_cfg = TrainConfig(run_dir=str(run_dir), max_steps=steps, save_every=0, log_every=1, eval_batches=0,
                             progress=False)

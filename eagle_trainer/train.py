@@ -186,9 +186,10 @@ def run(cfg: Config) -> Summary:
 
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     draft.to(device)
-    # the embedding is copied in place (copy_ casts: no host round trip of [V, H]); EAGLE-1 shares the lm_head
+    # the draft holds the target's embedding tensor itself where it can (one [V, H] on the GPU, not two), else a
+    # copy made in place (copy_ casts: no host round trip); EAGLE-1 also reads the target's lm_head
     lm_head = target.output_head() if spec.algorithm.needs_target_head else None
-    draft.set_target_weights(target.input_embedding(), lm_head)
+    draft.set_target_weights(target.input_embedding(), lm_head, share=True)
     draft.set_vocab_map(d2t, t2d)
 
     def train_batches(epoch: int, start: int):

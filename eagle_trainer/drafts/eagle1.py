@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, set_frozen_embedding
 from eagle_trainer.drafts.ttt import shift_left, step0_attention
 
 
@@ -109,12 +109,12 @@ class Eagle1Draft(nn.Module):
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
 
-    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None) -> None:
-        """The target's input embedding [V, H] (copied, frozen) and lm_head [V, H] (shared, frozen)."""
+    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None, share: bool = False) -> None:
+        """The target's input embedding [V, H] (frozen: copied, or with `share` held as it is where it can be,
+        layers.set_frozen_embedding) and lm_head [V, H] (shared, frozen)."""
         if lm_head is None:
             raise ValueError("an EAGLE-1 draft decodes with the target's lm_head; pass it (target.output_head())")
-        with torch.no_grad():
-            self.embed_tokens.weight.copy_(embedding)
+        set_frozen_embedding(self.embed_tokens, embedding, share)
         self.lm_head_weight = lm_head.detach()
 
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:

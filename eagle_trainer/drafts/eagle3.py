@@ -21,7 +21,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary
+from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, set_frozen_embedding
 
 
 @dataclass(frozen=True)
@@ -105,19 +105,20 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
 
-    def set_embedding(self, weight: torch.Tensor) -> None:
-        """Copy the target's input embedding [V, Ht] (frozen in the draft)."""
-        with torch.no_grad():
-            self.embed_tokens.weight.copy_(weight)
+    def set_embedding(self, weight: torch.Tensor, share: bool = False) -> None:
+        """The target's input embedding [V, Ht], frozen: copied, or with `share` held as it is where it can be
+        (layers.set_frozen_embedding)."""
+        set_frozen_embedding(self.embed_tokens, weight, share)
 
     def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         with torch.no_grad():
             self.d2t.copy_(d2t)
             self.t2d.copy_(t2d)
 
-    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None = None) -> None:
-        """The target weights a draft shares: EAGLE-3 copies the embedding and has its own lm_head."""
-        self.set_embedding(embedding)
+    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None = None,
+                           share: bool = False) -> None:
+        """The target weights a draft reads: EAGLE-3 the embedding (`set_embedding`); it has its own lm_head."""
+        self.set_embedding(embedding, share)
 
     def target_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """From HF `output_hidden_states` (entry i+1 = output of decoder layer i) -> aux [.., T, 3Ht]."""

@@ -1,4 +1,4 @@
-"""Llama building blocks shared by the draft models: RMSNorm, rotary embedding, SwiGLU MLP.
+"""Llama building blocks shared by the draft models: RMSNorm, rotary embedding, SwiGLU MLP, the frozen target embedding.
 
 Shapes: B batch, T tokens, H hidden, nh/nkv query/key-value heads, D head dim.
 """
@@ -87,3 +87,19 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, n, T, D]; cos/sin [B, T, D]."""
     return rotate(x, cos[:, None], sin[:, None])
+
+
+def set_frozen_embedding(embedding: nn.Embedding, weight: torch.Tensor, share: bool = False) -> None:
+    """The target's input embedding [V, H] into a draft's frozen `embedding`. With `share` the draft holds the
+    target's own tensor wherever it can stand in for the copy (same device; same dtype, or a GPU, where training
+    reads it under bf16 autocast and the Trainer holds frozen weights in bf16), so online training keeps one [V, H]
+    (0.6 GiB for Qwen3-30B-A3B) instead of two; otherwise, or without `share`, its values are copied in."""
+    mine = embedding.weight
+    if weight.shape != mine.shape:
+        raise ValueError(f"the target embedding is {tuple(weight.shape)}, the draft's is {tuple(mine.shape)}: the "
+                         "draft was built for another target (vocab size, hidden size)")
+    if share and weight.device == mine.device and (weight.dtype == mine.dtype or weight.is_cuda):
+        embedding.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    else:
+        with torch.no_grad():
+            mine.copy_(weight)
