@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from test_eagle1 import tiny_draft as tiny_eagle1
 from test_ttt import tiny_draft as tiny_eagle3
 
