@@ -48,11 +48,17 @@ VD = 32000
 
 
 def build_checkpoint(path: Path, layers: int) -> None:
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers import Qwen3Config
     config = Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=layers,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                          rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
     config.architectures = ["Qwen3ForCausalLM"]
+    save_random_checkpoint(config, path)
+
+
+def save_random_checkpoint(config, path: Path) -> None:
+    """An HF checkpoint of `config` with random bf16 weights N(0, 0.02) and the tiny tokenizer, built on the GPU."""
+    from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

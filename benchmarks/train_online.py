@@ -36,12 +36,11 @@ import torch
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offline import WARMUP_STEPS, synthetic_dataset, train  # noqa: E402
+from offline import WARMUP_STEPS, save_random_checkpoint, synthetic_dataset, train  # noqa: E402
 from results import RESULTS, append_rows, row  # noqa: E402
 
 from eagle_trainer.config import DraftConfig, TargetConfig  # noqa: E402
 from eagle_trainer.data.dataset import batches  # noqa: E402
-from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
 from eagle_trainer.flops import TargetFlops  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
@@ -58,20 +57,12 @@ PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attent
 
 
 def build_checkpoint(path: Path, layers: int) -> None:
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import Qwen3MoeConfig
     fields = json.loads(FIXTURE.read_text())
     fields.update(num_hidden_layers=layers, max_window_layers=layers, max_position_embeddings=65536)
     config = Qwen3MoeConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
     config.architectures = ["Qwen3MoeForCausalLM"]
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    model.save_pretrained(str(path))
-    save_tiny_tokenizer(path, vocab_size=1024)
-    del model
-    torch.cuda.empty_cache()
+    save_random_checkpoint(config, path)
 
 
 def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path) -> dict:
