@@ -19,8 +19,9 @@ from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
 def frozen_weights_to(draft: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Hold the draft's frozen weights (EAGLE-3's copied target embedding, [V, H]) in `dtype`: on the GPU they are
-    only read under bf16 autocast, and an fp32 copy of Qwen3's 151936 x 2048 embedding is 1.2 GiB."""
+    """Hold the draft's frozen weights (the target embedding [V, H]) in `dtype`: on the GPU they are only read
+    under bf16 autocast, and an fp32 copy of Qwen3's 151936 x 2048 embedding is 1.2 GiB. A shared bf16 target
+    embedding (train.py) is left as it is."""
     for p in draft.parameters():
         if not p.requires_grad and p.is_floating_point():
             p.data = p.data.to(dtype)
