@@ -1,6 +1,7 @@
 """The demo jobs end to end (a shortened `make demo`, dense and MoE): assets, training that learns, files written."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -70,8 +71,11 @@ def test_exported_draft_equals_checkpoint(demo_run):
         torch.testing.assert_close(exported.trainable_state_dict()[name].to(ref.dtype), ref, rtol=0, atol=0)
 
 
-def test_second_run_reuses_assets(demo_run):
-    run_dir, _ = demo_run
+def test_second_run_reuses_assets(demo_run, tmp_path):
+    # in a copy: a run in the fixture's own directory would replace the trained draft and export that later tests
+    # (tests/evaluate) read
+    run_dir = tmp_path / "run"
+    shutil.copytree(demo_run[0], run_dir)
     overrides = [f"train.run_dir={run_dir}", "train.max_steps=2", "train.progress=false", "train.eval_batches=0",
                  "accept.enabled=false",
                  "demo.num_prompts=96", "demo.num_eval_prompts=16"]
