@@ -20,7 +20,7 @@ teacher_outputs over the lm_head rows of the draft ids (TargetOutputs.teacher_lo
 Ours (eagle_trainer/train.py + trainer.py): registry.resolve(arch, "eagle3"); build_draft from the target's
 TargetInfo and DraftConfig(draft_vocab_size, ttt_steps=7, attention=--attention); fp32 master weights, the
 embedding copied in (fp32, frozen), the vocab map set; the loss `eagle3_loss` under bf16 autocast; torch AdamW
-(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; loss.item() each step.
+(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; loss.item() each step, after backward is queued.
 
 Peer (SpecForge 0.2.0, its own code, read from the wheel):
 - draft config: specforge/training/model_loading.py `_generate_draft_config` from the target config.json (the
@@ -173,8 +173,8 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     def step() -> SimpleNamespace:
         optimizer.zero_grad(set_to_none=True)
         out = forward()
-        loss = out.loss.item()
         out.loss.backward()
+        loss = out.loss.item()  # after backward is queued, as Trainer.fit reads it
         float(torch.nn.utils.clip_grad_norm_(draft.parameters(), optim.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -215,11 +215,11 @@ class Trainer:
                     total_flops, window_flops = total_flops + step, window_flops + step
                 batch = batch.to(self.device)
                 out = self._loss(batch)
+                # backward is queued before the loss is read, so the GPU runs forward into backward without a
+                # wait; a non-finite loss makes non-finite gradients, and the step is skipped below either way
+                (out.loss / accum).backward()
                 loss = out.loss.item()
-                if math.isfinite(loss):
-                    (out.loss / accum).backward()
-                else:
-                    finite = False
+                finite = finite and math.isfinite(loss)
                 micro += 1
                 self.examples_in_epoch += per_batch
                 tokens += n_tok

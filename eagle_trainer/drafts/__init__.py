@@ -108,8 +108,7 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
         with torch.no_grad():
             hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
             stats.append(torch.stack([step.detach(), (hit * mask).sum() / n, mask.sum(), feature.detach()]))
-    losses, accs, counts, features_loss = torch.stack(stats).T.tolist()
-    return TTTLoss(total, losses, accs, [int(c) for c in counts], extra={"feature_loss": features_loss})
+    return TTTLoss(total, torch.stack(stats), extra_names=("feature_loss",))
 
 
 def _eagle1_builder(algorithm: str):

@@ -106,8 +106,7 @@ def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_lo
     teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`)."""
     total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid),
                                                step_weight, max_elems, *normed)
-    losses, accs, counts = stats.T.tolist()
-    return TTTLoss(total, losses, accs, [int(c) for c in counts])
+    return TTTLoss(total, stats)
 
 
 def unfused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,

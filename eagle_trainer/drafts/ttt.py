@@ -27,7 +27,7 @@ Shapes: B batch, T tokens (N packed), H hidden, nh/nkv heads, D head dim, Vd dra
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -239,11 +239,32 @@ def _compiled(fn, device_type: str):
 
 @dataclass
 class TTTLoss:
+    """A batch's TTT loss and per-step metrics. The metrics stay on the device until first read (one host copy
+    then): reading them waits for the forward pass, so the trainer reads them after queuing backward."""
+
     loss: torch.Tensor  # scalar, weighted over steps
-    step_loss: list[float]
-    step_acc: list[float]
-    step_count: list[int]
-    extra: dict = field(default_factory=dict)  # further per-step metrics to log (e.g. EAGLE-1 feature_loss)
+    stats: torch.Tensor  # [K, 3 + len(extra_names)]: per step the loss, accuracy, valid count, then extra columns
+    extra_names: tuple[str, ...] = ()  # further per-step metrics to log (e.g. EAGLE-1 feature_loss)
+
+    @functools.cached_property
+    def _host(self) -> list[list[float]]:
+        return self.stats.detach().T.tolist()
+
+    @property
+    def step_loss(self) -> list[float]:
+        return self._host[0]
+
+    @property
+    def step_acc(self) -> list[float]:
+        return self._host[1]
+
+    @property
+    def step_count(self) -> list[int]:
+        return [int(c) for c in self._host[2]]
+
+    @property
+    def extra(self) -> dict[str, list[float]]:
+        return dict(zip(self.extra_names, self._host[3:], strict=True))
 
 
 def step_valid_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, teacher_valid: torch.Tensor,
@@ -276,8 +297,7 @@ def ttt_loss(step_logits: list[torch.Tensor], teacher_probs: torch.Tensor, valid
         with torch.no_grad():
             hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
             stats.append(torch.stack([step.detach(), (hit * mask).sum() / n.clamp_min(1), n]))
-    losses, accs, counts = torch.stack(stats).T.tolist()
-    return TTTLoss(total, losses, accs, [int(c) for c in counts])
+    return TTTLoss(total, torch.stack(stats))
 
 
 def simulated_acceptance(step_acc: list[float]) -> float:
