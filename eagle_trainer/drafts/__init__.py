@@ -62,10 +62,9 @@ def build_eagle3(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Dra
 def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
                 attention: str) -> TTTLoss:
     """The K-step TTT loss of one batch (DESIGN section 4); a packed batch keeps every chain in its document."""
-    device = draft.fc.weight.device.type  # aux in the compute dtype: an fp32 copy under autocast would only be cast
-    # back for fc, and would stay alive to the end of the loss (0.2 GiB at T=8192, H 2048)
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else draft.fc.weight.dtype
-    aux = outputs.aux_hidden.to(dtype)
+    # aux in the compute dtype: an fp32 copy under autocast would only be cast back for fc, and would stay alive to
+    # the end of the loss (0.2 GiB at T=8192, H 2048)
+    aux = outputs.aux_hidden.to(draft.compute_dtype())
     documents = batch.document_ids()  # None unless packed
     normed = ttt_hidden(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)

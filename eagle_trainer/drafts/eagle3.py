@@ -153,13 +153,17 @@ class Eagle3Draft(nn.Module):
         h = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the draft's products run in: autocast's where it is on, else the parameters'."""
+        device = self.fc.weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc.weight.dtype
+
     def unroll_weights(self) -> UnrollWeights:
         """The layer's weights for one TTT unroll, cast once to the compute dtype (autocast's, else the params'):
         under autocast every use would cast the fp32 masters again, K times per step. Gradients flow back through
         the casts. q/k/v are one [(nh + 2 nkv) D, 2H] matrix split into its token and hidden halves, gate/up one
         [2 I, H] matrix."""
-        device = self.fc.weight.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc.weight.dtype
+        dtype = self.compute_dtype()
         layer, attn, h = self.midlayer, self.midlayer.self_attn, self.config.hidden_size
         cast = lambda m: m.weight.to(dtype)
         qkv = torch.cat([cast(attn.q_proj), cast(attn.k_proj), cast(attn.v_proj)])  # cast, then joined: half the bytes

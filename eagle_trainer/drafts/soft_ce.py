@@ -88,7 +88,7 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_stats):
         # the gradients formed in forward are scaled in place and handed on: no second copy of K [B, T, H] and
-        # the [Vd, H] fp32 buffer at the start of backward, where the step's memory peaks
+        # the [Vd, H] fp32 buffer at the start of backward (the step's peak is earlier, in this head's forward)
         if ctx.consumed:
             raise RuntimeError("backward through the fused TTT loss head ran twice (retain_graph): its gradients "
                                "were formed in forward and handed on by the first backward")
