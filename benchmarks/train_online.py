@@ -79,9 +79,9 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
                                      draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=AUX,
                                      target_flops=TargetFlops.from_hf_config(model.config))
     except torch.OutOfMemoryError as e:
-        first = str(e).splitlines()[0]
-        print(f"{side}: out of memory: {first}", flush=True)
-        return {"oom": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        message = str(e).splitlines()[0]
+        print(f"{side}: out of memory: {message}", flush=True)
+        return {"oom": message, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     finally:
         target.close()
     mfu = sorted(r["mfu"] for r in records[WARMUP_STEPS:])
