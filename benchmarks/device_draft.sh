@@ -2,7 +2,7 @@
 # One device call for the EAGLE-3 draft step and online training (issue 8): the GPU tests, benchmarks/draft_step.py,
 # then benchmarks/train_online.py (T 4096 and 8192, then T 32768 in a process of its own).
 # Usage (on the device machine, repo root; .whl filled by ../shared/device/wheels.sh with the specforge wheel):
-#   bash benchmarks/device_draft.sh [tests|bench|online|all]      (default all)
+#   bash benchmarks/device_draft.sh [tests|bench|online|profile|all]      (default all; profile is not in all)
 # Logs and the RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 set -o pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -23,4 +23,9 @@ if [ "$what" = online ] || [ "$what" = all ]; then
         --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/train_online.log" | grep -v -i warn | tail -8
     timeout ${LONG_S:-240} python3 benchmarks/train_online.py --seqs 32768 --steps 10 --results "$OUT/RESULTS.md" \
         2>&1 | tee "$OUT/train_online_32k.log" | grep -v -i warn | tail -6
+fi
+if [ "$what" = profile ]; then
+    timeout ${PROFILE_S:-300} python3 benchmarks/profile_draft.py --seqs ${PROFILE_SEQS:-4096 8192} --snapshot ${PROFILE_ARGS:-} \
+        > "$OUT/profile.log" 2>&1
+    grep -E "^(===|alive|GPU span|copy kernels| +[0-9.]+ (GiB|ms) )" "$OUT/profile.log"
 fi

@@ -1,22 +1,30 @@
 """Where our EAGLE-3 draft step's time and memory go (benchmarks/draft_step.py's step, ours only).
 
-    python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30]
+    python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30] [--snapshot] [--gaps]
 Per T: memory after the forward pass and the peaks of forward and backward (GiB, from this step's own
-allocations on), then the profiler's kernel table of one step (fwd + bwd + AdamW) by device time.
+allocations on), then the profiler's kernel table of one step (fwd + bwd + AdamW) by device time. With --snapshot,
+also what is alive at the step's peak: the CUDA caching allocator's history of one step is replayed to the moment
+of most memory allocated, and the blocks alive then are summed by the source line that allocated them (the
+innermost frame in eagle_trainer/ or benchmarks/; backward's allocations carry no Python frame). With --gaps, where
+the GPU waits on the host in one step: the idle stretches between kernels, largest first, each with the kernel after
+it, the host call that launched that kernel late, and the synchronising calls made while the GPU waited.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from draft_step import VD, build_ours, make_inputs, write_target_config  # noqa: E402
+from draft_step import VD, build_ours, make_inputs, write_target_config
 
 
 def memory_split(step) -> str:
@@ -32,10 +40,103 @@ def memory_split(step) -> str:
             f"+{after_fwd / gib:.2f}, backward peak +{bwd_peak / gib:.2f}")
 
 
+def _site(frames: list[dict]) -> str:
+    """The allocating line: the innermost frame in our code, else the innermost frame."""
+    for f in frames:
+        if "eagle_trainer" in f["filename"] or "benchmarks" in f["filename"]:
+            return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+    return f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "(no frame)"
+
+
+def live_at_peak(step, rows: int) -> str:
+    """Replay one step's allocator trace; the blocks alive at its peak, summed by allocating line (GiB)."""
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    step()
+    torch.cuda.synchronize()
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, best, best_live = {}, 0, -1, {}
+    for event in snapshot["device_traces"][torch.cuda.current_device()]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = (event["size"], _site(event.get("frames", [])))
+            total += event["size"]
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            total -= live.pop(event["addr"])[0]
+        if total > best:
+            best, best_live = total, dict(live)
+    by_site: dict[str, list[int]] = {}
+    for size, site in best_live.values():
+        by_site.setdefault(site, []).append(size)
+    gib, mib = 2**30, 2**20
+    lines = [f"alive at the step's peak (allocated during the step): {best / gib:.3f} GiB"]
+    for site, sizes in sorted(by_site.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        common = ", ".join(f"{n} x {size / mib:.1f} MiB" for size, n in Counter(sizes).most_common(3))
+        lines.append(f"  {sum(sizes) / gib:7.3f} GiB  {site}  ({common})")
+    return "\n".join(lines)
+
+
+GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
+SYNCS = ("Synchronize", "cudaMemcpy", "cuMemcpy", "cudaFree", "cudaMalloc")
+
+
+def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
+    """One step under the profiler (CPU ops with Python frames, CUDA kernels); the GPU's idle stretches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+            step()
+            torch.cuda.synchronize()
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    host = [e for e in events if e.get("cat") in ("cpu_op", "python_function")]
+    syncs = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]
+    gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]
+    for e in gpu[1:]:
+        if e["ts"] - end > min_us:
+            gaps.append((e["ts"] - end, end, e))
+        end = max(end, e["ts"] + e["dur"])
+    span = end - gpu[0]["ts"]
+    busy = sum(e["dur"] for e in gpu)
+    idle = sum(g[0] for g in gaps)
+    lines = [(f"GPU span of the step {span / 1e3:.2f} ms, kernels {busy / 1e3:.2f} ms; {len(gaps)} idle stretches "
+              f"over {min_us:.0f} us, {idle / 1e3:.2f} ms in all")]
+    for gap, start, kernel in sorted(gaps, key=lambda g: -g[0])[:rows]:
+        launch = launches.get(kernel.get("args", {}).get("correlation"))
+        at = launch["ts"] if launch else kernel["ts"]
+        around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
+        ours = [h["name"] for h in around if "eagle_trainer" in h["name"] or "benchmarks" in h["name"]]
+        inner = sorted(around, key=lambda h: h["dur"])[:2]
+        waited = sorted({s["name"] for s in syncs if start <= s["ts"] + s["dur"] and s["ts"] <= kernel["ts"]})
+        lines.append(f"  {gap / 1e3:6.2f} ms before {kernel['name'][:50]!r}; launched in "
+                     f"{(ours[-1] if ours else '?')[-60:]} / {' < '.join(h['name'][:40] for h in inner)}"
+                     f"{'; host waited in ' + ', '.join(waited) if waited else ''}")
+    copies: dict[str, list[float]] = {}  # copy kernels by the host code that launched them
+    for e in gpu:
+        if not any(word in e["name"] for word in ("Memcpy", "copy", "Copy", "CatArray")):
+            continue
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        at = launch["ts"] if launch else e["ts"]
+        around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
+        ours = [h["name"] for h in around if "eagle_trainer" in h["name"] or "benchmarks" in h["name"]]
+        ops = [h["name"] for h in sorted(around, key=lambda h: h["dur"]) if h["name"].startswith("aten::")][:2]
+        key = f"{(ours[-1] if ours else '(backward)')[-70:]} / {' < '.join(ops)}"
+        copies.setdefault(key, []).append(e["dur"])
+    lines.append(f"copy kernels: {sum(map(sum, copies.values())) / 1e3:.2f} ms")
+    for key, durations in sorted(copies.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"  {sum(durations) / 1e3:6.2f} ms {len(durations):4d} x  {key}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--snapshot", action="store_true", help="also sum what is alive at the peak by source line")
+    parser.add_argument("--gaps", action="store_true", help="also list where the GPU idles within a step")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     hf_config = write_target_config(Path(tempfile.mkdtemp(prefix="profile_draft_")), tiny=False)
@@ -44,7 +145,19 @@ def main(argv=None) -> None:
         step = build_ours(hf_config, inputs, VD, "fused", device)
         for _ in range(3):
             step()
-        print(f"=== T={seq}: {memory_split(step)}", flush=True)
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        print(f"=== T={seq}: {memory_split(step)}; step {statistics.median(times):.1f} ms (median of 5)", flush=True)
+        if args.snapshot:
+            print(live_at_peak(step, args.rows), flush=True)
+        if args.gaps:
+            print(idle_gaps(step, args.rows), flush=True)
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -12,7 +12,9 @@ weight, and walks each step's positions in row chunks of at most `max_elems` log
     dh = dz W,  dW += dz^T h                 (dW summed in fp32: cuBLAS with an fp32 output on the GPU)
 
 so the gradients are formed in the forward pass (no logits recomputed) and held as [B, T, H] per step plus one
-[Vd, H] fp32 buffer; backward scales them by the incoming gradient. Per-step loss, accuracy (draft argmax ==
+[Vd, H] fp32 buffer; backward scales them by the incoming gradient. Each step's dh is written over that step's
+hidden states where their dtype is the compute dtype (the hidden states are read for the last time by then): the
+caller's `normed` tensors hold the gradients afterwards, and the head adds no [B, T, H] of its own. Per-step loss, accuracy (draft argmax ==
 teacher argmax) and counts are the unfused head's, to rounding.
 
 Shapes: B batch, T tokens, H draft hidden, Vd draft vocab, K steps, C rows per chunk.
@@ -31,11 +33,13 @@ from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
 MAX_ELEMS = 1 << 27
 
 
-def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """grad_w (fp32) + dz^T h, the product summed in fp32 (one cuBLAS call with an fp32 output for bf16 on a GPU)."""
+def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32) += dz^T h in place, the product summed in fp32 (one cuBLAS call with an fp32 output for bf16 on
+    a GPU; written over grad_w, not into a second [Vd, H] fp32 buffer)."""
     if dz.is_cuda and dz.dtype in (torch.bfloat16, torch.float16):
-        return torch.addmm(grad_w, dz.T, h, out_dtype=torch.float32)
-    return grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
+        torch.addmm(grad_w, dz.T, h, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
 def _soft_ce_rows(z, teacher, weight):
@@ -62,7 +66,11 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                 count = valid[k].sum()
                 scale = step_weight**k / count.clamp_min(1)
                 ce_sum, hits = torch.zeros_like(total), torch.zeros_like(total)
-                dh = torch.zeros_like(h)  # rows past T - 1 - k have no label and no gradient
+                if h.dtype == dtype and h.is_contiguous():  # dh is written over h, each chunk after its last read
+                    dh = h
+                    dh[:, max(num_tokens - 1 - k, 0):] = 0  # rows past T - 1 - k have no label and no gradient
+                else:
+                    dh = torch.zeros_like(h)
                 for b in range(batch):
                     for t0 in range(0, num_tokens - 1 - k, rows):  # t + 1 + k past the end has no label
                         t1 = min(t0 + rows, num_tokens - 1 - k)
@@ -72,11 +80,12 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                         dz, ce, hit = _soft_ce_rows(z, teacher[b, t0 + 1 + k:t1 + 1 + k], m * scale)
                         ce_sum += (ce * m).sum()
                         hits += (hit * m).sum()
+                        _accumulate(grad_w, dz, hc)  # hc's last read: dh may be written over it now
                         if dh.dtype == dz.dtype:
                             torch.mm(dz, w, out=dh[b, t0:t1])  # no [C, H] temporary
                         else:
                             dh[b, t0:t1] = dz @ w
-                        grad_w = _accumulate(grad_w, dz, hc)
+                        del z, dz  # before the next chunk's logits are allocated
                 step_loss = ce_sum / count.clamp_min(1)
                 total += step_weight**k * step_loss
                 stats.append(torch.stack([step_loss, hits / count.clamp_min(1), count.to(step_loss.dtype)]))
@@ -102,7 +111,8 @@ def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_lo
                    valid: list[torch.Tensor], step_weight: float, max_elems: int = MAX_ELEMS) -> TTTLoss:
     """`ttt.ttt_loss` over `lm_head(normed[k])`, without keeping any step's [B, T, Vd] logits.
 
-    normed: K tensors [B, T, H], the draft's final-normed hidden state per step; lm_head [Vd, H];
+    normed: K tensors [B, T, H], the draft's final-normed hidden state per step, consumed (their memory holds the
+    gradients afterwards; pass copies to keep them; autograd must not have saved them); lm_head [Vd, H];
     teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`)."""
     total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid),
                                                step_weight, max_elems, *normed)

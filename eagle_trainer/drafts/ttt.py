@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
 from eagle_trainer.drafts.layers import rms_norm, rotary_cos_sin, rotate
@@ -212,14 +213,16 @@ def _token_qkv(tokens, norm_weight, weight, eps):
 
 def _step_qkv(hidden, token_qkv, positions, inv_freq, norm_weight, weight, eps, num_heads: int, num_kv_heads: int):
     """Eagle3Draft.step_qkv with the token half precomputed -> q [B, T, nh, D], k/v [B, T, nkv, D] (RoPE'd q, k;
-    written token-major: the caller's transposes to [B, n, T, D] are views, as the attention kernels read them)."""
+    written token-major: the caller's transposes to [B, n, T, D] are views, as the attention kernels read them).
+    v is a copy, not a view of the [B, T, (nh + 2 nkv) D] product: attention keeps v until backward, and a view would
+    keep the whole product alive with it (10x v's bytes at Qwen3-30B-A3B draft widths)."""
     b, t, _ = hidden.shape
     d = 2 * inv_freq.shape[0]
     qkv = rms_norm(hidden, norm_weight, eps) @ weight.T + token_qkv
     q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
     cos, sin = (x[:, :, None] for x in rotary_cos_sin(positions, inv_freq))  # [B, T, 1, D]: the [B, T, n, D] layout
     return (rotate(q.view(b, t, num_heads, d), cos, sin), rotate(k.view(b, t, num_kv_heads, d), cos, sin),
-            v.reshape(b, t, num_kv_heads, d))
+            v.reshape(b, t, num_kv_heads, d).contiguous())
 
 
 def _step_out(hidden, attn, o_weight, post_norm, gate_up, down, final_norm, eps):
@@ -231,10 +234,30 @@ def _step_out(hidden, attn, o_weight, post_norm, gate_up, down, final_norm, eps)
     return g_next, rms_norm(g_next, final_norm, eps)
 
 
+_PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+
+
+def _save_products(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _PRODUCTS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def keep_products(fn):
+    """fn under selective activation checkpointing: backward keeps fn's inputs and the matrix products it needs, and
+    forms the elementwise work again (norms, rotary, SwiGLU's silu(gate) * up, residual sums): each step would
+    otherwise keep, next to the products, normed copies of its hidden states and the [T, I] SwiGLU product
+    (1.1 GiB of a T=8192 step at Qwen3-30B-A3B draft widths), for one more pass over them in backward."""
+    context = functools.partial(create_selective_checkpoint_contexts, _save_products)
+
+    @functools.wraps(fn)
+    def selective(*args):
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
+    return selective
+
+
 @functools.cache
 def _compiled(fn, device_type: str):
-    """fn compiled for CUDA (fused elementwise work, fewer saved activations); as it is elsewhere."""
-    return torch.compile(fn) if device_type == "cuda" else fn
+    """fn under `keep_products`, compiled for CUDA (fused elementwise work, forward and recomputed); eager elsewhere."""
+    return torch.compile(keep_products(fn)) if device_type == "cuda" else keep_products(fn)
 
 
 @dataclass

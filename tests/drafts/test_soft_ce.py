@@ -81,3 +81,22 @@ def test_a_second_backward_is_refused():
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="ran twice"):
         out.loss.backward()
+
+
+def test_gradients_are_written_over_the_hidden_states():
+    """dh goes into the hidden states' memory: the gradient reaching a computation upstream is the unfused head's,
+    and an upstream op that kept the hidden states for its own backward is caught (autograd's version check), not
+    silently fed the gradient."""
+    normed, weight, teacher, valid = case(seed=4)
+    x = [h.clone().requires_grad_() for h in normed]
+    ref_loss = unfused_ttt_loss([h * 2 for h in x], weight, teacher, valid, 0.8).loss
+    ref = torch.autograd.grad(ref_loss, x)
+    states = [h * 2 for h in x]  # mul by a constant keeps nothing of its output
+    pointers = [s.data_ptr() for s in states]
+    out = fused_ttt_loss(states, weight, teacher, valid, 0.8)
+    assert [s.data_ptr() for s in states] == pointers
+    for got, want in zip(torch.autograd.grad(out.loss, x), ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    kept = [h.exp() for h in x]  # exp keeps its output for backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        fused_ttt_loss(kept, weight, teacher, valid, 0.8).loss.backward()

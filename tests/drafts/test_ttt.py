@@ -318,3 +318,32 @@ def test_compiled_fused_unroll_on_gpu_matches_cpu_reference(packed):
     for i, name in enumerate(("logits", "fc grad")):
         err = lambda run: float((run[i] - truth[i]).norm() / truth[i].norm())  # noqa: B023
         assert err(ours) <= 1.5 * err(bf16) + 1e-3, (name, err(ours), err(bf16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_step_keeps_products_not_elementwise_work():
+    """Between forward and backward the compiled step under keep_products holds its three matrix products (o, gate/up,
+    down) and nothing more: no [T, I] SwiGLU product, no normed copy; its gradients are those of the step compiled
+    without it."""
+    from eagle_trainer.drafts.ttt import _compiled, _step_out
+    t, h, i, nh, d = 1024, 256, 768, 4, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1, t, h), (1, nh, t, d), (h, nh * d), (h,), (2 * i, h), (h, i), (h,)]
+    base = [torch.randn(*s, device="cuda", generator=g) * (0.05 if len(s) == 2 else 1) for s in shapes]
+    base[3], base[6] = 1 + 0.1 * base[3], 1 + 0.1 * base[6]  # norm weights
+    grads = {}
+    for name, fn in (("selective", _compiled(_step_out, "cuda")), ("plain", torch.compile(_step_out))):
+        args = [x.bfloat16().requires_grad_() for x in base]
+        fn(*args, 1e-6)  # compile outside the measurement
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        g_next, normed = fn(*args, 1e-6)
+        held = torch.cuda.memory_allocated() - before - 2 * g_next.numel() * g_next.element_size()
+        if name == "selective":
+            products = (t * h + t * 2 * i + t * h) * 2
+            assert held <= products + 64 * 1024, f"held {held} bytes, the products are {products}"
+        (g_next.float().square().mean() + normed.float().mean()).backward()
+        grads[name] = [a.grad for a in args]
+    for ours, plain in zip(grads["selective"], grads["plain"], strict=True):
+        assert ((ours.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2

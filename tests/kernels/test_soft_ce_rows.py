@@ -27,7 +27,7 @@ def rows(c, v, dtype, seed, ties=False):
     return z.to(DEVICE, dtype), t.to(DEVICE, dtype), w.to(DEVICE)
 
 
-@pytest.mark.parametrize("c,v,block", [(1, 7, 2048), (5, 1000, 256), (3, 2049, 512), (9, 300, 64)])
+@pytest.mark.parametrize("c,v,block", [(1, 7, 2048), (4, 1000, 1024), (5, 1000, 256), (3, 2049, 512), (9, 300, 64)])
 def test_matches_reference_fp32(poisoned, c, v, block):
     z, t, w = rows(c, v, torch.float32, v)
     dz, ce, hit = soft_ce_rows(z, t, w, block=block)
