@@ -129,7 +129,8 @@ def target_embedding(hf_config, device: torch.device, dtype: torch.dtype) -> tor
     return (torch.randn(hf_config.vocab_size, hf_config.hidden_size, generator=g, device=device) * 0.02).to(dtype)
 
 
-def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, device: torch.device):
+def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, device: torch.device,
+               recompute: bool = True):
     """Our draft, optimizer and step as train.py / Trainer build and run them; step() runs one update and returns
     its losses."""
     from eagle_trainer import registry
@@ -142,7 +143,7 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     arch = hf_config.architectures[0]
     spec = registry.resolve(arch, "eagle3")
     info = spec.target.read_info(arch, hf_config)
-    cfg = DraftConfig(draft_vocab_size=vd, ttt_steps=TTT_STEPS, attention=attention)
+    cfg = DraftConfig(draft_vocab_size=vd, ttt_steps=TTT_STEPS, attention=attention, recompute=recompute)
     optim = OptimConfig()
     torch.manual_seed(0)
     draft = spec.algorithm.build_draft(info, cfg, spec.target.aux_layers(info.num_layers)).to(device)
@@ -320,6 +321,8 @@ def main(argv=None) -> None:
                         "--tiny: 48 80)")
     parser.add_argument("--attention", choices=("fused", "flex", "naive"), default=None,
                         help="our TTT attention (default fused on the GPU, as draft.attention=auto; naive on the CPU)")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                        help="our draft.recompute (default on, as train.py): backward forms the elementwise work again")
     parser.add_argument("--peer-attention", choices=("flex_attention", "sdpa"), default=None,
                         help="SpecForge's attention_backend (default flex_attention, its default; sdpa on the CPU)")
     parser.add_argument("--peer-fsdp", action=argparse.BooleanOptionalAction, default=None,
@@ -370,7 +373,7 @@ def main(argv=None) -> None:
     for seq in seqs:
         inputs = make_inputs(hf_config, vd, seq, device, dtype)
         shared = sum(t.numel() * t.element_size() for t in vars(inputs).values())
-        build = partial(build_ours, hf_config, inputs, vd, args.attention, device)
+        build = partial(build_ours, hf_config, inputs, vd, args.attention, device, args.recompute)
         ours = run_side(f"ours T={seq}", build, args, device)
         build = partial(build_peer, work, hf_config, inputs, vd, args.peer_attention, args.peer_fsdp, device)
         peer = run_side(f"specforge T={seq}", build, args, device)
@@ -391,11 +394,13 @@ def main(argv=None) -> None:
         print(f"  ours {ours.ms:9.2f} ms {tok_ours:10,.0f} tok/s   specforge {peer.ms:9.2f} ms {tok_peer:10,.0f} tok/s",
               flush=True)
         case = f"{shape}, B=1 T={seq}, one step (fwd + bwd + AdamW, teacher from final hidden + lm_head in the step)"
-        rows.append(row(f"{case}; tokens/s; ours attention {args.attention}",
+        ours_cfg = f"ours attention {args.attention}, recompute {'on' if args.recompute else 'off'}"
+        rows.append(row(f"{case}; tokens/s; {ours_cfg}",
                         f"{tok_ours:,.0f} tok/s ({ours.ms:.1f} ms)", f"{tok_peer:,.0f} tok/s ({peer.ms:.1f} ms)",
                         peer_name, peer.ms / ours.ms))
         if cuda:
-            rows.append(row(f"{case}; peak memory of one step (memory: ratio > 1 = we use less); counts shared inputs "
+            rows.append(row(f"{case}; {ours_cfg}; peak memory of one step (memory: ratio > 1 = we use less); counts "
+                            f"shared inputs "
                             f"{shared / gib:.2f} GiB + each side's frozen embedding, params, grads, AdamW state "
                             "(SpecForge: + fp32 masters) + activations",
                             f"{ours.peak / gib:.2f} GiB", f"{peer.peak / gib:.2f} GiB", peer_name,
@@ -412,7 +417,8 @@ def main(argv=None) -> None:
                     "TrainerCore (bf16 draft, BF16Optimizer), same inputs; tokens/s = B*T / median step time "
                     "(CUDA events); ratio = peer time / our time, for memory rows peer bytes / our bytes.",
                     results_path)
-    print(f"\n{shape}; ours attention {args.attention}; peer = {peer_name}")
+    print(f"\n{shape}; ours attention {args.attention}, recompute {'on' if args.recompute else 'off'}; "
+          f"peer = {peer_name}")
     print("| T | ours tok/s | peer tok/s | x peer | ours peak GiB | peer peak GiB | mem x (>1: less) | "
           "first loss ours | first loss peer |\n|---|---|---|---|---|---|---|---|---|")
     for seq, to, tp, mo, mp, lo, lp in table:

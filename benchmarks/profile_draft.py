@@ -83,7 +83,8 @@ SYNCS = ("Synchronize", "cudaMemcpy", "cuMemcpy", "cudaFree", "cudaMalloc")
 def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
     """One step under the profiler (CPU ops with Python frames, CUDA kernels); the GPU's idle stretches."""
     with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                     record_shapes=True) as prof:
             step()
             torch.cuda.synchronize()
         trace = Path(tmp) / "trace.json"
@@ -122,8 +123,10 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
         at = launch["ts"] if launch else e["ts"]
         around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
         ours = [h["name"] for h in around if "eagle_trainer" in h["name"] or "benchmarks" in h["name"]]
-        ops = [h["name"] for h in sorted(around, key=lambda h: h["dur"]) if h["name"].startswith("aten::")][:2]
-        key = f"{(ours[-1] if ours else '(backward)')[-70:]} / {' < '.join(ops)}"
+        ops = [h for h in sorted(around, key=lambda h: h["dur"]) if h["name"].startswith("aten::")][:2]
+        dims = ops[0].get("args", {}).get("Input Dims", "") if ops else ""
+        key = (f"{(ours[-1] if ours else '(backward)')[-60:]} / {' < '.join(h['name'] for h in ops)} {dims} "
+               f"[{e['name'][:40]}]")
         copies.setdefault(key, []).append(e["dur"])
     lines.append(f"copy kernels: {sum(map(sum, copies.values())) / 1e3:.2f} ms")
     for key, durations in sorted(copies.items(), key=lambda kv: -sum(kv[1]))[:rows]:

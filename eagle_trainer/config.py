@@ -40,6 +40,9 @@ class DraftConfig:
     attention: str = "auto"  # naive (materialises [T,T]; reference), flex or fused (O(T) memory; fused: cuDNN/FA2
     # step-0 kernel + Triton merge, drafts/ttt.py), auto: fused on a GPU, naive on the CPU
     fused_head: bool = True  # EAGLE-3: lm_head + soft-CE fused, no step's [T, Vd] logits kept (false: reference)
+    # EAGLE-3: backward forms each step's elementwise work again (norms, rotary, SwiGLU product) and keeps only its
+    # inputs and matrix products (drafts/ttt.py keep_products); false keeps them: faster, more memory
+    recompute: bool = True
     # EAGLE-1/2 only: fc bias (SGLang's LlamaForCausalLMEagle has one; vLLM's EAGLE-1 loader has none), the
     # uniform noise U(-a, a) added to the input features while training, and the loss weights of the feature
     # regression (SmoothL1) and of the soft cross-entropy of lm_head(f_hat). ttt_steps > 1 unrolls the chain.

@@ -66,7 +66,8 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     # the end of the loss (0.2 GiB at T=8192, H 2048)
     aux = outputs.aux_hidden.to(draft.compute_dtype())
     documents = batch.document_ids()  # None unless packed
-    normed = ttt_hidden(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
+    normed = ttt_hidden(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents,
+                        cfg.recompute)
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     head = fused_ttt_loss if cfg.fused_head else unfused_ttt_loss
     return head(normed, draft.lm_head.weight, outputs.teacher_logits, valid, cfg.step_weight)

@@ -168,7 +168,7 @@ def ttt_logits(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
 
 def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, num_steps: int,
                attention: str = "naive", position_ids: torch.Tensor | None = None,
-               documents: torch.Tensor | None = None) -> list[torch.Tensor]:
+               documents: torch.Tensor | None = None, recompute: bool = True) -> list[torch.Tensor]:
     """Unroll the draft K steps over every position at once. Returns K final-normed hidden states [B, T, H]
     (the lm_head's input; `soft_ce.fused_ttt_loss` takes them without forming the logits).
     Packed batches pass position_ids [B, T] (position in the document) and documents [B, T] (document ids).
@@ -177,7 +177,8 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     KV-cached decoder), arranged for training: the weights are cast once (`draft.unroll_weights`); the q/k/v rows
     over the token half of the layer input, input_layernorm(embed(x[t+1+k])) W^T, are computed once for x[t+1] and
     read k rows on at step k (K-1 fewer products over that half, forward and backward); on a GPU the step's pieces
-    around the attention and the matrix products are compiled (fused norms, rotary, SwiGLU, residuals)."""
+    around the attention and the matrix products are compiled (fused norms, rotary, SwiGLU, residuals); with
+    `recompute` (draft.recompute) they run under `keep_products`, backward forming their elementwise work again."""
     attend = step0_attention(attention, documents, input_ids.device)
     cfg, device = draft.config, input_ids.device.type
     b, t = input_ids.shape
@@ -188,11 +189,12 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     # x[t+1] for t < T + K - 1 (token 0 past the end, as shift_left pads): step k reads rows k .. k + T - 1
     ids = torch.cat([input_ids[:, 1:], input_ids.new_zeros(b, num_steps)], dim=1)
     tokens = draft.embed_tokens(ids).to(w.dtype)
-    token_qkv = _compiled(_token_qkv, device)(tokens, w.input_norm, w.qkv_token, eps)  # [B, T+K-1, (nh+2nkv) D]
+    token_qkv_fn, step_qkv, step_out = (_compiled(fn, device, recompute) for fn in (_token_qkv, _step_qkv, _step_out))
+    token_qkv = token_qkv_fn(tokens, w.input_norm, w.qkv_token, eps)  # [B, T+K-1, (nh+2nkv) D]
     k0 = v0 = None
     diag_k, diag_v, out = [], [], []
     for k in range(num_steps):
-        q, kk, vv = (x.transpose(1, 2) for x in _compiled(_step_qkv, device)(  # [B, n, T, D] views
+        q, kk, vv = (x.transpose(1, 2) for x in step_qkv(  # [B, n, T, D] views
             hidden, token_qkv[:, k:k + t], base_pos + k, inv_freq, w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
             cfg.num_kv_heads))
         if k == 0:
@@ -200,8 +202,8 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
         else:
             diag_k.append(kk)
             diag_v.append(vv)
-        hidden, normed = _compiled(_step_out, device)(hidden, attend(q, k0, v0, diag_k, diag_v), w.o, w.post_norm,
-                                                      w.gate_up, w.down, w.final_norm, eps)
+        hidden, normed = step_out(hidden, attend(q, k0, v0, diag_k, diag_v), w.o, w.post_norm, w.gate_up, w.down,
+                                  w.final_norm, eps)
         out.append(normed)
     return out
 
@@ -255,9 +257,11 @@ def keep_products(fn):
 
 
 @functools.cache
-def _compiled(fn, device_type: str):
-    """fn under `keep_products`, compiled for CUDA (fused elementwise work, forward and recomputed); eager elsewhere."""
-    return torch.compile(keep_products(fn)) if device_type == "cuda" else keep_products(fn)
+def _compiled(fn, device_type: str, recompute: bool = True):
+    """fn (under `keep_products` with `recompute`) compiled for CUDA (fused elementwise work, in forward and where
+    backward forms it again); eager elsewhere."""
+    fn = keep_products(fn) if recompute else fn
+    return torch.compile(fn) if device_type == "cuda" else fn
 
 
 @dataclass

@@ -11,8 +11,8 @@ from batches import documents_of, pack_rows
 from eagle_trainer.config import DraftConfig
 from eagle_trainer.drafts import eagle3_loss
 from eagle_trainer.drafts.eagle3 import DraftKVCache, Eagle3Config, Eagle3Draft
-from eagle_trainer.drafts.ttt import (naive_ttt_attention, simulated_acceptance, step_valid_mask, ttt_logits,
-                                      ttt_loss)
+from eagle_trainer.drafts.ttt import (naive_ttt_attention, simulated_acceptance, step_valid_mask, ttt_hidden,
+                                      ttt_logits, ttt_loss)
 from eagle_trainer.types import TargetOutputs
 
 
@@ -347,3 +347,27 @@ def test_compiled_step_keeps_products_not_elementwise_work():
         grads[name] = [a.grad for a in args]
     for ours, plain in zip(grads["selective"], grads["plain"], strict=True):
         assert ((ours.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("attention,dtype", [("naive", torch.float64), ("fused", torch.float32)])
+def test_recompute_changes_memory_not_results(attention, dtype):
+    """draft.recompute (keep_products) forms the elementwise work again in backward: the same hidden states and the
+    same gradients as keeping it (the same operations run again: equal to rounding)."""
+    draft = tiny_draft(seed=3).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, draft.config.vocab_size, (2, 11), generator=g)
+    aux = torch.randn(2, 11, 3 * draft.config.target_hidden_size, generator=g, dtype=dtype)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    results = []
+    for recompute in (True, False):
+        draft.zero_grad(set_to_none=True)
+        normed = ttt_hidden(draft, ids, aux, 3, attention, recompute=recompute)
+        sum((h * (k + 1)).square().mean() for k, h in enumerate(normed)).backward()
+        grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        results.append(([h.detach() for h in normed], grads))
+    (on, on_grads), (off, off_grads) = results
+    assert on_grads.keys() == off_grads.keys() and len(on_grads) > 5
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for name in on_grads:
+        torch.testing.assert_close(on_grads[name], off_grads[name], rtol=tol * 100, atol=tol)

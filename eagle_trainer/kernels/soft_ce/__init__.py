@@ -6,8 +6,11 @@
     hit   = argmax(z) == argmax(teacher)         (lowest index wins ties, as torch.argmax)
     dz    = weight * (softmax(z) - p)             d(sum_rows weight * ce) / dz, in z's dtype
 
-One program per row makes two passes over V in blocks: the first keeps running maxima, sums and argmaxes of
-both rows (an online log-sum-exp; sum p z is rescaled with the teacher's running max), the second writes dz.
+One program per row. A row that fits one block (BV >= V) is read once. Otherwise two passes over V in blocks: the
+first keeps running maxima, sums and argmaxes of both rows (an online log-sum-exp; sum p z is rescaled with the
+teacher's running max) and asks L2 to keep the blocks, the second reads them again and writes dz. At V = 32000 on an
+H100 (benchmarks/soft_ce.py --sweep) two passes of 2048-wide blocks with 4 warps are fastest (1.64 TB/s, 54% of a
+copy's); one 32768-wide block spills registers at every warp count.
 dz may alias z (the draft logits are not needed after): the EAGLE-3 loss head (drafts/soft_ce.py) overwrites its
 logits chunk with the gradient. Reads 2 x (z + teacher), writes dz: 10 bytes per bf16 element.
 reference.py holds the same function in plain torch (the loss head's CPU path). Rows are independent.
