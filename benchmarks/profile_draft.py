@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from draft_step import VD, build_ours, make_inputs, write_target_config
+from draft_step import VD, build_ours, make_inputs, time_steps, write_target_config
 
 
 def memory_split(step) -> str:
@@ -148,14 +148,7 @@ def main(argv=None) -> None:
         step = build_ours(hf_config, inputs, VD, "fused", device)
         for _ in range(3):
             step()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        times = time_steps(step, device, 5)
         print(f"=== T={seq}: {memory_split(step)}; step {statistics.median(times):.1f} ms (median of 5)", flush=True)
         if args.snapshot:
             print(live_at_peak(step, args.rows), flush=True)
