@@ -14,8 +14,8 @@ weight, and walks each step's positions in row chunks of at most `max_elems` log
 so the gradients are formed in the forward pass (no logits recomputed) and held as [B, T, H] per step plus one
 [Vd, H] fp32 buffer; backward scales them by the incoming gradient. Each step's dh is written over that step's
 hidden states where their dtype is the compute dtype (the hidden states are read for the last time by then): the
-caller's `normed` tensors hold the gradients afterwards, and the head adds no [B, T, H] of its own. Per-step loss, accuracy (draft argmax ==
-teacher argmax) and counts are the unfused head's, to rounding.
+caller's `normed` tensors hold the gradients afterwards, and the head adds no [B, T, H] of its own. Per-step loss,
+accuracy (draft argmax == teacher argmax) and counts are the unfused head's, to rounding.
 
 Shapes: B batch, T tokens, H draft hidden, Vd draft vocab, K steps, C rows per chunk.
 """
