@@ -94,7 +94,8 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
     host = [e for e in events if e.get("cat") in ("cpu_op", "python_function")]
-    syncs = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]
+    syncs = [e for e in events
+             if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]
     gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]
     for e in gpu[1:]:
         if e["ts"] - end > min_us:
@@ -117,8 +118,8 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
                      f"{'; host waited in ' + ', '.join(waited) if waited else ''}")
     copies: dict[str, list[float]] = {}  # copy kernels by the host code that launched them
     for e in gpu:
-        if not any(word in e["name"] for word in ("Memcpy", "copy", "Copy", "CatArray")):
-            continue
+        if e["name"].startswith("triton_") or not any(w in e["name"] for w in ("Memcpy", "copy_kernel", "CatArray")):
+            continue  # (Inductor's fused kernels are named after their ops, "_to_copy" among them)
         launch = launches.get(e.get("args", {}).get("correlation"))
         at = launch["ts"] if launch else e["ts"]
         around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
