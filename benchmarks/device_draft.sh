@@ -25,7 +25,8 @@ if [ "$what" = online ] || [ "$what" = all ]; then
         2>&1 | tee "$OUT/train_online_32k.log" | grep -v -i warn | tail -6
 fi
 if [ "$what" = profile ]; then
-    timeout ${PROFILE_S:-300} python3 benchmarks/profile_draft.py --seqs ${PROFILE_SEQS:-4096 8192} --snapshot ${PROFILE_ARGS:-} \
+    timeout ${PROFILE_S:-300} python3 benchmarks/profile_draft.py --seqs ${PROFILE_SEQS:-4096 8192} --snapshot \
+        ${PROFILE_ARGS:-} \
         > "$OUT/profile.log" 2>&1
     grep -E "^(===|alive|GPU span|copy kernels| +[0-9.]+ (GiB|ms) )" "$OUT/profile.log"
 fi

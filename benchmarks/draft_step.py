@@ -20,7 +20,8 @@ teacher_outputs over the lm_head rows of the draft ids (TargetOutputs.teacher_lo
 Ours (eagle_trainer/train.py + trainer.py): registry.resolve(arch, "eagle3"); build_draft from the target's
 TargetInfo and DraftConfig(draft_vocab_size, ttt_steps=7, attention=--attention); fp32 master weights, the
 embedding copied in (fp32, frozen), the vocab map set; the loss `eagle3_loss` under bf16 autocast; torch AdamW
-(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; loss.item() each step, after backward is queued.
+(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; loss.item() each step, after
+backward is queued; draft.recompute on (--no-recompute: off).
 
 Peer (SpecForge 0.2.0, its own code, read from the wheel):
 - draft config: specforge/training/model_loading.py `_generate_draft_config` from the target config.json (the
@@ -55,10 +56,12 @@ Peak memory: torch.cuda.max_memory_allocated over one step after warm-up, less w
 was built, plus the shared inputs: shared inputs + the side's frozen embedding, params, grads, AdamW state
 (SpecForge: + fp32 masters) + activations and temporaries. (Counted from the build on: SpecForge's side leaves
 memory allocated after it is freed, about 4 GiB after the first T and 1.7 GiB more per T on an H100, which a raw
-peak would charge to every later measurement of both sides.) The first update's losses of both sides are printed (different inits; SpecForge
-averages over all T positions, ours over the valid ones, so its per-step losses are also shown x T / valid).
+peak would charge to every later measurement of both sides.) The first update's losses of both sides are printed
+(different inits; SpecForge averages over all T positions, ours over the valid ones, so its per-step losses are also
+shown x T / valid).
 
-    python benchmarks/draft_step.py [--seqs 2048 4096 8192 16384] [--attention fused|flex|naive] [--results PATH] [--profile]
+    python benchmarks/draft_step.py [--seqs 2048 4096 8192 16384] [--attention fused|flex|naive] [--no-recompute]
+                                    [--results PATH] [--profile]
     python benchmarks/draft_step.py --device cpu --tiny     # dry run: tiny widths, fp32, torch.compile off
 """
 

@@ -2,7 +2,8 @@
 
 Only the aux layers' outputs are kept (forward hooks; no output_hidden_states over all layers). The teacher
 is formed from the final (normed) hidden state as the logits `h @ lm_head[draft_ids].T` over the draft vocab (the
-loss takes their fp32 softmax), so the [B, T, V] logits are never materialised; the optional argmax mask scans the full vocab in chunks.
+loss takes their fp32 softmax), so the [B, T, V] logits are never materialised; the optional argmax mask scans the
+full vocab in chunks.
 
 Batches are right-padded, so real tokens never attend to padding under the causal mask and no attention
 mask is passed to the model. A packed batch (data.pack, one row of documents back to back) passes its
