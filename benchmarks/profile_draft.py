@@ -1,8 +1,8 @@
 """Where our EAGLE-3 draft step's time and memory go (benchmarks/draft_step.py's step, ours only).
 
-    python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30] [--snapshot] [--gaps]
+    python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30] [--snapshot] [--gaps] [--no-recompute]
 Per T: memory after the forward pass and the peaks of forward and backward (GiB, from this step's own
-allocations on), then the profiler's kernel table of one step (fwd + bwd + AdamW) by device time. With --snapshot,
+allocations on), then one step's device time by kernel family and the profiler's kernel table of one step (fwd + bwd + AdamW) by device time. With --snapshot,
 also what is alive at the step's peak: the CUDA caching allocator's history of one step is replayed to the moment
 of most memory allocated, and the blocks alive then are summed by the source line that allocated them (the
 innermost frame in eagle_trainer/ or benchmarks/; backward's allocations carry no Python frame). With --gaps, where
@@ -135,18 +135,45 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
     return "\n".join(lines)
 
 
+FAMILIES = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")), ("attention (cuDNN/flash)", ("sdpa", "flash", "fmha")),
+            ("soft-CE (ours)", ("soft_ce",)), ("TTT merge (ours)", ("merge", "ttt_")),
+            ("Inductor (compiled elementwise)", ("triton_",)), ("AdamW", ("multi_tensor", "adam")),
+            ("copy/memset", ("Memcpy", "Memset", "copy_kernel", "CatArray")))
+
+
+def kernel_families(prof) -> str:
+    """Device time of one profiled step summed by kernel family, then the remainder by kernel name."""
+    totals: dict[str, float] = {}
+    other: dict[str, float] = {}
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if us <= 0:
+            continue
+        family = next((f for f, keys in FAMILIES if any(k in e.key for k in keys)), None)
+        if family is None:
+            other[e.key[:70]] = other.get(e.key[:70], 0.0) + us
+            family = "other"
+        totals[family] = totals.get(family, 0.0) + us
+    lines = [f"kernel families: {sum(totals.values()) / 1e3:.2f} ms"]
+    lines += [f"  {us / 1e3:7.2f} ms  {family}" for family, us in sorted(totals.items(), key=lambda kv: -kv[1])]
+    lines += [f"      {us / 1e3:7.2f} ms  {name}" for name, us in sorted(other.items(), key=lambda kv: -kv[1])[:8]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--snapshot", action="store_true", help="also sum what is alive at the peak by source line")
     parser.add_argument("--gaps", action="store_true", help="also list where the GPU idles within a step")
+    parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                        help="draft.recompute (default on)")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     hf_config = write_target_config(Path(tempfile.mkdtemp(prefix="profile_draft_")), tiny=False)
     for seq in args.seqs:
         inputs = make_inputs(hf_config, VD, seq, device, torch.bfloat16)
-        step = build_ours(hf_config, inputs, VD, "fused", device)
+        step = build_ours(hf_config, inputs, VD, "fused", device, args.recompute)
         for _ in range(3):
             step()
         times = time_steps(step, device, 5)
@@ -160,6 +187,7 @@ def main(argv=None) -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
+        print(kernel_families(prof), flush=True)
         print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=90),
               flush=True)
         del step, inputs

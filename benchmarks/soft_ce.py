@@ -8,7 +8,9 @@ dz relative Frobenius error < 1e-2, hits equal. Times are medians of triton.test
 
 Bytes counted: z and the teacher read once, dz written (6 bytes per bf16 element): the least any implementation
 moves. The ceiling beside it is a measured copy of the same bytes (read 4, write 2 per element: torch.add of z and
-the teacher into a third buffer). --sweep times our kernel's block sizes and warp counts.
+the teacher into a third buffer). --sweep times our kernel's block sizes and warp counts. A second row per C times the
+kernel as the loss head runs it: given the teacher's row statistics, plus 1/K of forming them (K = 7 steps read each
+teacher row).
 
     python benchmarks/soft_ce.py [--rows 4096 16384] [--sweep] [--results PATH]
 """
@@ -26,9 +28,10 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).parent))
 from results import RESULTS, append_rows, row
 
-from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
+from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
 V = 32000
+K = 7  # TTT steps: the loss head forms the teacher's row statistics once for K steps' chunks
 
 
 def inputs(rows: int, seed: int = 0):
@@ -78,6 +81,15 @@ def main(argv=None) -> None:
                   f"peer {peer_ms * 1e3:8.1f} us {nbytes / peer_ms / 1e6:7.0f} GB/s   copy ceiling {ceiling:5.0f} GB/s",
                   flush=True)
             if block is None:
+                stats = teacher_stats(t)
+                assert torch.equal(soft_ce_rows(z, t, w, stats=stats)[2], ref_hit)
+                per_step = bench(soft_ce_rows, z, t, w, out=out, stats=stats) + bench(teacher_stats, t) / K
+                print(f"rows {rows} V {V} in a K={K} loss head     ours {per_step * 1e3:8.1f} us", flush=True)
+                rows_out.append(row(
+                    f"C={rows} rows x V={V} bf16, per step of a K={K} loss head: row kernel given the teacher's "
+                    f"statistics + 1/{K} of forming them; GB/s of 6 B/element", f"{per_step * 1e3:.0f} us "
+                    f"({nbytes / per_step / 1e6:.0f} GB/s)", f"{peer_ms * 1e3:.0f} us ({nbytes / peer_ms / 1e6:.0f} "
+                    "GB/s)", f"torch {torch.__version__} torch.compile(soft_ce_rows_reference)", peer_ms / per_step))
                 rows_out.append(row(
                     f"C={rows} rows x V={V} bf16 (loss-head chunk), ce + hit + dz; GB/s of 6 B/element vs a copy "
                     f"ceiling of {ceiling:.0f} GB/s", f"{ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f} GB/s)",

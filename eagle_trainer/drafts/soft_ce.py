@@ -6,7 +6,8 @@ T = 16384 that is over 20 GiB. Here one autograd function takes the K normed hid
 weight, and walks each step's positions in row chunks of at most `max_elems` logits:
 
     z = h W^T  (in the compute dtype: autocast's, else h's)     teacher logits at t + 1 + k (a view, no copy)
-    ce, hit, dz = kernels.soft_ce.soft_ce_rows(z, teacher, w_row)   one Triton kernel (the reference on the CPU):
+    ce, hit, dz = kernels.soft_ce.soft_ce_rows(z, teacher, w_row)   one Triton kernel (the reference on the CPU;
+                                                                     the teacher's row statistics formed once):
         ce = lse(z) - softmax(teacher).z,  dz = w_row (softmax(z) - softmax(teacher)),  written over z
         w_row = step_weight^k valid / n_k   (what backward would get)
     dh = dz W,  dW += dz^T h                 (dW summed in fp32: cuBLAS with an fp32 output on the GPU)
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from eagle_trainer.drafts.ttt import TTTLoss, ttt_loss
-from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
+from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
 # logits per chunk: 2^27 bf16 = 256 MiB, one chunk alive at a time. The head runs at the end of the unroll, when
 # every step's activations are held, so the chunk adds to the step's peak; but each chunk also reads and writes
@@ -42,10 +43,18 @@ def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None
         grad_w.addmm_(dz.T.to(grad_w.dtype), h.to(grad_w.dtype))
 
 
-def _soft_ce_rows(z, teacher, weight):
+def _teacher_stats(teacher):
+    """teacher [B, T, Vd] -> its rows' (log-sum-exp, argmax) [B, T] on a GPU, for every step's chunks; None elsewhere."""
+    if not teacher.is_cuda:
+        return None
+    lse, arg = teacher_stats(teacher.view(-1, teacher.shape[-1]))
+    return lse.view(teacher.shape[:2]), arg.view(teacher.shape[:2])
+
+
+def _soft_ce_rows(z, teacher, weight, stats):
     """The kernel on a GPU (dz written over z), the plain-torch reference elsewhere."""
     if z.is_cuda:
-        return soft_ce_rows(z, teacher, weight, out=z)
+        return soft_ce_rows(z, teacher, weight, out=z, stats=stats)
     return soft_ce_rows_reference(z, teacher, weight)
 
 
@@ -62,6 +71,7 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             grad_h, stats = [], []
             total = torch.zeros((), dtype=acc, device=weight.device)
+            stats_t = _teacher_stats(teacher)  # once: step k reads teacher row t + 1 + k again
             for k, h in enumerate(hiddens):
                 count = valid[k].sum()
                 scale = step_weight**k / count.clamp_min(1)
@@ -77,7 +87,9 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                         hc = h[b, t0:t1].to(dtype)  # [C, H]
                         m = valid[k, b, t0:t1].to(acc)
                         z = hc @ w.T  # [C, Vd]
-                        dz, ce, hit = _soft_ce_rows(z, teacher[b, t0 + 1 + k:t1 + 1 + k], m * scale)
+                        rows_t = slice(t0 + 1 + k, t1 + 1 + k)
+                        dz, ce, hit = _soft_ce_rows(z, teacher[b, rows_t], m * scale,
+                                                    stats_t and (stats_t[0][b, rows_t], stats_t[1][b, rows_t]))
                         ce_sum += (ce * m).sum()
                         hits += (hit * m).sum()
                         _accumulate(grad_w, dz, hc)  # hc's last read: dh may be written over it now

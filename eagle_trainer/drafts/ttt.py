@@ -35,7 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
 from eagle_trainer.drafts.layers import rms_norm, rotary_cos_sin, rotate
-from eagle_trainer.kernels.ttt_attention import step0_kernel, ttt_attention
+from eagle_trainer.kernels.ttt_attention import DiagonalStore, step0_kernel, ttt_attention
 
 
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
@@ -124,14 +124,14 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.T
 
 
 def fused_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.Tensor | None = None,
-                        step0=None) -> torch.Tensor:
+                        step0=None, store: DiagonalStore | None = None) -> torch.Tensor:
     """Same function again, with a library attention kernel for the step-0 block (cuDNN, or FlashAttention-2 varlen
     for packed rows; kernels/ttt_attention) and Triton kernels merging the diagonal terms, forward and backward.
-    `step0`: `step0_kernel(device, documents)` built once per unroll. fp32 on a GPU (no library kernel takes it)
-    goes to the flex path."""
+    `step0`: `step0_kernel(device, documents)` and `store`: a `DiagonalStore`, both built once per unroll. fp32 on a
+    GPU (no library kernel takes it) goes to the flex path."""
     if q.device.type == "cuda" and q.dtype == torch.float32:
         return flex_ttt_attention(q, k0, v0, diag_k, diag_v, documents)
-    return ttt_attention(q, k0, v0, diag_k, diag_v, step0=step0 or step0_kernel(q.device, documents))
+    return ttt_attention(q, k0, v0, diag_k, diag_v, step0=step0 or step0_kernel(q.device, documents), store=store)
 
 
 ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention, "fused": fused_ttt_attention}
@@ -145,12 +145,14 @@ def pick_attention(name: str, device: torch.device) -> str:
     return name
 
 
-def step0_attention(attention: str, documents: torch.Tensor | None, device: torch.device):
+def step0_attention(attention: str, documents: torch.Tensor | None, device: torch.device, num_steps: int = 0):
     """The attention function of one unroll: `ATTENTION[attention]` with what its step-0 block needs built once for
-    all K steps and bound: the documents; flex's block mask; the fused path's step-0 kernel."""
+    all K steps and bound: the documents; flex's block mask; the fused path's step-0 kernel and, given the unroll's
+    `num_steps`, the store its diagonal keys/values go into."""
     attend = ATTENTION[attention]
     if attention == "fused":
-        return functools.partial(attend, documents=documents, step0=step0_kernel(device, documents))
+        store = DiagonalStore(num_steps - 1) if num_steps > 1 else None
+        return functools.partial(attend, documents=documents, step0=step0_kernel(device, documents), store=store)
     if documents is None:
         return attend
     if attention == "flex":
@@ -179,7 +181,7 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     read k rows on at step k (K-1 fewer products over that half, forward and backward); on a GPU the step's pieces
     around the attention and the matrix products are compiled (fused norms, rotary, SwiGLU, residuals); with
     `recompute` (draft.recompute) they run under `keep_products`, backward forming their elementwise work again."""
-    attend = step0_attention(attention, documents, input_ids.device)
+    attend = step0_attention(attention, documents, input_ids.device, num_steps)
     cfg, device = draft.config, input_ids.device.type
     b, t = input_ids.shape
     base_pos = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
@@ -191,11 +193,15 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     tokens = draft.embed_tokens(ids).to(w.dtype)
     token_qkv_fn, step_qkv, step_out = (_compiled(fn, device, recompute) for fn in (_token_qkv, _step_qkv, _step_out))
     token_qkv = token_qkv_fn(tokens, w.input_norm, w.qkv_token, eps)  # [B, T+K-1, (nh+2nkv) D]
+    # RoPE at positions t + k for every step, once, in the compute dtype ([K, B, T, 1, D], the q/k layout): formed in
+    # the compiled step, the sines and cosines of every element were evaluated again in backward
+    steps = torch.arange(num_steps, device=input_ids.device)[:, None, None]
+    cos, sin = (x.to(w.dtype)[:, :, :, None] for x in rotary_cos_sin(base_pos + steps, inv_freq))
     k0 = v0 = None
     diag_k, diag_v, out = [], [], []
     for k in range(num_steps):
         q, kk, vv = (x.transpose(1, 2) for x in step_qkv(  # [B, n, T, D] views
-            hidden, token_qkv[:, k:k + t], base_pos + k, inv_freq, w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
+            hidden, token_qkv[:, k:k + t], cos[k], sin[k], w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
             cfg.num_kv_heads))
         if k == 0:
             k0, v0 = kk, vv
@@ -213,16 +219,16 @@ def _token_qkv(tokens, norm_weight, weight, eps):
     return rms_norm(tokens, norm_weight, eps) @ weight.T
 
 
-def _step_qkv(hidden, token_qkv, positions, inv_freq, norm_weight, weight, eps, num_heads: int, num_kv_heads: int):
-    """Eagle3Draft.step_qkv with the token half precomputed -> q [B, T, nh, D], k/v [B, T, nkv, D] (RoPE'd q, k;
-    written token-major: the caller's transposes to [B, n, T, D] are views, as the attention kernels read them).
+def _step_qkv(hidden, token_qkv, cos, sin, norm_weight, weight, eps, num_heads: int, num_kv_heads: int):
+    """Eagle3Draft.step_qkv with the token half precomputed -> q [B, T, nh, D], k/v [B, T, nkv, D] (RoPE'd q, k by
+    cos/sin [B, T, 1, D]; written token-major: the caller's transposes to [B, n, T, D] are views, as the attention
+    kernels read them).
     v is a copy, not a view of the [B, T, (nh + 2 nkv) D] product: attention keeps v until backward, and a view would
     keep the whole product alive with it (10x v's bytes at Qwen3-30B-A3B draft widths)."""
     b, t, _ = hidden.shape
-    d = 2 * inv_freq.shape[0]
+    d = cos.shape[-1]
     qkv = rms_norm(hidden, norm_weight, eps) @ weight.T + token_qkv
     q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-    cos, sin = (x[:, :, None] for x in rotary_cos_sin(positions, inv_freq))  # [B, T, 1, D]: the [B, T, n, D] layout
     return (rotate(q.view(b, t, num_heads, d), cos, sin), rotate(k.view(b, t, num_kv_heads, d), cos, sin),
             v.reshape(b, t, num_kv_heads, d).contiguous())
 
@@ -250,10 +256,13 @@ def keep_products(fn):
     (1.1 GiB of a T=8192 step at Qwen3-30B-A3B draft widths), for one more pass over them in backward."""
     context = functools.partial(create_selective_checkpoint_contexts, _save_products)
 
-    @functools.wraps(fn)
     def selective(*args):
         return checkpoint(fn, *args, use_reentrant=False, context_fn=context)
-    return selective
+    # A code object of its own per fn: torch.compile caches by code object, so wrappers sharing one would be
+    # recompiles of one frame, and the second would mark every dimension that differs between them dynamic (the
+    # weights' widths too): Inductor then emits kernels with symbolic strides, 2-3x slower on an H100.
+    selective.__code__ = selective.__code__.replace(co_name=f"{fn.__name__}_keep_products")
+    return functools.wraps(fn)(selective)
 
 
 @functools.cache

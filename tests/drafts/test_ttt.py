@@ -371,3 +371,31 @@ def test_recompute_changes_memory_not_results(attention, dtype):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     for name in on_grads:
         torch.testing.assert_close(on_grads[name], off_grads[name], rtol=tol * 100, atol=tol)
+
+
+def test_compiled_pieces_trace_with_static_shapes(monkeypatch):
+    """The unroll's compiled pieces under keep_products each compile as a frame of their own, with every size fixed:
+    wrappers sharing one code object were recompiles of one frame, and torch 2.11 marked the sizes that differed
+    between them (the weights' widths too) dynamic, which made Inductor's kernels 2-3x slower on an H100."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    from eagle_trainer.drafts import ttt
+    torch._dynamo.reset()
+    recorder = EagerAndRecordGraphs()
+    monkeypatch.setattr(ttt, "_compiled", lambda fn, device, recompute=True: torch.compile(
+        ttt.keep_products(fn) if recompute else fn, backend=recorder))
+    draft = tiny_draft(seed=5).float()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, draft.config.vocab_size, (1, 13), generator=g)
+    aux = torch.randn(1, 13, 3 * draft.config.target_hidden_size, generator=g)
+    sum(h.square().mean() for h in ttt_hidden(draft, ids, aux, 3, "naive", recompute=True)).backward()
+    assert len(recorder.graphs) == 3  # token q/k/v, step q/k/v, step out: once each
+    codes = {ttt.keep_products(fn).__code__ for fn in (ttt._token_qkv, ttt._step_qkv, ttt._step_out)}
+    assert len(codes) == 3
+    for graph in recorder.graphs:
+        for node in graph.graph.nodes:
+            if node.op == "placeholder":
+                value = node.meta["example_value"]
+                assert isinstance(value, torch.Tensor), f"{node.name} is a symbolic size: {value}"
+                assert all(isinstance(s, int) for s in value.shape), f"{node.name} has a dynamic shape {value.shape}"
+    torch._dynamo.reset()

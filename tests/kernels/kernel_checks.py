@@ -9,7 +9,10 @@ def rel_err(out, ref):
 
 
 def nan_buffer(shape, like, dtype=None):
-    return torch.full(shape, float("nan"), device=like.device, dtype=dtype or like.dtype)
+    """NaN for floating outputs; for integer ones (no NaN) the most negative value, which no index takes."""
+    dtype = dtype or like.dtype
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, device=like.device, dtype=dtype)
 
 
 def poison(monkeypatch, *modules):

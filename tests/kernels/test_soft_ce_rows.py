@@ -6,7 +6,7 @@ import torch
 from kernel_checks import poison, rel_err
 
 from eagle_trainer.kernels import soft_ce as soft_ce_mod
-from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference
+from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats, teacher_stats_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -49,10 +49,39 @@ def test_ties_take_the_lowest_index_and_dz_may_alias_z(poisoned):
     assert torch.equal(hit, ref_hit)
 
 
+@pytest.mark.parametrize("c,v,block", [(3, 7, 2048), (5, 1000, 256), (2, 2049, 512)])
+def test_teacher_stats_match_reference(poisoned, c, v, block):
+    _, t, _ = rows(c, v, torch.float32, v + 1, ties=True)
+    t[0] = torch.linspace(-3, 3, v)  # a row whose maximum is in the last block alone
+    lse, arg = teacher_stats(t, block=block)
+    ref_lse, ref_arg = teacher_stats_reference(t)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(arg, ref_arg)
+
+
+def test_given_teacher_stats_are_used(poisoned):
+    """The row kernel reads the teacher's statistics from `stats` when given (the loss head forms them once per
+    batch): the same outputs as forming them itself, and other statistics change ce, dz and hit accordingly."""
+    z, t, w = rows(6, 900, torch.float32, 5)
+    own = soft_ce_rows(z, t, w, block=256)
+    lse, arg = teacher_stats(t, block=256)
+    given = soft_ce_rows(z, t, w, stats=(lse, arg), block=256)
+    for a, b in zip(own, given, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _, shifted_ce, _ = soft_ce_rows(z, t, w, stats=(lse + 1.0, arg), block=256)
+    # p = exp(t - lse - 1): every p_v z_v term shrinks by e, so ce rises by (1 - 1/e) sum p z
+    expect = own[1] + (1 - torch.e**-1) * (torch.softmax(t, -1) * z).sum(-1)
+    torch.testing.assert_close(shifted_ce, expect, rtol=1e-5, atol=1e-5)
+    _, _, hit = soft_ce_rows(z, t, w, stats=(lse, z.argmax(-1)), block=256)
+    assert hit.eq(1).all()
+
+
 def test_shape_errors_name_the_shapes():
     z = torch.zeros(3, 5)
     with pytest.raises(ValueError, match=r"teacher \(3, 4\)"):
         soft_ce_rows(z, torch.zeros(3, 4), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"teacher stats \(2,\)"):
+        soft_ce_rows(z, torch.zeros(3, 5), torch.zeros(3), stats=(torch.zeros(2), torch.zeros(3, dtype=torch.long)))
 
 
 @pytest.mark.gpu

@@ -46,3 +46,32 @@ def test_merge_forward_and_backward_match_reference(poisoned, b, nh, nkv, t, d, 
     got = merge_backward(dout, out, q, lse, dq0.clone(), dk, dv, scale)
     for name, x, y in zip(("dq", "dk", "dv"), got, ref):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_diagonal_store_steps_match_stacking():
+    """Four steps of one unroll through a DiagonalStore (the merge kernels read its views; the diagonal tensors are
+    not saved) give the outputs and gradients of stacking per call, and the store refuses a list that does not
+    extend what it holds."""
+    from eagle_trainer.kernels.ttt_attention import DiagonalStore, ttt_attention
+
+    b, nh, nkv, t, d, steps = 1, 6, 2, 11, 16, 4
+    g = torch.Generator().manual_seed(7)
+    tokens = lambda n: torch.randn(b, t, n, d, generator=g).transpose(1, 2)  # token-major, as the draft makes them
+    qs = [tokens(nh).requires_grad_() for _ in range(steps)]
+    keys = [tokens(nkv).requires_grad_() for _ in range(steps)]
+    values = [tokens(nkv).requires_grad_() for _ in range(steps)]
+    grads = [torch.randn(b, nh, t, d, generator=g) for _ in range(steps)]
+    results = []
+    for store in (DiagonalStore(steps - 1), None):
+        outs = [ttt_attention(qs[k], keys[0], values[0], keys[1:k + 1], values[1:k + 1], store=store)
+                for k in range(steps)]
+        leaves = [*qs, *keys, *values]
+        results.append([*outs, *torch.autograd.grad(outs, leaves, grads)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    store = DiagonalStore(2)
+    ttt_attention(qs[1], keys[0], values[0], keys[1:2], values[1:2], store=store)
+    with pytest.raises(ValueError, match="do not extend"):
+        ttt_attention(qs[2], keys[0], values[0], [keys[2], keys[1]], values[1:3], store=store)
+    with pytest.raises(ValueError, match="capacity=2"):
+        ttt_attention(qs[3], keys[0], values[0], keys[1:4], values[1:4], store=store)

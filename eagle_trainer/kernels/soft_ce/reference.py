@@ -16,3 +16,9 @@ def soft_ce_rows_reference(z: torch.Tensor, teacher: torch.Tensor, weight: torch
     hit = (zf.argmax(-1) == tf.argmax(-1)).to(acc)
     dz = (torch.exp(zf - lse[:, None]) - p) * weight[:, None].to(acc)
     return dz.to(z.dtype), ce, hit
+
+
+def teacher_stats_reference(teacher: torch.Tensor):
+    """teacher [C, V] -> (log-sum-exp [C] fp32 (fp64 for fp64), argmax [C] int64). See kernels/soft_ce."""
+    acc = torch.promote_types(teacher.dtype, torch.float32)
+    return teacher.to(acc).logsumexp(-1), teacher.argmax(-1)

@@ -14,9 +14,11 @@ document is one sequence) or aten's CPU flash attention (CPU, tests). Grouped-qu
               dq += sum_j ds_j k_j scale,  dk_j = sum_heads ds_j q scale,  dv_j = sum_heads p_j dout (merge_bwd_kernel)
 
 Nothing [T, T] is held; saved for backward: q, k0, v0 (shared by all steps), out, lse, the diagonal keys/values
-(the step's own tensors: stacked [n, ...] for the kernels only while they run).
+(views of the unroll's `DiagonalStore`, or without one the step's own tensors, stacked [n, ...] for the kernels only
+while they run).
 reference.py holds the merge kernels in plain torch. Shapes: q [B, nh, T, D]; k0/v0 [B, nkv, T, D];
-diagonal keys/values stacked [n, B, nkv, T, D]; lse [B, nh, T] fp32.
+diagonal keys/values stacked [n, B, nkv, T, D] (any strides with a unit stride in D, the same for keys and
+values); lse [B, nh, T] fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from eagle_trainer.kernels.ttt_attention.reference import (
     merge_forward_reference,
 )
 
-__all__ = ["merge_backward", "merge_forward", "step0_kernel", "ttt_attention"]
+__all__ = ["DiagonalStore", "merge_backward", "merge_forward", "step0_kernel", "ttt_attention"]
 
 
 @triton.jit
@@ -131,7 +133,7 @@ def merge_forward(q, out0, lse0, diag_k, diag_v, scale):
         return merge_forward_reference(q, out0, lse0, diag_k, diag_v, scale)
     b, nh, t, _ = q.shape
     n, nkv = diag_k.shape[0], diag_k.shape[2]
-    assert diag_k.is_contiguous() and diag_v.is_contiguous() and lse0.is_contiguous()
+    assert diag_k.stride() == diag_v.stride() and diag_k.stride(-1) == 1 and lse0.is_contiguous()
     out = _like(out0)
     lse = new_buffer((b, nh, t), q, torch.float32)
     merge_fwd_kernel[(b * t, nkv)](q, out0, lse0, diag_k, diag_v, out, lse, t, nh, n, scale,
@@ -141,14 +143,14 @@ def merge_forward(q, out0, lse0, diag_k, diag_v, scale):
 
 
 def merge_backward(dout, out, q, lse, dq0, diag_k, diag_v, scale):
-    """-> dq (dq0 updated in place), dk, dv [n, B, nkv, T, D] in the diagonal keys' dtype."""
+    """-> dq (dq0 updated in place), dk, dv [n, B, nkv, T, D] in the diagonal keys' dtype and layout."""
     if not _use_kernels(q):
         dq, dk, dv = merge_backward_reference(dout, out, q, lse, dq0, diag_k, diag_v, scale)
         return dq, dk.to(diag_k.dtype), dv.to(diag_v.dtype)
     b, nh, t, _ = q.shape
     n, nkv = diag_k.shape[0], diag_k.shape[2]
-    dk = new_buffer(diag_k.shape, diag_k, diag_k.dtype)
-    dv = new_buffer(diag_v.shape, diag_v, diag_v.dtype)
+    assert diag_k.stride() == diag_v.stride() and diag_k.stride(-1) == 1
+    dk, dv = _like(diag_k), _like(diag_v)  # the kernel writes them with the keys' strides
     merge_bwd_kernel[(b * t, nkv)](dout, out, q, lse, dq0, diag_k, diag_v, dk, dv, t, nh, n, scale,
                                    *dout.stride()[:3], *out.stride()[:3], *q.stride()[:3], *dq0.stride()[:3],
                                    *diag_k.stride()[:4], **_meta(q, nkv))
@@ -236,22 +238,52 @@ def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
     return FlashVarlenCausal(cu, int((cu[1:] - cu[:-1]).max()))
 
 
+class DiagonalStore:
+    """The diagonal keys and values of one unroll, each in one buffer [K-1, B, T, nkv, D] filled as the steps make
+    them: step k hands the merge kernels views of its k entries [k, B, nkv, T, D] (strided, token-major as the draft
+    makes them) instead of stacking k copies, forward and backward. Entries are written once and never change, so
+    the steps' autograd nodes hold the views without version checks."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.k, self.v, self.ptrs = capacity, None, None, []
+
+    def extend(self, keys: list, values: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values: this step's diagonal lists (the earlier steps' lists, one entry longer) -> stacked views."""
+        n = len(keys)
+        if n > self.capacity or [k.data_ptr() for k in keys[:len(self.ptrs)]] != self.ptrs:
+            raise ValueError(f"DiagonalStore(capacity={self.capacity}) got {n} diagonal keys that do not extend the "
+                             f"{len(self.ptrs)} it holds: one store per unroll, one entry more per step")
+        if self.k is None:
+            shape = (self.capacity, *keys[0].transpose(1, 2).shape)  # [K-1, B, T, nkv, D]
+            self.k = torch.empty(shape, device=keys[0].device, dtype=keys[0].dtype)
+            self.v = torch.empty(shape, device=values[0].device, dtype=values[0].dtype)
+        for j in range(len(self.ptrs), n):
+            self.k[j].copy_(keys[j].transpose(1, 2))
+            self.v[j].copy_(values[j].transpose(1, 2))
+            self.ptrs.append(keys[j].data_ptr())
+        return self.k[:n].transpose(2, 3), self.v[:n].transpose(2, 3)
+
+
 class _TTTAttention(torch.autograd.Function):
-    """One step's attention; the diagonal keys then values come as separate tensors (`*diag`), saved as they are
-    and stacked for the merge kernels only while they run: a stacked copy kept per step would hold the j-th step's
-    keys K-j times over the unroll."""
+    """One step's attention; the diagonal keys then values come as separate tensors (`*diag`). With a
+    `DiagonalStore` the merge kernels read the store's views of them (kept for backward: the tensors themselves are
+    not); without one they are saved as they are and stacked for the kernels only while they run: a stacked copy
+    kept per step would hold the j-th step's keys K-j times over the unroll."""
 
     @staticmethod
-    def forward(ctx, step0, q, k0, v0, *diag):
+    def forward(ctx, step0, store, q, k0, v0, *diag):
         scale = q.shape[-1] ** -0.5
         out0, lse0, saved = step0.forward(q, k0, v0, scale)
         n = len(diag) // 2
+        stacked = None
         if n == 0:
             out, lse = out0, lse0
         else:
-            out, lse = merge_forward(q, out0, lse0, torch.stack(diag[:n]), torch.stack(diag[n:]), scale)
-        ctx.save_for_backward(q, k0, v0, out, lse, *diag)
-        ctx.step0, ctx.saved, ctx.scale = step0, saved, scale
+            stacked = store.extend(diag[:n], diag[n:]) if store else (torch.stack(diag[:n]), torch.stack(diag[n:]))
+            out, lse = merge_forward(q, out0, lse0, *stacked, scale)
+        ctx.save_for_backward(q, k0, v0, out, lse, *(diag if store is None else ()))
+        ctx.step0, ctx.saved, ctx.scale, ctx.n = step0, saved, scale, n
+        ctx.stacked = stacked if store else None
         return out
 
     @staticmethod
@@ -260,18 +292,21 @@ class _TTTAttention(torch.autograd.Function):
         if dout.stride() != out.stride():  # the libraries read dout in out's layout
             dout = _like(out).copy_(dout)
         dq, dk0, dv0 = ctx.step0.backward(dout, q, k0, v0, out, lse, ctx.saved, ctx.scale)
-        n = len(diag) // 2
+        n = ctx.n
         if n == 0:
-            return None, dq, dk0, dv0
-        dq, ddk, ddv = merge_backward(dout, out, q, lse, dq, torch.stack(diag[:n]), torch.stack(diag[n:]), ctx.scale)
-        return None, dq, dk0, dv0, *ddk.unbind(0), *ddv.unbind(0)
+            return None, None, dq, dk0, dv0
+        stacked = ctx.stacked or (torch.stack(diag[:n]), torch.stack(diag[n:]))
+        ctx.stacked = None
+        dq, ddk, ddv = merge_backward(dout, out, q, lse, dq, *stacked, ctx.scale)
+        return None, None, dq, dk0, dv0, *ddk.unbind(0), *ddv.unbind(0)
 
 
 def ttt_attention(q: torch.Tensor, k0: torch.Tensor, v0: torch.Tensor, diag_k: list, diag_v: list,
-                  step0=None) -> torch.Tensor:
+                  step0=None, store: DiagonalStore | None = None) -> torch.Tensor:
     """TTT attention of one step: q [B, nh, T, D]; k0/v0 [B, nkv, T, D]; diag_k/diag_v: the k earlier steps'
     keys/values at each position (lists of [B, nkv, T, D]); step0: `step0_kernel(...)` (default: causal, by
-    q's device). -> [B, nh, T, D] in q's dtype (bf16/fp16 on a GPU)."""
+    q's device); store: the unroll's `DiagonalStore` (default: stack the diagonal terms per call).
+    -> [B, nh, T, D] in q's dtype (bf16/fp16 on a GPU)."""
     if len(diag_k) != len(diag_v):
         raise ValueError(f"ttt_attention got {len(diag_k)} diagonal keys and {len(diag_v)} values")
-    return _TTTAttention.apply(step0 or step0_kernel(q.device), q, k0, v0, *diag_k, *diag_v)
+    return _TTTAttention.apply(step0 or step0_kernel(q.device), store, q, k0, v0, *diag_k, *diag_v)
