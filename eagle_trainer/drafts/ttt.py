@@ -193,6 +193,7 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     tokens = draft.embed_tokens(ids).to(w.dtype)
     token_qkv_fn, step_qkv, step_out = (_compiled(fn, device, recompute) for fn in (_token_qkv, _step_qkv, _step_out))
     token_qkv = token_qkv_fn(tokens, w.input_norm, w.qkv_token, eps)  # [B, T+K-1, (nh+2nkv) D]
+    token_rows = row_windows(token_qkv, t, num_steps)  # step k reads rows k .. k + T - 1
     # RoPE at positions t + k for every step, once, in the compute dtype ([K, B, T, 1, D], the q/k layout): formed in
     # the compiled step, the sines and cosines of every element were evaluated again in backward
     steps = torch.arange(num_steps, device=input_ids.device)[:, None, None]
@@ -201,7 +202,7 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     diag_k, diag_v, out = [], [], []
     for k in range(num_steps):
         q, kk, vv = (x.transpose(1, 2) for x in step_qkv(  # [B, n, T, D] views
-            hidden, token_qkv[:, k:k + t], cos[k], sin[k], w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
+            hidden, token_rows[k], cos[k], sin[k], w.hidden_norm, w.qkv_hidden, eps, cfg.num_heads,
             cfg.num_kv_heads))
         if k == 0:
             k0, v0 = kk, vv
@@ -212,6 +213,46 @@ def ttt_hidden(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
                                   w.final_norm, eps)
         out.append(normed)
     return out
+
+
+class _WindowSum:
+    """The gradient of one tensor read through K row windows, summed in place as their backward passes arrive."""
+
+    def __init__(self, count: int):
+        self.left, self.grad = count, None
+
+
+class _Window(torch.autograd.Function):
+    """x[:, start:start + length] (a view) whose backward adds its gradient into the shared `_WindowSum` and hands
+    the sum to x with the last window: autograd would form a zero-padded copy of x per window (slice backward) and
+    add those up."""
+
+    @staticmethod
+    def forward(ctx, x, start: int, length: int, total: _WindowSum):
+        ctx.start, ctx.total = start, total
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
+        return x[:, start:start + length]
+
+    @staticmethod
+    def backward(ctx, grad):
+        total, start = ctx.total, ctx.start
+        if total.left <= 0:
+            raise RuntimeError("backward through the TTT token q/k/v windows ran twice (retain_graph): their "
+                               "gradient sum was handed on by the first")
+        if total.grad is None:
+            total.grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        total.grad[:, start:start + grad.shape[1]] += grad
+        total.left -= 1
+        if total.left:
+            return None, None, None, None
+        out, total.grad = total.grad, None
+        return out, None, None, None
+
+
+def row_windows(x: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
+    """x[:, k:k + length] for k < count, as views whose gradients are summed into one tensor like x."""
+    total = _WindowSum(count)
+    return [_Window.apply(x, k, length, total) for k in range(count)]
 
 
 def _token_qkv(tokens, norm_weight, weight, eps):

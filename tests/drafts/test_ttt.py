@@ -399,3 +399,20 @@ def test_compiled_pieces_trace_with_static_shapes(monkeypatch):
                 assert isinstance(value, torch.Tensor), f"{node.name} is a symbolic size: {value}"
                 assert all(isinstance(s, int) for s in value.shape), f"{node.name} has a dynamic shape {value.shape}"
     torch._dynamo.reset()
+
+
+def test_row_windows_sum_their_gradients_like_slices():
+    """row_windows: K overlapping row windows of one tensor; backward sums their gradients in place into one tensor,
+    equal to what slicing gives, and a second backward through the same windows is refused."""
+    from eagle_trainer.drafts.ttt import row_windows
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(2, 6, 5, generator=g, dtype=torch.float64) for _ in range(4)]
+    windows = row_windows(x, 6, 4)
+    assert all(torch.equal(w, x[:, k:k + 6]) for k, w in enumerate(windows))
+    loss = sum((w * c).sum() for w, c in zip(windows, weights))
+    (ours,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (want,) = torch.autograd.grad(sum((x[:, k:k + 6] * c).sum() for k, c in enumerate(weights)), x)
+    torch.testing.assert_close(ours, want, rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="ran twice"):
+        torch.autograd.grad(loss, x)
