@@ -20,9 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from eagle_trainer.kernels.soft_ce import row_max, row_max_reference
 from eagle_trainer.registry import TargetSpec
 from eagle_trainer.targets.packing import documents
 from eagle_trainer.types import Batch, CapturedStates, TargetOutputs
+
+
+def _row_max(logits: torch.Tensor):
+    """(max fp32, argmax) per row: the Triton kernel on a GPU (one read of the chunk), torch's reduction elsewhere."""
+    return row_max(logits) if logits.is_cuda else row_max_reference(logits)
 
 
 @torch.no_grad()
@@ -37,8 +43,7 @@ def chunked_argmax(h: torch.Tensor, weight: torch.Tensor, max_elems: int = 1 << 
         best = torch.full((rows.shape[0],), float("-inf"), device=h.device)
         arg = torch.zeros(rows.shape[0], dtype=torch.long, device=h.device)
         for c in range(0, weight.shape[0], col_chunk):
-            val, idx = (rows @ weight[c:c + col_chunk].T).max(-1)  # in the logits' dtype: the max is exact
-            val = val.float()
+            val, idx = _row_max(rows @ weight[c:c + col_chunk].T)  # the max is exact in any dtype
             better = val > best
             best = torch.where(better, val, best)
             arg = torch.where(better, idx + c, arg)

@@ -6,7 +6,8 @@ import torch
 from kernel_checks import poison, rel_err
 
 from eagle_trainer.kernels import soft_ce as soft_ce_mod
-from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats, teacher_stats_reference
+from eagle_trainer.kernels.soft_ce import (row_max, row_max_reference, soft_ce_rows, soft_ce_rows_reference,
+                                          teacher_stats, teacher_stats_reference)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -57,6 +58,15 @@ def test_teacher_stats_match_reference(poisoned, c, v, block):
     ref_lse, ref_arg = teacher_stats_reference(t)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     assert torch.equal(arg, ref_arg)
+
+
+@pytest.mark.parametrize("c,v,block", [(3, 7, 2048), (5, 1000, 256), (2, 2049, 512)])
+def test_row_max_matches_reference(poisoned, c, v, block):
+    x, _, _ = rows(c, v, torch.float32, v + 2, ties=True)  # ties across blocks: the lowest index wins
+    x[-1] = torch.linspace(-3, 3, v)  # a row whose maximum is in the last block alone
+    value, arg = row_max(x, block=block)
+    ref_value, ref_arg = row_max_reference(x)
+    assert torch.equal(value, ref_value) and torch.equal(arg, ref_arg)
 
 
 def test_given_teacher_stats_are_used(poisoned):

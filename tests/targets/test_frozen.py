@@ -65,6 +65,21 @@ def test_chunked_argmax_matches_dense(budget):
     assert torch.equal(chunked_argmax(h, w, budget), (h @ w.T).argmax(-1))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_chunked_argmax_on_gpu_bf16_matches_dense():
+    """The GPU scan (Triton row max per chunk) in bf16, with chunks that split rows and columns and tied maxima."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(301, 64, device="cuda", generator=g).bfloat16()
+    w = torch.randn(70001, 64, device="cuda", generator=g).bfloat16()
+    w[50000] = w[123] = 4 * w[123] / w[123].float().norm()  # equal logits in two column chunks
+    h[:5] = w[123]  # rows whose maximum is that tie: the lower id must win
+    dense = (h @ w.T).argmax(-1)
+    assert (dense[:5] == 123).all()
+    for budget in (1 << 20, 1 << 26):
+        assert torch.equal(chunked_argmax(h, w, budget), dense)
+
+
 def test_bad_aux_layer_ids(tiny_qwen3_path):
     model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_path)), torch.device("cpu"))
     ids, t2d = draft_vocab(info.vocab_size, 10)

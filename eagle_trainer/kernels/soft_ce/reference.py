@@ -22,3 +22,9 @@ def teacher_stats_reference(teacher: torch.Tensor):
     """teacher [C, V] -> (log-sum-exp [C] fp32 (fp64 for fp64), argmax [C] int64). See kernels/soft_ce."""
     acc = torch.promote_types(teacher.dtype, torch.float32)
     return teacher.to(acc).logsumexp(-1), teacher.argmax(-1)
+
+
+def row_max_reference(x: torch.Tensor):
+    """x [C, V] -> (max [C] fp32 (fp64 for fp64), argmax [C] int64). See kernels/soft_ce.row_max."""
+    value, arg = x.max(-1)
+    return value.to(torch.promote_types(x.dtype, torch.float32)), arg
