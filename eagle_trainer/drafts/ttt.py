@@ -275,11 +275,14 @@ def _step_qkv(hidden, token_qkv, cos, sin, norm_weight, weight, eps, num_heads: 
 
 
 def _step_out(hidden, attn, o_weight, post_norm, gate_up, down, final_norm, eps):
-    """Eagle3Draft.step_out, then the final norm -> (g_next [B, T, H], norm(g_next))."""
+    """Eagle3Draft.step_out, then the final norm -> (g_next [B, T, H], norm(g_next)). The residual sums are the
+    products' addmm inputs: under `keep_products` the kept products are then h and g_next themselves (g_next is kept
+    anyway, as the next step's input), not [T, H] terms beside them."""
     b, nh, t, d = attn.shape
-    h = hidden + attn.transpose(1, 2).reshape(b, t, nh * d) @ o_weight.T
+    width = hidden.shape[-1]
+    h = torch.addmm(hidden.reshape(b * t, width), attn.transpose(1, 2).reshape(b * t, nh * d), o_weight.T)
     gate, up = (rms_norm(h, post_norm, eps) @ gate_up.T).chunk(2, dim=-1)
-    g_next = h + (F.silu(gate) * up) @ down.T
+    g_next = torch.addmm(h, F.silu(gate) * up, down.T).view(b, t, width)
     return g_next, rms_norm(g_next, final_norm, eps)
 
 
