@@ -28,10 +28,19 @@ import torch
 from eagle_trainer.drafts.ttt import TTTLoss, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
-# logits per chunk: 2^27 bf16 = 256 MiB, one chunk alive at a time. The head runs at the end of the unroll, when
-# every step's activations are held, so the chunk adds to the step's peak; but each chunk also reads and writes
-# the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048): on an H100 at T=8192, 2^26 cost 4% of the step.
+# logits per chunk at most: 2^27 bf16 = 256 MiB, one chunk alive at a time (`_chunk_rows`). The head runs at the end
+# of the unroll, when every step's activations are held, so the chunk adds to the step's peak; but each chunk also
+# reads and writes the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048): on an H100 at T=8192, 2^26 cost 4% of the
+# step.
 MAX_ELEMS = 1 << 27
+
+
+def _chunk_rows(rows: int, vocab: int, max_elems: int) -> int:
+    """Rows per logits chunk: balanced chunks of at most `max_elems` logits, and at least two per step. The head runs
+    at the step's peak, so its chunk adds to it; at short T one chunk would be a whole step's logits (250 MiB at
+    T=4096), and two halve that for one more read-modify-write of the fp32 dW per step."""
+    chunks = max(2, -(-rows * vocab // max_elems))
+    return max(1, -(-rows // chunks))
 
 
 def _accumulate(grad_w: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
@@ -64,7 +73,7 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hiddens[0].dtype
         batch, num_tokens, _ = hiddens[0].shape
-        rows = max(1, max_elems // weight.shape[0])
+        rows = _chunk_rows(num_tokens - 1, weight.shape[0], max_elems)
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             acc = torch.promote_types(dtype, torch.float32)  # sums and dW: fp32 (fp64 for fp64 inputs)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eagle_trainer.drafts.soft_ce import fused_ttt_loss, unfused_ttt_loss
+from eagle_trainer.drafts.soft_ce import _chunk_rows, fused_ttt_loss, unfused_ttt_loss
 
 
 def case(batch=2, tokens=37, hidden=24, vocab=53, steps=3, dtype=torch.float32, seed=0):
@@ -100,3 +100,15 @@ def test_gradients_are_written_over_the_hidden_states():
     kept = [h.exp() for h in x]  # exp keeps its output for backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         fused_ttt_loss(kept, weight, teacher, valid, 0.8).loss.backward()
+
+
+def test_chunks_are_balanced_and_at_least_two_per_step():
+    """At the 30B-A3B draft vocab (32000) and 2^27 logits per chunk: T=4096 in two chunks (one would be the whole
+    step's 250 MiB), T=8192 in two, T=16384 in four; never more logits than the budget, never an empty chunk."""
+    assert _chunk_rows(4095, 32000, 1 << 27) == 2048
+    assert _chunk_rows(8191, 32000, 1 << 27) == 4096
+    assert _chunk_rows(16383, 32000, 1 << 27) == 4096
+    for rows, vocab, budget in ((1, 7, 5), (3, 1000, 10), (37, 50, 999)):
+        n = _chunk_rows(rows, vocab, budget)
+        assert n >= 1 and (n * vocab <= budget or n == 1)
+        assert n <= max(1, -(-rows // 2))
