@@ -103,10 +103,10 @@ def test_gradients_are_written_over_the_hidden_states():
 
 
 def test_chunks_are_balanced_and_at_least_two_per_step():
-    """At the 30B-A3B draft vocab (32000) and 2^27 logits per chunk: T=4096 in two chunks (one would be the whole
-    step's 250 MiB), T=8192 in two, T=16384 in four; never more logits than the budget, never an empty chunk."""
-    assert _chunk_rows(4095, 32000, 1 << 27) == 2048
-    assert _chunk_rows(8191, 32000, 1 << 27) == 4096
+    """At the 30B-A3B draft vocab (32000) and the default budget: T=4096 in two chunks (one would be the whole step's
+    250 MiB), T=8192 and 16384 in two, T=32768 in four; never more logits than the budget, never an empty chunk."""
+    from eagle_trainer.drafts.soft_ce import MAX_ELEMS
+    assert [_chunk_rows(t - 1, 32000, MAX_ELEMS) for t in (4096, 8192, 16384, 32768)] == [2048, 4096, 8192, 8192]
     assert _chunk_rows(16383, 32000, 1 << 27) == 4096
     for rows, vocab, budget in ((1, 7, 5), (3, 1000, 10), (37, 50, 999)):
         n = _chunk_rows(rows, vocab, budget)
