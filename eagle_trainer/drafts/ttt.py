@@ -290,7 +290,8 @@ _PRODUCTS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.
 
 
 def _save_products(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _PRODUCTS else CheckpointPolicy.PREFER_RECOMPUTE
+    # MUST_RECOMPUTE, not PREFER_: with PREFER the partitioner still kept one normed [T, H] copy per step
+    return CheckpointPolicy.MUST_SAVE if op in _PRODUCTS else CheckpointPolicy.MUST_RECOMPUTE
 
 
 def keep_products(fn):

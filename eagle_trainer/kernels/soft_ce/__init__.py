@@ -12,8 +12,9 @@ K times. One program per row. A row that fits one block (BV >= V) is read once. 
 blocks: the first reads z alone (running max, sum of exp and argmax: an online log-sum-exp) and asks L2 to keep the
 blocks; the second reads z and the teacher, writes dz and sums p z. Reads z twice and the teacher once, writes dz:
 8 bytes per bf16 element (10 before the teacher's statistics were taken out of the row pass). At V = 32000 on an
-H100 (benchmarks/soft_ce.py --sweep) 2048-wide blocks with 4 warps were fastest; one 32768-wide block spills
-registers at every warp count.
+H100 (benchmarks/soft_ce.py --sweep, C=16384 rows) 8192-wide blocks with 8 warps are fastest: 1.78 ms against
+1.89 ms for 2048/4, the best before pass 1 read z alone. One 32768-wide block spills registers at every warp count.
+Programs walking several rows each (a few per SM, so pass 2 might find pass 1's blocks in L2) were slower.
 dz may alias z (the draft logits are not needed after): the EAGLE-3 loss head (drafts/soft_ce.py) overwrites its
 logits chunk with the gradient.
 reference.py holds the same function in plain torch (the loss head's CPU path). Rows are independent.
@@ -53,54 +54,51 @@ def row_stats_kernel(t_ptr, lse_ptr, arg_ptr, V, stride_t, BV: tl.constexpr, LSE
 
 
 @triton.jit
-def soft_ce_rows_kernel(z_ptr, t_ptr, lse_t_ptr, arg_t_ptr, w_ptr, dz_ptr, ce_ptr, hit_ptr, R, V, stride_z, stride_t,
+def soft_ce_rows_kernel(z_ptr, t_ptr, lse_t_ptr, arg_t_ptr, w_ptr, dz_ptr, ce_ptr, hit_ptr, V, stride_z, stride_t,
                         stride_dz, BV: tl.constexpr, ONE_BLOCK: tl.constexpr):
-    # program p takes rows p, p + P, ... (P programs: one per row, or fewer, persistent)
-    zero = tl.zeros((), tl.int64)
-    for r in range(tl.program_id(0), R, tl.num_programs(0)):
-        row = zero + r  # int64 offsets
-        z_row, t_row = z_ptr + row * stride_z, t_ptr + row * stride_t
-        dz_row = dz_ptr + row * stride_dz
-        w = tl.load(w_ptr + row)
-        lse_t = tl.load(lse_t_ptr + row)
-        a_t = tl.load(arg_t_ptr + row)
-        o = tl.arange(0, BV)
-        if ONE_BLOCK:  # BV >= V: the whole row in one block, read once
-            mask = o < V
-            b_z = tl.load(z_row + o, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(tl.load(t_row + o, mask=mask, other=float("-inf")).to(tl.float32) - lse_t)
-            m_z = tl.max(b_z, 0)
-            a_z = tl.argmax(b_z, 0, tie_break_left=True)
-            e_z = tl.exp(b_z - m_z)
-            s_z = tl.sum(e_z, 0)
-            tl.store(ce_ptr + row, m_z + tl.log(s_z) - tl.sum(p * tl.where(mask, b_z, 0.0), 0))
-            tl.store(hit_ptr + row, (a_z == a_t).to(tl.float32))
-            tl.store(dz_row + o, (w * (e_z / s_z - p)).to(dz_ptr.dtype.element_ty), mask=mask)
-        else:
-            # pass 1 (z only): online max / sum of exp / argmax; the blocks are kept in L2 for pass 2 where they fit
-            m_z = tl.full((), float("-inf"), tl.float32)
-            s_z = tl.zeros((), tl.float32)
-            a_z = tl.zeros((), tl.int64)
-            for v0 in range(0, V, BV):
-                b_z = tl.load(z_row + v0 + o, mask=v0 + o < V, other=float("-inf"), eviction_policy="evict_last")
-                b_z = b_z.to(tl.float32)
-                bm_z = tl.max(b_z, 0)
-                a_z = tl.where(bm_z > m_z, tl.argmax(b_z, 0, tie_break_left=True).to(tl.int64) + v0, a_z)
-                new_z = tl.maximum(m_z, bm_z)
-                s_z = s_z * tl.exp(m_z - new_z) + tl.sum(tl.exp(b_z - new_z), 0)
-                m_z = new_z
-            lse_z = m_z + tl.log(s_z)
-            # pass 2: dz = w (softmax(z) - p), and sum p z for the loss
-            u = tl.zeros((), tl.float32)
-            for v0 in range(0, V, BV):
-                mask = v0 + o < V
-                b_z = tl.load(z_row + v0 + o, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                p = tl.exp(tl.load(t_row + v0 + o, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-                           .to(tl.float32) - lse_t)
-                u += tl.sum(p * b_z, 0)
-                tl.store(dz_row + v0 + o, (w * (tl.exp(b_z - lse_z) - p)).to(dz_ptr.dtype.element_ty), mask=mask)
-            tl.store(ce_ptr + row, lse_z - u)
-            tl.store(hit_ptr + row, (a_z == a_t).to(tl.float32))
+    row = tl.program_id(0).to(tl.int64)
+    z_row, t_row = z_ptr + row * stride_z, t_ptr + row * stride_t
+    dz_row = dz_ptr + row * stride_dz
+    w = tl.load(w_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    a_t = tl.load(arg_t_ptr + row)
+    o = tl.arange(0, BV)
+    if ONE_BLOCK:  # BV >= V: the whole row in one block, read once
+        mask = o < V
+        b_z = tl.load(z_row + o, mask=mask, other=float("-inf")).to(tl.float32)
+        p = tl.exp(tl.load(t_row + o, mask=mask, other=float("-inf")).to(tl.float32) - lse_t)
+        m_z = tl.max(b_z, 0)
+        a_z = tl.argmax(b_z, 0, tie_break_left=True)
+        e_z = tl.exp(b_z - m_z)
+        s_z = tl.sum(e_z, 0)
+        tl.store(ce_ptr + row, m_z + tl.log(s_z) - tl.sum(p * tl.where(mask, b_z, 0.0), 0))
+        tl.store(hit_ptr + row, (a_z == a_t).to(tl.float32))
+        tl.store(dz_row + o, (w * (e_z / s_z - p)).to(dz_ptr.dtype.element_ty), mask=mask)
+    else:
+        # pass 1 (z only): online max / sum of exp / argmax; the blocks are kept in L2 for pass 2 where they fit
+        m_z = tl.full((), float("-inf"), tl.float32)
+        s_z = tl.zeros((), tl.float32)
+        a_z = tl.zeros((), tl.int64)
+        for v0 in range(0, V, BV):
+            b_z = tl.load(z_row + v0 + o, mask=v0 + o < V, other=float("-inf"), eviction_policy="evict_last")
+            b_z = b_z.to(tl.float32)
+            bm_z = tl.max(b_z, 0)
+            a_z = tl.where(bm_z > m_z, tl.argmax(b_z, 0, tie_break_left=True).to(tl.int64) + v0, a_z)
+            new_z = tl.maximum(m_z, bm_z)
+            s_z = s_z * tl.exp(m_z - new_z) + tl.sum(tl.exp(b_z - new_z), 0)
+            m_z = new_z
+        lse_z = m_z + tl.log(s_z)
+        # pass 2: dz = w (softmax(z) - p), and sum p z for the loss
+        u = tl.zeros((), tl.float32)
+        for v0 in range(0, V, BV):
+            mask = v0 + o < V
+            b_z = tl.load(z_row + v0 + o, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            p = tl.exp(tl.load(t_row + v0 + o, mask=mask, other=float("-inf"), eviction_policy="evict_first")
+                       .to(tl.float32) - lse_t)
+            u += tl.sum(p * b_z, 0)
+            tl.store(dz_row + v0 + o, (w * (tl.exp(b_z - lse_z) - p)).to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(ce_ptr + row, lse_z - u)
+        tl.store(hit_ptr + row, (a_z == a_t).to(tl.float32))
 
 
 def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,12 +139,10 @@ def row_max(x: torch.Tensor, block: int = 2048, num_warps: int = 4):
 
 
 def soft_ce_rows(z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None,
-                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 2048, num_warps: int = 4,
-                 programs: int | None = None):
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, block: int = 8192, num_warps: int = 8):
     """See the module docstring. z, teacher: [C, V] with unit column stride; weight [C] fp32;
     out: where dz goes (default a new tensor like z; may be z itself); stats: `teacher_stats(teacher)` when the
-    caller has them (else formed here, one more pass over the teacher); programs: how many programs walk the rows
-    (default one per row)."""
+    caller has them (else formed here, one more pass over the teacher)."""
     rows, vocab = z.shape
     if teacher.shape != z.shape or weight.shape != (rows,):
         raise ValueError(f"soft_ce_rows: z {tuple(z.shape)}, teacher {tuple(teacher.shape)} and weight "
@@ -161,10 +157,9 @@ def soft_ce_rows(z: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor, o
     if rows:
         assert z.stride(1) == teacher.stride(1) == dz.stride(1) == 1, "soft_ce_rows wants unit column stride"
         bv = min(block, triton.next_power_of_2(vocab))
-        grid = (rows if programs is None else min(rows, programs),)
-        soft_ce_rows_kernel[grid](z, teacher, lse_t.float().contiguous(), arg_t.contiguous(),
-                                  weight.float().contiguous(), dz, ce, hit, rows, vocab, z.stride(0), teacher.stride(0),
-                                  dz.stride(0), BV=bv, ONE_BLOCK=bv >= vocab, num_warps=num_warps)
+        soft_ce_rows_kernel[(rows,)](z, teacher, lse_t.float().contiguous(), arg_t.contiguous(),
+                                     weight.float().contiguous(), dz, ce, hit, vocab, z.stride(0), teacher.stride(0),
+                                     dz.stride(0), BV=bv, ONE_BLOCK=bv >= vocab, num_warps=num_warps)
     return dz, ce, hit
 
 
