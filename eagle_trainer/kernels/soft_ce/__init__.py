@@ -31,24 +31,29 @@ from eagle_trainer.kernels.soft_ce.reference import row_max_reference, soft_ce_r
 
 
 @triton.jit
-def row_stats_kernel(t_ptr, lse_ptr, arg_ptr, V, stride_t, BV: tl.constexpr, LSE: tl.constexpr):
-    """Per row: argmax (lowest index wins ties) and, with LSE, the log-sum-exp (else the maximum), one pass over
-    blocks (an online log-sum-exp)."""
-    row = tl.program_id(0).to(tl.int64)
-    t_row = t_ptr + row * stride_t
+def _online_row(x_row, V, BV: tl.constexpr, SUM: tl.constexpr, EVICT: tl.constexpr):
+    """One pass over a row in BV-wide blocks -> (max, sum of exp(x - max) (with SUM; else 0), argmax) in fp32/int64
+    (an online log-sum-exp; the lowest index wins ties)."""
     o = tl.arange(0, BV)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     a = tl.zeros((), tl.int64)
     for v0 in range(0, V, BV):
-        b = tl.load(t_row + v0 + o, mask=v0 + o < V, other=float("-inf"), eviction_policy="evict_first")
-        b = b.to(tl.float32)
+        b = tl.load(x_row + v0 + o, mask=v0 + o < V, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
         bm = tl.max(b, 0)
         a = tl.where(bm > m, tl.argmax(b, 0, tie_break_left=True).to(tl.int64) + v0, a)
         new = tl.maximum(m, bm)
-        if LSE:
+        if SUM:
             s = s * tl.exp(m - new) + tl.sum(tl.exp(b - new), 0)
         m = new
+    return m, s, a
+
+
+@triton.jit
+def row_stats_kernel(t_ptr, lse_ptr, arg_ptr, V, stride_t, BV: tl.constexpr, LSE: tl.constexpr):
+    """Per row: argmax (lowest index wins ties) and, with LSE, the log-sum-exp (else the maximum), one pass."""
+    row = tl.program_id(0).to(tl.int64)
+    m, s, a = _online_row(t_ptr + row * stride_t, V, BV, LSE, "evict_first")
     tl.store(lse_ptr + row, m + tl.log(s) if LSE else m)
     tl.store(arg_ptr + row, a)
 
@@ -76,17 +81,7 @@ def soft_ce_rows_kernel(z_ptr, t_ptr, lse_t_ptr, arg_t_ptr, w_ptr, dz_ptr, ce_pt
         tl.store(dz_row + o, (w * (e_z / s_z - p)).to(dz_ptr.dtype.element_ty), mask=mask)
     else:
         # pass 1 (z only): online max / sum of exp / argmax; the blocks are kept in L2 for pass 2 where they fit
-        m_z = tl.full((), float("-inf"), tl.float32)
-        s_z = tl.zeros((), tl.float32)
-        a_z = tl.zeros((), tl.int64)
-        for v0 in range(0, V, BV):
-            b_z = tl.load(z_row + v0 + o, mask=v0 + o < V, other=float("-inf"), eviction_policy="evict_last")
-            b_z = b_z.to(tl.float32)
-            bm_z = tl.max(b_z, 0)
-            a_z = tl.where(bm_z > m_z, tl.argmax(b_z, 0, tie_break_left=True).to(tl.int64) + v0, a_z)
-            new_z = tl.maximum(m_z, bm_z)
-            s_z = s_z * tl.exp(m_z - new_z) + tl.sum(tl.exp(b_z - new_z), 0)
-            m_z = new_z
+        m_z, s_z, a_z = _online_row(z_row, V, BV, True, "evict_last")
         lse_z = m_z + tl.log(s_z)
         # pass 2: dz = w (softmax(z) - p), and sum p z for the loss
         u = tl.zeros((), tl.float32)
