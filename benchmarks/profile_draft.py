@@ -136,7 +136,7 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
 
 
 FAMILIES = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")), ("attention (cuDNN/flash)", ("sdpa", "flash", "fmha")),
-            ("soft-CE (ours)", ("soft_ce",)), ("TTT merge (ours)", ("merge", "ttt_")),
+            ("soft-CE, row statistics (ours)", ("soft_ce", "row_stats")), ("TTT merge (ours)", ("merge", "ttt_")),
             ("Inductor (compiled elementwise)", ("triton_",)), ("AdamW", ("multi_tensor", "adam")),
             ("copy/memset", ("Memcpy", "Memset", "copy_kernel", "CatArray")))
 

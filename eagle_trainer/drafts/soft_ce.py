@@ -97,8 +97,8 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                         m = valid[k, b, t0:t1].to(acc)
                         z = hc @ w.T  # [C, Vd]
                         rows_t = slice(t0 + 1 + k, t1 + 1 + k)
-                        dz, ce, hit = _soft_ce_rows(z, teacher[b, rows_t], m * scale,
-                                                    stats_t and (stats_t[0][b, rows_t], stats_t[1][b, rows_t]))
+                        chunk_stats = None if stats_t is None else (stats_t[0][b, rows_t], stats_t[1][b, rows_t])
+                        dz, ce, hit = _soft_ce_rows(z, teacher[b, rows_t], m * scale, chunk_stats)
                         ce_sum += (ce * m).sum()
                         hits += (hit * m).sum()
                         _accumulate(grad_w, dz, hc)  # hc's last read: dh may be written over it now
