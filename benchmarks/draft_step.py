@@ -20,8 +20,9 @@ teacher_outputs over the lm_head rows of the draft ids (TargetOutputs.teacher_lo
 Ours (eagle_trainer/train.py + trainer.py): registry.resolve(arch, "eagle3"); build_draft from the target's
 TargetInfo and DraftConfig(draft_vocab_size, ttt_steps=7, attention=--attention); fp32 master weights, the
 embedding copied in (fp32, frozen), the vocab map set; the loss `eagle3_loss` under bf16 autocast; torch AdamW
-(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; loss.item() each step, after
-backward is queued; draft.recompute on (--no-recompute: off).
+(OptimConfig: lr 1e-4, betas 0.9/0.95, fused), grad clip 0.5, the cosine schedule; the loss read each step (its host
+copy queued before backward, read after), the update skipped on the device where the gradient norm is not finite
+(trainer.guarded_step), that norm read one step later; draft.recompute on (--no-recompute: off).
 
 Peer (SpecForge 0.2.0, its own code, read from the wheel):
 - draft config: specforge/training/model_loading.py `_generate_draft_config` from the target config.json (the
@@ -51,7 +52,8 @@ Peer (SpecForge 0.2.0, its own code, read from the wheel):
 
 SpecForge imports with torch, transformers (with its huggingface_hub, safetensors) and triton alone; flash_attn is
 optional (a warning) and yunchang only for USP. On the device it is installed from .whl/ with
-`pip install --no-deps --target`. tokens/s = B*T / median step time (CUDA events around each step after warm-up).
+`pip install --no-deps --target`. tokens/s = B*T / median step time (after warm-up, steps run back to back
+as in a training loop, CUDA events recorded between them: `time_steps`).
 Peak memory: torch.cuda.max_memory_allocated over one step after warm-up, less what was allocated before that side
 was built, plus the shared inputs: shared inputs + the side's frozen embedding, params, grads, AdamW state
 (SpecForge: + fp32 masters) + activations and temporaries. (Counted from the build on: SpecForge's side leaves
@@ -70,6 +72,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import os
 import shutil
@@ -140,7 +143,7 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     from eagle_trainer.config import DraftConfig, OptimConfig
     from eagle_trainer.drafts import frozen_weights_to
     from eagle_trainer.targets.frozen import chunked_argmax, teacher_outputs
-    from eagle_trainer.trainer import cosine_schedule
+    from eagle_trainer.trainer import cosine_schedule, guarded_step
     from eagle_trainer.types import Batch, CapturedStates
 
     arch = hf_config.architectures[0]
@@ -157,9 +160,8 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=True)  # as the Trainer's, on the GPU and the CPU
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(optim, MAX_STEPS))
-    draft_head = inputs.lm_head[inputs.draft_ids]  # [Vd, H]: FrozenTarget.draft_head
     ones = torch.ones_like(inputs.input_ids, dtype=torch.bool)
     batch = Batch(inputs.input_ids, ones, ones)
     final = inputs.final
@@ -170,17 +172,24 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
         argmax_valid = inputs.t2d[chunked_argmax(final.reshape(-1, final.shape[-1]), inputs.lm_head)]
         states = CapturedStates(aux_hidden=inputs.aux, last_hidden=None, final_hidden=final,
                                 argmax_valid=argmax_valid.view(final.shape[:2]))
+        draft_head = inputs.lm_head[inputs.draft_ids]  # [Vd, H]: FrozenTarget.draft_head, gathered per batch
         outputs = teacher_outputs(states, draft_head, cfg.mask_teacher_argmax)
         with autocast:
             return spec.algorithm.loss(draft, batch, outputs, cfg, attention)
 
+    last_norm = []  # the previous update's gradient norm (device), read one step later as Trainer.fit reads it
+
     def step() -> SimpleNamespace:
         optimizer.zero_grad(set_to_none=True)
         out = forward()
+        out.start_host_copy()
         out.loss.backward()
-        loss = out.loss.item()  # after backward is queued, as Trainer.fit reads it
-        float(torch.nn.utils.clip_grad_norm_(draft.parameters(), optim.max_grad_norm))
-        optimizer.step()
+        loss = out.host_loss  # after backward is queued: waits for the forward pass, as Trainer.fit reads it
+        if last_norm:
+            float(last_norm.pop())
+        norm = torch.nn.utils.clip_grad_norm_(draft.parameters(), optim.max_grad_norm)
+        guarded_step(optimizer, norm)  # skipped on the device where the norm is not finite, as Trainer.fit steps
+        last_norm.append(norm)
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return SimpleNamespace(loss=loss, step_loss=out.step_loss, step_count=out.step_count)
@@ -252,21 +261,24 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(step, device: torch.device, iters: int) -> list[float]:
-    """Milliseconds of each of `iters` steps (CUDA events on the GPU)."""
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+    """Milliseconds of each of `iters` steps run back to back, as a training loop runs them: on the GPU, CUDA events
+    recorded between the steps and read after the last, so a step whose host work runs ahead of the GPU (ours reads
+    only the forward pass's loss in a step) is not made to wait at its end."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
             start = time.perf_counter()
             step()
             times.append((time.perf_counter() - start) * 1e3)
-    return times
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
+    sync(device)
+    events[0].record()
+    for i in range(iters):
+        step()
+        events[i + 1].record()
+    events[-1].synchronize()
+    return [a.elapsed_time(b) for a, b in itertools.pairwise(events)]
 
 
 def step_memory(step, device: torch.device) -> tuple[int, int]:

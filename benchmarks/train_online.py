@@ -12,7 +12,7 @@ Sides (the loaded model is rebound between them with the Qwen3-MoE entry's bind 
   `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton log-sum-exp merge);
 - peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`,
   `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does).
-Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss.item() and logging) is shared.
+Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss read and logging) is shared.
 
 Tokens/s: the median of the per-step windows after WARMUP_STEPS (each window spans data, the target's forward, the
 draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP counter (eagle_trainer/flops.py:

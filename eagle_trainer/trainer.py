@@ -39,6 +39,28 @@ def cosine_schedule(optim: OptimConfig, total_steps: int) -> Callable[[int], flo
     return factor
 
 
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `guarded_step` can skip this optimizer's update on the device: torch's fused Adam and AdamW read a
+    `found_inf` flag (as GradScaler sets it) and, where it is 1, leave the parameters, moments and step count as
+    they were."""
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> None:
+    """optimizer.step(), skipped where `grad_norm` is not finite: on the device for `skips_on_device` optimizers (no
+    host sync, so the host queues the update and the next batch while the GPU still runs backward), else by
+    reading the norm."""
+    if not skips_on_device(optimizer):
+        if math.isfinite(float(grad_norm)):
+            optimizer.step()
+        return
+    optimizer.found_inf = (~torch.isfinite(grad_norm)).to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 @dataclass
 class Summary:
     steps: int = 0
@@ -82,12 +104,14 @@ class Trainer:
         if self.autocast is not None:
             frozen_weights_to(draft, torch.bfloat16)
         params = [p for p in draft.parameters() if p.requires_grad]
+        # fused: one kernel per step on a GPU; it skips a non-finite update on the device (`guarded_step`)
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
-                                           weight_decay=optim.weight_decay, fused=device.type == "cuda")
+                                           weight_decay=optim.weight_decay, fused=device.type in ("cuda", "cpu"))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_schedule(optim, train.max_steps))
         # the loop's position: optimizer steps taken, and examples (all ranks) used of the current epoch
         self.step, self.epoch, self.examples_in_epoch = 0, 0, 0
         self.skipped_steps, self.nonfinite_in_a_row = 0, 0
+        self.last_grad_norm = float("nan")  # of the last update the host has read
         self.data_fingerprint = data_fingerprint
         # acceptance() -> {mode: report} by real speculative decoding (evaluate/acceptance.py); measured every
         # accept_every steps (0: with each checkpoint), at the start and at the end
@@ -205,6 +229,9 @@ class Trainer:
         paused_total = 0.0  # seconds of checkpoints and evals inside the loop
         accum = self.optim_cfg.grad_accum
         per_batch = self.optim_cfg.batch_size * self.world_size  # examples per micro-batch, all ranks
+        # an update `guarded_step` queued whose gradient norm the host has not read: (step, loss, norm). It is read
+        # one batch later, when that backward is long done, or where the host needs it (logs, saves, the end).
+        pending = None
         while self.step < cfg.max_steps and self.epoch < cfg.epochs:
             micro, finite = 0, True
             self.optimizer.zero_grad(set_to_none=True)  # an unfinished accumulation at an epoch's end is dropped
@@ -215,10 +242,14 @@ class Trainer:
                     total_flops, window_flops = total_flops + step, window_flops + step
                 batch = batch.to(self.device)
                 out = self._loss(batch)
-                # backward is queued before the loss is read, so the GPU runs forward into backward without a
-                # wait; a non-finite loss makes non-finite gradients, and the step is skipped below either way
+                # the loss and metrics are copied to the host before backward is queued and read after it: the read
+                # waits for the forward pass alone, and the GPU runs forward into backward without a wait. A
+                # non-finite loss makes non-finite gradients; the update is skipped below either way.
+                out.start_host_copy()
                 (out.loss / accum).backward()
-                loss = out.loss.item()
+                loss = out.host_loss
+                self._settle(pending)  # the last update: done before this forward pass
+                pending = None
                 finite = finite and math.isfinite(loss)
                 micro += 1
                 self.examples_in_epoch += per_batch
@@ -226,35 +257,43 @@ class Trainer:
                 window_tokens += n_tok
                 if micro % accum:
                     continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
-                grad_norm = float(grad_norm)
-                if finite and math.isfinite(grad_norm):
-                    self.optimizer.step()
-                    self.nonfinite_in_a_row = 0
+                norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
+                if finite and skips_on_device(self.optimizer):
+                    guarded_step(self.optimizer, norm)  # no host sync
+                    pending = (self.step + 1, loss, norm)
                 else:
-                    self._skip_step(loss, grad_norm)
+                    grad_norm = self.last_grad_norm = float(norm)
+                    if finite and math.isfinite(grad_norm):
+                        self.optimizer.step()
+                        self.nonfinite_in_a_row = 0
+                    else:
+                        self._skip_step(self.step + 1, loss, grad_norm)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step += 1
                 finite = True
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", acc0=f"{out.step_acc[0]:.2f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                logging = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+                saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
+                measuring = self.step < cfg.max_steps and (saving if self.accept_every == 0
+                                                           else self.step % self.accept_every == 0)
+                if logging or saving or measuring:  # they report or save the skipped-step count
+                    self._settle(pending)
+                    pending = None
+                if logging:
                     now = time.perf_counter()
                     rates = self._flop_rates(window_flops, now - window_start)
                     self.metrics.log({
                         "split": "train", "step": self.step, "epoch": self.epoch, "loss": loss,
                         "acc": out.step_acc, "step_loss": out.step_loss,
                         "sim_accept_len": simulated_acceptance(out.step_acc),
-                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                        "lr": self.scheduler.get_last_lr()[0], "grad_norm": self.last_grad_norm,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "skipped_steps": self.skipped_steps, **rates, **out.extra,
                     })
                     window_tokens, window_flops, window_start = 0, 0.0, now
                     summary.final_loss, summary.train_acc = loss, out.step_acc
-                saving = bool(cfg.save_every) and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
-                measuring = self.step < cfg.max_steps and (saving if self.accept_every == 0
-                                                           else self.step % self.accept_every == 0)
                 if saving or measuring:  # not training time: kept out of tokens/s
                     paused = time.perf_counter()
                     if saving:
@@ -271,6 +310,7 @@ class Trainer:
                     break
             else:
                 self.epoch, self.examples_in_epoch = self.epoch + 1, 0
+        self._settle(pending)
         bar.close()
         summary.wall_s = time.perf_counter() - start
         summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s - paused_total, 1e-9)
@@ -290,18 +330,30 @@ class Trainer:
         tflops = flops / max(seconds, 1e-9) / 1e12
         return {"tflops_per_s": tflops, **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
 
-    def _skip_step(self, loss: float, grad_norm: float) -> None:
-        """A NaN/inf loss or gradient: no update this step; too many in a row stop the run."""
+    def _settle(self, pending: tuple[int, float, torch.Tensor] | None) -> None:
+        """Read the gradient norm of an update `guarded_step` queued (waiting for it if need be) into
+        `last_grad_norm`, and count it: a skipped update is logged under its own step."""
+        if pending is None:
+            return
+        step, loss, norm = pending
+        self.last_grad_norm = float(norm)
+        if math.isfinite(self.last_grad_norm):
+            self.nonfinite_in_a_row = 0
+        else:
+            self._skip_step(step, loss, self.last_grad_norm)
+
+    def _skip_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """A NaN/inf loss or gradient: no update at `step`; too many in a row stop the run."""
         self.skipped_steps += 1
         self.nonfinite_in_a_row += 1
-        self.metrics.log({"split": "skip", "step": self.step + 1, "loss": loss, "grad_norm": grad_norm})
+        self.metrics.log({"split": "skip", "step": step, "loss": loss, "grad_norm": grad_norm})
         limit = self.train_cfg.max_nonfinite_steps
-        print(f"step {self.step + 1}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+        print(f"step {step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
               f"({self.nonfinite_in_a_row} in a row, stop at {limit})")
         if self.nonfinite_in_a_row >= limit:
             latest = latest_checkpoint(self.run_dir / "checkpoints")  # skipped steps never wrote NaN weights
             raise NonFiniteLossError(
-                f"stopped at step {self.step + 1}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                f"stopped at step {step}: {self.nonfinite_in_a_row} steps in a row had a non-finite loss or "
                 f"gradient (train.max_nonfinite_steps={limit}). Lower optim.lr or raise optim.warmup_steps, check the "
                 f"data for degenerate rows, then resume from the latest checkpoint "
                 f"({latest or 'none yet'}) with train.resume=latest")

@@ -5,6 +5,7 @@ in a fresh run directory, reusing the demo's target, data and tokenisation cache
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -175,3 +176,61 @@ def test_nan_losses_in_a_row_stop_with_a_clear_message(demo_run, tmp_path, monke
                                                  r"step_0000006.*train.resume=latest"):
         run(compose_cfg(demo_dir, tmp_path, **{"train.max_nonfinite_steps": 3}))
     assert json.loads((tmp_path / "checkpoints/step_0000003/trainer_state.json").read_text())["step"] == 3
+
+
+
+class _NaNGradient(torch.autograd.Function):
+    """0 in forward; a NaN gradient for its input in backward."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.shape = weight.shape
+        return weight.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_full(ctx.shape, float("nan"))
+
+
+def nan_grads_on(calls):
+    """Trainer._loss whose backward leaves a NaN gradient on one draft weight on the given (1-based) training calls,
+    the loss itself finite: the fused AdamW skips the update on the device (`guarded_step`), the host reads it
+    later."""
+    real = Trainer._loss
+    count = {"n": 0}
+
+    def loss(self, batch):
+        out = real(self, batch)
+        if self.draft.training:
+            count["n"] += 1
+            if count["n"] in calls:
+                out.loss = out.loss + _NaNGradient.apply(next(p for p in self.draft.parameters() if p.requires_grad))
+        return out
+    return loss
+
+
+def test_a_nan_gradient_is_skipped_on_the_device_and_counted_under_its_step(demo_run, tmp_path, monkeypatch):
+    demo_dir, _ = demo_run
+    monkeypatch.setattr(Trainer, "_loss", nan_grads_on({4}))
+    summary = run(compose_cfg(demo_dir, tmp_path, **{"train.max_steps": 5, "train.save_every": 1}))
+    assert summary.steps == 5 and summary.skipped_steps == 1
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    skips = [r for r in records if r["split"] == "skip"]
+    assert [r["step"] for r in skips] == [4] and math.isnan(skips[0]["grad_norm"])
+    assert all(math.isfinite(v) for v in train_losses(tmp_path).values())  # the loss stayed finite
+    weights = {s: load_file(str(tmp_path / f"checkpoints/step_{s:07d}/draft.safetensors")) for s in (3, 4, 5)}
+    for name, tensor in weights[3].items():
+        assert torch.equal(weights[4][name], tensor), name  # step 4 made no update, its moments none either
+    assert any(not torch.equal(weights[5][n], t) for n, t in weights[3].items())
+    assert all(torch.isfinite(t).all() for t in weights[5].values() if t.is_floating_point())
+
+
+def test_nan_gradients_in_a_row_stop_one_batch_later_naming_their_step(demo_run, tmp_path, monkeypatch):
+    # logs and saves are sparse here, so each skipped update is read one batch after it was queued
+    demo_dir, _ = demo_run
+    monkeypatch.setattr(Trainer, "_loss", nan_grads_on(set(range(5, 100))))
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 7: 3 steps in a row .*max_nonfinite_steps=3.*"
+                                                 r"step_0000006.*train.resume=latest"):
+        run(compose_cfg(demo_dir, tmp_path, **{"train.max_nonfinite_steps": 3, "train.log_every": 100}))
+    state = json.loads((tmp_path / "checkpoints/step_0000006/trainer_state.json").read_text())
+    assert state["step"] == 6 and state["skipped_steps"] == 2  # read before the save: steps 5 and 6

@@ -320,16 +320,46 @@ def _compiled(fn, device_type: str, recompute: bool = True):
 
 @dataclass
 class TTTLoss:
-    """A batch's TTT loss and per-step metrics. The metrics stay on the device until first read (one host copy
-    then): reading them waits for the forward pass, so the trainer reads them after queuing backward."""
+    """A batch's TTT loss and per-step metrics. They stay on the device until `start_host_copy` or a first read
+    (one host copy of all of them); the trainer queues the copy before backward and reads it after queuing backward,
+    so the read waits for the forward pass alone."""
 
     loss: torch.Tensor  # scalar, weighted over steps
     stats: torch.Tensor  # [K, 3 + len(extra_names)]: per step the loss, accuracy, valid count, then extra columns
     extra_names: tuple[str, ...] = ()  # further per-step metrics to log (e.g. EAGLE-1 feature_loss)
 
+    def start_host_copy(self) -> None:
+        """Queue the copy of the loss and the metrics to the host now, without waiting. Called before backward is
+        queued, a later read waits for the forward pass alone: a read (`.item()`) queued behind backward waits for
+        all of it, and the GPU then idles while the host queues the optimizer step and the next batch."""
+        self._copy  # noqa: B018 (the cached property queues the copy)
+
+    @functools.cached_property
+    def _copy(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        values = torch.cat([self.loss.detach().reshape(1).to(self.stats.dtype), self.stats.detach().flatten()])
+        if not values.is_cuda:
+            return values, None
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @functools.cached_property
+    def _values(self) -> list[float]:
+        host, done = self._copy
+        if done is not None:
+            done.synchronize()
+        return host.tolist()
+
+    @property
+    def host_loss(self) -> float:
+        """The loss as a float (from the copy `start_host_copy` queued, else queued now)."""
+        return self._values[0]
+
     @functools.cached_property
     def _host(self) -> list[list[float]]:
-        return self.stats.detach().T.tolist()
+        return torch.tensor(self._values[1:]).view(self.stats.shape).T.tolist()
 
     @property
     def step_loss(self) -> list[float]:

@@ -82,7 +82,7 @@ class FrozenTarget:
         self.aux_layer_ids = tuple(aux_layer_ids)
         head = model.get_submodule(spec.lm_head).weight
         self.lm_head_weight = head
-        self.draft_head = head[draft_ids.to(head.device)]  # [Vd, Ht]: lm_head rows of the draft ids
+        self.draft_ids = draft_ids.to(head.device)  # [Vd] target ids of the draft vocab
         self.t2d = t2d.to(head.device)
         self.mask_teacher_argmax = mask_teacher_argmax
         self.keep_last_hidden = keep_last_hidden
@@ -105,6 +105,12 @@ class FrozenTarget:
 
     def input_embedding(self) -> torch.Tensor:
         return self.model.get_submodule(self.spec.embed).weight
+
+    @property
+    def draft_head(self) -> torch.Tensor:
+        """The lm_head rows of the draft ids [Vd, Ht], gathered per call (about 0.1 ms on an H100 at Qwen3-30B-A3B
+        widths): held between batches, the copy (0.12 GiB there) would be alive at the draft step's peak."""
+        return self.lm_head_weight[self.draft_ids]
 
     def output_head(self) -> torch.Tensor:
         """The lm_head weight [V, Ht] (EAGLE-1 drafts decode with it)."""

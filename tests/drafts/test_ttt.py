@@ -417,3 +417,20 @@ def test_row_windows_sum_their_gradients_like_slices():
     torch.testing.assert_close(ours, want, rtol=0, atol=1e-12)
     with pytest.raises(RuntimeError, match="ran twice"):
         torch.autograd.grad(loss, x)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_copy_of_the_loss_and_metrics(device):
+    from eagle_trainer.drafts.ttt import TTTLoss
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    stats = torch.tensor([[1.5, 0.25, 7.0, 3.0], [2.5, 0.5, 6.0, 4.0]], device=device)
+    out = TTTLoss(torch.tensor(0.75, device=device), stats.clone(), extra_names=("feature_loss",))
+    out.start_host_copy()
+    out.stats.zero_()  # queued after the copy: what was copied is what the loss held then
+    out.loss.zero_()
+    assert out.host_loss == 0.75
+    assert out.step_loss == [1.5, 2.5] and out.step_acc == [0.25, 0.5] and out.step_count == [7, 6]
+    assert out.extra == {"feature_loss": [3.0, 4.0]}
+    late = TTTLoss(torch.tensor(1.25, device=device), stats)  # without start_host_copy: copied at the first read
+    assert late.step_loss == [1.5, 2.5] and late.host_loss == 1.25
