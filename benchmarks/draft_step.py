@@ -144,7 +144,7 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     from eagle_trainer.drafts import frozen_weights_to
     from eagle_trainer.targets.frozen import chunked_argmax, teacher_outputs
     from eagle_trainer.trainer import cosine_schedule, guarded_step
-    from eagle_trainer.types import Batch, CapturedStates
+    from eagle_trainer.types import Batch, CapturedStates, HostCopy
 
     arch = hf_config.architectures[0]
     spec = registry.resolve(arch, "eagle3")
@@ -172,8 +172,8 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
         argmax_valid = inputs.t2d[chunked_argmax(final.reshape(-1, final.shape[-1]), inputs.lm_head)]
         states = CapturedStates(aux_hidden=inputs.aux, last_hidden=None, final_hidden=final,
                                 argmax_valid=argmax_valid.view(final.shape[:2]))
-        draft_head = inputs.lm_head[inputs.draft_ids]  # [Vd, H]: FrozenTarget.draft_head, gathered per batch
-        outputs = teacher_outputs(states, draft_head, cfg.mask_teacher_argmax)
+        # FrozenTarget.draft_head: the lm_head rows of the draft ids [Vd, H], gathered per batch and freed here
+        outputs = teacher_outputs(states, inputs.lm_head[inputs.draft_ids], cfg.mask_teacher_argmax)
         with autocast:
             return spec.algorithm.loss(draft, batch, outputs, cfg, attention)
 
@@ -186,10 +186,10 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
         out.loss.backward()
         loss = out.host_loss  # after backward is queued: waits for the forward pass, as Trainer.fit reads it
         if last_norm:
-            float(last_norm.pop())
+            float(last_norm.pop().tolist())
         norm = torch.nn.utils.clip_grad_norm_(draft.parameters(), optim.max_grad_norm)
         guarded_step(optimizer, norm)  # skipped on the device where the norm is not finite, as Trainer.fit steps
-        last_norm.append(norm)
+        last_norm.append(HostCopy(norm))
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         return SimpleNamespace(loss=loss, step_loss=out.step_loss, step_count=out.step_count)

@@ -6,7 +6,7 @@ allocations on), then one step's device time by kernel family and the profiler's
 also what is alive at the step's peak: the CUDA caching allocator's history of one step is replayed to the moment
 of most memory allocated, and the blocks alive then are summed by the source line that allocated them (the
 innermost frame in eagle_trainer/ or benchmarks/; backward's allocations carry no Python frame). With --gaps, where
-the GPU waits on the host in one step: the idle stretches between kernels, largest first, each with the kernel after
+the GPU waits on the host in the second of two steps run back to back: the idle stretches between kernels, largest first, each with the kernel after
 it, the host call that launched that kernel late, and the synchronising calls made while the GPU waited.
 """
 
@@ -81,18 +81,27 @@ SYNCS = ("Synchronize", "cudaMemcpy", "cuMemcpy", "cudaFree", "cudaMalloc")
 
 
 def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
-    """One step under the profiler (CPU ops with Python frames, CUDA kernels); the GPU's idle stretches."""
+    """Two steps back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training loop runs
+    them; the GPU's idle stretches within the second (the kernels its host calls launched)."""
     with tempfile.TemporaryDirectory() as tmp:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
                      record_shapes=True) as prof:
             step()
+            with torch.profiler.record_function("second step"):
+                step()
             torch.cuda.synchronize()
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
-    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS), key=lambda e: e["ts"])
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    second = next(e for e in events if e["name"] == "second step" and e.get("cat") != "gpu_user_annotation")
+    lo, hi = second["ts"], second["ts"] + second["dur"]
+
+    def in_second(e):
+        launch = launches.get(e.get("args", {}).get("correlation"))
+        return launch is not None and lo <= launch["ts"] <= hi
+    gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and in_second(e)), key=lambda e: e["ts"])
     host = [e for e in events if e.get("cat") in ("cpu_op", "python_function")]
     syncs = [e for e in events
              if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]

@@ -23,7 +23,7 @@ from eagle_trainer.drafts import frozen_weights_to
 from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
 from eagle_trainer.registry import DraftSpec
-from eagle_trainer.types import Batch
+from eagle_trainer.types import Batch, HostCopy
 
 
 def cosine_schedule(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -260,7 +260,7 @@ class Trainer:
                 norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
                 if finite and skips_on_device(self.optimizer):
                     guarded_step(self.optimizer, norm)  # no host sync
-                    pending = (self.step + 1, loss, norm)
+                    pending = (self.step + 1, loss, HostCopy(norm))  # read later without draining the stream
                 else:
                     grad_norm = self.last_grad_norm = float(norm)
                     if finite and math.isfinite(grad_norm):
@@ -330,13 +330,13 @@ class Trainer:
         tflops = flops / max(seconds, 1e-9) / 1e12
         return {"tflops_per_s": tflops, **({"mfu": tflops / self.peak_tflops} if self.peak_tflops else {})}
 
-    def _settle(self, pending: tuple[int, float, torch.Tensor] | None) -> None:
+    def _settle(self, pending: tuple[int, float, HostCopy] | None) -> None:
         """Read the gradient norm of an update `guarded_step` queued (waiting for it if need be) into
         `last_grad_norm`, and count it: a skipped update is logged under its own step."""
         if pending is None:
             return
         step, loss, norm = pending
-        self.last_grad_norm = float(norm)
+        self.last_grad_norm = float(norm.tolist())
         if math.isfinite(self.last_grad_norm):
             self.nonfinite_in_a_row = 0
         else:

@@ -11,6 +11,29 @@ from dataclasses import dataclass, field
 import torch
 
 
+class HostCopy:
+    """A tensor's values on their way to the host: the copy is queued at construction (pinned memory, no wait) and
+    `tolist()` waits for that copy alone. `.item()` and `.tolist()` on a GPU tensor wait for everything queued on the
+    stream so far: read after backward is queued, for all of backward, while the host could be queuing the next
+    update."""
+
+    def __init__(self, x: torch.Tensor):
+        x = x.detach()
+        self._done = None
+        if x.is_cuda:
+            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self._host.copy_(x, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = x.clone()
+
+    def tolist(self):
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
+
+
 @dataclass
 class Batch:
     """Tokenised conversations: right-padded rows [B, T], or (data.pack) all of them packed into one row [1, N].

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from eagle_trainer.drafts.eagle3 import Eagle3Draft
 from eagle_trainer.drafts.layers import rms_norm, rotary_cos_sin, rotate
 from eagle_trainer.kernels.ttt_attention import DiagonalStore, step0_kernel, ttt_attention
+from eagle_trainer.types import HostCopy
 
 
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
@@ -335,22 +336,12 @@ class TTTLoss:
         self._copy  # noqa: B018 (the cached property queues the copy)
 
     @functools.cached_property
-    def _copy(self) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        values = torch.cat([self.loss.detach().reshape(1).to(self.stats.dtype), self.stats.detach().flatten()])
-        if not values.is_cuda:
-            return values, None
-        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-        host.copy_(values, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return host, done
+    def _copy(self) -> HostCopy:
+        return HostCopy(torch.cat([self.loss.detach().reshape(1).to(self.stats.dtype), self.stats.detach().flatten()]))
 
     @functools.cached_property
     def _values(self) -> list[float]:
-        host, done = self._copy
-        if done is not None:
-            done.synchronize()
-        return host.tolist()
+        return self._copy.tolist()
 
     @property
     def host_loss(self) -> float:
