@@ -138,8 +138,8 @@ def test_resume_from_an_explicit_path_and_bad_paths(demo_run, straight_run, tmp_
                                                          "train.resume": straight_run / "checkpoints/step_0000006"}))
 
 
-def nan_on(calls):
-    """Trainer._loss that returns a NaN loss on the given (1-based) training calls."""
+def poisoned_loss(calls, poison):
+    """Trainer._loss with `poison(trainer, loss)` applied on the given (1-based) training calls."""
     real = Trainer._loss
     count = {"n": 0}
 
@@ -148,25 +148,38 @@ def nan_on(calls):
         if self.draft.training:
             count["n"] += 1
             if count["n"] in calls:
-                out.loss = out.loss * float("nan")
+                out.loss = poison(self, out.loss)
         return out
     return loss
 
 
-def test_a_nan_loss_skips_the_update_and_training_goes_on(demo_run, tmp_path, monkeypatch):
+def nan_on(calls):
+    """Trainer._loss that returns a NaN loss on the given (1-based) training calls."""
+    return poisoned_loss(calls, lambda trainer, loss: loss * float("nan"))
+
+
+def assert_no_update_at(run_dir, step):
+    """Checkpoints step - 1, step, step + 1: `step` changed no weight, the next one did, all finite."""
+    weights = {s: load_file(str(run_dir / f"checkpoints/step_{s:07d}/draft.safetensors")) for s in (step - 1, step,
+                                                                                                    step + 1)}
+    for name, tensor in weights[step - 1].items():
+        assert torch.equal(weights[step][name], tensor), name
+    assert any(not torch.equal(weights[step + 1][n], t) for n, t in weights[step - 1].items())
+    assert all(torch.isfinite(t).all() for t in weights[step + 1].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_nan_loss_or_gradient_skips_the_update_and_training_goes_on(demo_run, tmp_path, monkeypatch, what):
+    # a NaN gradient under a finite loss is skipped on the device by the fused AdamW (`guarded_step`)
     demo_dir, _ = demo_run
-    monkeypatch.setattr(Trainer, "_loss", nan_on({4}))
+    monkeypatch.setattr(Trainer, "_loss", (nan_on if what == "loss" else nan_grads_on)({4}))
     summary = run(compose_cfg(demo_dir, tmp_path, **{"train.max_steps": 5, "train.save_every": 1}))
     assert summary.steps == 5 and summary.skipped_steps == 1
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if r["split"] == "skip"] == [4]
-    weights = {s: load_file(str(tmp_path / f"checkpoints/step_{s:07d}/draft.safetensors")) for s in (3, 4, 5)}
-    for name, tensor in weights[3].items():
-        assert torch.equal(weights[4][name], tensor), name  # step 4 made no update
-    assert any(not torch.equal(weights[5][n], t) for n, t in weights[3].items())  # step 5 did
-    assert all(torch.isfinite(t).all() for t in weights[5].values() if t.is_floating_point())
-    losses = train_losses(tmp_path)
-    assert losses[4] != losses[4] and all(v == v for s, v in losses.items() if s != 4)  # NaN only where injected
+    skips = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "skip"]
+    assert [r["step"] for r in skips] == [4] and math.isnan(skips[0]["grad_norm"])
+    assert_no_update_at(tmp_path, 4)
+    nan_steps = {s for s, v in train_losses(tmp_path).items() if math.isnan(v)}
+    assert nan_steps == ({4} if what == "loss" else set())  # NaN only where injected
 
 
 def test_nan_losses_in_a_row_stop_with_a_clear_message(demo_run, tmp_path, monkeypatch):
@@ -196,33 +209,9 @@ def nan_grads_on(calls):
     """Trainer._loss whose backward leaves a NaN gradient on one draft weight on the given (1-based) training calls,
     the loss itself finite: the fused AdamW skips the update on the device (`guarded_step`), the host reads it
     later."""
-    real = Trainer._loss
-    count = {"n": 0}
-
-    def loss(self, batch):
-        out = real(self, batch)
-        if self.draft.training:
-            count["n"] += 1
-            if count["n"] in calls:
-                out.loss = out.loss + _NaNGradient.apply(next(p for p in self.draft.parameters() if p.requires_grad))
-        return out
-    return loss
-
-
-def test_a_nan_gradient_is_skipped_on_the_device_and_counted_under_its_step(demo_run, tmp_path, monkeypatch):
-    demo_dir, _ = demo_run
-    monkeypatch.setattr(Trainer, "_loss", nan_grads_on({4}))
-    summary = run(compose_cfg(demo_dir, tmp_path, **{"train.max_steps": 5, "train.save_every": 1}))
-    assert summary.steps == 5 and summary.skipped_steps == 1
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    skips = [r for r in records if r["split"] == "skip"]
-    assert [r["step"] for r in skips] == [4] and math.isnan(skips[0]["grad_norm"])
-    assert all(math.isfinite(v) for v in train_losses(tmp_path).values())  # the loss stayed finite
-    weights = {s: load_file(str(tmp_path / f"checkpoints/step_{s:07d}/draft.safetensors")) for s in (3, 4, 5)}
-    for name, tensor in weights[3].items():
-        assert torch.equal(weights[4][name], tensor), name  # step 4 made no update, its moments none either
-    assert any(not torch.equal(weights[5][n], t) for n, t in weights[3].items())
-    assert all(torch.isfinite(t).all() for t in weights[5].values() if t.is_floating_point())
+    def poison(trainer, loss):
+        return loss + _NaNGradient.apply(next(p for p in trainer.draft.parameters() if p.requires_grad))
+    return poisoned_loss(calls, poison)
 
 
 def test_nan_gradients_in_a_row_stop_one_batch_later_naming_their_step(demo_run, tmp_path, monkeypatch):
