@@ -350,7 +350,7 @@ class TTTLoss:
 
     @functools.cached_property
     def _host(self) -> list[list[float]]:
-        return torch.tensor(self._values[1:]).view(self.stats.shape).T.tolist()
+        return torch.tensor(self._values[1:], dtype=torch.float64).view(self.stats.shape).T.tolist()  # exact floats
 
     @property
     def step_loss(self) -> list[float]:
