@@ -2,12 +2,13 @@
 
     python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30] [--snapshot] [--gaps] [--no-recompute]
 Per T: memory after the forward pass and the peaks of forward and backward (GiB, from this step's own
-allocations on), then one step's device time by kernel family and the profiler's kernel table of one step (fwd + bwd + AdamW) by device time. With --snapshot,
-also what is alive at the step's peak: the CUDA caching allocator's history of one step is replayed to the moment
-of most memory allocated, and the blocks alive then are summed by the source line that allocated them (the
-innermost frame in eagle_trainer/ or benchmarks/; backward's allocations carry no Python frame). With --gaps, where
-the GPU waits on the host in the second of two steps run back to back: the idle stretches between kernels, largest first, each with the kernel after
-it, the host call that launched that kernel late, and the synchronising calls made while the GPU waited.
+allocations on), then one step's device time by kernel family and the profiler's kernel table of one step
+(fwd + bwd + AdamW) by device time. With --snapshot, also what is alive at the step's peak: the CUDA caching
+allocator's history of one step is replayed to the moment of most memory allocated, and the blocks alive then are
+summed by the source line that allocated them (the innermost frame in eagle_trainer/ or benchmarks/; backward's
+allocations carry no Python frame). With --gaps, where the GPU waits on the host in the second of two steps run
+back to back: the idle stretches between kernels, largest first, each with the kernel after it, the host call
+that launched that kernel late, and the synchronising calls made while the GPU waited.
 """
 
 from __future__ import annotations
