@@ -154,6 +154,21 @@ class DemoConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run under torchrun spreads over its ranks (parallel/). One process: all of it is a no-op."""
+
+    # the frozen target: fsdp (each decoder block sharded over all ranks, gathered for its forward and freed
+    # after) or replicate (every rank holds the whole target; for targets that fit one GPU twice over)
+    target: str = "fsdp"
+    # expert parallelism: routed experts split over groups of `ep` ranks, tokens sent to their experts and back
+    # (all-to-all); 1: none (experts are sharded with their block); 0: every rank (ep = world size).
+    # ep must divide the world size and the expert count
+    ep: int = 1
+    forward_prefetch: bool = True  # gather the next block's weights while this one computes
+    backend: str = "auto"  # process-group backend: auto (nccl on GPUs, gloo on the CPU) | nccl | gloo
+
+
+@dataclass
 class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
@@ -162,4 +177,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     accept: AcceptConfig = field(default_factory=AcceptConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)

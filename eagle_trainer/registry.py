@@ -86,7 +86,9 @@ class AlgorithmSpec:
 
     name: str
     build_draft: Callable[..., nn.Module]  # (target_info, draft_config, aux_layer_ids) -> draft module
-    loss: Callable[..., Any]  # (draft, batch, target_outputs, draft_config, attention) -> TTTLoss-like
+    # (draft, batch, target_outputs, draft_config, attention, global_counts=None) -> TTTLoss-like; global_counts
+    # (drafts/ttt.py GlobalCounts) gives the per-step token counts the losses are normalised by under data parallelism
+    loss: Callable[..., Any]
     needs_aux_hidden: bool = True
     needs_last_hidden: bool = False
     needs_target_head: bool = False  # the draft decodes with the target's lm_head [V, H] (EAGLE-1/2)

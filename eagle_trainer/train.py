@@ -3,6 +3,13 @@
     eagle-train                                                   # the demo (recipes/config.yaml)
     torchrun --nproc-per-node 1 -m eagle_trainer.train +experiment=qwen3_8b_eagle3 \
         target.path=/models/Qwen3-8B data.path=chat.jsonl
+    torchrun --nproc-per-node 8 -m eagle_trainer.train +experiment=qwen3_30b_a3b_eagle3 parallel=fsdp_ep \
+        target.path=/models/Qwen3-30B-A3B data.path=chat.jsonl
+
+Under torchrun every rank composes the same recipe. Rank 0 tokenises the data and builds the vocab map first
+(the others then read its cache), writes every file of the run, and prints to the console; each rank also logs to
+<run_dir>/logs/rank_N.log. A multi-rank target is built on the meta device, sharded (parallel/) and filled from
+the safetensors files shard by shard (targets/sharded.py).
 
 The only module that sees hydra/OmegaConf objects: it turns the composed recipe into `config.Config`
 and wires target, data, draft, trainer and export together.
@@ -10,8 +17,11 @@ and wires target, data, draft, trainer and export together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eagle_trainer import registry
 from eagle_trainer.checkpoint import check_checkpoint, latest_checkpoint
-from eagle_trainer.config import AcceptConfig, Config
+from eagle_trainer.config import AcceptConfig, Config, TargetConfig
 from eagle_trainer.data import batches, build_dataset, build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
 from eagle_trainer.data.offline import VOCAB_FILE, OfflineStore, expected_manifest
 from eagle_trainer.data.regenerate import stop_token_ids
@@ -32,8 +42,10 @@ from eagle_trainer.evaluate.acceptance import measure_acceptance, prompts_from_d
 from eagle_trainer.evaluate.speculative import DecodeConfig
 from eagle_trainer.export import WRITERS
 from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops
+from eagle_trainer.parallel import ParallelDims, check_experts, init_parallel, parallelize_target, whole
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.targets.loading import load_target, load_tokenizer, resolve_dtype, target_info
+from eagle_trainer.targets.loading import load_target, load_tokenizer, read_config, resolve_dtype, target_info
+from eagle_trainer.targets.sharded import build_on_meta, fill_from_safetensors, materialize, peak_rss_gib
 from eagle_trainer.targets.offline import OfflineTarget
 from eagle_trainer.trainer import Summary, Trainer
 
@@ -152,20 +164,102 @@ def resume_path(resume: str, run_dir: Path) -> Path | None:
     return check_checkpoint(resume)
 
 
+def load_sharded_target(cfg: TargetConfig, device: torch.device, dims: ParallelDims, progress: bool = False):
+    """load_target for a target sharded over ranks: built on the meta device, sharded as `dims` says, then each
+    rank's shards read from the safetensors files. -> (model, tokenizer, spec, info, report)."""
+    start = time.perf_counter()
+    path, arch, hf_config = read_config(cfg)
+    spec = registry.target_spec(arch)
+    info = spec.read_info(arch, hf_config)
+    check_experts(dims.ep, info.num_experts)
+    tokenizer = load_tokenizer(cfg, info)
+    model = build_on_meta(hf_config, resolve_dtype(cfg.dtype, device), cfg.attn_implementation, cfg.trust_remote_code)
+    parallelize_target(model, spec, dims)
+    materialize(model, device)
+    fill_from_safetensors(model, path, progress=progress)
+    if spec.bind_kernels is not None:
+        spec.bind_kernels(model, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())
+    report = {"load_s": time.perf_counter() - start, "held_gib": held / 2**30, "peak_rss_gib": peak_rss_gib()}
+    print(f"target: rank {dims.rank} of {dims.world_size} holds {report['held_gib']:.2f} GiB of weights "
+          f"(ep={dims.ep}); loaded in {report['load_s']:.1f} s, peak host RSS {report['peak_rss_gib']:.2f} GiB")
+    return model, tokenizer, spec, info, report
+
+
+@contextlib.contextmanager
+def rank_logs(run_dir: Path, dims: ParallelDims):
+    """Each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console. One process: no files."""
+    if not dims.distributed:
+        yield
+        return
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "logs" / f"rank_{dims.rank}.log", "a", buffering=1) as log:
+        streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (_Tee(log, *(streams[:1] if dims.rank == 0 else ())),
+                                  _Tee(log, *(streams[1:] if dims.rank == 0 else ())))
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = streams
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def rank_zero_first(dims: ParallelDims, fn: Callable):
+    """fn() on rank 0, then on the other ranks (which then find what rank 0 cached: tokenised data, vocab map)."""
+    if dims.rank == 0:
+        out = fn()
+    if dims.distributed:
+        torch.distributed.barrier()
+    if dims.rank != 0:
+        out = fn()
+    return out
+
+
 def run(cfg: Config) -> Summary:
     device = pick_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+    dims = init_parallel(cfg.parallel, device)
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with rank_logs(run_dir, dims):
+            return _run(cfg, device, dims, run_dir)
+    finally:
+        if dims.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _run(cfg: Config, device: torch.device, dims: ParallelDims, run_dir: Path) -> Summary:
+    torch.manual_seed(cfg.train.seed)
     if cfg.demo.enabled:
         from eagle_trainer.demo import prepare_demo
-        cfg = prepare_demo(cfg, device)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        cfg = rank_zero_first(dims, lambda: prepare_demo(cfg, device))
+    if dims.rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
 
     offline = cfg.data.offline_path is not None
     if offline:  # no model: the dump holds the target's states; embedding and lm_head rows come from its files
         target_spec, info = target_info(cfg.target)
         model, tokenizer = None, load_tokenizer(cfg.target, info)
+    elif dims.distributed and dims.target == "fsdp":
+        model, tokenizer, target_spec, info, _ = load_sharded_target(cfg.target, device, dims, cfg.train.progress)
     else:
         model, tokenizer, target_spec, info = load_target(cfg.target, device)
     spec = registry.resolve(info.architecture, cfg.draft.algorithm)
@@ -174,33 +268,39 @@ def run(cfg: Config) -> Summary:
         aux_ids = tuple(cfg.target.aux_layer_ids or target_spec.aux_layers(info.num_layers))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     multiple = 128 if pick_attention(cfg.draft.attention, device) == "flex" else 1
-    data = (offline_data if offline else online_data)(cfg, spec, info, aux_ids, tokenizer, model, target_spec, device)
+    data = rank_zero_first(dims, lambda: (offline_data if offline else online_data)(
+        cfg, spec, info, aux_ids, tokenizer, model, target_spec, device))
     stats, d2t, t2d, target = data.stats, data.d2t, data.t2d, data.target
     print(f"data: {stats['num_examples']} conversations, {stats['num_tokens']} tokens "
           f"({stats['num_loss_tokens']} trained), skipped {stats['skipped']}, truncated {stats['truncated']}, "
           f"dropped {stats['dropped']}" + (f"; offline from {cfg.data.offline_path}" if offline else ""))
-    left = len(data.train) % cfg.optim.batch_size
+    global_batch = cfg.optim.batch_size * dims.world_size
+    left = len(data.train) % global_batch
     if left:
         print(f"data: each epoch leaves {left} of {len(data.train)} examples out (they do not fill a batch of "
-              f"{cfg.optim.batch_size}){'; a different ' + str(left) + ' each epoch (shuffled)' if cfg.data.shuffle else ''}")
+              f"{cfg.optim.batch_size} x {dims.world_size} ranks)"
+              f"{'; a different ' + str(left) + ' each epoch (shuffled)' if cfg.data.shuffle else ''}")
 
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     draft.to(device)
     # the draft holds the target's embedding tensor itself where it can (one [V, H] on the GPU, not two), else a
     # copy made in place (copy_ casts: no host round trip); EAGLE-1 also reads the target's lm_head
-    lm_head = target.output_head() if spec.algorithm.needs_target_head else None
-    draft.set_target_weights(target.input_embedding(), lm_head, share=True)
+    lm_head = whole(target.output_head()) if spec.algorithm.needs_target_head else None
+    draft.set_target_weights(whole(target.input_embedding()), lm_head, share=True)
     draft.set_vocab_map(d2t, t2d)
 
     def train_batches(epoch: int, start: int):
         for batch in data.batches(data.train, cfg.optim.batch_size, seed=cfg.train.seed, epoch=epoch,
-                                  shuffle=cfg.data.shuffle, pad_id=pad_id, start=start, pack=cfg.data.pack):
+                                  shuffle=cfg.data.shuffle, pad_id=pad_id, start=start, pack=cfg.data.pack,
+                                  rank=dims.rank, world_size=dims.world_size):
             yield batch.pad_to_multiple(multiple, pad_id)
 
     eval_batches = []
     if data.eval is not None:
+        # each rank its own part of every eval batch (the same number of them on every rank: their forwards are
+        # collective under FSDP)
         for batch in data.batches(data.eval, cfg.optim.batch_size, seed=0, epoch=0, shuffle=False, pad_id=pad_id,
-                                  pack=cfg.data.pack):
+                                  pack=cfg.data.pack, rank=dims.rank, world_size=dims.world_size):
             if len(eval_batches) == cfg.train.eval_batches:
                 break
             eval_batches.append(batch.pad_to_multiple(multiple, pad_id))
@@ -208,18 +308,24 @@ def run(cfg: Config) -> Summary:
     if offline and cfg.accept.enabled:
         print("accept: real acceptance needs the target model, which offline training does not load; measure the "
               "exported draft with `eagle-eval` (accept.enabled=false silences this)")
-    acceptance = None if offline else build_acceptance(
+    if dims.distributed and cfg.accept.enabled:
+        # the ranks' decoding loops would run different numbers of (collective) target forwards
+        print("accept: real acceptance is not measured in the loop of a multi-rank run; measure the exported draft "
+              "with `eagle-eval` (accept.enabled=false silences this)")
+    acceptance = None if offline or dims.distributed else build_acceptance(
         cfg.accept, model, draft, tokenizer, data.eval, progress=cfg.train.progress,
         verify="tree" if target_spec.tree_verify else "walk")
     target_flops = None if offline else TargetFlops.from_hf_config(model.config)  # offline: no target forward
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
-                      acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
+                      parallel=dims, acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,
                       data_fingerprint=stats["fingerprint"], resume_from=resume_path(cfg.train.resume, run_dir),
                       run_config=asdict(cfg),
                       flops=lambda lengths: step_flops(target_flops, draft.config, lengths, cfg.draft.ttt_steps,
                                                        cfg.draft.mask_teacher_argmax),
                       peak_tflops=peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     summary = trainer.fit()
+    if dims.rank != 0:
+        return summary
     for fmt in cfg.train.export_formats:
         if fmt not in WRITERS:
             raise ValueError(f"train.export_formats has {fmt!r}; known formats: {sorted(WRITERS)}")
@@ -266,7 +372,8 @@ def format_summary(s: Summary, run_dir: Path, data_stats: dict | None = None) ->
            f"{s.accept_before.get(mode, float('nan')):.3f} / {tau:.3f}") for mode, tau in s.accept_after.items()],
         *([("best checkpoint (real accept len)", f"step {s.best['step']}: {s.best['accept_len']:.3f} "
             f"({s.best['mode']})")] if s.best else []),
-        ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}"),
+        ("tokens/s (target+draft)", f"{s.tokens_per_s:.0f}" + (
+            f" ({s.tokens_per_s / s.world_size:.0f} per rank, {s.world_size} ranks)" if s.world_size > 1 else "")),
         *([("TFLOP/s (target fwd + draft fwd/bwd)", f"{s.flop_rates['tflops_per_s']:.2f}"
             + (f", MFU {s.flop_rates['mfu']:.1%}" if "mfu" in s.flop_rates else ""))] if s.flop_rates else []),
         *([("data: bad lines skipped / truncated / dropped", " / ".join([

@@ -3,10 +3,17 @@
 The loop knows nothing of a concrete target or draft: the target gives TargetOutputs, the registry's
 algorithm entry gives the loss. Draft weights stay fp32 (master weights); on the GPU the draft runs under
 bf16 autocast. Only rank 0 writes files.
+
+Under data parallelism (parallel.ParallelDims over several ranks) each rank runs its part of every global batch
+through the draft under DDP. The step losses are normalised by the valid tokens of all ranks (`GlobalCounts`), so
+the ranks' losses add up to the global batch's and the summed gradients are the global batch's; the backward is
+scaled by the world size because DDP averages. Logged metrics are summed over ranks before the host reads them,
+so every rank sees the same loss and takes the same skip decisions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -22,6 +29,7 @@ from eagle_trainer.config import DraftConfig, LogConfig, OptimConfig, TrainConfi
 from eagle_trainer.drafts import frozen_weights_to
 from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
+from eagle_trainer.parallel import ParallelDims, all_ranks_sum, replicate
 from eagle_trainer.registry import DraftSpec
 from eagle_trainer.types import Batch, HostCopy
 
@@ -68,7 +76,8 @@ class Summary:
     train_acc: list[float] = field(default_factory=list)
     eval_before: dict = field(default_factory=dict)
     eval_after: dict = field(default_factory=dict)
-    tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # all ranks' tokens
+    world_size: int = 1
     wall_s: float = 0.0
     checkpoint: str = ""
     accept_before: dict = field(default_factory=dict)  # mode -> real acceptance length
@@ -78,6 +87,20 @@ class Summary:
     flop_rates: dict = field(default_factory=dict)  # {"tflops_per_s", "mfu"} over the training time
 
 
+class DraftLoss(torch.nn.Module):
+    """The draft and its algorithm's loss as one module: what DDP wraps (its forward must be the draft's whole
+    use in a step for DDP to reduce the gradients)."""
+
+    def __init__(self, draft: torch.nn.Module, loss: Callable, draft_cfg: DraftConfig, attention: str,
+                 global_counts: Callable | None):
+        super().__init__()
+        self.draft, self.loss = draft, loss
+        self.draft_cfg, self.attention, self.global_counts = draft_cfg, attention, global_counts
+
+    def forward(self, batch: Batch, outputs):
+        return self.loss(self.draft, batch, outputs, self.draft_cfg, self.attention, global_counts=self.global_counts)
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a NaN/inf loss or gradient (train.max_nonfinite_steps)."""
 
@@ -85,24 +108,29 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     def __init__(self, spec: DraftSpec, target, draft: torch.nn.Module, draft_cfg: DraftConfig, optim: OptimConfig,
                  train: TrainConfig, train_batches: Callable[[int, int], Iterable[Batch]], eval_batches: list[Batch],
-                 device: torch.device, rank: int = 0, world_size: int = 1, acceptance: Callable[[], dict] | None = None,
+                 device: torch.device, parallel: ParallelDims | None = None, acceptance: Callable[[], dict] | None = None,
                  accept_every: int = 0, log: LogConfig | None = None, data_fingerprint: str = "",
                  resume_from: str | Path | None = None, run_config: dict | None = None,
                  flops: Callable[[list[int]], float] | None = None, peak_tflops: float | None = None):
         """`train_batches(epoch, start)` yields this rank's batches of one epoch from batch `start` on (padded
         or packed: tokens/s and FLOPs count real tokens, per document).
         `flops(lengths)`: FLOPs of a training step over sequences of those lengths (flops.step_flops), logged as
-        TFLOP/s, and as MFU against `peak_tflops` (the device's bf16 dense peak) when that is known."""
+        TFLOP/s, and as MFU against `peak_tflops` (the device's bf16 dense peak) when that is known.
+        `parallel`: the ranks of a data-parallel run (None: one process)."""
         self.spec, self.target, self.draft = spec, target, draft
         self.draft_cfg, self.optim_cfg, self.train_cfg = draft_cfg, optim, train
         self.train_batches, self.eval_batches = train_batches, eval_batches
-        self.device, self.rank, self.world_size = device, rank, world_size
+        self.parallel = parallel or ParallelDims()
+        self.device, self.rank, self.world_size = device, self.parallel.rank, self.parallel.world_size
         self.flops, self.peak_tflops = flops, peak_tflops
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         if self.autocast is not None:
             frozen_weights_to(draft, torch.bfloat16)
+        global_counts = (lambda c: all_ranks_sum(c, self.parallel)) if self.parallel.distributed else None
+        self.step_loss = DraftLoss(draft, spec.algorithm.loss, draft_cfg, self.attention, global_counts)
+        self.replicated = replicate(self.step_loss, self.parallel, device)  # DDP over the ranks (itself on one)
         params = [p for p in draft.parameters() if p.requires_grad]
         # fused: one kernel per step on a GPU; it skips a non-finite update on the device (`guarded_step`)
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
@@ -120,15 +148,18 @@ class Trainer:
         self.resumed_from: Path | None = None
         if resume_from is not None:
             self.resume(resume_from)
-        self.metrics = MetricsLogger(self.run_dir, enabled=rank == 0, log=log,
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.rank == 0, log=log,
                                      resume_step=self.step if self.resumed_from else None, run_config=run_config)
 
-    def _loss(self, batch: Batch):
+    def _loss(self, batch: Batch, train: bool = False):
+        """The batch's loss (through DDP when `train`); its metrics summed over ranks when they are read."""
         outputs = self.target.forward(batch)
-        if self.autocast is None:
-            return self.spec.algorithm.loss(self.draft, batch, outputs, self.draft_cfg, self.attention)
-        with self.autocast:
-            return self.spec.algorithm.loss(self.draft, batch, outputs, self.draft_cfg, self.attention)
+        module = self.replicated if train else self.step_loss
+        with self.autocast or contextlib.nullcontext():
+            out = module(batch, outputs)
+        if self.parallel.distributed:
+            out.reduce_metrics = lambda values: all_ranks_sum(values, self.parallel)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -141,7 +172,7 @@ class Trainer:
         bar = tqdm(self.eval_batches, desc="eval", leave=False, disable=not self.train_cfg.progress or self.rank != 0)
         for batch in bar:
             out = self._loss(batch.to(self.device))
-            loss_sum += out.loss.item() * out.step_count[0]  # batches weighted by their step-0 tokens
+            loss_sum += out.host_loss * out.step_count[0]  # batches weighted by their step-0 tokens
             weight += out.step_count[0]
             for j in range(k):
                 hits[j] += out.step_acc[j] * out.step_count[j]
@@ -241,12 +272,14 @@ class Trainer:
                     step = self.flops(batch.document_lengths())
                     total_flops, window_flops = total_flops + step, window_flops + step
                 batch = batch.to(self.device)
-                out = self._loss(batch)
-                # the loss and metrics are copied to the host before backward is queued and read after it: the read
-                # waits for the forward pass alone, and the GPU runs forward into backward without a wait. A
-                # non-finite loss makes non-finite gradients; the update is skipped below either way.
-                out.start_host_copy()
-                (out.loss / accum).backward()
+                syncing = (micro + 1) % accum == 0  # DDP reduces the gradients in the last micro-batch's backward
+                with contextlib.nullcontext() if syncing or not self.parallel.distributed else self.replicated.no_sync():
+                    out = self._loss(batch, train=True)
+                    # the loss and metrics are copied to the host before backward is queued and read after it: the
+                    # read waits for the forward pass alone, and the GPU runs forward into backward without a wait.
+                    # A non-finite loss makes non-finite gradients; the update is skipped below either way.
+                    out.start_host_copy()
+                    (out.loss * self.world_size / accum).backward()
                 loss = out.host_loss
                 self._settle(pending)  # the last update: done before this forward pass
                 pending = None
@@ -313,7 +346,10 @@ class Trainer:
         self._settle(pending)
         bar.close()
         summary.wall_s = time.perf_counter() - start
+        if self.parallel.distributed:  # every rank's tokens
+            tokens = int(all_ranks_sum(torch.tensor(tokens, device=self.device), self.parallel).item())
         summary.steps, summary.tokens_per_s = self.step, tokens / max(summary.wall_s - paused_total, 1e-9)
+        summary.world_size = self.world_size
         summary.flop_rates = self._flop_rates(total_flops, summary.wall_s - paused_total)
         summary.skipped_steps = self.skipped_steps
         summary.eval_after = self.evaluate_and_log()

@@ -143,8 +143,8 @@ def poisoned_loss(calls, poison):
     real = Trainer._loss
     count = {"n": 0}
 
-    def loss(self, batch):
-        out = real(self, batch)
+    def loss(self, batch, train=False):
+        out = real(self, batch, train=train)
         if self.draft.training:
             count["n"] += 1
             if count["n"] in calls:

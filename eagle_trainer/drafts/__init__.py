@@ -14,7 +14,7 @@ from eagle_trainer.config import DraftConfig
 from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.soft_ce import fused_ttt_loss, unfused_ttt_loss
-from eagle_trainer.drafts.ttt import TTTLoss, shift_left, step_valid_mask, ttt_hidden
+from eagle_trainer.drafts.ttt import GlobalCounts, TTTLoss, shift_left, step_counts, step_valid_mask, ttt_hidden
 from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
@@ -60,7 +60,7 @@ def build_eagle3(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Dra
 
 
 def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
-                attention: str) -> TTTLoss:
+                attention: str, global_counts: GlobalCounts | None = None) -> TTTLoss:
     """The K-step TTT loss of one batch (DESIGN section 4); a packed batch keeps every chain in its document."""
     # aux in the compute dtype: an fp32 copy under autocast would only be cast back for fc, and would stay alive to
     # the end of the loss (0.2 GiB at T=8192, H 2048)
@@ -70,7 +70,8 @@ def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: D
                         cfg.recompute)
     valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
     head = fused_ttt_loss if cfg.fused_head else unfused_ttt_loss
-    return head(normed, draft.lm_head.weight, outputs.teacher_logits, valid, cfg.step_weight)
+    return head(normed, draft.lm_head.weight, outputs.teacher_logits, valid, cfg.step_weight,
+                global_counts=global_counts)
 
 
 def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1Config:
@@ -79,7 +80,7 @@ def eagle1_config(info: TargetInfo, cfg: DraftConfig, algorithm: str) -> Eagle1C
 
 
 def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
-                attention: str) -> TTTLoss:
+                attention: str, global_counts: GlobalCounts | None = None) -> TTTLoss:
     """Per step k (K = draft.ttt_steps, 1 = plain EAGLE-1): feature_weight * SmoothL1(f_hat, f[t+1+k]) (mean
     over H) + ce_weight * soft-CE(lm_head(f_hat) over the draft vocab, teacher at t+1+k), each averaged over
     the step's valid tokens and weighted step_weight**k. Inputs get U(-a, a) noise while training."""
@@ -95,9 +96,10 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
     teacher = outputs.teacher_probs()  # [B, T, Vd] fp32
     teacher_top = teacher.argmax(-1)
     stats = []
+    counts, norm = step_counts(valid, global_counts)
     for k, f_hat in enumerate(predicted):
         mask = valid[k].to(acc)
-        n = mask.sum().clamp_min(1)
+        n = norm[k].to(acc).clamp_min(1)
         target = shift_left(features, 1 + k)  # f[t+1+k]
         feature = (F.smooth_l1_loss(f_hat.to(acc), target.to(acc), reduction="none").mean(-1) * mask).sum() / n
         logits = draft.draft_logits(f_hat).to(acc)  # [B, T, Vd]
@@ -107,7 +109,7 @@ def eagle1_loss(draft: Eagle1Draft, batch: Batch, outputs: TargetOutputs, cfg: D
         total = total + cfg.step_weight**k * step
         with torch.no_grad():
             hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
-            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n, mask.sum(), feature.detach()]))
+            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n, counts[k].to(acc), feature.detach()]))
     return TTTLoss(total, torch.stack(stats), extra_names=("feature_loss",))
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle_trainer.drafts.ttt import TTTLoss, ttt_loss
+from eagle_trainer.drafts.ttt import GlobalCounts, TTTLoss, step_counts, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
 # logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: at least two per step). The
@@ -69,7 +69,7 @@ def _soft_ce_rows(z, teacher, weight, stats):
 
 class _FusedTTTCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, teacher, valid, step_weight, max_elems, *hiddens):
+    def forward(ctx, weight, teacher, valid, counts, norm, step_weight, max_elems, *hiddens):
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hiddens[0].dtype
         batch, num_tokens, _ = hiddens[0].shape
@@ -82,8 +82,7 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=acc, device=weight.device)
             stats_t = _teacher_stats(teacher)  # once: step k reads teacher row t + 1 + k again
             for k, h in enumerate(hiddens):
-                count = valid[k].sum()
-                scale = step_weight**k / count.clamp_min(1)
+                scale = step_weight**k / norm[k].clamp_min(1)
                 ce_sum, hits = torch.zeros_like(total), torch.zeros_like(total)
                 if h.dtype == dtype and h.is_contiguous():  # dh is written over h, each chunk after its last read
                     dh = h
@@ -107,9 +106,9 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
                         else:
                             dh[b, t0:t1] = dz @ w
                         del z, dz  # before the next chunk's logits are allocated
-                step_loss = ce_sum / count.clamp_min(1)
+                step_loss = ce_sum / norm[k].clamp_min(1)
                 total += step_weight**k * step_loss
-                stats.append(torch.stack([step_loss, hits / count.clamp_min(1), count.to(step_loss.dtype)]))
+                stats.append(torch.stack([step_loss, hits / norm[k].clamp_min(1), counts[k].to(step_loss.dtype)]))
                 grad_h.append(dh)
         ctx.save_for_backward(grad_w, *grad_h)
         ctx.weight_dtype, ctx.consumed = weight.dtype, False
@@ -125,25 +124,29 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
         ctx.consumed = True
         grad_w, *grad_h = ctx.saved_tensors
         grad_w = grad_w.mul_(grad_total).to(ctx.weight_dtype)
-        return (grad_w, None, None, None, None, *(g.mul_(grad_total.to(g.dtype)) for g in grad_h))
+        return (grad_w, None, None, None, None, None, None, *(g.mul_(grad_total.to(g.dtype)) for g in grad_h))
 
 
 def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
-                   valid: list[torch.Tensor], step_weight: float, max_elems: int = MAX_ELEMS) -> TTTLoss:
+                   valid: list[torch.Tensor], step_weight: float, max_elems: int = MAX_ELEMS,
+                   global_counts: GlobalCounts | None = None) -> TTTLoss:
     """`ttt.ttt_loss` over `lm_head(normed[k])`, without keeping any step's [B, T, Vd] logits.
 
     normed: K tensors [B, T, H], the draft's final-normed hidden state per step, consumed (their memory holds the
     gradients afterwards; pass copies to keep them; autograd must not have saved them); lm_head [Vd, H];
-    teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`)."""
-    total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid),
+    teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`);
+    global_counts: see `ttt.step_counts`."""
+    counts, norm = step_counts(valid, global_counts)
+    total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid), counts, norm,
                                                step_weight, max_elems, *normed)
     return TTTLoss(total, stats)
 
 
 def unfused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
-                     valid: list[torch.Tensor], step_weight: float) -> TTTLoss:
+                     valid: list[torch.Tensor], step_weight: float, global_counts: GlobalCounts | None = None) -> TTTLoss:
     """The reference: per-step logits through autograd (`ttt.ttt_loss`)."""
-    return ttt_loss([h @ lm_head.T for h in normed], teacher_logits.float().softmax(-1), valid, step_weight)
+    return ttt_loss([h @ lm_head.T for h in normed], teacher_logits.float().softmax(-1), valid, step_weight,
+                    global_counts)
 
 
 __all__ = ["fused_ttt_loss", "unfused_ttt_loss"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -328,6 +329,9 @@ class TTTLoss:
     loss: torch.Tensor  # scalar, weighted over steps
     stats: torch.Tensor  # [K, 3 + len(extra_names)]: per step the loss, accuracy, valid count, then extra columns
     extra_names: tuple[str, ...] = ()  # further per-step metrics to log (e.g. EAGLE-1 feature_loss)
+    # applied to [loss, stats] before they are copied to the host: under data parallelism their sum over ranks
+    # (each rank's loss and per-step metrics are its part of the global batch's, see GlobalCounts)
+    reduce_metrics: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def start_host_copy(self) -> None:
         """Queue the copy of the loss and the metrics to the host now, without waiting. Called before backward is
@@ -337,7 +341,8 @@ class TTTLoss:
 
     @functools.cached_property
     def _copy(self) -> HostCopy:
-        return HostCopy(torch.cat([self.loss.detach().reshape(1).to(self.stats.dtype), self.stats.detach().flatten()]))
+        values = torch.cat([self.loss.detach().reshape(1).to(self.stats.dtype), self.stats.detach().flatten()])
+        return HostCopy(values if self.reduce_metrics is None else self.reduce_metrics(values))
 
     @functools.cached_property
     def _values(self) -> list[float]:
@@ -382,23 +387,36 @@ def step_valid_mask(loss_mask: torch.Tensor, attention_mask: torch.Tensor, teach
     return valid
 
 
+# (this rank's valid tokens per TTT step [K]) -> the counts each step's loss is normalised by: the identity on one
+# process; under data parallelism their sum over ranks, so that the ranks' losses add up to the loss of the global
+# batch (the trainer scales the backward by the world size, as DDP averages the gradients)
+GlobalCounts = Callable[[torch.Tensor], torch.Tensor]
+
+
+def step_counts(valid: list[torch.Tensor], global_counts: GlobalCounts | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's valid tokens per step [K] int64, the counts the step losses are normalised by)."""
+    counts = torch.stack([v.sum() for v in valid])
+    return counts, counts if global_counts is None else global_counts(counts)
+
+
 def ttt_loss(step_logits: list[torch.Tensor], teacher_probs: torch.Tensor, valid: list[torch.Tensor],
-             step_weight: float) -> TTTLoss:
+             step_weight: float, global_counts: GlobalCounts | None = None) -> TTTLoss:
     """Soft cross-entropy against the teacher per step; step k weighs step_weight**k; each step's loss is
-    normalised over its valid tokens. Accuracy: draft argmax == teacher argmax."""
+    normalised over its valid tokens (all ranks', see GlobalCounts). Accuracy: draft argmax == teacher argmax."""
+    counts, norm = step_counts(valid, global_counts)
     total = teacher_probs.new_zeros(())
     stats = []  # per step: loss, accuracy, count (kept on device; one host sync at the end)
     teacher_top = teacher_probs.argmax(-1)
     for k, logits in enumerate(step_logits):
         labels = shift_left(teacher_probs, 1 + k)  # [B, T, Vd]: target distribution at t+1+k
         mask = valid[k].float()
-        n = mask.sum()
+        n = norm[k].float().clamp_min(1)
         ce = -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # [B, T]
-        step = (ce * mask).sum() / n.clamp_min(1)
+        step = (ce * mask).sum() / n
         total = total + step_weight**k * step
         with torch.no_grad():
             hit = (logits.argmax(-1) == shift_left(teacher_top, 1 + k)).float()
-            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n.clamp_min(1), n]))
+            stats.append(torch.stack([step.detach(), (hit * mask).sum() / n, counts[k].float()]))
     return TTTLoss(total, torch.stack(stats))
 
 
