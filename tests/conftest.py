@@ -39,6 +39,14 @@ def tiny_qwen3_moe_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe_fused_path(tmp_path_factory):
+    """The tiny_qwen3_moe_path weights with the experts written fused ([E, 2I, H] / [E, H, I]), not per expert."""
+    path = tmp_path_factory.mktemp("tiny_qwen3_moe_fused")
+    config = tiny_qwen3_moe_config(vocab_size=1024, hidden_size=64, num_layers=8, num_experts=8, top_k=2)
+    return save_tiny_checkpoint(path, config, logit_std=6.0, expert_layout="fused")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3_next_path(tmp_path_factory):
     """A tiny random Qwen3NextForCausalLM checkpoint (8 layers: full attention at 3 and 7, gated delta net
     elsewhere; hidden 64, vocab 1024, 8 experts, top-2, a shared expert), as save_pretrained writes it."""

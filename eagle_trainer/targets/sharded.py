@@ -123,8 +123,9 @@ class CheckpointReader:
         return key in self.files
 
 
-def _expert_rows(reader: CheckpointReader, name: str, start: int, stop: int, full_shape) -> torch.Tensor:
-    """Experts [start, stop) of a fused expert parameter `name` ([E, ...]), from a fused or a per-expert file."""
+def _rows(reader: CheckpointReader, name: str, start: int, stop: int, full_shape) -> torch.Tensor:
+    """Rows [start, stop) of parameter `name` (of `full_shape`); for fused experts ([E, ...]) from a fused or a
+    per-expert checkpoint. KeyError when the checkpoint has neither."""
     if name in reader:
         return _checked_rows(reader, name, start, stop, full_shape)
     prefix, _, leaf = name.rpartition(".")
@@ -161,14 +162,12 @@ def fill_from_safetensors(model: nn.Module, path: str | Path, progress: bool = F
         for name, param in tqdm(params, desc="load target shards", disable=not progress, leave=False):
             local, first = local_rows(param)
             owner = expert_modules.get(name.rpartition(".")[0])
-            full_shape = param.shape
+            full_shape = tuple(param.shape)
+            if owner is not None:  # an expert-parallel shard: this rank's experts start at expert_range[0] of all
+                offset, _, total = owner.expert_range
+                first, full_shape = first + offset, (total, *full_shape[1:])
             try:
-                if owner is None:
-                    rows = _checked_rows(reader, name, first, first + local.shape[0], full_shape)
-                else:  # this rank's experts start at expert_range[0] of all `total`
-                    offset, _, total = owner.expert_range
-                    start = offset + first
-                    rows = _expert_rows(reader, name, start, start + local.shape[0], (total, *full_shape[1:]))
+                rows = _rows(reader, name, first, first + local.shape[0], full_shape)
             except KeyError:
                 missing.append(name)
                 continue

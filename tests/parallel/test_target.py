@@ -2,26 +2,26 @@
 
 Each rank runs its own batch (of its own length) through the sharded target; the aux and final hidden states must
 equal those of the unsharded target loaded by load_target on the same batch. The checkpoint is a tiny Qwen3-MoE in
-the per-expert layout save_pretrained writes, or the same weights fused into [E, 2I, H] / [E, H, I].
+the per-expert layout save_pretrained writes, or the same weights with the experts fused ([E, 2I, H] / [E, H, I]).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.targets.loading import load_target
+from eagle_trainer.targets.loading import load_target, read_target_tensors
 from eagle_trainer.types import Batch
 from ranks import run_ranks
 
 AUX = (1, 3, 6)
+QPROJ = "model.layers.1.self_attn.q_proj.weight"
 
 
 def rank_batch(rank: int) -> Batch:
@@ -36,11 +36,14 @@ def frozen(model, spec) -> FrozenTarget:
 
 
 def capture_on_rank(rank: int, path: str, ep: int, out: str) -> None:
-    from eagle_trainer.parallel import init_parallel
+    from eagle_trainer.parallel import init_parallel, whole
     from eagle_trainer.train import load_sharded_target
     dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), torch.device("cpu"))
     model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype="float32"), torch.device("cpu"), dims)
     states = frozen(model, spec).capture(rank_batch(rank))
+    q_proj = model.get_submodule(spec.layers)[1].self_attn.q_proj.weight
+    assert isinstance(q_proj, DTensor)  # a shard; whole() gathers it for whoever needs the whole weight
+    assert torch.equal(whole(q_proj), read_target_tensors(path, [QPROJ])[QPROJ])
     blocks = model.get_submodule(spec.layers).parameters()
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in blocks)
     torch.save({"aux": states.aux_hidden, "final": states.final_hidden, "valid": states.argmax_valid,
@@ -48,27 +51,9 @@ def capture_on_rank(rank: int, path: str, ep: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def fuse_experts(src: Path, dst: Path) -> Path:
-    """The checkpoint at src with each layer's per-expert tensors stacked into the fused HF layout."""
-    shutil.copytree(src, dst)
-    (file,) = dst.glob("*.safetensors")
-    tensors = load_file(file)
-    fused = {k: v for k, v in tensors.items() if ".experts." not in k}
-    prefixes = sorted({k.split(".experts.")[0] + ".experts" for k in tensors if ".experts." in k})
-    for prefix in prefixes:
-        count = len([k for k in tensors if k.startswith(prefix + ".") and k.endswith("down_proj.weight")])
-        fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([tensors[f"{prefix}.{e}.gate_proj.weight"],
-                                                                  tensors[f"{prefix}.{e}.up_proj.weight"]])
-                                                       for e in range(count)])
-        fused[f"{prefix}.down_proj"] = torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in range(count)])
-    save_file(fused, file, metadata={"format": "pt"})
-    return dst
-
-
 @pytest.mark.parametrize("world, ep, layout", [(2, 2, "per_expert"), (2, 1, "fused"), (4, 2, "fused")])
-def test_sharded_target_captures_what_the_whole_target_captures(tiny_qwen3_moe_path, tmp_path, world, ep, layout):
-    path = Path(tiny_qwen3_moe_path) if layout == "per_expert" else fuse_experts(Path(tiny_qwen3_moe_path),
-                                                                                tmp_path / "fused")
+def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, layout):
+    path = request.getfixturevalue("tiny_qwen3_moe_path" if layout == "per_expert" else "tiny_qwen3_moe_fused_path")
     run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path))
     model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="float32"), torch.device("cpu"))
     whole = frozen(model, spec)

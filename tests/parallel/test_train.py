@@ -1,0 +1,60 @@
+"""Data-parallel training under torchrun's environment gives the losses of one process on the same global batch.
+
+Rank r of W trains on the r-th part of every global batch of B*W examples (the target sharded with FSDP2 and
+expert parallelism, the draft under DDP); one process trains on the whole global batch. The step losses are
+normalised by all ranks' tokens and DDP sums the ranks' gradients, so both take the same updates: the logged
+losses, per-step losses and accuracies agree to fp32 rounding at every step, and so do the eval metrics.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from eagle_trainer.metrics import read_metrics
+from eagle_trainer.train import RECIPES, run, to_config
+from ranks import run_ranks
+
+STEPS = 4
+
+
+def compose_cfg(demo_dir, run_dir, batch_size: int, parallel: list[str]):
+    overrides = {
+        "demo.enabled": "false", "target.path": demo_dir / "target", "data.path": demo_dir / "data/train.jsonl",
+        "data.eval_path": demo_dir / "data/eval.jsonl", "data.cache_dir": demo_dir / "cache",
+        "train.run_dir": run_dir, "train.max_steps": STEPS, "train.save_every": 0, "train.log_every": 1,
+        "train.eval_batches": 1, "train.progress": "false", "accept.enabled": "false", "train.export_formats": "[]",
+        "optim.batch_size": batch_size, "optim.warmup_steps": 1,
+    }
+    with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
+        return to_config(compose("config", overrides=[f"{k}={v}" for k, v in overrides.items()] + parallel))
+
+
+def train_on_rank(rank: int, cfg) -> None:
+    run(cfg)
+
+
+def curves(run_dir) -> tuple[list, list]:
+    records = read_metrics(run_dir / "metrics.jsonl")
+    train = [(r["step"], r["loss"], *r["step_loss"], *r["acc"]) for r in records if r["split"] == "train"]
+    evals = [(r["step"], r["loss"], *r["acc"]) for r in records if r["split"] == "eval"]
+    return train, evals
+
+
+@pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])
+def test_data_parallel_training_matches_one_process(demo_moe_run, tmp_path, world, ep):
+    demo_dir, _ = demo_moe_run
+    per_rank = 2
+    run_ranks(world, train_on_rank, compose_cfg(demo_dir, tmp_path / "ranks", per_rank,
+                                                ["parallel=fsdp", f"parallel.ep={ep}"]))
+    run(compose_cfg(demo_dir, tmp_path / "one", per_rank * world, []))
+    (train, evals), (want_train, want_evals) = curves(tmp_path / "ranks"), curves(tmp_path / "one")
+    assert [r[0] for r in train] == list(range(1, STEPS + 1)) and len(evals) == len(want_evals) == 2
+    for got, want in zip(train + evals, want_train + want_evals, strict=True):
+        assert got[0] == want[0]
+        # fp32 on the CPU; what differs is the order of float sums (experts summed in slot order under expert
+        # parallelism, the ranks' gradients summed by DDP) and the batch shapes the matmuls see
+        assert got[1:] == pytest.approx(want[1:], rel=2e-5, abs=1e-6), (got, want)
+    logs = sorted(p.name for p in (tmp_path / "ranks" / "logs").iterdir())
+    assert logs == [f"rank_{r}.log" for r in range(world)]
+    assert "holds" in (tmp_path / "ranks" / "logs" / f"rank_{world - 1}.log").read_text()
