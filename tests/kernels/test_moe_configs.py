@@ -42,5 +42,8 @@ def test_lookup_picks_bucket_or_the_invariant_entry(monkeypatch):
     invariant = [configs.get_config(gpu, 128, 768, 2048, n, batch_invariant=True) for n in (8, 8000, 10**6)]
     assert invariant[0] == invariant[1] == invariant[2] == configs.check_config(table["batch_invariant"])
     assert configs.get_config(gpu, 7, 48, 64, 100, batch_invariant=True) == configs.DEFAULT_GPU  # untuned shape
+    # an expert-parallel rank's E / ep experts take the entry of the same expert GEMMs (I, H) at the nearest E
+    assert configs.get_config(gpu, 32, 768, 2048, 4096, batch_invariant=True) == configs.check_config(
+        table["batch_invariant"])
     with pytest.raises(ValueError, match="lacks"):
         configs.check_config({"BM": 64})

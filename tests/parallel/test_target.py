@@ -35,18 +35,19 @@ def frozen(model, spec) -> FrozenTarget:
     return FrozenTarget(model, spec, AUX, torch.arange(0, 1024, 4), torch.ones(1024, dtype=torch.bool))
 
 
-def capture_on_rank(rank: int, path: str, ep: int, out: str) -> None:
+def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32") -> None:
     from eagle_trainer.parallel import init_parallel, whole
-    from eagle_trainer.train import load_sharded_target
-    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), torch.device("cpu"))
-    model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype="float32"), torch.device("cpu"), dims)
-    states = frozen(model, spec).capture(rank_batch(rank))
+    from eagle_trainer.train import load_sharded_target, pick_device
+    device = pick_device(device_type)
+    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
+    model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype), device, dims)
+    states = frozen(model, spec).capture(rank_batch(rank).to(device))
     q_proj = model.get_submodule(spec.layers)[1].self_attn.q_proj.weight
     assert isinstance(q_proj, DTensor)  # a shard; whole() gathers it for whoever needs the whole weight
-    assert torch.equal(whole(q_proj), read_target_tensors(path, [QPROJ])[QPROJ])
+    assert torch.equal(whole(q_proj).cpu(), read_target_tensors(path, [QPROJ])[QPROJ].to(q_proj.dtype))
     blocks = model.get_submodule(spec.layers).parameters()
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in blocks)
-    torch.save({"aux": states.aux_hidden, "final": states.final_hidden, "valid": states.argmax_valid,
+    torch.save({"aux": states.aux_hidden.cpu(), "final": states.final_hidden.cpu(), "valid": states.argmax_valid.cpu(),
                 "local": local, "report": report}, Path(out) / f"rank_{rank}.pt")
     dist.destroy_process_group()
 
@@ -69,3 +70,20 @@ def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_pat
         # each rank holds 1/world of the decoder blocks (FSDP's row split rounds up): attention and norms over all
         # ranks, experts over ep and then over world/ep. The embedding and lm_head are whole on every rank.
         assert got["local"] <= total / world * 1.05, (got["local"], total)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("ep", [1, 2])
+def test_sharded_target_on_gpus_captures_the_same_bits(tiny_qwen3_moe_path, tmp_path, ep):
+    """bf16 on 2 GPUs (NCCL), our MoE core, router and RMSNorm: with batch-invariant tile configs a pair's expert output
+    does not depend on which tokens share its GEMM, and the all-to-all combine sums in the core's order, so the
+    sharded target gives the unsharded one's bits."""
+    run_ranks(2, capture_on_rank, str(tiny_qwen3_moe_path), ep, str(tmp_path), "cuda", "bfloat16")
+    model, _, spec, _ = load_target(TargetConfig(path=str(tiny_qwen3_moe_path), dtype="bfloat16"), torch.device("cuda"))
+    whole = frozen(model, spec)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)
+        want = whole.capture(rank_batch(rank).to("cuda"))
+        assert torch.equal(got["aux"], want.aux_hidden.cpu())
+        assert torch.equal(got["final"], want.final_hidden.cpu())

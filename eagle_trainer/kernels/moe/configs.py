@@ -71,12 +71,23 @@ def check_config(config: dict) -> dict:
     return {k: int(config[k]) for k in KEYS + OPTIONAL_KEYS if k in config}
 
 
+def nearest_entry(table: dict, num_experts: int, intermediate: int, hidden: int) -> dict | None:
+    """The entry of this shape; else the one of the same expert GEMMs (I, H) with the nearest expert count. Each
+    rank of an expert-parallel run holds E / ep experts of a shape tuned at E: its tiles fit those GEMMs alike."""
+    if shape_key(num_experts, intermediate, hidden) in table:
+        return table[shape_key(num_experts, intermediate, hidden)]
+    same_gemms = [int(k[1:].split("_")[0]) for k in table if k.endswith(f"_I{intermediate}_H{hidden}")]
+    if not same_gemms:
+        return None
+    return table[shape_key(min(same_gemms, key=lambda e: (abs(e - num_experts), e)), intermediate, hidden)]
+
+
 def get_config(device: torch.device, num_experts: int, intermediate: int, hidden: int, num_pairs: int,
                batch_invariant: bool) -> dict:
     """The tile config for one MoE forward; a shape with no tuned entry gets a generic default."""
     if interpreting() or device.type != "cuda":
         return dict(DEFAULT_INTERPRET)
-    entry = load_table(device_key(device)).get(shape_key(num_experts, intermediate, hidden))
+    entry = nearest_entry(load_table(device_key(device)), num_experts, intermediate, hidden)
     if entry is None:
         return dict(DEFAULT_GPU)
     if batch_invariant:
