@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import RESULTS, append_rows, row
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_30b_a3b_config.json"
-AUX = (1, 23, 44)
 VD = 32000
 WARMUP_STEPS = 5
 
@@ -117,11 +116,12 @@ def worker(args) -> None:
         report = {"load_s": time.perf_counter() - start, "held_gib": held, "peak_rss_gib": peak_rss_gib()}
     dataset = synthetic_dataset(args.steps * world, args.seq, info.vocab_size)
     d2t, t2d = build_vocab_map(dataset, info.vocab_size, VD)
-    target = FrozenTarget(model, spec, AUX, draft_ids_from_d2t(d2t), t2d)
+    aux = spec.aux_layers(info.num_layers)  # [1, 23, 44] at 48 layers
+    target = FrozenTarget(model, spec, aux, draft_ids_from_d2t(d2t), t2d)
     draft_spec = registry.resolve(info.architecture, "eagle3")
     torch.manual_seed(1)
     draft_cfg = DraftConfig(draft_vocab_size=VD)
-    draft = draft_spec.algorithm.build_draft(info, draft_cfg, AUX).to(device)
+    draft = draft_spec.algorithm.build_draft(info, draft_cfg, aux).to(device)
     draft.set_target_weights(whole(target.input_embedding()), share=True)
     draft.set_vocab_map(d2t, t2d)
     run_dir = args.out.parent / f"run_{args.out.stem}"
@@ -137,7 +137,15 @@ def worker(args) -> None:
                       flops=lambda lengths: step_flops(target_flops, draft.config, lengths, draft_cfg.ttt_steps,
                                                        draft_cfg.mask_teacher_argmax),
                       peak_tflops=peak_tflops(torch.cuda.get_device_name(device)))
-    trainer.fit()
+    if args.profile:  # the whole run under the profiler: where the GPU time of a step goes, rank 0
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            trainer.fit()
+        if dims.rank == 0:
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+            args.out.with_suffix(".profile.txt").write_text(table)
+    else:
+        trainer.fit()
     peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30, report["load_s"], report["peak_rss_gib"],
                          report["held_gib"]], device=device)
     if dims.distributed:
@@ -156,7 +164,8 @@ def worker(args) -> None:
 
 def launch(gpus: int, ep: int, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", __file__, "--worker",
-           f"--ep={ep}", f"--ckpt={args.ckpt}", f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}"]
+           f"--ep={ep}", f"--ckpt={args.ckpt}", f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}",
+           *(["--profile"] if args.profile else [])]
     log = out.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as f:
@@ -181,6 +190,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="each job under torch.profiler: "
+                        "<work>/gpusN_epE.profile.txt (the timings are then not a result)")
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -220,7 +231,7 @@ def main(argv=None) -> None:
     print("\n".join(lines))
     note = ("`python benchmarks/train_parallel.py`: the whole training step (sharded target forward, teacher, draft "
             "forward/backward under DDP, AdamW), each configuration a torchrun job; peer = the same job on 1 GPU.")
-    if rows:
+    if rows and not args.profile:
         append_rows("train_parallel", rows, note, args.results)
         print("".join(rows))
 

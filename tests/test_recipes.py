@@ -18,7 +18,8 @@ EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))
 # Real configs (config.json only, no weights) of the targets the experiments are written for.
 TARGET_CONFIGS = {"qwen3_8b_eagle3": "qwen3_8b_config.json", "qwen3_30b_a3b_eagle3": "qwen3_30b_a3b_config.json",
                   "qwen3_30b_a3b_eagle1": "qwen3_30b_a3b_config.json",
-                  "qwen3_next_80b_a3b_eagle3": "qwen3_next_80b_a3b_config.json"}
+                  "qwen3_next_80b_a3b_eagle3": "qwen3_next_80b_a3b_config.json",
+                  "qwen3_235b_a22b_eagle3": "qwen3_235b_a22b_config.json"}
 
 
 def compose_recipe(overrides):
@@ -104,3 +105,14 @@ def test_moe_experiment_picks_the_moe_target_group():
     cfg = compose_recipe(["+experiment=qwen3_30b_a3b_eagle3", "target.path=x", "data.path=chat.jsonl",
                           "target.moe_impl=grouped_mm"])
     assert cfg.target.moe_impl == "grouped_mm"
+
+
+def test_parallel_groups():
+    single = compose_recipe([])
+    assert (single.parallel.target, single.parallel.ep) == ("replicate", 1)
+    moe = compose_recipe(["+experiment=qwen3_30b_a3b_eagle3", "target.path=x", "data.path=chat.jsonl"])
+    assert (moe.parallel.target, moe.parallel.ep) == ("fsdp", 0)  # ep 0: every rank
+    big = compose_recipe(["+experiment=qwen3_235b_a22b_eagle3", "target.path=x", "data.path=chat.jsonl"])
+    assert (big.parallel.target, big.parallel.ep) == ("fsdp", 8)
+    fsdp = compose_recipe(["+experiment=qwen3_30b_a3b_eagle3", "target.path=x", "data.path=chat.jsonl", "parallel=fsdp"])
+    assert (fsdp.parallel.target, fsdp.parallel.ep) == ("fsdp", 1)

@@ -156,6 +156,7 @@ def fill_from_safetensors(model: nn.Module, path: str | Path, progress: bool = F
     path = Path(path)
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     expert_modules = {name: m for name, m in model.named_modules() if hasattr(m, "expert_range")}
+    experts = {}  # module path -> expert count, of every expert parameter (its per-expert keys may be another rank's)
     missing = []
     with CheckpointReader(path) as reader:
         params = list(model.named_parameters())
@@ -166,6 +167,8 @@ def fill_from_safetensors(model: nn.Module, path: str | Path, progress: bool = F
             if owner is not None:  # an expert-parallel shard: this rank's experts start at expert_range[0] of all
                 offset, _, total = owner.expert_range
                 first, full_shape = first + offset, (total, *full_shape[1:])
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                experts[name.rpartition(".")[0]] = full_shape[0]
             try:
                 rows = _rows(reader, name, first, first + local.shape[0], full_shape)
             except KeyError:
@@ -174,7 +177,7 @@ def fill_from_safetensors(model: nn.Module, path: str | Path, progress: bool = F
             with torch.no_grad():
                 local.copy_(rows)
     unread = sorted(k for k in reader.files if k not in reader.used and not any(p.search(k) for p in ignore))
-    unread = [k for k in unread if not _other_ranks_experts(k, expert_modules)]
+    unread = [k for k in unread if not _other_ranks_expert(k, experts)]
     if missing or unread:
         raise ValueError(f"the weights in {path} do not match the model its config.json describes: missing "
                          f"({len(missing)}) {missing[:5]}; not used ({len(unread)}) {unread[:5]}. Check that the "
@@ -184,11 +187,10 @@ def fill_from_safetensors(model: nn.Module, path: str | Path, progress: bool = F
 _EXPERT_KEY = re.compile(r"^(.*)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
-def _other_ranks_experts(key: str, expert_modules: dict[str, nn.Module]) -> bool:
-    """A per-expert tensor of an expert-parallel layer: read by the rank that holds that expert."""
+def _other_ranks_expert(key: str, experts: dict[str, int]) -> bool:
+    """A per-expert tensor of an expert parameter this rank holds part of: the rest is other ranks' to read."""
     match = _EXPERT_KEY.match(key)
-    module = expert_modules.get(match.group(1)) if match else None
-    return module is not None and int(match.group(2)) < module.expert_range[2]
+    return match is not None and match.group(1) in experts and int(match.group(2)) < experts[match.group(1)]
 
 
 def peak_rss_gib() -> float:

@@ -2,7 +2,8 @@
 
 Each rank runs its own batch (of its own length) through the sharded target; the aux and final hidden states must
 equal those of the unsharded target loaded by load_target on the same batch. The checkpoint is a tiny Qwen3-MoE in
-the per-expert layout save_pretrained writes, or the same weights with the experts fused ([E, 2I, H] / [E, H, I]).
+the per-expert layout save_pretrained writes, or the same weights with the experts fused ([E, 2I, H] / [E, H, I]);
+and a tiny Qwen3-Next (gated delta net layers, a shared expert beside the routed ones).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from eagle_trainer.types import Batch
 from ranks import run_ranks
 
 AUX = (1, 3, 6)
-QPROJ = "model.layers.1.self_attn.q_proj.weight"
+QPROJ = "model.layers.3.self_attn.q_proj.weight"  # layer 3 has full attention in both tiny targets
 
 
 def rank_batch(rank: int) -> Batch:
@@ -42,7 +43,7 @@ def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = 
     dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
     model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype), device, dims)
     states = frozen(model, spec).capture(rank_batch(rank).to(device))
-    q_proj = model.get_submodule(spec.layers)[1].self_attn.q_proj.weight
+    q_proj = model.get_submodule(spec.layers)[3].self_attn.q_proj.weight
     assert isinstance(q_proj, DTensor)  # a shard; whole() gathers it for whoever needs the whole weight
     assert torch.equal(whole(q_proj).cpu(), read_target_tensors(path, [QPROJ])[QPROJ].to(q_proj.dtype))
     blocks = model.get_submodule(spec.layers).parameters()
@@ -52,9 +53,10 @@ def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, ep, layout", [(2, 2, "per_expert"), (2, 1, "fused"), (4, 2, "fused")])
-def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, layout):
-    path = request.getfixturevalue("tiny_qwen3_moe_path" if layout == "per_expert" else "tiny_qwen3_moe_fused_path")
+@pytest.mark.parametrize("world, ep, checkpoint", [(2, 2, "tiny_qwen3_moe_path"), (2, 1, "tiny_qwen3_moe_path"),
+                                                   (4, 2, "tiny_qwen3_moe_fused_path"), (2, 2, "tiny_qwen3_next_path")])
+def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, checkpoint):
+    path = request.getfixturevalue(checkpoint)
     run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path))
     model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="float32"), torch.device("cpu"))
     whole = frozen(model, spec)
