@@ -14,6 +14,8 @@ and the teacher reads the lm_head rows of the draft vocab and scans all V rows f
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -34,23 +36,22 @@ def _experts_of(block: nn.Module, experts_path: str | None) -> nn.Module | None:
 
 def apply_fsdp(backbone: nn.Module, layers: nn.ModuleList, experts_path: str | None, dims: ParallelDims) -> None:
     """Steps 1-4 of this module's docstring on `backbone` (whose decoder blocks are `layers`)."""
-    units = []
+    units = {}  # block -> its FSDP units (the block, and its experts when they are sharded on their own)
     for block in layers:
         experts = _experts_of(block, experts_path) if dims.ep > 1 else None
+        units[block] = [block]
         ignored = set()
         if experts is not None:
             apply_expert_parallel(experts, dims.ep_mesh)
             if dims.efsdp > 1:
                 fully_shard(experts, mesh=dims.efsdp_mesh, reshard_after_forward=True)
-                units.append(experts)
+                units[block].append(experts)
             else:
                 ignored = set(experts.parameters())
         fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=True, ignored_params=ignored or None)
-        units.append(block)
     # the root: gathers nothing itself; it makes the blocks one FSDP tree (one lazy init, prefetching between them)
     whole = {p for p in backbone.parameters() if not isinstance(p, DTensor)}
     fully_shard(backbone, mesh=dims.dp_mesh, reshard_after_forward=True, ignored_params=whole or None)
     if dims.forward_prefetch:
-        blocks = list(layers)
-        for here, after in zip(blocks, blocks[1:]):
-            here.set_modules_to_forward_prefetch([unit for unit in units if unit in after.modules()])
+        for here, after in itertools.pairwise(layers):
+            here.set_modules_to_forward_prefetch(units[after])

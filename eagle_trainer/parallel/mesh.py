@@ -92,7 +92,7 @@ def launched_world() -> tuple[int, int, int]:
 
 def init_parallel(cfg: ParallelConfig, device: torch.device) -> ParallelDims:
     """Join the process group torchrun set up (if any) and build the meshes."""
-    rank, world, _ = launched_world()
+    _, world, _ = launched_world()
     ep = resolve_ep(cfg, world)
     if world == 1:
         return ParallelDims(ep=1, target=cfg.target, forward_prefetch=cfg.forward_prefetch)

@@ -114,6 +114,17 @@ def check_loading_info(path: Path, loading: dict) -> None:
 _INDEX_FILE = "model.safetensors.index.json"
 
 
+def checkpoint_files(path: Path) -> dict[str, str]:
+    """Tensor name -> safetensors file of a checkpoint directory, from its index or the files' headers."""
+    if (path / _INDEX_FILE).is_file():
+        return json.loads((path / _INDEX_FILE).read_text())["weight_map"]
+    found = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            found.update({key: f.name for key in handle.keys()})
+    return found
+
+
 def target_fingerprint(path: str | Path) -> str:
     """sha256 over config.json, the sorted (name, size) of the *.safetensors files and the index json if any.
 
@@ -137,13 +148,7 @@ def read_target_tensors(path: str | Path, names: list[str], trust_remote_code: b
     come back in their stored dtype on the CPU.
     """
     p, arch, hf_config = read_config(TargetConfig(path=str(path), trust_remote_code=trust_remote_code))
-    if (p / _INDEX_FILE).is_file():
-        weight_map = json.loads((p / _INDEX_FILE).read_text())["weight_map"]
-    else:
-        weight_map = {}
-        for f in sorted(p.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as handle:
-                weight_map.update({key: f.name for key in handle.keys()})
+    weight_map = checkpoint_files(p)
     spec = registry.target_spec(arch)
     head, embed = spec.lm_head + ".weight", spec.embed + ".weight"
     tied = bool(getattr(hf_config, "tie_word_embeddings", False))

@@ -16,7 +16,6 @@ a tensor of another shape, or a tensor nothing reads is refused, as load_target 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import resource
 from pathlib import Path
@@ -27,8 +26,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 
-INDEX_FILE = "model.safetensors.index.json"
-
+from eagle_trainer.targets.loading import checkpoint_files
 
 @contextlib.contextmanager
 def parameters_on_meta():
@@ -63,17 +61,6 @@ def materialize(model: nn.Module, device: torch.device) -> None:
         model.get_buffer(name).copy_(value)
 
 
-def weight_map(path: Path) -> dict[str, str]:
-    """Checkpoint tensor name -> file, from the index or the files' headers."""
-    if (path / INDEX_FILE).is_file():
-        return json.loads((path / INDEX_FILE).read_text())["weight_map"]
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            found.update({key: f.name for key in handle.keys()})
-    return found
-
-
 def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(the tensor this rank holds, its first row in the whole parameter). FSDP2 shards dim 0 in torch.chunk's way:
     rank i of n holds rows [i * ceil(N / n), ...), the last ranks fewer (or none)."""
@@ -91,7 +78,7 @@ class CheckpointReader:
     """Row slices of a checkpoint's tensors, read through safetensors' memory map; remembers what was read."""
 
     def __init__(self, path: Path):
-        self.path, self.files = path, weight_map(path)
+        self.path, self.files = path, checkpoint_files(path)
         self.used: set[str] = set()
         self._stack = contextlib.ExitStack()
         self._handles: dict[str, object] = {}
