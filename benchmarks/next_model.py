@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from results import RESULTS, add_run_args, append_rows, row
 
+from eagle_trainer import registry
 from eagle_trainer.flops import TargetFlops, peak_tflops
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_next_80b_a3b_config.json"
@@ -113,13 +114,13 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @torch.no_grad()
 def fp32_truth(model, ids: torch.Tensor) -> torch.Tensor:
-    """The same weights in fp32 through HF's own code (eager experts, HF norms and GDN): what both bf16 paths
+    """The same weights in fp32 through HF's own code (HF's experts loop, norms and GDN): what both bf16 paths
     approximate."""
     import copy
 
     from eagle_trainer.targets import bind_qwen3_next
     ref = copy.deepcopy(model).float()
-    bind_qwen3_next(ref, SimpleNamespace(moe_impl="eager", moe_batch_invariant=True, norm_impl="hf", gdn_impl="hf"))
+    bind_qwen3_next(ref, SimpleNamespace(moe_impl="hf", moe_batch_invariant=True, norm_impl="hf", gdn_impl="hf"))
     out = ref.model(input_ids=ids, use_cache=False).last_hidden_state.float()
     del ref
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -180,7 +181,8 @@ def main(argv=None) -> None:
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     tokens = args.batch * args.seq
     # the backbone's forward FLOPs by the trainer's counter (no lm_head / teacher), for TFLOP/s and MFU
-    flops = args.batch * TargetFlops.from_hf_config(config).forward(args.seq, draft_vocab=0, argmax_mask=False)
+    info = registry.target_spec("Qwen3NextForCausalLM").read_info("Qwen3NextForCausalLM", config)
+    flops = args.batch * TargetFlops.from_target(info, config).forward(args.seq, draft_vocab=0, argmax_mask=False)
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
 
     def rate(ms: float) -> str:

@@ -61,7 +61,7 @@ def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params=None
 
 
 def resolve_gdn_impl(impl: str, device: torch.device) -> str:
-    return resolve_kernel_impl("gdn_impl", impl, IMPLEMENTATIONS, device, cpu="hf")
+    return resolve_kernel_impl("gdn_impl", impl, IMPLEMENTATIONS, device)
 
 
 def bind_gdn(model: nn.Module, cfg: Any) -> str:

@@ -10,37 +10,40 @@ modules and are added to our experts' output by HF's Qwen3NextSparseMoeBlock.for
 
     moe_impl   what runs
     triton     our router + our experts core (GPU, or the CPU under TRITON_INTERPRET=1)
-    eager      HF's per-expert loop (the reference)
-    grouped_mm HF's torch._grouped_mm path (HF's default on GPU)
-    auto       triton on a GPU, eager on the CPU
+    hf         HF's default experts code, the per-expert loop (the reference; HF's "eager" experts)
+    grouped_mm HF's torch._grouped_mm experts (HF's default on GPU)
+    auto       triton on a GPU, hf on the CPU
+Every `*_impl` switch (moe_impl, norm_impl, gdn_impl) names HF's own code `hf` and is resolved here.
 """
 
 from __future__ import annotations
 
-import os
 from types import MethodType
 from typing import Any
 
 import torch
 from torch import nn
 
-IMPLEMENTATIONS = ("auto", "triton", "eager", "grouped_mm")
+from eagle_trainer.kernels.utils import triton_runs_on
+
+IMPLEMENTATIONS = ("auto", "triton", "hf", "grouped_mm")
+HF_EXPERTS = {"hf": "eager", "grouped_mm": "grouped_mm"}  # moe_impl -> HF's config._experts_implementation
 TRITON_NAME = "eagle_triton"  # the key our core is registered under in HF's experts interface
 
 
-def triton_can_run(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_kernel_impl(option: str, impl: str, choices: tuple[str, ...], device: torch.device, cpu: str) -> str:
-    """`target.<option>`: "auto" is triton on a GPU and `cpu` elsewhere; triton off the GPU needs the interpreter."""
+def resolve_kernel_impl(option: str, impl: str, choices: tuple[str, ...], device: torch.device) -> str:
+    """`target.<option>`: "auto" is triton on a GPU and hf (HF's own code) elsewhere; triton off the GPU needs the
+    interpreter."""
+    if impl == "eager":
+        raise ValueError(f"target.{option}='eager' is not a choice: HF's own code is 'hf' in every *_impl switch; "
+                         f"use target.{option}=hf")
     if impl not in choices:
         raise ValueError(f"target.{option}={impl!r} is not one of {choices}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" else cpu
-    if impl == "triton" and not triton_can_run(device):
+        return "triton" if device.type == "cuda" else "hf"
+    if impl == "triton" and not triton_runs_on(device):
         raise ValueError(f"target.{option}=triton needs a CUDA device (the target is on {device}); use "
-                         f"{option}={cpu} on the CPU, or set TRITON_INTERPRET=1 to run the kernels interpreted")
+                         f"{option}=hf on the CPU, or set TRITON_INTERPRET=1 to run the kernels interpreted")
     return impl
 
 
@@ -59,7 +62,7 @@ def bind_instances(model: nn.Module, option: str, impl: str, class_names: tuple[
 
 
 def resolve_moe_impl(impl: str, device: torch.device) -> str:
-    return resolve_kernel_impl("moe_impl", impl, IMPLEMENTATIONS, device, cpu="eager")
+    return resolve_kernel_impl("moe_impl", impl, IMPLEMENTATIONS, device)
 
 
 def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -105,7 +108,7 @@ def bind_moe(model: nn.Module, cfg: Any) -> str:
             if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj"):
                 module.eagle_batch_invariant = bool(cfg.moe_batch_invariant)
     else:
-        model.set_experts_implementation(impl)
+        model.set_experts_implementation(HF_EXPERTS[impl])
         for router in routers:  # undo an earlier binding of ours
             router.__dict__.pop("forward", None)
     return impl

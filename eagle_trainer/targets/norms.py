@@ -37,7 +37,7 @@ def _zero_centred_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> 
 
 
 def resolve_norm_impl(impl: str, device: torch.device) -> str:
-    return resolve_kernel_impl("norm_impl", impl, IMPLEMENTATIONS, device, cpu="hf")
+    return resolve_kernel_impl("norm_impl", impl, IMPLEMENTATIONS, device)
 
 
 def bind_rms_norm(model: nn.Module, cfg: Any, class_names: tuple[str, ...], zero_centred: bool = False) -> str:

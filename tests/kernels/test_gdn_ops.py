@@ -17,7 +17,7 @@ from eagle_trainer.kernels.gdn import causal_conv1d_silu, gated_rms_norm, gdn_ga
 from eagle_trainer.kernels.gdn import conv as conv_mod
 from eagle_trainer.kernels.gdn import gating as gating_mod
 from eagle_trainer.kernels.gdn import norm as norm_mod
-from eagle_trainer.kernels.gdn.reference_ops import (
+from eagle_trainer.kernels.gdn.reference import (
     causal_conv1d_silu_reference,
     gated_rms_norm_reference,
     gdn_gating_reference,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_checks import poison
 
-from eagle_trainer.kernels import rmsnorm as rmsnorm_mod
+from eagle_trainer.kernels.rmsnorm import fused as fused_mod
 from eagle_trainer.kernels.rmsnorm import rms_norm
 from eagle_trainer.kernels.rmsnorm.reference import rms_norm_reference
 
@@ -14,7 +14,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    poison(monkeypatch, rmsnorm_mod)
+    poison(monkeypatch, fused_mod)
 
 
 @pytest.mark.parametrize("zero_centred", [False, True])

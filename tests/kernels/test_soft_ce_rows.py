@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_checks import poison, rel_err
 
-from eagle_trainer.kernels import soft_ce as soft_ce_mod
+from eagle_trainer.kernels.soft_ce import rows as rows_mod
 from eagle_trainer.kernels.soft_ce import (row_max, row_max_reference, soft_ce_rows, soft_ce_rows_reference,
                                           teacher_stats, teacher_stats_reference)
 
@@ -14,7 +14,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    poison(monkeypatch, soft_ce_mod)  # on the CPU the kernel runs interpreted (tests/conftest.py)
+    poison(monkeypatch, rows_mod)  # on the CPU the kernel runs interpreted (tests/conftest.py)
 
 
 def rows(c, v, dtype, seed, ties=False):
@@ -87,11 +87,12 @@ def test_given_teacher_stats_are_used(poisoned):
 
 
 def test_shape_errors_name_the_shapes():
-    z = torch.zeros(3, 5)
+    z = torch.zeros(3, 5, device=DEVICE)  # on a GPU machine CPU tensors would be refused before the stats check
     with pytest.raises(ValueError, match=r"teacher \(3, 4\)"):
-        soft_ce_rows(z, torch.zeros(3, 4), torch.zeros(3))
+        soft_ce_rows(z, torch.zeros(3, 4, device=DEVICE), torch.zeros(3, device=DEVICE))
     with pytest.raises(ValueError, match=r"teacher stats \(2,\)"):
-        soft_ce_rows(z, torch.zeros(3, 5), torch.zeros(3), stats=(torch.zeros(2), torch.zeros(3, dtype=torch.long)))
+        soft_ce_rows(z, torch.zeros(3, 5, device=DEVICE), torch.zeros(3, device=DEVICE),
+                     stats=(torch.zeros(2, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)))
 
 
 @pytest.mark.gpu

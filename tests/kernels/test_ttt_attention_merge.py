@@ -5,7 +5,7 @@ import pytest
 import torch
 from kernel_checks import poison
 
-from eagle_trainer.kernels import ttt_attention as ttt_mod
+from eagle_trainer.kernels.ttt_attention import merge as merge_mod
 from eagle_trainer.kernels.ttt_attention import merge_backward, merge_forward
 from eagle_trainer.kernels.ttt_attention.reference import (
     merge_backward_reference,
@@ -17,7 +17,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    poison(monkeypatch, ttt_mod)
+    poison(monkeypatch, merge_mod)
 
 
 def inputs(b, nh, nkv, t, d, n, seed):

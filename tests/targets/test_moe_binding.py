@@ -24,7 +24,7 @@ def capture(model, spec, info, batch):
     ids = torch.arange(0, info.vocab_size, 3, device=DEVICE)
     t2d = torch.zeros(info.vocab_size, dtype=torch.bool, device=DEVICE)
     t2d[ids] = True
-    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d, keep_last_hidden=True)
+    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d)
     return target.forward(batch.to(DEVICE))
 
 
@@ -33,7 +33,7 @@ def rel_err(a, b):
 
 
 def test_bound_core_matches_hf_eager_on_a_tiny_target(tiny_qwen3_moe_path):
-    cfg = TargetConfig(path=str(tiny_qwen3_moe_path), moe_impl="eager", norm_impl="hf")
+    cfg = TargetConfig(path=str(tiny_qwen3_moe_path), moe_impl="hf", norm_impl="hf")
     model, _, spec, info = load_target(cfg, DEVICE)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, info.vocab_size, (2, 45), generator=g)
@@ -46,19 +46,19 @@ def test_bound_core_matches_hf_eager_on_a_tiny_target(tiny_qwen3_moe_path):
     assert "forward" in model.model.norm.__dict__ and "forward" in model.model.layers[0].self_attn.q_norm.__dict__
     out = capture(model, spec, info, batch)
     if DEVICE.type == "cpu":  # fp32 on both sides: the same function to rounding
-        for name in ("aux_hidden", "last_hidden", "teacher_logits"):
+        for name in ("aux_hidden", "final_hidden", "teacher_logits"):
             assert rel_err(getattr(out, name), getattr(ref, name)) < 1e-5, name
     else:  # bf16: ours must be as close to the fp32 truth as HF's own bf16 forward is
         model32, _, _, _ = load_target(replace(cfg, dtype="float32"), DEVICE)
         truth = capture(model32, spec, info, batch)
-        for name in ("aux_hidden", "last_hidden", "teacher_logits"):
+        for name in ("aux_hidden", "final_hidden", "teacher_logits"):
             ours = rel_err(getattr(out, name), getattr(truth, name))
             hf = rel_err(getattr(ref, name), getattr(truth, name))
             assert ours < 1.5 * hf + 1e-3, (name, ours, hf)
     agree = (out.teacher_logits.argmax(-1) == ref.teacher_logits.argmax(-1)).float().mean().item()
     assert agree > (0.999 if DEVICE.type == "cpu" else 0.95)
-    # and back: binding eager / hf again restores HF's router and norms
-    assert bind_qwen3_moe(model, cfg) == {"moe": "eager", "norm": "hf"}
+    # and back: binding hf again restores HF's router and norms
+    assert bind_qwen3_moe(model, cfg) == {"moe": "hf", "norm": "hf"}
     assert not any("forward" in m.__dict__ for m in model.modules())
     torch.testing.assert_close(capture(model, spec, info, batch).aux_hidden, ref.aux_hidden, rtol=0, atol=0)
 

@@ -13,7 +13,7 @@ from batches import draft_vocab, make_batch
 
 from eagle_trainer import registry
 from eagle_trainer.config import DemoConfig, TargetConfig
-from eagle_trainer.demo import tiny_target_config
+from eagle_trainer.app.demo import tiny_target_config
 from eagle_trainer.targets import bind_qwen3_next
 from eagle_trainer.targets.frozen import FrozenTarget
 from eagle_trainer.targets.loading import load_target
@@ -100,12 +100,12 @@ def test_aux_hidden_and_teacher_match_full_forward(loaded):
     ids, t2d = draft_vocab(info.vocab_size, 300)
     aux_ids = spec.aux_layers(info.num_layers)
     assert aux_ids == (1, 3, 4)  # gated delta net, full attention, gated delta net
-    target = FrozenTarget(model, spec, aux_ids, ids, t2d, keep_last_hidden=True)
+    target = FrozenTarget(model, spec, aux_ids, ids, t2d)
     batch = make_batch(2, 13, info.vocab_size)
     out = target.forward(batch)
     ref = model(batch.input_ids, output_hidden_states=True)
     torch.testing.assert_close(out.aux_hidden, torch.cat([ref.hidden_states[i + 1] for i in aux_ids], -1))
-    torch.testing.assert_close(model.model.norm(out.last_hidden), ref.hidden_states[-1])
+    torch.testing.assert_close(out.final_hidden, ref.hidden_states[-1])
     torch.testing.assert_close(out.teacher_probs(), ref.logits[..., ids].float().softmax(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.teacher_valid, t2d[ref.logits.argmax(-1)])
     assert 0 < out.teacher_valid.float().mean() < 1
@@ -130,36 +130,37 @@ def test_right_padded_row_captures_as_alone(loaded):
     """FrozenTarget passes no attention mask: a right-padded row must capture as it does alone."""
     model, tok, spec, info = loaded
     ids, t2d = draft_vocab(info.vocab_size, 300)
-    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d, keep_last_hidden=True)
+    target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d)
     short = make_batch(1, 23, info.vocab_size, seed=6).input_ids
     long = make_batch(1, 70, info.vocab_size, seed=7).input_ids  # spans two 64-token delta-rule chunks
     padded = torch.cat([short, short.new_full((1, 47), tok.pad_token_id)], 1)
     both = target.capture(batch_of(torch.cat([padded, long])))
     for row, alone in ((0, target.capture(batch_of(short))), (1, target.capture(batch_of(long)))):
         n = alone.final_hidden.shape[1]
-        for name in ("aux_hidden", "last_hidden", "final_hidden"):
+        for name in ("aux_hidden", "final_hidden"):
             torch.testing.assert_close(getattr(both, name)[row, :n], getattr(alone, name)[0], msg=name)
         assert torch.equal(both.argmax_valid[row, :n], alone.argmax_valid[0])
     target.close()
 
 
-def test_eager_and_grouped_mm_agree(loaded):
-    """auto is eager on the CPU (our Triton core on a GPU); grouped_mm is HF's GPU path. Both run HF's router."""
+def test_hf_and_grouped_mm_agree(loaded):
+    """auto is hf (HF's experts loop) on the CPU (our Triton core on a GPU); grouped_mm is HF's GPU path. Both run
+    HF's router."""
     model, _, spec, info = loaded
     assert model.config._experts_implementation == "eager"
     ids, t2d = draft_vocab(info.vocab_size, 200)
     target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d)
     batch = make_batch(2, 23, info.vocab_size, seed=1)
-    eager = target.forward(batch)
+    hf = target.forward(batch)
     try:
         bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm"))
         assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf"}  # gdn_impl defaults to HF's code
         grouped = target.forward(batch)
     finally:
-        bind_qwen3_next(model, TargetConfig(path="-", moe_impl="eager"))
+        bind_qwen3_next(model, TargetConfig(path="-", moe_impl="hf"))
         target.close()
-    torch.testing.assert_close(grouped.aux_hidden, eager.aux_hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped.teacher_probs(), eager.teacher_probs(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped.aux_hidden, hf.aux_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.teacher_probs(), hf.teacher_probs(), rtol=1e-5, atol=1e-6)
 
 
 def rel_err(a, b):
@@ -178,9 +179,9 @@ def moe_and_norm_modules(model):
 def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl):
     """moe_impl=triton (our router + routed experts; HF's shared expert and gate) and norm_impl=triton (the
     zero-centred kernel in every Qwen3NextRMSNorm) give HF eager's backbone hidden states, in fp32 under the
-    interpreter (compiled on a GPU); with the GDN core bound too, as well. Binding eager / hf back restores HF's forwards exactly."""
+    interpreter (compiled on a GPU); with the GDN core bound too, as well. Binding hf back restores HF's forwards exactly."""
     from eagle_trainer.targets import moe as moe_binding
-    cfg = TargetConfig(path=str(tiny_qwen3_next_path), moe_impl="eager", norm_impl="hf", gdn_impl="hf",
+    cfg = TargetConfig(path=str(tiny_qwen3_next_path), moe_impl="hf", norm_impl="hf", gdn_impl="hf",
                        dtype="float32")
     model, _, _, info = load_target(cfg, DEVICE)
     with torch.no_grad():  # HF initialises the (1 + w) weights to zero: make w matter
@@ -204,7 +205,7 @@ def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl)
     tol = 1e-5 if gdn_impl == "hf" else 1e-4  # the GDN core's chunked sums run in another order than HF's
     for i, (a, b) in enumerate(zip(out, ref, strict=True)):
         assert rel_err(a, b) < tol, (i, rel_err(a, b))
-    assert bind_qwen3_next(model, cfg) == {"moe": "eager", "norm": "hf", "gdn": "hf"}
+    assert bind_qwen3_next(model, cfg) == {"moe": "hf", "norm": "hf", "gdn": "hf"}
     assert model.config._experts_implementation == "eager"
     assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
     for a, b in zip(model.model(ids, output_hidden_states=True, use_cache=False).hidden_states, ref, strict=True):
@@ -234,7 +235,7 @@ def test_moe_and_norm_cores_bound_in_bf16_on_gpu_track_the_fp32_truth(tiny_qwen3
         batch = make_batch(2, 300, info.vocab_size).to(dev)
         return FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).capture(batch).final_hidden.float()
 
-    truth = capture("eager", "hf", "float32")
+    truth = capture("hf", "hf", "float32")
     ours, theirs = capture("auto", "auto", "bfloat16"), capture("grouped_mm", "hf", "bfloat16")
     err = lambda x: float((x - truth).norm() / truth.norm())
     assert err(ours) <= 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
@@ -264,7 +265,7 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
     """gdn_impl=triton (the Triton GDN core, fp32: compiled on a GPU, interpreted on the CPU) captures what HF's torch path does;
     a cached (decoding) call still goes through HF's forward."""
     from eagle_trainer.targets.gdn import LINEAR_ATTENTION_CLASS
-    kinds = {"moe_impl": "eager", "norm_impl": "hf", "dtype": "float32"}  # only the GDN differs
+    kinds = {"moe_impl": "hf", "norm_impl": "hf", "dtype": "float32"}  # only the GDN differs
     ref_model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="hf", **kinds),
                                            DEVICE)
     model, _, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="triton", **kinds), DEVICE)
@@ -294,7 +295,7 @@ def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_pat
 
     def forward(impl, dtype):
         model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl, dtype=dtype,
-                                                        moe_impl="eager" if dtype == "float32" else "grouped_mm",
+                                                        moe_impl="hf" if dtype == "float32" else "grouped_mm",
                                                         norm_impl="hf"), dev)
         ids, t2d = draft_vocab(info.vocab_size, 200)
         batch = make_batch(2, 300, info.vocab_size).to(dev)

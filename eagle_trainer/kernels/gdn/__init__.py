@@ -1,11 +1,11 @@
-"""Qwen3-Next gated delta net (linear attention) forward for frozen targets (DESIGN section 5).
+"""Qwen3-Next gated delta net (linear attention) forward for frozen targets.
 
     conv.py        causal depthwise conv1d + SiLU over packed documents (cu_seqlens)
     gating.py      g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)
     chunk.py       the chunked gated delta rule (chunk 64, WY form): a parallel prepare kernel (T = (I + A)^-1,
                    Aqk, q/k norms) and a recurrent kernel that keeps the state on chip; grouped value heads
     norm.py        gated RMSNorm * silu(z) epilogue
-    reference.py / reference_ops.py   plain-torch references (the delta rule token by token in fp64)
+    reference.py   plain-torch references of all four (the delta rule token by token in fp64)
 
 Bound into the Qwen3-Next target by targets/gdn.py (gdn_impl auto = these kernels on a GPU). Tested in fp32
 under the Triton interpreter against the references and HF's pure-torch code, and in bf16 on an H100 against

@@ -28,13 +28,12 @@ does); fp32 inputs multiply in full fp32 (ieee).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from eagle_trainer.kernels.gdn.conv import document_of
+from eagle_trainer.kernels.utils import dot_precision, interpreting, new_buffer
 
 BT = 64  # the chunk: the WY algebra's block
 BS = 16  # the forward-substitution block inside a chunk
@@ -329,11 +328,6 @@ def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr,
                               t_ptr + BT, aqk_ptr + BT, o_t, m_t, o_v, m_v, o_i, m_blocks, HV, V, BT, PREC)
 
 
-def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Uninitialised memory (tests swap this for NaN-filled buffers)."""
-    return torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-
-
 def _recurrent_launch(head_v_dim: int, programs_per_block: int, device: torch.device) -> tuple[int, int]:
     """(BV, num_stages) from the H100 sweep (benchmarks/gdn.py --sweep): BV = 32 unless that leaves fewer than
     two programs per SM with 64; a deeper load pipeline (3 stages) pays only when every program has an SM to
@@ -352,7 +346,7 @@ def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     _, num_k_heads, head_k_dim = k.shape
     total, num_v_heads, head_v_dim = v.shape
     num_seqs = cu_seqlens.numel() - 1
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = interpreting()
     # tl.dot needs every dimension >= 16
     block_k = max(16, triton.next_power_of_2(head_k_dim))
     recurrent = INTERPRET if interpret else RECURRENT_GPU
@@ -361,7 +355,7 @@ def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     block_v, stages = recurrent["BV"] or block_v, recurrent["num_stages"] or stages
     # 16-bit inputs multiply as bf16 (fp32 accumulation); fp32 inputs in full fp32
     dot_dtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
-    prec = "ieee" if dot_dtype == torch.float32 else "tf32"
+    prec = dot_precision(dot_dtype)
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     cu_chunks = torch.zeros(num_seqs + 1, device=v.device, dtype=torch.int32)
     cu_chunks[1:] = torch.cumsum(torch.div(lengths + BT - 1, BT, rounding_mode="floor"), 0)

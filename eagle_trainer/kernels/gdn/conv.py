@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_trainer.kernels.utils import new_buffer
+
 
 @triton.jit
 def document_of(cu_ptr, x, num_docs, num_steps):
@@ -57,11 +59,6 @@ def causal_conv1d_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cu_ptr, T, C, num_docs,
     b_y = (b_acc * tl.sigmoid(b_acc)).to(w_ptr.dtype.element_ty)
     p_y = y_ptr + i_b.to(tl.int64) * T * C + o_t.to(tl.int64)[:, None] * C + o_c[None, :]
     tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
-
-
-def new_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output memory (tests swap this for NaN-filled buffers)."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
 def causal_conv1d_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_trainer.kernels.utils import new_buffer
+
 
 @triton.jit
 def _softplus(x):
@@ -33,11 +35,6 @@ def gdn_gating_fwd_kernel(a_ptr, b_ptr, a_log_ptr, dt_bias_ptr, g_ptr, beta_ptr,
     b_g = -tl.exp(b_a_log) * _softplus(b_a + b_dt)
     tl.store(g_ptr + o_n, b_g, mask=m_n)
     tl.store(beta_ptr + o_n, tl.sigmoid(b_b).to(beta_ptr.dtype.element_ty), mask=m_n)
-
-
-def new_buffer(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Uninitialised output memory (tests swap this for NaN-filled buffers)."""
-    return torch.empty(shape, device=like.device, dtype=dtype)
 
 
 def gdn_gating_fwd(a: torch.Tensor, b: torch.Tensor, a_log: torch.Tensor,

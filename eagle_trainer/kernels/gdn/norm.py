@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_trainer.kernels.utils import new_buffer
+
 
 @triton.jit
 def gated_rms_norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, N, D, eps, BR: tl.constexpr, BD: tl.constexpr,
@@ -31,11 +33,6 @@ def gated_rms_norm_fwd_kernel(x_ptr, z_ptr, w_ptr, y_ptr, N, D, eps, BR: tl.cons
     b_z = tl.load(z_ptr + o_x, mask=m, other=0.0).to(tl.float32)
     b_y = b_wn * (b_z * tl.sigmoid(b_z))
     tl.store(y_ptr + o_x, b_y.to(y_ptr.dtype.element_ty), mask=m)
-
-
-def new_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised output memory (tests swap this for NaN-filled buffers)."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
 def gated_rms_norm_fwd(rows: torch.Tensor, z_rows: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

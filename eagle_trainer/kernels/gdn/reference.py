@@ -1,6 +1,14 @@
-"""Plain-torch reference of the gated delta rule (Qwen3-Next linear attention core), token by token in fp64.
+"""Plain-torch references of the gated delta net's kernels: the ground truth in the tests, written for reading.
 
-Shapes: T tokens, Hk key heads, Hv = G * Hk value heads (value head h reads key head h // G), Dk, Dv head dims.
+    causal_conv1d_silu_reference  x [B, T, C], weight [C, K] (or [C, 1, K]), bias [C] -> [B, T, C]   (conv.py)
+    gdn_gating_reference          a, b [..., Hv], A_log, dt_bias [Hv] -> g fp32, beta in b's dtype   (gating.py)
+    gated_rms_norm_reference      x, z [..., D], weight [D] -> [..., D] in x's dtype                 (norm.py)
+    gated_delta_rule_reference    the delta rule token by token in fp64 (shapes below)               (chunk.py)
+The small ops use HF's Qwen3NextGatedDeltaNet arithmetic; packed documents are cut apart by cu_seqlens and run one
+by one.
+
+Gated delta rule. Shapes: T tokens, Hk key heads, Hv = G * Hk value heads (value head h reads key head h // G),
+Dk, Dv head dims.
     q, k      [B, T, Hk, Dk]  or packed [1, T_total, Hk, Dk] with cu_seqlens [N+1] int32
     v         [B, T, Hv, Dv]
     g, beta   [B, T, Hv]      log decay (<= 0) and write strength in (0, 1)
@@ -15,6 +23,38 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    if weight.dim() == 3:
+        weight = weight[:, 0]
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        return torch.cat([causal_conv1d_silu_reference(x[:, start:end], weight, bias)
+                          for start, end in itertools.pairwise(bounds)], dim=1)
+    seq_len, kernel_size = x.shape[1], weight.shape[1]
+    h = F.pad(x.to(torch.float32), (0, 0, kernel_size - 1, 0))  # [B, K-1+T, C]: zeros before the first token
+    out = torch.zeros_like(h[:, :seq_len])
+    if bias is not None:
+        out += bias.to(torch.float32)
+    for k in range(kernel_size):
+        out += weight[:, k].to(torch.float32) * h[:, k:k + seq_len]
+    return F.silu(out.to(weight.dtype).to(torch.float32)).to(weight.dtype).to(x.dtype)
+
+
+def gdn_gating_reference(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor,
+                         dt_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g = -A_log.to(torch.float32).exp() * F.softplus(a.to(torch.float32) + dt_bias.to(torch.float32))
+    return g, torch.sigmoid(b.to(torch.float32)).to(b.dtype)
+
+
+def gated_rms_norm_reference(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight * h.to(x.dtype)
+    return (h * F.silu(z.to(torch.float32))).to(x.dtype)
 
 
 def l2norm_reference(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

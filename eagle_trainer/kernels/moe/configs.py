@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
+
+from eagle_trainer.kernels.utils import interpreting
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 KEYS = ("BM", "BN1", "BK1", "W1", "S1", "BN2", "BK2", "W2", "S2", "GM")
@@ -34,15 +35,6 @@ BUCKETS = tuple(2**i for i in range(4, 13))  # 16 .. 4096 rows per expert
 DEFAULT_GPU = {"BM": 64, "BN1": 64, "BK1": 64, "W1": 4, "S1": 4, "BN2": 128, "BK2": 64, "W2": 4, "S2": 4, "GM": 8}
 DEFAULT_INTERPRET = {"BM": 16, "BN1": 32, "BK1": 32, "W1": 1, "S1": 1, "BN2": 32, "BK2": 32, "W2": 1, "S2": 1,
                      "GM": 1}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands multiply in full fp32 (Triton's default would be tf32); 16-bit ones are exact anyway."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def shape_key(num_experts: int, intermediate: int, hidden: int) -> str:

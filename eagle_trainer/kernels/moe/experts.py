@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_trainer.kernels.moe.configs import dot_precision, get_config
+from eagle_trainer.kernels.moe.configs import get_config
 from eagle_trainer.kernels.moe.routing import align_pairs
+from eagle_trainer.kernels.utils import dot_precision, new_buffer
 
 
 @triton.jit
@@ -140,11 +141,6 @@ def moe_sum_fwd_kernel(o_ptr, out_ptr, T, H, TOPK: tl.constexpr, BT: tl.constexp
 def use_scratch_allocator() -> None:
     """Device-side tensor descriptors (TMA) need global scratch memory from the launcher."""
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-
-
-def new_buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Uninitialised scratch/output memory (tests swap this for NaN-filled buffers)."""
-    return torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
 def moe_experts_fwd(hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_trainer.kernels.moe.configs import dot_precision, interpreting
+from eagle_trainer.kernels.utils import dot_precision, interpreting
 
 
 @triton.jit
