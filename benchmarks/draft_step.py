@@ -142,6 +142,7 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     from eagle_trainer import registry
     from eagle_trainer.config import DraftConfig, OptimConfig
     from eagle_trainer.drafts import frozen_weights_to
+    from eagle_trainer.drafts.policy import apply_compile, apply_recompute
     from eagle_trainer.targets.frozen import chunked_argmax, teacher_outputs
     from eagle_trainer.trainer import cosine_schedule, guarded_step
     from eagle_trainer.types import Batch, CapturedStates, HostCopy
@@ -155,7 +156,10 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     draft = spec.algorithm.build_draft(info, cfg, spec.target.aux_layers(info.num_layers)).to(device)
     draft.set_target_weights(target_embedding(hf_config, device, inputs.lm_head.dtype))  # copy_ casts to fp32
     draft.set_vocab_map(inputs.d2t, inputs.t2d)
+    if recompute:  # the Trainer's policy, applied from outside the draft
+        apply_recompute(draft)
     if device.type == "cuda":
+        apply_compile(draft)
         frozen_weights_to(draft, torch.bfloat16)  # as the Trainer does
     draft.train()
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -170,7 +174,7 @@ def build_ours(hf_config, inputs: SimpleNamespace, vd: int, attention: str, devi
     def forward():  # Trainer._loss: the teacher is dropped when it returns, before backward
         # the teacher, as FrozenTarget.capture + teacher_outputs form it after the target's backbone
         argmax_valid = inputs.t2d[chunked_argmax(final.reshape(-1, final.shape[-1]), inputs.lm_head)]
-        states = CapturedStates(aux_hidden=inputs.aux, last_hidden=None, final_hidden=final,
+        states = CapturedStates(aux_hidden=inputs.aux, final_hidden=final,
                                 argmax_valid=argmax_valid.view(final.shape[:2]))
         # FrozenTarget.draft_head: the lm_head rows of the draft ids [Vd, H], gathered per batch and freed here
         outputs = teacher_outputs(states, inputs.lm_head[inputs.draft_ids], cfg.mask_teacher_argmax)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from eagle_trainer.types import TargetInfo
+
 # Dense bf16 tensor-core peak of each GPU (TFLOP/s, no sparsity), by a substring of its CUDA name.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H20": 148.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
 
@@ -38,7 +40,7 @@ def peak_tflops(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class TargetFlops:
-    """A target's shape, as far as FLOPs go; `from_hf_config` reads dense Qwen3, Qwen3-MoE and Qwen3-Next."""
+    """A target's shape, as far as FLOPs go; `from_target` reads dense Qwen3, Qwen3-MoE and Qwen3-Next."""
 
     hidden_size: int
     vocab_size: int
@@ -60,24 +62,24 @@ class TargetFlops:
     linear_conv_kernel: int = 0
 
     @classmethod
-    def from_hf_config(cls, config) -> "TargetFlops":
-        num_layers = config.num_hidden_layers
-        layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
+    def from_target(cls, info: TargetInfo, config) -> "TargetFlops":
+        """The widths, head counts and expert counts the registered TargetSpec read (`spec.read_info`: `info`);
+        from the HF `config` only what TargetInfo does not describe: which layers are linear attention (and its
+        widths), which MLPs are sparse, and the shared expert's width."""
+        layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * info.num_layers)
         layer_types = tuple("linear_attention" if t == "linear_attention" else "full_attention" for t in layer_types)
-        num_experts = getattr(config, "num_experts", 0) or 0
+        num_experts = info.num_experts or 0
         sparse_step = getattr(config, "decoder_sparse_step", 1) or 1
         dense_only = set(getattr(config, "mlp_only_layers", None) or [])
         mlp_types = tuple("moe" if num_experts and i not in dense_only and (i + 1) % sparse_step == 0 else "dense"
-                          for i in range(num_layers))
-        heads = config.num_attention_heads
+                          for i in range(info.num_layers))
         return cls(
-            hidden_size=config.hidden_size, vocab_size=config.vocab_size, num_heads=heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            hidden_size=info.hidden_size, vocab_size=info.vocab_size, num_heads=info.num_heads,
+            num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
             attn_output_gate="linear_attention" in layer_types,  # Qwen3-Next's full attention has an output gate
-            layer_types=layer_types, mlp_types=mlp_types, intermediate_size=config.intermediate_size,
-            num_experts=num_experts, top_k=getattr(config, "num_experts_per_tok", 0) or 0,
-            moe_intermediate_size=getattr(config, "moe_intermediate_size", 0) or 0,
+            layer_types=layer_types, mlp_types=mlp_types, intermediate_size=info.intermediate_size,
+            num_experts=num_experts, top_k=info.num_experts_per_tok or 0,
+            moe_intermediate_size=info.moe_intermediate_size or 0,
             shared_intermediate_size=getattr(config, "shared_expert_intermediate_size", 0) or 0,
             linear_key_heads=getattr(config, "linear_num_key_heads", 0) or 0,
             linear_value_heads=getattr(config, "linear_num_value_heads", 0) or 0,
@@ -116,18 +118,17 @@ class TargetFlops:
 
 
 def draft_forward(cfg, seq_len: int, num_steps: int) -> float:
-    """Forward FLOPs of the draft's K-step unroll over one sequence (EAGLE-3 `Eagle3Config` or EAGLE-1
-    `Eagle1Config`: told apart by `aux_layer_ids`)."""
+    """Forward FLOPs of the draft's K-step unroll over one sequence, from the shape fields every draft config has
+    (drafts/llama.py): the layers' input width, and fc's input width and whether it runs every step."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    eagle3 = hasattr(cfg, "aux_layer_ids")
-    width = 2 * h if eagle3 else h  # EAGLE-3's q/k/v read [embed, hidden]; EAGLE-1's read fc's output
-    layer = 2 * (width * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
+    layer = 2 * (cfg.layer_input_size * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
     per_step = layer * cfg.num_layers + 2 * h * cfg.draft_vocab_size  # + lm_head over the draft vocab
-    if not eagle3:
-        per_step += 2 * 2 * h * h  # fc over [embed, feature], every step
+    fc = 2 * cfg.fc_in_features * h
+    if cfg.fc_every_step:
+        per_step += fc
     total = per_step * seq_len * num_steps
-    if eagle3:
-        total += 2 * len(cfg.aux_layer_ids) * cfg.target_hidden_size * h * seq_len  # fc, once
+    if not cfg.fc_every_step:
+        total += fc * seq_len  # once, before the unroll
     for k in range(num_steps):  # attention: causal step-0 keys (t+1 on average (T+1)/2) plus k diagonal keys
         total += cfg.num_layers * 2 * 2 * q * seq_len * ((seq_len + 1) / 2 + k)
     return total

@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 from eagle_trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from eagle_trainer.config import DraftConfig, LogConfig, OptimConfig, TrainConfig
 from eagle_trainer.drafts import frozen_weights_to
-from eagle_trainer.drafts.ttt import pick_attention, simulated_acceptance
+from eagle_trainer.drafts.attention import pick_attention
+from eagle_trainer.drafts.loss import simulated_acceptance
+from eagle_trainer.drafts.policy import apply_compile, apply_recompute
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
 from eagle_trainer.parallel import ParallelDims, all_ranks_sum, replicate
 from eagle_trainer.registry import DraftSpec
@@ -125,6 +127,11 @@ class Trainer:
         self.flops, self.peak_tflops = flops, peak_tflops
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
+        # policy from outside the draft: recompute first, so that compile traces the checkpointed pieces (policy.py)
+        if draft_cfg.recompute:
+            apply_recompute(draft)
+        if device.type == "cuda":
+            apply_compile(draft)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
         if self.autocast is not None:
             frozen_weights_to(draft, torch.bfloat16)

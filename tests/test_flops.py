@@ -8,8 +8,14 @@ from transformers import AutoModelForCausalLM
 
 from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
+from eagle_trainer import registry
 from eagle_trainer.flops import TargetFlops, draft_forward, peak_tflops, step_flops
 from eagle_trainer.targets.tiny import tiny_qwen3_config, tiny_qwen3_moe_config, tiny_qwen3_next_config
+
+
+def target_flops(config) -> TargetFlops:
+    """The target side as training counts it: through the TargetInfo a registered TargetSpec reads."""
+    return TargetFlops.from_target(registry.TargetSpec(architectures=("test",)).read_info("test", config), config)
 
 
 def linear_weights(module, skip=()) -> int:
@@ -21,7 +27,7 @@ def test_tiny_dense_by_hand():
     # H 8, 2 heads x D 4, 1 kv head, I 16, V 32, 2 layers; T = 3, Vd = 4, argmax mask on
     cfg = tiny_qwen3_config(vocab_size=32, hidden_size=8, num_layers=2, num_attention_heads=2, num_key_value_heads=1,
                             head_dim=4, intermediate_size=16)
-    f = TargetFlops.from_hf_config(cfg)
+    f = target_flops(cfg)
     proj = 8 * (8 + 4 + 4) + 8 * 8  # q, k, v, o weights
     core = 2 * 2 * 8 * (3 + 1) / 2  # QK^T and PV, 2 FLOPs each per q-dim per key, (T+1)/2 = 2 keys, q = 8
     mlp = 3 * 8 * 16
@@ -37,7 +43,7 @@ def test_tiny_dense_by_hand():
 def test_target_projections_equal_the_models_weights(make):
     cfg = make()
     model = AutoModelForCausalLM.from_config(cfg)
-    f = TargetFlops.from_hf_config(cfg)
+    f = target_flops(cfg)
     t, vd = 5, 16
     expect = 0.0
     for i, layer in enumerate(model.model.layers):
@@ -84,7 +90,7 @@ def test_draft_projections_equal_the_drafts_weights(which):
 
 
 def test_step_is_target_forward_plus_three_draft_forwards():
-    target = TargetFlops.from_hf_config(tiny_qwen3_config(vocab_size=64, hidden_size=32, num_layers=4))
+    target = target_flops(tiny_qwen3_config(vocab_size=64, hidden_size=32, num_layers=4))
     draft = tiny_draft_configs()[0]
     got = step_flops(target, draft, [5, 9], 7, argmax_mask=False)
     expect = sum(target.forward(n, 16, False) + 3 * draft_forward(draft, n, 7) for n in (5, 9))

@@ -8,9 +8,9 @@ from transformers import LlamaConfig
 from eagle_trainer import registry
 from eagle_trainer.config import Config, DataConfig, DraftConfig, OptimConfig, TargetConfig, TrainConfig
 from eagle_trainer.data.chat import write_chat_jsonl
-from eagle_trainer.demo import synthetic_prompts
+from eagle_trainer.app.demo import synthetic_prompts
 from eagle_trainer.targets.tiny import save_tiny_checkpoint
-from eagle_trainer.train import run
+from eagle_trainer.app.train import run
 
 
 def test_resolve_builtin():

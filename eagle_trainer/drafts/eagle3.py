@@ -6,58 +6,50 @@
     g_next = h + mlp(post_attention_layernorm(h))                      (pre-norm, fed to the next step)
     logits = lm_head(norm(g_next))                                     [B, T, Vd]
 
-The module exposes the step in pieces (`step_qkv`, attention outside, `step_out`) so that the TTT unroll
-(drafts/ttt.py) and a serving-style KV-cached decoder (`DraftKVCache`) drive the same weights the same way.
-The token embedding is the target's, frozen, and is not exported.
+The step comes in two pieces (`step_qkv`, attention outside, `step_out`), so that the training unroll
+(unroll.unroll_eagle3) and the serving-style KV cache (llama.KVCache, through `step`) drive the same weights the
+same way. The token embedding is the target's, frozen, and is not exported. The loss is the K-step soft
+cross-entropy against the target (loss.py); on a GPU its lm_head + soft-CE run fused (soft_ce.py).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, set_frozen_embedding
+from eagle_trainer import registry
+from eagle_trainer.config import DraftConfig
+from eagle_trainer.drafts.layers import RMSNorm
+from eagle_trainer.drafts.llama import DecoderLayer, Draft, KVCache, LlamaDraftConfig, shape_from_target
+from eagle_trainer.drafts.loss import GlobalCounts, TTTLoss, step_valid_mask
+from eagle_trainer.drafts.soft_ce import fused_ttt_loss, unfused_ttt_loss
+from eagle_trainer.drafts.unroll import UNROLL_PIECES, unroll, unroll_eagle3
+from eagle_trainer.types import Batch, TargetInfo, TargetOutputs
 
 
-@dataclass(frozen=True)
-class Eagle3Config:
-    hidden_size: int
-    target_hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int  # target vocab V
-    draft_vocab_size: int  # Vd
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
+@dataclass(frozen=True, kw_only=True)
+class Eagle3Config(LlamaDraftConfig):
+    target_hidden_size: int  # Ht
     aux_layer_ids: tuple[int, ...]  # 0-based target decoder-layer outputs
-    rope_scaling: dict | None = None
-    num_layers: int = 1
-    target_architecture: str = ""
-    extra: dict = field(default_factory=dict)
+    algorithm: str = "eagle3"
+
+    @property
+    def layer_input_size(self) -> int:
+        return 2 * self.hidden_size  # [input_layernorm(embed), hidden_norm(g)]
+
+    @property
+    def fc_in_features(self) -> int:
+        return len(self.aux_layer_ids) * self.target_hidden_size
+
+    fc_every_step = False  # fc projects the aux states once, before the unroll
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_layers != 1:
             raise ValueError(f"draft.num_layers={self.num_layers}: the EAGLE-3 draft has exactly one decoder layer "
                              "(the engines' LlamaForCausalLMEagle3 loads one midlayer); set draft.num_layers=1")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Eagle3Config":
-        raw = json.loads(Path(path).read_text())
-        raw["aux_layer_ids"] = tuple(raw["aux_layer_ids"])
-        return cls(**raw)
 
 
 @dataclass
@@ -76,59 +68,19 @@ class UnrollWeights:
     final_norm: torch.Tensor
 
 
-class Eagle3Layer(nn.Module):
-    def __init__(self, cfg: Eagle3Config):
-        super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(2 * h, cfg.num_heads * d, bias=False)
-        self.self_attn.k_proj = nn.Linear(2 * h, cfg.num_kv_heads * d, bias=False)
-        self.self_attn.v_proj = nn.Linear(2 * h, cfg.num_kv_heads * d, bias=False)
-        self.self_attn.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
-        self.mlp = SwiGLU(h, cfg.intermediate_size)
+class Eagle3Draft(Draft):
+    unroll_pieces = UNROLL_PIECES
 
-
-class Eagle3Draft(nn.Module):
     def __init__(self, cfg: Eagle3Config):
-        super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.embed_tokens.weight.requires_grad_(False)
+        super().__init__(cfg)
         self.fc = nn.Linear(len(cfg.aux_layer_ids) * cfg.target_hidden_size, cfg.hidden_size, bias=False)
-        self.midlayer = Eagle3Layer(cfg)
+        self.midlayer = DecoderLayer(cfg, cfg.layer_input_size, input_norm=True, hidden_norm=True)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.draft_vocab_size, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
-        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
 
-    def set_embedding(self, weight: torch.Tensor, share: bool = False) -> None:
-        """The target's input embedding [V, Ht], frozen: copied, or with `share` held as it is where it can be
-        (layers.set_frozen_embedding)."""
-        set_frozen_embedding(self.embed_tokens, weight, share)
-
-    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
-        with torch.no_grad():
-            self.d2t.copy_(d2t)
-            self.t2d.copy_(t2d)
-
-    def set_target_weights(self, embedding: torch.Tensor, lm_head: torch.Tensor | None = None,
-                           share: bool = False) -> None:
-        """The target weights a draft reads: EAGLE-3 the embedding (`set_embedding`); it has its own lm_head."""
-        self.set_embedding(embedding, share)
-
-    def target_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """From HF `output_hidden_states` (entry i+1 = output of decoder layer i) -> aux [.., T, 3Ht]."""
-        return torch.cat([hidden_states[i + 1] for i in self.config.aux_layer_ids], dim=-1)
-
-    def new_cache(self) -> "DraftKVCache":
-        return DraftKVCache(self)
-
-    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
-        return draft_ids + self.d2t[draft_ids]
+    def target_features(self, states) -> torch.Tensor:
+        """The aux layers' outputs [.., T, 3Ht], low/mid/high concatenated."""
+        return states.aux_hidden
 
     def project(self, aux_hidden: torch.Tensor) -> torch.Tensor:
         """[B, T, 3Ht] -> g0 [B, T, H]."""
@@ -136,27 +88,18 @@ class Eagle3Draft(nn.Module):
 
     def step_qkv(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor):
         """tokens [B, T], hidden g [B, T, H], positions [B, T] -> q [B, nh, T, D], k/v [B, nkv, T, D]."""
-        cfg, layer = self.config, self.midlayer
+        layer = self.midlayer
         emb = self.embed_tokens(tokens).to(hidden.dtype)
         x = torch.cat([layer.input_layernorm(emb), layer.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
-        b, t, _ = x.shape
-        q = layer.self_attn.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = layer.self_attn.k_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = layer.self_attn.v_proj(x).view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(positions)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return layer.qkv(x, *self.rotary(positions))
 
     def step_out(self, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """hidden g [B, T, H], attention output [B, nh, T, D] -> g_next [B, T, H] (pre-norm)."""
-        layer = self.midlayer
-        b, _, t, _ = attn.shape
-        h = hidden + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.midlayer.out(hidden, attn)
 
-    def compute_dtype(self) -> torch.dtype:
-        """The dtype the draft's products run in: autocast's where it is on, else the parameters'."""
-        device = self.fc.weight.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.fc.weight.dtype
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        q, k, v = self.step_qkv(tokens, hidden, positions)
+        return self.step_out(hidden, attend(0, q, k, v))
 
     def unroll_weights(self) -> UnrollWeights:
         """The layer's weights for one TTT unroll, cast once to the compute dtype (autocast's, else the params'):
@@ -177,41 +120,26 @@ class Eagle3Draft(nn.Module):
         """g [B, T, H] -> draft-vocab logits [B, T, Vd]."""
         return self.lm_head(self.norm(g))
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything a checkpoint or export holds: all weights but the frozen target embedding."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}
+
+def eagle3_config(info: TargetInfo, cfg: DraftConfig, aux_layer_ids) -> Eagle3Config:
+    return Eagle3Config(**shape_from_target(info, cfg), target_hidden_size=info.hidden_size,
+                        aux_layer_ids=tuple(aux_layer_ids))
 
 
-class DraftKVCache:
-    """Serving-style incremental decoding for one draft: keys/values grow by the tokens fed in.
+def eagle3_loss(draft: Eagle3Draft, batch: Batch, outputs: TargetOutputs, cfg: DraftConfig,
+                attention: str, global_counts: GlobalCounts | None = None) -> TTTLoss:
+    """The K-step TTT loss of one batch (docs/design.md, TTT); a packed batch keeps every chain in its document."""
+    # aux in the compute dtype: an fp32 copy under autocast would only be cast back for fc, and would stay alive to
+    # the end of the loss (0.2 GiB at T=8192, H 2048)
+    aux = outputs.aux_hidden.to(draft.compute_dtype())
+    documents = batch.document_ids()  # None unless packed
+    normed = unroll_eagle3(draft, batch.input_ids, aux, cfg.ttt_steps, attention, batch.position_ids, documents)
+    valid = step_valid_mask(batch.loss_mask, batch.attention_mask, outputs.teacher_valid, cfg.ttt_steps, documents)
+    head = fused_ttt_loss if cfg.fused_head else unfused_ttt_loss
+    return head(normed, draft.lm_head.weight, outputs.teacher_logits, valid, cfg.step_weight,
+                global_counts=global_counts)
 
-    New tokens attend to every cached key plus, causally, to each other, exactly as an engine's draft
-    worker extends its cache. Used as the oracle of the TTT unroll and by the evaluator.
-    """
 
-    def __init__(self, draft: Eagle3Draft):
-        self.draft = draft
-        self.k: torch.Tensor | None = None  # [B, nkv, S, D]
-        self.v: torch.Tensor | None = None
-
-    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-               allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed [B, n] tokens with their hidden inputs; returns g_next [B, n, H] for them.
-
-        `allowed` [n, S] (S = cache length after appending) says which cached keys each new token sees;
-        by default every earlier key and, causally, the new ones (a tree decoder passes its ancestor mask).
-        """
-        q, k, v = self.draft.step_qkv(tokens, hidden, positions)
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        n, s = q.shape[2], self.k.shape[2]
-        if allowed is None:
-            allowed = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)  # [n, S]
-        attn = F.scaled_dot_product_attention(q, self.k, self.v, attn_mask=allowed, enable_gqa=True)
-        return self.draft.step_out(hidden, attn)
-
-    def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def truncate(self, length: int) -> None:
-        self.k, self.v = self.k[:, :, :length], self.v[:, :, :length]
+EAGLE3 = registry.register_algorithm(registry.AlgorithmSpec(
+    name="eagle3", config_class=Eagle3Config, draft_class=Eagle3Draft, build_config=eagle3_config,
+    unroll=unroll, loss=eagle3_loss, cache_class=KVCache, kind="EAGLE-3", feature="aux_hidden"))

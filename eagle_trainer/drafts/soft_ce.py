@@ -1,6 +1,6 @@
 """The TTT loss head without per-step [T, Vd] logits kept for backward: lm_head + soft cross-entropy, fused.
 
-The unfused head (`ttt.ttt_loss` over `draft.logits`) keeps, for every one of the K steps, the bf16 logits, their
+The unfused head (`loss.ttt_loss` over `draft.logits`) keeps, for every one of the K steps, the bf16 logits, their
 fp32 log-softmax and a shifted copy of the teacher [B, T, Vd] alive until backward: at Vd = 32000, K = 7 and
 T = 16384 that is over 20 GiB. Here one autograd function takes the K normed hidden states and the lm_head
 weight, and walks each step's positions in row chunks of at most `max_elems` logits:
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from eagle_trainer.drafts.ttt import GlobalCounts, TTTLoss, step_counts, ttt_loss
+from eagle_trainer.drafts.loss import GlobalCounts, TTTLoss, step_counts, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
 # logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: at least two per step). The
@@ -130,12 +130,12 @@ class _FusedTTTCrossEntropy(torch.autograd.Function):
 def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
                    valid: list[torch.Tensor], step_weight: float, max_elems: int = MAX_ELEMS,
                    global_counts: GlobalCounts | None = None) -> TTTLoss:
-    """`ttt.ttt_loss` over `lm_head(normed[k])`, without keeping any step's [B, T, Vd] logits.
+    """`loss.ttt_loss` over `lm_head(normed[k])`, without keeping any step's [B, T, Vd] logits.
 
     normed: K tensors [B, T, H], the draft's final-normed hidden state per step, consumed (their memory holds the
     gradients afterwards; pass copies to keep them; autograd must not have saved them); lm_head [Vd, H];
-    teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`ttt.step_valid_mask`);
-    global_counts: see `ttt.step_counts`."""
+    teacher_logits [B, T, Vd] (the teacher is their fp32 softmax); valid: K masks [B, T] (`loss.step_valid_mask`);
+    global_counts: see `loss.step_counts`."""
     counts, norm = step_counts(valid, global_counts)
     total, stats = _FusedTTTCrossEntropy.apply(lm_head, teacher_logits.contiguous(), torch.stack(valid), counts, norm,
                                                step_weight, max_elems, *normed)
@@ -144,7 +144,7 @@ def fused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_lo
 
 def unfused_ttt_loss(normed: list[torch.Tensor], lm_head: torch.Tensor, teacher_logits: torch.Tensor,
                      valid: list[torch.Tensor], step_weight: float, global_counts: GlobalCounts | None = None) -> TTTLoss:
-    """The reference: per-step logits through autograd (`ttt.ttt_loss`)."""
+    """The reference: per-step logits through autograd (`loss.ttt_loss`)."""
     return ttt_loss([h @ lm_head.T for h in normed], teacher_logits.float().softmax(-1), valid, step_weight,
                     global_counts)
 

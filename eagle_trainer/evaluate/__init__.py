@@ -1,8 +1,8 @@
-"""Real speculative decoding with target and draft, and acceptance length (DESIGN section 9).
+"""Real speculative decoding with target and draft, and acceptance length (docs/design.md, Evaluation).
 
     speculative.py  chain and EAGLE-2 tree drafting, greedy tree verification, KV caches on both sides
     acceptance.py   prompts, acceptance-length report over many prompts, histogram plot
-    cli.py          the `eagle-eval` console script (real and simulated acceptance side by side)
+    simulated.py    the simulated acceptance length from a draft's per-step TTT accuracy (eagle-eval reports it)
 """
 
 from eagle_trainer.evaluate.acceptance import measure_acceptance

@@ -3,7 +3,7 @@
 Prompts come from tokenised chat examples (everything before the last assistant turn's first trained token,
 i.e. up to and including the assistant header) or from conversations rendered with the chat template.
 
-    report = measure_acceptance(model, draft, prompts, DecodeConfig(...), stop_ids)
+    report = measure_acceptance(model, spec, draft, prompts, DecodeConfig(...), stop_ids)   # spec: TargetSpec
     report["accept_len"]        tokens committed per verifying target forward, over all rounds of all prompts
     report["per_prompt"]        the same per prompt
     report["histogram"]         {committed tokens in a round: number of rounds}
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from eagle_trainer.data.chat import Conversation
 from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generate
+from eagle_trainer.registry import TargetSpec
 
 
 def prompt_from_example(input_ids: list[int], loss_mask: list[bool]) -> list[int] | None:
@@ -56,9 +57,10 @@ def prompts_from_conversations(tokenizer, conversations: list[Conversation], **t
 
 
 @torch.no_grad()
-def measure_acceptance(model, draft, prompts: list[list[int]], cfg: DecodeConfig, stop_ids: tuple[int, ...] = (),
-                       progress: bool = False) -> dict:
-    """Speculative decoding of every prompt; the acceptance-length report (module docstring)."""
+def measure_acceptance(model, spec: TargetSpec, draft, prompts: list[list[int]], cfg: DecodeConfig,
+                       stop_ids: tuple[int, ...] = (), progress: bool = False) -> dict:
+    """Speculative decoding of every prompt with the target `model` (its registry entry `spec`); the
+    acceptance-length report (module docstring)."""
     if not prompts:
         raise ValueError("no prompts to measure acceptance on: the eval data has no assistant turn to prompt with")
     was_training = draft.training
@@ -66,7 +68,7 @@ def measure_acceptance(model, draft, prompts: list[list[int]], cfg: DecodeConfig
     rounds, per_prompt, tokens = Counter(), [], 0
     start = time.perf_counter()
     for prompt in tqdm(prompts, desc=f"accept ({cfg.mode})", disable=not progress, leave=False):
-        gen = speculative_generate(model, draft, prompt, cfg, stop_ids)
+        gen = speculative_generate(model, spec, draft, prompt, cfg, stop_ids)
         rounds.update(gen.accept_lengths)
         tokens += len(gen.tokens)
         if gen.accept_lengths:

@@ -3,8 +3,10 @@
 One sequence at a time, KV caches on both sides. With L tokens committed, the target's cache holds positions
 0..L-2 and the last committed token is pending; the draft's cache holds positions 0..L-2 too, where the entry
 at position t pairs the target's feature at t (EAGLE-3: aux hidden states; EAGLE-1/2: the final normed hidden
-state) with token t+1, and its output g at L-2 predicts token L. The draft says which feature it reads
-(`target_features`) and brings its own KV cache (`new_cache`): Eagle3Draft and Eagle1Draft both do.
+state) with token t+1, and its output g at L-2 predicts token L. The target's states are captured by the same
+hooks as in training (targets.frozen.StateHooks, at the layers `draft.aux_layer_ids` and the final norm of the
+target's registry entry); the draft says which feature it reads (`target_features`), and its algorithm's registry
+entry names its KV cache (`cache_class`).
 
 A round:
   1. draft a tree from g at L-2: depth 1 holds the top-k draft tokens; each later depth expands the top-k nodes
@@ -23,14 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from typing import Callable
 
-from eagle_trainer.drafts.eagle1 import Eagle1Draft
-from eagle_trainer.drafts.eagle3 import DraftKVCache, Eagle3Draft
+import torch
 
-Draft = Eagle3Draft | Eagle1Draft
+from eagle_trainer import registry
+from eagle_trainer.drafts.llama import Draft, KVCache
+from eagle_trainer.registry import TargetSpec
+from eagle_trainer.targets.frozen import StateHooks
+from eagle_trainer.types import CapturedStates
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,17 @@ class Generation:
 
 
 class TargetCache:
-    """The HF target with its KV cache: forward new tokens, keep only the committed entries afterwards."""
+    """The HF target with its KV cache: forward new tokens, keep only the committed entries afterwards.
 
-    def __init__(self, model, features: Callable[[tuple], torch.Tensor]):
-        """`features(hidden_states)` picks the draft's input from HF's output_hidden_states."""
+    The target's states are captured as training captures them (targets.frozen.StateHooks on the aux layers and
+    the final norm that `spec` names); `features(states)` turns them into the draft's input. `close()` removes
+    the hooks."""
+
+    def __init__(self, model, spec: TargetSpec, aux_layer_ids: tuple[int, ...],
+                 features: Callable[[CapturedStates], torch.Tensor]):
         from transformers import DynamicCache
         self.model = model
+        self.hooks = StateHooks(model, spec, aux_layer_ids)
         self.features = features
         self.cache = DynamicCache(config=model.config)
         self.length = 0
@@ -97,11 +105,14 @@ class TargetCache:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             mask = mask[None, None]
+        self.hooks.clear()
         out = self.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, output_hidden_states=True,
-                         logits_to_keep=1 if last_logits_only else 0)
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1 if last_logits_only else 0)
         self.length += n
-        return out.logits[0], self.features(out.hidden_states)[0]
+        aux, final = self.hooks.take()  # [1, n, len(aux) * Ht], [1, n, Ht]
+        # no teacher is formed here, so no argmax mask
+        states = CapturedStates(aux_hidden=aux, final_hidden=final, argmax_valid=None)
+        return out.logits[0], self.features(states)[0]
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the cache entries at `index` (ascending), e.g. the committed prefix plus the accepted path."""
@@ -109,6 +120,9 @@ class TargetCache:
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
         self.length = index.numel()
+
+    def close(self) -> None:
+        self.hooks.close()
 
 
 @dataclass
@@ -130,7 +144,7 @@ class Tree:
 
 
 @torch.no_grad()
-def draft_tree(draft: Draft, cache: DraftKVCache, g_root: torch.Tensor, position: int,
+def draft_tree(draft: Draft, cache: KVCache, g_root: torch.Tensor, position: int,
                topk: int, depth: int, total_tokens: int) -> Tree:
     """EAGLE-2 dynamic tree from g_root [H] (the draft output at `position`); the cache grows and is truncated back.
 
@@ -226,13 +240,22 @@ def walk_verify(target: TargetCache, tree: Tree, pending: int, committed: int):
 
 
 @torch.no_grad()
-def speculative_generate(model, draft: Draft, prompt: list[int], cfg: DecodeConfig,
+def speculative_generate(model, spec: TargetSpec, draft: Draft, prompt: list[int], cfg: DecodeConfig,
                          stop_ids: tuple[int, ...] = ()) -> Generation:
-    """Greedy speculative decoding of `prompt` (target ids); the output equals plain greedy decoding."""
-    device = next(model.parameters()).device
+    """Greedy speculative decoding of `prompt` (target ids) with the target `model` (its registry entry `spec`);
+    the output equals plain greedy decoding."""
+    target = TargetCache(model, spec, draft.aux_layer_ids, draft.target_features)
+    try:
+        return _speculative_generate(target, draft, prompt, cfg, stop_ids)
+    finally:
+        target.close()
+
+
+def _speculative_generate(target: TargetCache, draft: Draft, prompt: list[int], cfg: DecodeConfig,
+                          stop_ids: tuple[int, ...]) -> Generation:
+    device = next(target.model.parameters()).device
     draft_dtype = next(draft.parameters()).dtype
-    target = TargetCache(model, draft.target_features)
-    dcache = draft.new_cache()
+    dcache = registry.algorithm_of(draft.config).cache_class(draft)
     topk, depth, total = cfg.tree_shape()
 
     ids = torch.tensor(prompt, device=device)

@@ -13,7 +13,7 @@ Serve (EAGLE-2 is the same draft with a tree, topk > 1):
         --speculative-draft-model-path OUT --speculative-num-steps 5 --speculative-eagle-topk 8 ...
     vllm serve TARGET --speculative-config '{"method": "eagle", "model": OUT, "num_speculative_tokens": K}'
 
-Verified against the engines' loader source (DESIGN section 8):
+Verified against the engines' loader source:
 - sglang python/sglang/srt/models/llama_eagle.py: EntryClass `LlamaForCausalLMEagle`, picked by config.json
   architectures (configs/model_config.py `_config_draft_model` remaps no Llama draft, so the name must be this one).
   `LlamaModel` holds embed_tokens, `layers` (num_hidden_layers Llama decoder layers; layer 0's input_layernorm is
@@ -83,7 +83,7 @@ def write_eagle1(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.d
                  fmt: str) -> Path:
     """Check an EAGLE-1/2 trainer checkpoint and write it in `fmt` (SGLANG or VLLM) atomically to `out_dir`."""
     check_dtype(dtype)
-    cfg, tensors = read_checkpoint(checkpoint_dir, Eagle1Config)
+    cfg, tensors = read_checkpoint(checkpoint_dir, fmt)
     if fmt == VLLM and cfg.fc_bias:
         raise ValueError(f"{str(checkpoint_dir)!r}: the draft was trained with draft.fc_bias=true, but vLLM's EAGLE-1 "
                          "draft has no fc bias (its loader fails on fc.bias); train with `draft.fc_bias=false` for "

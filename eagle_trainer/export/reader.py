@@ -2,7 +2,7 @@
 into an Eagle3Draft, EAGLE-1/2 (export/eagle1.py) into an Eagle1Draft.
 
 The draft comes back in float32 (bf16 weights are widened exactly); its embedding is left random, as the exports
-have none: call `draft.set_embedding(target_embedding)` (EAGLE-3) or `draft.set_target_weights(embedding, lm_head)`
+have none: call `draft.set_target_weights(embedding)` (EAGLE-3) or `draft.set_target_weights(embedding, lm_head)`
 (EAGLE-1/2) before running it. An EAGLE-3 draft comes back with its vocab map, aux ids read from each format's
 own key and convention (export/aux_layers.py). An EAGLE-1/2 export holds no vocab map: the engines decode it over
 the whole target vocab, and so does the draft read back (draft_vocab_size = V, the identity d2t/t2d).

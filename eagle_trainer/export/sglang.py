@@ -8,7 +8,7 @@
 The checked writing (read_checkpoint, check_against, write_model, write_atomically) is shared with the other
 formats (export/vllm.py, export/eagle1.py).
 
-Verified against the engines' loader source (DESIGN section 8):
+Verified against the engines' loader source:
 - sglang python/sglang/srt/models/llama_eagle3.py: `LlamaModel` holds `fc` (in = 3 * target_hidden_size, else
   3 * hidden_size; bias only if config `bias`), `midlayer` (one decoder layer whose qkv reads 2H, plus
   `hidden_norm`; more layers only when num_hidden_layers > 1), `norm`, `embed_tokens`. `load_weights`: a name
@@ -50,16 +50,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from eagle_trainer.drafts.eagle1 import Eagle1Config
+from eagle_trainer import registry
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.io import CONFIG_FILE as CHECKPOINT_CONFIG
 from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
-from eagle_trainer.drafts.io import build_from_config
+from eagle_trainer.drafts.io import load_config
+from eagle_trainer.drafts.llama import LlamaDraftConfig
 from eagle_trainer.export.aux_layers import sglang_aux_ids, vllm_aux_ids
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -85,12 +86,9 @@ SGLANG_TENSORS = (
     "d2t",
     "t2d",
 )
-# The export formats of each draft kind, named in the refusal of a checkpoint of the other kind.
-FORMATS = {Eagle3Config: "sglang|vllm", Eagle1Config: "eagle1-sglang|eagle1-vllm"}
-KINDS = {Eagle3Config: "an EAGLE-3", Eagle1Config: "an EAGLE-1/2"}
 
 
-def llama_keys(cfg: Eagle3Config | Eagle1Config, dtype: torch.dtype) -> dict:
+def llama_keys(cfg: LlamaDraftConfig, dtype: torch.dtype) -> dict:
     """The HF LlamaConfig keys of the draft's decoder layer: exactly the draft `cfg`, nothing defaulted."""
     return {
         "model_type": "llama",
@@ -130,20 +128,18 @@ def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
     }
 
 
-def read_checkpoint(checkpoint_dir: str | Path,
-                    kind: type) -> tuple[Eagle3Config | Eagle1Config, dict[str, torch.Tensor]]:
-    """Config (of type `kind`: Eagle3Config or Eagle1Config) and raw tensors of a trainer checkpoint (drafts/io.py
-    layout), not yet checked. A checkpoint of the other draft kind is refused, naming its export formats."""
+def read_checkpoint(checkpoint_dir: str | Path, fmt: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Config and raw tensors of a trainer checkpoint (drafts/io.py layout) to be written as `fmt`, not yet checked.
+    A checkpoint of a draft kind that `fmt` does not describe is refused, naming the kind's formats."""
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / CHECKPOINT_CONFIG).is_file() or not (checkpoint_dir / CHECKPOINT_WEIGHTS).is_file():
         raise ValueError(f"{str(checkpoint_dir)!r} is not a draft checkpoint: it needs {CHECKPOINT_CONFIG} and "
                          f"{CHECKPOINT_WEIGHTS} (written by drafts.io.save_draft); pass a checkpoint directory")
-    with torch.device("meta"):  # drafts.io's own dispatch on the `algorithm` key, without allocating weights
-        cfg = build_from_config(checkpoint_dir / CHECKPOINT_CONFIG).config
-    if not isinstance(cfg, kind):
-        raise ValueError(f"{str(checkpoint_dir)!r} holds {KINDS[type(cfg)]} draft (algorithm "
-                         f"{getattr(cfg, 'algorithm', 'eagle3')!r}), which this format does not describe; export it "
-                         f"with --format {FORMATS[type(cfg)]}")
+    cfg = load_config(checkpoint_dir / CHECKPOINT_CONFIG)
+    spec = registry.algorithm_of(cfg)
+    if fmt not in spec.exporters:
+        raise ValueError(f"{str(checkpoint_dir)!r} holds an {spec.kind} draft (algorithm {spec.name!r}), which "
+                         f"--format {fmt} does not describe; export it with --format {'|'.join(spec.exporters)}")
     return cfg, load_file(str(checkpoint_dir / CHECKPOINT_WEIGHTS))
 
 
@@ -225,12 +221,12 @@ def write_model(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tens
     return out_dir
 
 
-def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, overwrite: bool,
+def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype, overwrite: bool, fmt: str,
                  config: Callable[[Eagle3Config], dict], rename: Callable[[str], str] = lambda name: name) -> Path:
     """Check an EAGLE-3 trainer checkpoint, cast its weights to `dtype` (d2t stays int64, t2d bool), and write
     config.json (`config(cfg)`) + model.safetensors (names through `rename`) atomically to `out_dir`."""
     check_dtype(dtype)
-    cfg, tensors = read_checkpoint(checkpoint_dir, Eagle3Config)
+    cfg, tensors = read_checkpoint(checkpoint_dir, fmt)
     check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
     return write_model(out_dir, config(cfg), {rename(k): v for k, v in tensors.items()}, dtype, overwrite)
 
@@ -242,4 +238,4 @@ def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.
     Weights are cast to `dtype` (d2t stays int64, t2d bool). Everything is checked before a file is written.
     Returns `out_dir`.
     """
-    return write_export(checkpoint_dir, out_dir, dtype, overwrite, lambda cfg: sglang_config(cfg, dtype))
+    return write_export(checkpoint_dir, out_dir, dtype, overwrite, "sglang", lambda cfg: sglang_config(cfg, dtype))

@@ -102,5 +102,5 @@ def export_vllm(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dt
     speculators_config.verifier.name_or_path (null when None). Everything is checked before a file is written.
     Returns `out_dir`.
     """
-    return write_export(checkpoint_dir, out_dir, dtype, overwrite, lambda cfg: vllm_config(cfg, dtype, verifier),
-                        rename=vllm_name)
+    return write_export(checkpoint_dir, out_dir, dtype, overwrite, "vllm",
+                        lambda cfg: vllm_config(cfg, dtype, verifier), rename=vllm_name)

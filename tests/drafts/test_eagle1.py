@@ -6,9 +6,10 @@ import torch
 
 from batches import documents_of, draft_vocab, pack_rows
 
+from drafting import check_against_kv_cache
 from eagle_trainer.config import DraftConfig
-from eagle_trainer.drafts import eagle1_loss
-from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
+from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, eagle1_loss
+from eagle_trainer.drafts.unroll import unroll
 from eagle_trainer.types import Batch, TargetOutputs
 
 H, V, VD = 32, 50, 20
@@ -44,17 +45,7 @@ def test_unroll_matches_autoregressive_drafting_per_prefix(t, steps, layers):
     ids = torch.randint(0, V, (b, t))
     feats = torch.randn(b, t, H, dtype=torch.float64)
     unrolled = unroll(draft, ids, feats, steps, attention="naive")
-    for prefix in range(t):
-        cache = draft.new_cache()
-        pos = torch.arange(prefix + 1).expand(b, -1)
-        tokens = torch.cat([ids[:, 1:prefix + 2], ids.new_zeros(b, 1)], 1)[:, :prefix + 1]  # x[1..prefix+1]
-        f = cache.extend(tokens, feats[:, :prefix + 1], pos)[:, -1:]
-        for k in range(steps):
-            if k > 0:
-                nxt = prefix + 1 + k
-                tok = ids[:, nxt:nxt + 1] if nxt < t else ids.new_zeros(b, 1)
-                f = cache.extend(tok, f, torch.full((b, 1), prefix + k))
-            torch.testing.assert_close(unrolled[k][:, prefix], f[:, 0], rtol=1e-9, atol=1e-9)
+    assert check_against_kv_cache(draft, ids, feats, unrolled) == t * steps
 
 
 def outputs_for(draft, b, t, seed=0):
@@ -62,7 +53,7 @@ def outputs_for(draft, b, t, seed=0):
     final = torch.randn(b, t, H, generator=g, dtype=torch.float64)
     logits = torch.randn(b, t, VD, generator=g, dtype=torch.float64) * 3
     valid = torch.ones(b, t, dtype=torch.bool)
-    return TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=final, teacher_logits=logits,
+    return TargetOutputs(aux_hidden=None, final_hidden=final, teacher_logits=logits,
                          teacher_valid=valid)
 
 
@@ -110,15 +101,15 @@ def test_unrolled_loss_has_k_steps():
 @pytest.mark.parametrize("attention,dtype,tol", [("naive", torch.float64, 1e-10), ("flex", torch.float32, 1e-5)])
 def test_packed_batch_equals_padded(attention, dtype, tol):
     """The unroll on packed documents equals the padded one wherever step k's chain stays in t's document, and
-    so does the loss (as drafts/ttt.py; two layers, so every layer's step-0 keys are kept per document)."""
+    so does the loss (as the EAGLE-3 unroll; two layers, so every layer's step-0 keys are kept per document)."""
     lengths, steps = (6, 1, 11, 3), 3
     padded, packed = documents_of(lengths, V, seed=1, pad_to=8)
     draft = tiny_draft(num_layers=2).to(dtype)
     draft.eval()  # no feature noise: both runs see the same inputs
     out = outputs_for(draft, *padded.input_ids.shape, seed=2)
-    out = TargetOutputs(aux_hidden=None, last_hidden=None, final_hidden=out.final_hidden.to(dtype),
+    out = TargetOutputs(aux_hidden=None, final_hidden=out.final_hidden.to(dtype),
                         teacher_logits=out.teacher_logits.to(dtype), teacher_valid=out.teacher_valid)
-    out_packed = TargetOutputs(aux_hidden=None, last_hidden=None,
+    out_packed = TargetOutputs(aux_hidden=None, 
                                final_hidden=pack_rows(out.final_hidden, padded, packed),
                                teacher_logits=pack_rows(out.teacher_logits, padded, packed, fill=0),
                                teacher_valid=pack_rows(out.teacher_valid, padded, packed))

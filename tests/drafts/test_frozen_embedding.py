@@ -3,7 +3,7 @@
 import pytest
 import torch
 from test_eagle1 import tiny_draft as tiny_eagle1
-from test_ttt import tiny_draft as tiny_eagle3
+from test_unroll import tiny_draft as tiny_eagle3
 
 
 def test_eagle3_holds_the_target_tensor_when_shared():
@@ -21,7 +21,7 @@ def test_eagle3_holds_the_target_tensor_when_shared():
 def test_eagle3_copies_otherwise(share, dtype):
     draft = tiny_eagle3()
     embedding = torch.randn(50, 32, dtype=dtype)
-    draft.set_embedding(embedding, share=share)
+    draft.set_target_weights(embedding, share=share)
     held = draft.embed_tokens.weight
     assert held.data_ptr() != embedding.data_ptr() and held.dtype == torch.float64
     assert torch.equal(held, embedding.double()) and not held.requires_grad
@@ -32,9 +32,9 @@ def test_eagle1_shares_the_embedding_too():
     embedding, lm_head = torch.randn(2, *draft.embed_tokens.weight.shape, dtype=torch.float64)
     draft.set_target_weights(embedding, lm_head, share=True)
     assert draft.embed_tokens.weight.data_ptr() == embedding.data_ptr()
-    assert draft.lm_head_weight.data_ptr() == lm_head.data_ptr()
+    assert draft.target_head.data_ptr() == lm_head.data_ptr()
 
 
 def test_a_wrong_shape_names_both():
     with pytest.raises(ValueError, match=r"target embedding is \(51, 32\), the draft's is \(50, 32\)"):
-        tiny_eagle3().set_embedding(torch.zeros(51, 32, dtype=torch.float64), share=True)
+        tiny_eagle3().set_target_weights(torch.zeros(51, 32, dtype=torch.float64), share=True)

@@ -9,13 +9,15 @@ from dataclasses import replace
 import pytest
 import torch
 
+from eagle_trainer.app.evaluate import main as eagle_eval
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.data.chat import read_chat_jsonl
 from eagle_trainer.data.regenerate import stop_token_ids
 from eagle_trainer.drafts.io import load_draft
 from eagle_trainer.evaluate.acceptance import measure_acceptance, prompt_from_example, prompts_from_conversations
-from eagle_trainer.evaluate.cli import load_any_draft, main as eagle_eval
-from eagle_trainer.evaluate.speculative import DecodeConfig, Tree, accept, greedy_generate, speculative_generate
+from eagle_trainer.export import read_draft
+from eagle_trainer.evaluate.speculative import (DecodeConfig, TargetCache, Tree, accept, greedy_generate,
+                                                speculative_generate)
 from eagle_trainer.targets.loading import load_target
 
 
@@ -47,12 +49,12 @@ def test_prompt_is_everything_before_the_last_trained_reply():
 
 
 def run_target_and_draft(run_dir, checkpoint):
-    model, tokenizer, _, _ = load_target(TargetConfig(path=str(run_dir / "target")), torch.device("cpu"))
+    model, tokenizer, spec, _ = load_target(TargetConfig(path=str(run_dir / "target")), torch.device("cpu"))
     model.double()
     draft = load_draft(checkpoint, embedding=model.get_input_embeddings().weight,
-                       lm_head=model.get_output_embeddings().weight).double()
+                       target_head=model.get_output_embeddings().weight).double()
     convs, _ = read_chat_jsonl(run_dir / "data/eval.jsonl")
-    return model, draft, tokenizer, prompts_from_conversations(tokenizer, convs[:3])
+    return model, spec, draft, tokenizer, prompts_from_conversations(tokenizer, convs[:3])
 
 
 @pytest.mark.parametrize("which", ["demo_run", "demo_moe_run", "demo_eagle1_run"])
@@ -60,7 +62,7 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
     """EAGLE-3 drafts (dense and MoE targets) and an EAGLE-1 draft (chain = EAGLE-1, tree = EAGLE-2)."""
     fixture = request.getfixturevalue(which)
     run_dir, summary = fixture[0], fixture[-1]  # the directory holding target/ and data/, and the Summary
-    model, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
+    model, spec, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
     stop = tuple(stop_token_ids(tokenizer))
     modes = [DecodeConfig(mode="chain", steps=4, max_new_tokens=24),
              DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=15, max_new_tokens=24)]
@@ -68,11 +70,11 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
     for cfg in modes:
         lengths = []
         for prompt in prompts:
-            gen = speculative_generate(model, draft, prompt, cfg, stop)
+            gen = speculative_generate(model, spec, draft, prompt, cfg, stop)
             assert gen.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
             lengths += gen.accept_lengths
             # token-by-token verification (for recurrent targets) accepts exactly what one tree forward does
-            walked = speculative_generate(model, draft, prompt, replace(cfg, verify="walk"), stop)
+            walked = speculative_generate(model, spec, draft, prompt, replace(cfg, verify="walk"), stop)
             assert (walked.tokens, walked.accept_lengths) == (gen.tokens, gen.accept_lengths), cfg.mode
         accepted[cfg.mode] = sum(lengths) / len(lengths)
     # the trained draft is right often enough that accepted paths (not only rejections) were exercised
@@ -81,12 +83,12 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
 
 def test_random_draft_gets_nothing_accepted_but_output_is_still_greedy(demo_run):
     run_dir, summary = demo_run
-    model, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
+    model, spec, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
     torch.manual_seed(0)
     for p in draft.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.5)
-    report = measure_acceptance(model, draft, prompts[:2], DecodeConfig(mode="tree", max_new_tokens=16),
+    report = measure_acceptance(model, spec, draft, prompts[:2], DecodeConfig(mode="tree", max_new_tokens=16),
                                 tuple(stop_token_ids(tokenizer)))
     assert report["accept_len"] < 1.2 and sum(report["histogram"].values()) == report["num_rounds"]
 
@@ -108,7 +110,25 @@ def test_eagle_eval_on_an_export(demo_run, tmp_path):
     assert len(result["simulated"]["acc"]) == 7 and result["simulated"]["sim_accept_len"] > 1.5
     assert out.with_suffix(".png").is_file()
     # a checkpoint and a run dir give the same draft; the exports give it in bf16
-    a, b = load_any_draft(summary.checkpoint), load_any_draft(run_dir)
+    a, b = read_draft(summary.checkpoint), read_draft(run_dir)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items() if "embed" not in k)
-    c = load_any_draft(run_dir / "export/sglang")
+    c = read_draft(run_dir / "export/sglang")
     assert torch.equal(c.fc.weight, a.fc.weight.to(torch.bfloat16).float())
+
+
+def test_decoding_captures_what_output_hidden_states_gives(tiny_qwen3_path):
+    """TargetCache reads the target through the training hooks (the spec's layers and final norm): bit for bit what
+    HF's output_hidden_states gives (entry i+1: decoder layer i's output; the last entry: the final norm's)."""
+    model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_path)), torch.device("cpu"))
+    aux = spec.aux_layers(info.num_layers)
+    hooked = [model.model.norm, *(model.model.layers[i] for i in aux)]
+    before = [len(m._forward_hooks) for m in hooked]
+    seen = []
+    cache = TargetCache(model, spec, aux, lambda states: seen.append(states) or states.final_hidden)
+    ids = torch.randint(0, 1024, (9,), generator=torch.Generator().manual_seed(0))
+    cache.forward(ids, torch.arange(9))
+    cache.close()
+    assert [len(m._forward_hooks) for m in hooked] == before  # close() removed its hooks
+    ref = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    assert torch.equal(seen[0].aux_hidden, torch.cat([ref[i + 1] for i in aux], dim=-1))
+    assert torch.equal(seen[0].final_hidden, ref[-1])

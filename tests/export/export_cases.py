@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from eagle_trainer.drafts.eagle3 import Eagle3Config, Eagle3Draft
 from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
-from eagle_trainer.drafts.ttt import ttt_logits
+from eagle_trainer.drafts.unroll import unroll
 
 V, VD, HT = 50, 20, 24
 
@@ -29,12 +29,12 @@ def tiny_draft(seed=0, **kw) -> Eagle3Draft:
 
 def rebuilt_logits(original: Eagle3Draft, rebuilt: Eagle3Draft) -> tuple[list, list]:
     """TTT logits of the checkpoint draft and of the draft read back from an export, on the same inputs."""
-    rebuilt.set_embedding(original.embed_tokens.weight)  # the engine shares the target's embedding
+    rebuilt.set_target_weights(original.embed_tokens.weight)  # the engine shares the target's embedding
     torch.manual_seed(1)
     ids = torch.randint(0, V, (2, 9))
     aux = torch.randn(2, 9, 3 * HT)
     with torch.no_grad():
-        return ttt_logits(original, ids, aux, 3), ttt_logits(rebuilt, ids, aux, 3)
+        return [[draft.logits(g) for g in unroll(draft, ids, aux, 3)] for draft in (original, rebuilt)]
 
 
 def edit_checkpoint(ckpt, edit):

@@ -10,11 +10,14 @@ import torch
 from export_cases import edit_checkpoint, tiny_draft
 from safetensors.torch import load_file, save_file
 
-from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft, unroll
+from eagle_trainer.app.export import main
+from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft
+from eagle_trainer.drafts.llama import KVCache
+from eagle_trainer.drafts.unroll import unroll
 from eagle_trainer.drafts.io import save_draft
-from eagle_trainer.export import (WRITERS, export_eagle1_sglang, export_eagle1_vllm, export_sglang, export_vllm,
+from eagle_trainer import registry
+from eagle_trainer.export import (export_eagle1_sglang, export_eagle1_vllm, export_sglang, export_vllm,
                                   read_eagle1)
-from eagle_trainer.export.cli import main
 
 V, VD, H = 50, 20, 32
 FORMATS = {"eagle1-sglang": export_eagle1_sglang, "eagle1-vllm": export_eagle1_vllm}
@@ -55,7 +58,7 @@ def predictions(draft: Eagle1Draft, target: tuple[torch.Tensor, torch.Tensor]) -
     ids, features = torch.randint(0, V, (2, 9)), torch.randn(2, 9, H)
     with torch.no_grad():
         unrolled = unroll(draft, ids, features, 3)
-        cache = draft.new_cache()
+        cache = KVCache(draft)
         cached = [cache.extend(ids[:, :5], features[:, :5], torch.arange(5).expand(2, 5)),
                   cache.extend(ids[:, 5:], features[:, 5:], torch.arange(5, 9).expand(2, 4))]
         return unrolled + [draft.logits(f) for f in unrolled] + cached
@@ -68,7 +71,8 @@ def target():
 
 
 def test_writers_are_registered():
-    assert WRITERS["eagle1-sglang"] is export_eagle1_sglang and WRITERS["eagle1-vllm"] is export_eagle1_vllm
+    formats = registry.export_formats()
+    assert formats["eagle1-sglang"].write is export_eagle1_sglang and formats["eagle1-vllm"].write is export_eagle1_vllm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -204,13 +208,13 @@ def test_reader_refuses_a_tensor_the_engine_does_not_load(tmp_path, fmt, name, v
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_cli_and_eval_loading(tmp_path, capsys, fmt):
-    from eagle_trainer.evaluate.cli import load_any_draft
+    from eagle_trainer.export import read_draft
 
     draft, ckpt = checkpoint(tmp_path, fc_bias=False)
     assert main(["--checkpoint", str(ckpt), "--format", fmt, "--out", str(tmp_path / "out"),
                  "--dtype", "float32"]) == 0
     assert f"as {fmt} (float32)" in capsys.readouterr().out
-    loaded = load_any_draft(tmp_path / "out")
+    loaded = read_draft(tmp_path / "out")
     assert isinstance(loaded, Eagle1Draft) and loaded.config == replace(draft.config, draft_vocab_size=V)
     assert torch.equal(loaded.layers[1].self_attn.q_proj.weight, draft.layers[1].self_attn.q_proj.weight)
     with pytest.raises(ValueError, match="--verifier is written only by --format vllm"):

@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from eagle_trainer.app.export import main
+from eagle_trainer.checkpoint import resolve_checkpoint
 from eagle_trainer.drafts.io import save_draft
 from eagle_trainer.export import export_sglang, read_sglang
-from eagle_trainer.export.cli import main, resolve_checkpoint
 from eagle_trainer.export.sglang import SGLANG_TENSORS
 from export_cases import HT, V, VD, edit_checkpoint, sglang_captures, tiny_draft, vllm_captures
 

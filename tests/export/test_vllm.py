@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from eagle_trainer.app.export import main
 from eagle_trainer.drafts.io import save_draft
-from eagle_trainer.export import WRITERS, export_vllm, read_vllm
-from eagle_trainer.export.cli import main
+from eagle_trainer import registry
+from eagle_trainer.export import export_vllm, read_vllm
 from eagle_trainer.export.sglang import SGLANG_TENSORS
 from eagle_trainer.export.vllm import VLLM_TENSORS
 from export_cases import (HT, V, VD, tiny_draft, vllm_captures,
@@ -28,7 +29,7 @@ def read_config(out) -> dict:
 
 
 def test_writer_is_registered():
-    assert WRITERS["vllm"] is export_vllm
+    assert registry.export_formats()["vllm"].write is export_vllm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
