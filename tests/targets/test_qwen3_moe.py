@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from batches import draft_vocab, make_batch
+from weights import own_storage
 
 from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
@@ -44,7 +45,7 @@ def test_files_hold_the_asked_layout(layouts):
 
 @pytest.mark.parametrize("layout", ["fused", "per_expert"])
 def test_loaded_weights_equal_saved(layouts, layout):
-    model, _, _, _ = load_target(TargetConfig(path=str(layouts[layout]), moe_impl="eager"), CPU)
+    model, _, _, _ = load_target(TargetConfig(path=str(layouts[layout]), moe_impl="hf"), CPU)
     saved = load_file(layouts[layout] / "model.safetensors")
     params = dict(model.named_parameters())
     for i in range(NUM_LAYERS):
@@ -60,7 +61,7 @@ def test_loaded_weights_equal_saved(layouts, layout):
 
 
 def test_both_layouts_give_identical_targets(layouts):
-    loaded = {k: load_target(TargetConfig(path=str(p), moe_impl="eager"), CPU) for k, p in layouts.items()}
+    loaded = {k: load_target(TargetConfig(path=str(p), moe_impl="hf"), CPU) for k, p in layouts.items()}
     (m_f, _, spec, info), (m_p, _, _, _) = loaded["fused"], loaded["per_expert"]
     assert spec is registry.target_spec("Qwen3MoeForCausalLM")
     assert (info.num_experts, info.num_experts_per_tok, info.moe_intermediate_size) == (NUM_EXPERTS, 2, INTER)
@@ -69,33 +70,35 @@ def test_both_layouts_give_identical_targets(layouts):
     ids, t2d = draft_vocab(info.vocab_size, 100)
     aux = spec.aux_layers(info.num_layers)
     batch = make_batch(2, 17, info.vocab_size)
-    out_f = FrozenTarget(m_f, spec, aux, ids, t2d).forward(batch)
-    out_p = FrozenTarget(m_p, spec, aux, ids, t2d).forward(batch)
+    out_f = FrozenTarget(own_storage(m_f), spec, aux, ids, t2d).forward(batch)
+    out_p = FrozenTarget(own_storage(m_p), spec, aux, ids, t2d).forward(batch)
     assert torch.equal(out_f.aux_hidden, out_p.aux_hidden)
     assert torch.equal(out_f.teacher_logits, out_p.teacher_logits)
     assert torch.equal(out_f.teacher_valid, out_p.teacher_valid)
 
 
-def test_eager_and_grouped_mm_agree(tiny_qwen3_moe_path):
+def test_hf_and_grouped_mm_agree(tiny_qwen3_moe_path):
     model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_moe_path)), CPU)
-    assert model.config._experts_implementation == "eager"  # auto on the CPU
+    assert model.config._experts_implementation == "eager"  # auto on the CPU: hf, HF's own "eager" experts
     ids, t2d = draft_vocab(info.vocab_size, 200)
     target = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d)
     batch = make_batch(2, 23, info.vocab_size, seed=1)
-    eager = target.forward(batch)
+    hf = target.forward(batch)
     assert bind_moe(model, TargetConfig(path="-", moe_impl="grouped_mm")) == "grouped_mm"
     assert model.config._experts_implementation == "grouped_mm"
     grouped = target.forward(batch)
-    torch.testing.assert_close(grouped.aux_hidden, eager.aux_hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grouped.teacher_probs(), eager.teacher_probs(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped.aux_hidden, hf.aux_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.teacher_probs(), hf.teacher_probs(), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_moe_impl(tiny_qwen3_moe_path, monkeypatch):
     with pytest.raises(ValueError, match="'cutlass'"):
         load_target(TargetConfig(path=str(tiny_qwen3_moe_path), moe_impl="cutlass"), CPU)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="moe_impl=triton.*moe_impl=eager.*TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="moe_impl=triton.*moe_impl=hf.*TRITON_INTERPRET=1"):
         load_target(TargetConfig(path=str(tiny_qwen3_moe_path), moe_impl="triton"), CPU)
+    with pytest.raises(ValueError, match="moe_impl='eager'.*use target.moe_impl=hf"):  # HF's own code is `hf`
+        load_target(TargetConfig(path=str(tiny_qwen3_moe_path), moe_impl="eager"), CPU)
 
 
 def test_registry_resolves_qwen3_moe():
@@ -112,4 +115,4 @@ def test_checkpoint_missing_a_tensor_is_refused(layouts, tmp_path):
     del state["model.layers.2.mlp.gate.weight"]
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing_keys \(1\).*model\.layers\.2\.mlp\.gate\.weight"):
-        load_target(TargetConfig(path=str(d), moe_impl="eager"), CPU)
+        load_target(TargetConfig(path=str(d), moe_impl="hf"), CPU)

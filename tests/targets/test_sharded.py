@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.targets.loading import load_target, read_config
 from eagle_trainer.targets.sharded import build_on_meta, fill_from_safetensors, materialize
@@ -16,11 +17,16 @@ CPU = torch.device("cpu")
 
 
 def built_and_filled(path):
-    _, _, hf_config = read_config(TargetConfig(path=str(path)))
+    """What the sharded loader does on one rank: build on meta, fill, bind the entry's kernels (as load_target)."""
+    cfg = TargetConfig(path=str(path))
+    _, arch, hf_config = read_config(cfg)
     model = build_on_meta(hf_config, torch.float32, "sdpa")
     assert all(p.is_meta for p in model.parameters())
     materialize(model, CPU)
     fill_from_safetensors(model, path)
+    spec = registry.target_spec(arch)
+    if spec.bind_kernels is not None:
+        spec.bind_kernels(model, cfg)
     return model
 
 
