@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call for the EAGLE-3 draft step and online training (issue 8): the GPU tests, benchmarks/draft_step.py,
 # then benchmarks/train_online.py (T 4096 and 8192, then T 32768 in a process of its own).
-# Usage (on the device machine, repo root; .whl filled by ../shared/device/wheels.sh with the specforge wheel):
+# Usage (on the device machine, repo root; .whl/ holds the wheels of the dependencies and of specforge):
 #   bash benchmarks/device_draft.sh [tests|bench|online|profile|all]      (default all; profile is not in all)
 # Logs and the RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 set -o pipefail

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call for the GDN core and the Qwen3-Next target: GPU tests, then benchmarks/gdn.py and next_model.py.
-# Usage (on the device machine, repo root; .whl filled by ../shared/device/wheels.sh --peers):
+# Usage (on the device machine, repo root; .whl/ holds the wheels of the dependencies and of fla):
 #   bash benchmarks/device_gdn.sh [sweep]
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the
 # benchmarks add it. Logs land in $OUT.

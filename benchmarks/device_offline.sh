@@ -14,8 +14,8 @@ python3 - "$W" <<'PY' > "$OUT/dump_check.log" 2>&1
 import sys, torch
 from pathlib import Path
 from eagle_trainer.config import Config, DemoConfig, TrainConfig
-from eagle_trainer.demo import prepare_demo
-from eagle_trainer.data.cli import main
+from eagle_trainer.app.demo import prepare_demo
+from eagle_trainer.app.data import main
 w = Path(sys.argv[1])
 cfg = prepare_demo(Config(demo=DemoConfig(enabled=True, num_prompts=64, num_eval_prompts=4),
                           train=TrainConfig(run_dir=str(w), progress=False)), torch.device("cuda"))
@@ -23,8 +23,8 @@ main(["vocab", "--tokenizer", cfg.target.path, "--data", cfg.data.path, "--draft
       "--out", str(w / "vocab.safetensors"), "--max-length", "256"])
 PY
 ARGS="--target $W/target --data $W/data/train.jsonl --vocab $W/vocab.safetensors --max-length 256 --batch-size 1 --compress fp8 --no-progress"
-timeout 120 torchrun --nproc-per-node 2 -m eagle_trainer.data.cli dump $ARGS --out $W/two >> "$OUT/dump_check.log" 2>&1
-CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m eagle_trainer.data.cli dump $ARGS --out $W/one >> "$OUT/dump_check.log" 2>&1
+timeout 120 torchrun --nproc-per-node 2 -m eagle_trainer.app.data dump $ARGS --out $W/two >> "$OUT/dump_check.log" 2>&1
+CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m eagle_trainer.app.data dump $ARGS --out $W/one >> "$OUT/dump_check.log" 2>&1
 python3 - "$W" <<'PY' >> "$OUT/dump_check.log" 2>&1
 import sys, torch
 from pathlib import Path

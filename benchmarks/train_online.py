@@ -77,7 +77,7 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
     try:
         tps, losses, records = train(target, dataset, steps, run_dir, info, d2t, t2d, offline=False,
                                      draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=AUX,
-                                     target_flops=TargetFlops.from_hf_config(model.config))
+                                     target_flops=TargetFlops.from_target(info, model.config))
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0]
         print(f"{side}: out of memory: {message}", flush=True)

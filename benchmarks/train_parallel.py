@@ -44,7 +44,7 @@ def build_checkpoint(path: Path, layers: int) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
-    from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer
+    from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer
     fields = json.loads(FIXTURE.read_text())
     fields.update(num_hidden_layers=layers, max_window_layers=layers, max_position_embeddings=65536)
     config = Qwen3MoeConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
@@ -97,8 +97,8 @@ def worker(args) -> None:
     from eagle_trainer.parallel import init_parallel, whole
     from eagle_trainer.targets.frozen import FrozenTarget
     from eagle_trainer.targets.loading import load_target
-    from eagle_trainer.targets.sharded import peak_rss_gib
-    from eagle_trainer.train import load_sharded_target, pick_device
+    from eagle_trainer.app.runtime import pick_device
+    from eagle_trainer.targets.sharded import load_sharded_target, peak_rss_gib
     from eagle_trainer.trainer import Trainer
 
     device = pick_device("cuda")
@@ -127,7 +127,7 @@ def worker(args) -> None:
     run_dir = args.out.parent / f"run_{args.out.stem}"
     train_cfg = TrainConfig(run_dir=str(run_dir), max_steps=args.steps, save_every=0, log_every=1, eval_batches=0,
                             progress=False)
-    target_flops = TargetFlops.from_hf_config(model.config)
+    target_flops = TargetFlops.from_target(info, model.config)
 
     def train_batches(epoch, begin):
         return batches(dataset, 1, seed=0, epoch=epoch, shuffle=True, start=begin, rank=dims.rank, world_size=world)

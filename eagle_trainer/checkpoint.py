@@ -166,18 +166,39 @@ def check_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def step_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete step_N directories, oldest first."""
+def step_checkpoints(checkpoint_dir: str | Path, complete: bool = True) -> list[Path]:
+    """step_N directories, oldest first: the complete ones (with trainer_state.json), or all of them."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found) if not complete or (p / TRAINER_STATE).is_file()]
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    found = step_checkpoints(checkpoint_dir)
+def latest_checkpoint(checkpoint_dir: str | Path, complete: bool = True) -> Path | None:
+    """The step_N directory with the highest N (among the complete ones unless complete=False), or None."""
+    found = step_checkpoints(checkpoint_dir, complete)
     return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The draft checkpoint that `path` names: itself (it holds draft_config.json), or the newest
+    checkpoints/step_N of a run directory, which must hold the draft (else an earlier step is to be named)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"--checkpoint {str(path)!r} does not exist or is not a directory; pass a checkpoint "
+                         "directory (with draft_config.json) or a run directory (with checkpoints/step_<N>)")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    newest = latest_checkpoint(path / "checkpoints", complete=False)
+    if newest is None:
+        raise ValueError(f"--checkpoint {str(path)!r} has neither {CONFIG_FILE} nor checkpoints/step_<N> "
+                         "directories; pass a trainer checkpoint directory or a run directory")
+    if not (newest / CONFIG_FILE).is_file():
+        step = int(_STEP_DIR.match(newest.name).group(1))
+        raise ValueError(f"newest checkpoint {str(newest)!r} (step {step}) has no {CONFIG_FILE}; it is incomplete "
+                         "or not a draft checkpoint: pass an earlier step directory as --checkpoint")
+    return newest
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:

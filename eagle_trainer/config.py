@@ -1,6 +1,6 @@
 """Structured-config schemas for the hydra recipes in recipes/ (one dataclass per YAML group).
 
-Only train.py turns the composed OmegaConf object into these dataclasses; the library receives them
+Only app/train.py turns the composed OmegaConf object into these dataclasses; the library receives them
 typed. Unknown keys fail at compose time because every group is backed by a schema here.
 """
 
@@ -19,13 +19,12 @@ class TargetConfig:
     trust_remote_code: bool = False
     aux_layer_ids: Optional[list[int]] = None  # 0-based decoder-layer outputs; None: [1, L//2-1, L-4]
     attn_implementation: str = "sdpa"
-    # MoE targets only (ignored for dense ones): auto | triton | eager | grouped_mm; auto = triton on GPU, eager on CPU
+    # MoE targets only (ignored for dense ones): auto | triton | hf | grouped_mm; auto = triton on GPU, hf on CPU
     moe_impl: str = "auto"
     moe_batch_invariant: bool = True  # triton: a token's routing and expert output do not depend on the rest of the batch
-    # MoE targets (Qwen3-MoE, Qwen3-Next: zero-centred): RMSNorm as auto | triton | hf; auto = our fused kernel on GPU
+    # MoE targets (Qwen3-MoE, Qwen3-Next: zero-centred): RMSNorm as auto | triton | hf; auto = triton on GPU, hf on CPU
     norm_impl: str = "auto"
-    # Qwen3-Next linear attention: hf | triton (our GDN core; not yet validated on a GPU, so not the default) |
-    # auto (triton on a GPU, hf on the CPU)
+    # Qwen3-Next linear attention (our GDN core or HF's): auto | triton | hf; auto = triton on GPU, hf on CPU
     gdn_impl: str = "auto"
 
 
@@ -38,10 +37,10 @@ class DraftConfig:
     step_weight: float = 0.8  # loss weight of step k is step_weight**k
     mask_teacher_argmax: bool = True  # drop positions whose full-vocab target argmax is outside the draft vocab
     attention: str = "auto"  # naive (materialises [T,T]; reference), flex or fused (O(T) memory; fused: cuDNN/FA2
-    # step-0 kernel + Triton merge, drafts/ttt.py), auto: fused on a GPU, naive on the CPU
+    # step-0 kernel + Triton merge, drafts/attention.py), auto: fused on a GPU, naive on the CPU
     fused_head: bool = True  # EAGLE-3: lm_head + soft-CE fused, no step's [T, Vd] logits kept (false: reference)
     # EAGLE-3: backward forms each step's elementwise work again (norms, rotary, SwiGLU product) and keeps only its
-    # inputs and matrix products (drafts/ttt.py keep_products); false keeps them: faster, more memory
+    # inputs and matrix products (drafts/policy.py apply_recompute); false keeps them: faster, more memory
     recompute: bool = True
     # EAGLE-1/2 only: fc bias (SGLang's LlamaForCausalLMEagle has one; vLLM's EAGLE-1 loader has none), the
     # uniform noise U(-a, a) added to the input features while training, and the loss weights of the feature
@@ -63,7 +62,8 @@ class DataConfig:
     eval_path: Optional[str] = None  # held-out chat JSONL for eval metrics
     eval_holdout: int = 0  # without eval_path: hold this many examples of data.path out of training for eval
     cache_dir: Optional[str] = None  # tokenisation cache; default: <run_dir>/cache
-    vocab_path: Optional[str] = None  # d2t/t2d; default: built into <cache_dir>/vocab_<Vd>.safetensors
+    # d2t/t2d; default: built from the training data into <cache_dir>/vocab_<Vd>_<data fingerprint>.safetensors
+    vocab_path: Optional[str] = None
     max_length: int = 2048
     thinking: str = "keep"  # keep | strip : Qwen3 <think>...</think> blocks in assistant turns
     on_error: str = "raise"  # raise | skip : a bad JSONL line

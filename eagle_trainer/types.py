@@ -103,7 +103,6 @@ class TargetOutputs:
     """What the frozen target gives the draft for one batch (online or read back from disk)."""
 
     aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] EAGLE-3: aux layer outputs, low/mid/high concatenated (None: none kept)
-    last_hidden: torch.Tensor | None  # [B, T, Ht] final decoder-layer output, before the final norm
     final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the EAGLE-1 feature (what engines feed it)
     teacher_logits: torch.Tensor  # [B, T, Vd] the target's logits over the draft vocab, in the head's dtype (bf16 on a
     # GPU: half the bytes of fp32 probabilities; the teacher is softmax(teacher_logits.float()))
@@ -119,15 +118,13 @@ class CapturedStates:
     """What one target forward captures, before the teacher is formed (online, or stored by offline dumps)."""
 
     aux_hidden: torch.Tensor | None  # [B, T, 3*Ht] aux layer outputs (None when no aux layers are captured)
-    last_hidden: torch.Tensor | None  # [B, T, Ht] before the final norm (EAGLE-1 feature), when kept
     final_hidden: torch.Tensor  # [B, T, Ht] after the final norm: the teacher is rebuilt from it
     argmax_valid: torch.Tensor  # [B, T] bool: the full-vocab target argmax lies in the draft vocab
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "CapturedStates":
         """On `device`, with the hidden states (not argmax_valid) cast to `dtype` when given."""
         move = lambda x: None if x is None else x.to(device, dtype=dtype, non_blocking=True)
-        return CapturedStates(aux_hidden=move(self.aux_hidden), last_hidden=move(self.last_hidden),
-                              final_hidden=move(self.final_hidden),
+        return CapturedStates(aux_hidden=move(self.aux_hidden), final_hidden=move(self.final_hidden),
                               argmax_valid=self.argmax_valid.to(device, non_blocking=True))
 
 
@@ -154,8 +151,8 @@ class OfflineBatch(Batch):
             return torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
 
         s = self.states
-        states = CapturedStates(aux_hidden=pad(s.aux_hidden), last_hidden=pad(s.last_hidden),
-                                final_hidden=pad(s.final_hidden), argmax_valid=pad(s.argmax_valid))
+        states = CapturedStates(aux_hidden=pad(s.aux_hidden), final_hidden=pad(s.final_hidden),
+                                argmax_valid=pad(s.argmax_valid))
         scales = {name: pad(scale) for name, scale in self.scales.items()}
         return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales,
                             position_ids=tokens.position_ids, cu_seqlens=tokens.cu_seqlens)

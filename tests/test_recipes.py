@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from eagle_trainer import registry
 from eagle_trainer.targets.loading import target_info
-from eagle_trainer.train import RECIPES, to_config
+from eagle_trainer.app.train import RECIPES, to_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXPERIMENTS = sorted(p.stem for p in (RECIPES / "experiment").glob("*.yaml"))

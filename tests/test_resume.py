@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from batches import assert_same_curve
 
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import RECIPES, run, to_config
+from eagle_trainer.app.train import RECIPES, run, to_config
 from eagle_trainer.trainer import NonFiniteLossError, Trainer
 
 
@@ -98,7 +98,7 @@ KILL_DURING_SAVE = textwrap.dedent("""
     import os, signal, sys
     import torch.distributed.checkpoint as dcp
     from hydra import compose, initialize_config_dir
-    from eagle_trainer.train import RECIPES, run, to_config
+    from eagle_trainer.app.train import RECIPES, run, to_config
 
     real_save = dcp.save
     def save_and_die(state, checkpoint_id, **kw):

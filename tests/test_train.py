@@ -9,11 +9,11 @@ from hydra import compose, initialize_config_dir
 from transformers import AutoConfig
 
 from eagle_trainer.config import DemoConfig
-from eagle_trainer.demo import tiny_target_config
+from eagle_trainer.app.demo import tiny_target_config
 from eagle_trainer.drafts.io import load_draft
 from eagle_trainer.export import read_sglang
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import RECIPES, run, to_config
+from eagle_trainer.app.train import RECIPES, run, to_config
 
 
 def test_demo_learns(demo_run):

@@ -15,7 +15,7 @@ from eagle_trainer.evaluate.acceptance import prompts_from_conversations
 from eagle_trainer.evaluate.speculative import DecodeConfig, greedy_generate, speculative_generate
 from eagle_trainer.targets.loading import load_target
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import run
+from eagle_trainer.app.train import run
 
 
 def assert_learned(summary, min_gain=0.3, loss_ratio=0.5):
@@ -74,7 +74,7 @@ def test_eagle1_on_a_qwen3_next_target(demo_next_run, tmp_path):
     cfg = DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=12, max_new_tokens=24, verify="walk")
     lengths = []
     for prompt in prompts_from_conversations(tokenizer, convs[:4]):
-        gen = speculative_generate(model, draft, prompt, cfg, stop)
+        gen = speculative_generate(model, spec, draft, prompt, cfg, stop)
         assert gen.tokens == greedy_generate(model, prompt, 24, stop)
         lengths += gen.accept_lengths
     assert max(lengths) > 1  # accepted draft tokens were exercised, not only rejections

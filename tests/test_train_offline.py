@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 
 from batches import assert_same_curve
 
-import eagle_trainer.train as train_module
-from eagle_trainer.data.cli import main as data_main
+import eagle_trainer.app.train as train_module
+from eagle_trainer.app.data import main as data_main
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import RECIPES, run, to_config
+from eagle_trainer.app.train import RECIPES, run, to_config
 
 
 def compose_cfg(demo_dir, run_dir, **extra):

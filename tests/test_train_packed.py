@@ -8,9 +8,10 @@ float rounding; tokens/s and FLOPs count the same real tokens per document.
 import torch
 from hydra import compose, initialize_config_dir
 
-import eagle_trainer.train as train_module
+import eagle_trainer.app.train as train_module
+import eagle_trainer.app.train_data as train_data_module
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import RECIPES, run, to_config
+from eagle_trainer.app.train import RECIPES, run, to_config
 
 
 def compose_cfg(demo_dir, run_dir, pack):
@@ -38,9 +39,9 @@ def test_packed_training_equals_padded(demo_run, tmp_path, monkeypatch):
             shapes[-1].append((batch.packed, batch.input_ids.shape[0]))
             yield batch
 
-    step_flops, batches, shapes = train_module.step_flops, train_module.batches, []
+    step_flops, batches, shapes = train_module.step_flops, train_data_module.batches, []
     monkeypatch.setattr(train_module, "step_flops", recording_step_flops)
-    monkeypatch.setattr(train_module, "batches", recording_batches)
+    monkeypatch.setattr(train_data_module, "batches", recording_batches)
     summaries, losses = {}, {}
     for pack in (False, True):
         flop_lengths.append([])

@@ -16,10 +16,9 @@ A dump directory:
         {i}.loss_mask     bool  [T]
         {i}.aux_hidden    [T, 3*Ht]  aux layer outputs, low/mid/high concatenated
         {i}.final_hidden  [T, Ht]    after the final norm: the teacher is rebuilt from it
-        {i}.last_hidden   [T, Ht]    before the final norm (EAGLE-1), only when dumped with keep_last_hidden
         {i}.argmax_valid  bool  [T]  the full-vocab target argmax lies in the draft vocab
-    The hidden tensors are in the target dtype. With compression "fp8" the draft's inputs (aux_hidden,
-    last_hidden) are stored in float8_e4m3fn with a per-row (per-token) scale {i}.<name>.scale fp32 [T, 1] =
+    The hidden tensors are in the target dtype. With compression "fp8" the draft's input aux_hidden
+    is stored in float8_e4m3fn with a per-row (per-token) scale {i}.<name>.scale fp32 [T, 1] =
     absmax / 448 (dequantised = q * scale); final_hidden stays exact, because the teacher's softmax over a sharp
     target distribution magnifies its error (2.6% relative error in final_hidden moved the tiny test target's
     teacher by 0.07 in L1). The manifest lists the compressed tensors and their relative Frobenius error.
@@ -62,8 +61,9 @@ FORMAT_VERSION = 1
 VOCAB_FILE = "vocab.safetensors"  # the draft vocab map the dump was made with (d2t, t2d), copied by the CLI
 COMPRESSIONS = ("none", "fp8")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-HIDDEN_NAMES = ("aux_hidden", "final_hidden", "last_hidden")
-LOSSY_NAMES = ("aux_hidden", "last_hidden")  # what compression="fp8" quantises; the teacher's input stays exact
+# what a dump stores of CapturedStates (a stored tensor of another name, e.g. an older dump's last_hidden, is not read)
+HIDDEN_NAMES = ("aux_hidden", "final_hidden")
+LOSSY_NAMES = ("aux_hidden",)  # what compression="fp8" quantises; the teacher's input stays exact
 REQUIRED_FIELDS = ("target", "vocab_map_sha256", "data_fingerprint")  # the caller's part of the manifest
 _MANIFEST, _INDEX = "manifest.json", "index.json"
 _DUMP_HINT = "make one with `eagle-data dump --target PATH --data FILE --vocab FILE --out DIR`"
@@ -77,30 +77,26 @@ def vocab_map_sha256(d2t: torch.Tensor, t2d: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def dump_manifest(target_path: str | Path, architecture: str, d2t: torch.Tensor, t2d: torch.Tensor,
-                  data_fingerprint: str) -> dict:
-    """The caller's part of a dump's manifest: which target, vocab map and data set it was made from."""
-    from eagle_trainer.targets.loading import target_fingerprint
-
+def dump_manifest(target_path: str | Path, target_fingerprint: str, architecture: str, d2t: torch.Tensor,
+                  t2d: torch.Tensor, data_fingerprint: str) -> dict:
+    """The caller's part of a dump's manifest: which target (`targets.loading.target_fingerprint` of its
+    checkpoint), vocab map and data set it was made from."""
     return {
         "target": {"architecture": architecture, "path": str(Path(target_path).resolve()),
-                   "fingerprint": target_fingerprint(target_path)},
+                   "fingerprint": target_fingerprint},
         "vocab_map_sha256": vocab_map_sha256(d2t, t2d),
         "data_fingerprint": data_fingerprint,
     }
 
 
-def expected_manifest(target_path: str | Path, architecture: str, aux_layer_ids, d2t: torch.Tensor,
-                      t2d: torch.Tensor, needs_last_hidden: bool) -> dict:
-    """What a training run needs of a dump, for `OfflineStore.check`."""
-    from eagle_trainer.targets.loading import target_fingerprint
-
+def expected_manifest(target_fingerprint: str, architecture: str, aux_layer_ids, d2t: torch.Tensor,
+                      t2d: torch.Tensor) -> dict:
+    """What a training run needs of a dump, for `OfflineStore.check` (`target_fingerprint`: see dump_manifest)."""
     return {
-        "target.fingerprint": target_fingerprint(target_path),
+        "target.fingerprint": target_fingerprint,
         "target.architecture": architecture,
         "aux_layer_ids": list(aux_layer_ids),
         "vocab_map_sha256": vocab_map_sha256(d2t, t2d),
-        "needs_last_hidden": needs_last_hidden,
     }
 
 
@@ -196,7 +192,6 @@ def dump_hidden_states(
     manifest: dict,
     batch_size: int,
     compression: str = "none",
-    keep_last_hidden: bool = False,
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
@@ -217,16 +212,14 @@ def dump_hidden_states(
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise ValueError(f"the dump manifest lacks {missing}; build it with data.offline.dump_manifest(...)")
-    if keep_last_hidden and not target.keep_last_hidden:
-        raise ValueError("keep_last_hidden=True needs a FrozenTarget built with keep_last_hidden=True")
     start_time = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear_old_dump(out_dir, rank, world_size)
     _barrier(world_size)  # no rank writes before rank 0 has removed an old manifest
 
-    names = ("aux_hidden", "final_hidden") + (("last_hidden",) if keep_last_hidden else ())
-    device = target.lm_head_weight.device
+    names = HIDDEN_NAMES
+    device = target.target_head().device
     lengths = example_lengths(dataset)
     ids = range(rank, len(dataset), world_size)
     bar = tqdm(total=int(lengths[rank::world_size].sum()), unit="tok", unit_scale=True, desc="dump",
@@ -257,11 +250,11 @@ def dump_hidden_states(
     })
     _barrier(world_size)
     if rank == 0:
-        head = target.lm_head_weight
+        head = target.target_head()
         _finish(out_dir, world_size, len(dataset), {
             **manifest, "format_version": FORMAT_VERSION, "aux_layer_ids": list(target.aux_layer_ids),
             "dtype": str(head.dtype).removeprefix("torch."), "hidden_size": int(head.shape[-1]),
-            "contents": ["input_ids", "loss_mask", *names, "argmax_valid"], "keep_last_hidden": keep_last_hidden,
+            "contents": ["input_ids", "loss_mask", *names, "argmax_valid"],
             "compression": compression, "world_size": world_size,
             "compressed": [n for n in names if n in LOSSY_NAMES] if compression == "fp8" else [],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -325,8 +318,8 @@ def collate_offline(examples: list[dict[str, torch.Tensor]], pad_id: int, pack: 
             out[row, :ex[name].shape[0]] = ex[name]
         return out
 
-    states = CapturedStates(aux_hidden=stack("aux_hidden"), last_hidden=stack("last_hidden"),
-                            final_hidden=stack("final_hidden"), argmax_valid=stack("argmax_valid"))
+    states = CapturedStates(aux_hidden=stack("aux_hidden"), final_hidden=stack("final_hidden"),
+                            argmax_valid=stack("argmax_valid"))
     scales = {name: stack(name + ".scale") for name in HIDDEN_NAMES if name + ".scale" in examples[0]}
     return OfflineBatch(tokens.input_ids, tokens.loss_mask, tokens.attention_mask, states, scales,
                         position_ids=tokens.position_ids, cu_seqlens=tokens.cu_seqlens)
@@ -376,7 +369,7 @@ class OfflineStore:
 
     def example(self, i: int, dequantize: bool = True) -> dict[str, torch.Tensor]:
         """Example i, unpadded: input_ids int64 [T], loss_mask and argmax_valid bool [T], and the hidden
-        tensors ([T, 3*Ht] aux_hidden, [T, Ht] final_hidden, last_hidden when stored) in the manifest dtype.
+        tensors ([T, 3*Ht] aux_hidden, [T, Ht] final_hidden) in the manifest dtype.
         `dequantize=False` leaves fp8 tensors as stored and adds their `<name>.scale` [T, 1]."""
         i = self._ids[i]
         f = self._handle(self._files[i])
@@ -399,14 +392,10 @@ class OfflineStore:
 
     def check(self, expected: dict) -> None:
         """Refuse a dump made for another run. `expected` maps manifest fields by dotted name ("target.fingerprint",
-        "aux_layer_ids", "vocab_map_sha256", ...) to the run's values, plus "needs_last_hidden" (see
-        `expected_manifest`). Every mismatch is listed in one ValueError."""
+        "aux_layer_ids", "vocab_map_sha256", ...) to the run's values (see `expected_manifest`). Every mismatch is
+        listed in one ValueError."""
         problems = []
         for key, want in expected.items():
-            if key == "needs_last_hidden":
-                if want and "last_hidden" not in self.manifest["contents"]:
-                    problems.append("last_hidden: not stored, but this draft trains on it (dump with --last-hidden)")
-                continue
             have = self._field(key)
             if have != json.loads(json.dumps(want)):  # tuples compare as the lists JSON stores
                 problems.append(f"{key}: stored {have!r}, expected {want!r}")
@@ -440,8 +429,7 @@ def _pinned(batch: OfflineBatch) -> OfflineBatch:
     pin = lambda x: None if x is None else x.pin_memory()
     s = batch.states
     return OfflineBatch(pin(batch.input_ids), pin(batch.loss_mask), pin(batch.attention_mask), CapturedStates(
-        aux_hidden=pin(s.aux_hidden), last_hidden=pin(s.last_hidden), final_hidden=pin(s.final_hidden),
-        argmax_valid=pin(s.argmax_valid)), {name: pin(scale) for name, scale in batch.scales.items()},
+        aux_hidden=pin(s.aux_hidden), final_hidden=pin(s.final_hidden), argmax_valid=pin(s.argmax_valid)), {name: pin(scale) for name, scale in batch.scales.items()},
         position_ids=pin(batch.position_ids), cu_seqlens=pin(batch.cu_seqlens))
 
 

@@ -1,4 +1,4 @@
-"""The draft vocabulary map (DESIGN section 4): which target ids the draft's lm_head predicts.
+"""The draft vocabulary map (docs/design.md, Draft vocab map): which target ids the draft's lm_head predicts.
 
 The draft vocabulary is the Vd most frequent target ids among LOSS tokens (ties: lower id first), sorted
 ascending; with fewer than Vd distinct ids it is padded with the smallest unused ids. Two tensors carry it,

@@ -1,4 +1,4 @@
-"""Device mesh, FSDP2 for the frozen target, expert parallelism, DDP for the draft (DESIGN section 6).
+"""Device mesh, FSDP2 for the frozen target, expert parallelism, DDP for the draft (docs/design.md, Parallelism).
 
 Works on any nn.Module through what the registry's TargetSpec declares (where the backbone, the decoder
 layers and the routed experts live); never names a concrete model.

@@ -3,7 +3,7 @@
 Works on any experts module in HF transformers' experts interface: `forward(hidden [T, H], ids [T, k],
 weights [T, k]) -> [T, H]`, with its experts stacked on dim 0 of its parameters (`gate_up_proj` [E, 2I, H],
 `down_proj` [E, H, I]) and their count in `num_experts`. Whatever implementation is bound to the module (our
-Triton core, HF's eager loop or grouped_mm) computes the local experts; two hooks move the tokens:
+Triton core, HF's own loop or its grouped_mm) computes the local experts; two hooks move the tokens:
 
     dispatch (pre-hook)   each (token, slot) pair p = t*k + j goes to the rank holding expert ids[t, j], with its
                           hidden row, its expert id (local to that rank) and its routing weight; all-to-all

@@ -20,7 +20,7 @@ def bind_qwen3_moe(model, cfg) -> dict[str, str]:
 def bind_qwen3_next(model, cfg) -> dict[str, str]:
     """Our MoE core (router + routed experts, `moe_impl`), the zero-centred fused RMSNorm for Qwen3NextRMSNorm
     (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton on a GPU for the
-    MoE and the norms (eager / hf on the CPU).
+    MoE and the norms (hf on the CPU).
 
     The shared expert (a dense Qwen3NextMLP) and its sigmoid `shared_expert_gate` stay HF's modules:
     Qwen3NextSparseMoeBlock.forward adds them to whatever the experts implementation returns. The GDN's gated

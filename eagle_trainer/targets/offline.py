@@ -52,7 +52,7 @@ class OfflineTarget:
                              "OfflineTarget.from_checkpoint")
         return self.embedding
 
-    def output_head(self) -> torch.Tensor:
+    def target_head(self) -> torch.Tensor:
         """The target's lm_head [V, Ht] on the teacher's device (EAGLE-1 drafts decode with it)."""
         if self.lm_head is None:
             raise ValueError("this OfflineTarget was built without the target lm_head; use "

@@ -7,6 +7,8 @@ No rank ever holds the whole model, on the GPU or in host memory: each parameter
                                      frequencies, are real: they are not in the checkpoint)
     materialize(model, device)       empty local shards on the device, buffers kept
     fill_from_safetensors(model, p)  every parameter's local shard from the checkpoint files
+    load_sharded_target(cfg, ...)    the four in order, with parallel.parallelize_target between build and fill:
+                                     load_target for a target sharded over ranks
 
 Experts may be stored fused (`<experts>.gate_up_proj` [E, 2I, H], `<experts>.down_proj` [E, H, I]) or per expert
 (`<experts>.<e>.{gate,up,down}_proj.weight`); both fill the fused parameters. A parameter the files do not hold,
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -26,7 +29,11 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
 
-from eagle_trainer.targets.loading import checkpoint_files
+from eagle_trainer import registry
+from eagle_trainer.config import TargetConfig
+from eagle_trainer.parallel import ParallelDims, check_experts, parallelize_target
+from eagle_trainer.targets.loading import checkpoint_files, load_tokenizer, read_config, resolve_dtype
+
 
 @contextlib.contextmanager
 def parameters_on_meta():
@@ -183,3 +190,27 @@ def _other_ranks_expert(key: str, experts: dict[str, int]) -> bool:
 def peak_rss_gib() -> float:
     """This process's peak resident host memory so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def load_sharded_target(cfg: TargetConfig, device: torch.device, dims: ParallelDims, progress: bool = False):
+    """load_target for a target sharded over ranks: built on the meta device, sharded as `dims` says, then each
+    rank's shards read from the safetensors files. -> (model, tokenizer, spec, info, report)."""
+    start = time.perf_counter()
+    path, arch, hf_config = read_config(cfg)
+    spec = registry.target_spec(arch)
+    info = spec.read_info(arch, hf_config)
+    check_experts(dims.ep, info.num_experts)
+    tokenizer = load_tokenizer(cfg, info)
+    model = build_on_meta(hf_config, resolve_dtype(cfg.dtype, device), cfg.attn_implementation, cfg.trust_remote_code)
+    parallelize_target(model, spec, dims)
+    materialize(model, device)
+    fill_from_safetensors(model, path, progress=progress)
+    if spec.bind_kernels is not None:
+        spec.bind_kernels(model, cfg)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    held = sum(p.to_local().nbytes if hasattr(p, "to_local") else p.nbytes for p in model.parameters())
+    report = {"load_s": time.perf_counter() - start, "held_gib": held / 2**30, "peak_rss_gib": peak_rss_gib()}
+    print(f"target: rank {dims.rank} of {dims.world_size} holds {report['held_gib']:.2f} GiB of weights "
+          f"(ep={dims.ep}); loaded in {report['load_s']:.1f} s, peak host RSS {report['peak_rss_gib']:.2f} GiB")
+    return model, tokenizer, spec, info, report

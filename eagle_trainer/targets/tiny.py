@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config, Qwen3MoeConfig, Qwen3NextConfig
 
-from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer
+from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer
 
 
 def tiny_qwen3_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 8, **overrides) -> Qwen3Config:

@@ -6,7 +6,7 @@ import pytest
 
 from eagle_trainer.data.chat import parse_conversation, read_chat_jsonl, strip_thinking, write_chat_jsonl
 from eagle_trainer.data.template import find_assistant_spans, tokenize_conversation
-from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer
+from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer
 
 TWO_TURNS = [
     {"role": "system", "content": "Be brief."},

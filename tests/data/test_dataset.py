@@ -10,7 +10,7 @@ from eagle_trainer.config import DataConfig
 from eagle_trainer.data import dataset as dataset_module
 from eagle_trainer.data.dataset import batches, build_dataset, collate, num_batches
 from eagle_trainer.data.template import tokenize_conversation
-from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
+from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
 
 
 @pytest.fixture(scope="module")

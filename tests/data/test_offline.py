@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from batches import draft_vocab
 
+from eagle_trainer.app.data import main
 from eagle_trainer.config import DataConfig, TargetConfig
-from eagle_trainer.data.cli import main
 from eagle_trainer.data.dataset import batches, build_dataset, collate
 from eagle_trainer.data.offline import (
     OfflineStore,
@@ -25,11 +26,11 @@ from eagle_trainer.data.offline import (
     expected_manifest,
     quantize_fp8,
 )
-from eagle_trainer.data.tiny_tokenizer import synthetic_corpus
 from eagle_trainer.data.vocab import save_vocab_map
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.targets.loading import load_target
+from eagle_trainer.targets.loading import load_target, target_fingerprint
 from eagle_trainer.targets.offline import OfflineTarget
+from eagle_trainer.targets.tiny_tokenizer import synthetic_corpus
 
 NUM_EXAMPLES = 11
 AUX_IDS = (1, 3, 4)
@@ -54,10 +55,11 @@ def env(tiny_qwen3_path, tmp_path_factory):
     save_vocab_map(root / "vocab.safetensors", d2t, t2d)
     data = write_chat(root / "chat.jsonl", NUM_EXAMPLES)
     dataset, stats = build_dataset(DataConfig(path=str(data), max_length=48), tokenizer, root / "cache")
-    target = FrozenTarget(model, spec, AUX_IDS, draft_ids, t2d, keep_last_hidden=True)
-    manifest = dump_manifest(tiny_qwen3_path, info.architecture, d2t, t2d, stats["fingerprint"])
+    target = FrozenTarget(model, spec, AUX_IDS, draft_ids, t2d)
+    manifest = dump_manifest(tiny_qwen3_path, target_fingerprint(tiny_qwen3_path), info.architecture, d2t, t2d,
+                             stats["fingerprint"])
     result = dump_hidden_states(target, dataset, root / "exact", manifest=manifest, batch_size=1,
-                                keep_last_hidden=True, progress=False, shard_bytes=64 << 10)
+                                progress=False, shard_bytes=64 << 10)
     return dict(root=root, path=tiny_qwen3_path, target=target, dataset=dataset, stats=stats, d2t=d2t, t2d=t2d,
                 draft_ids=draft_ids, manifest=manifest, result=result, data=data, info=info)
 
@@ -77,15 +79,15 @@ def test_dump_round_trip_is_bit_exact(env):
         ex, ref = store.example(i), captured_alone(env, i)
         row = env["dataset"][i]
         assert ex["input_ids"].tolist() == row["input_ids"] and ex["loss_mask"].tolist() == row["loss_mask"]
-        for name in ("aux_hidden", "final_hidden", "last_hidden", "argmax_valid"):
+        for name in ("aux_hidden", "final_hidden", "argmax_valid"):
             assert torch.equal(ex[name], getattr(ref, name)[0]), (i, name)
     m, r = store.manifest, env["result"]
     assert m["aux_layer_ids"] == list(AUX_IDS) and m["dtype"] == "float32" and m["hidden_size"] == 64
-    assert m["contents"] == ["input_ids", "loss_mask", "aux_hidden", "final_hidden", "last_hidden", "argmax_valid"]
+    assert m["contents"] == ["input_ids", "loss_mask", "aux_hidden", "final_hidden", "argmax_valid"]
     assert m["data_fingerprint"] == env["stats"]["fingerprint"] and m["compression_error"] == {}
     assert r["num_examples"] == NUM_EXAMPLES and r["num_tokens"] == sum(lengths) == m["num_tokens"]
-    # fp32: (3 + 1 + 1) * 64 * 4 bytes of hidden state per token, plus ids, masks and headers
-    assert 5 * 64 * 4 < r["bytes_per_token"] < 5 * 64 * 4 * 1.5
+    # fp32: (3 + 1) * 64 * 4 bytes of hidden state per token, plus ids, masks and headers
+    assert 4 * 64 * 4 < r["bytes_per_token"] < 4 * 64 * 4 * 1.5
 
 
 def test_batched_dump_is_close_to_the_exact_one(env, tmp_path):
@@ -130,7 +132,7 @@ def test_store_packs_batches_as_the_online_collate(env):
         for name in ("input_ids", "loss_mask", "attention_mask", "position_ids", "cu_seqlens"):
             assert torch.equal(getattr(off, name), getattr(on, name)), name
         real = pad.attention_mask
-        for name in ("aux_hidden", "final_hidden", "last_hidden", "argmax_valid"):
+        for name in ("aux_hidden", "final_hidden", "argmax_valid"):
             assert torch.equal(getattr(off.states, name)[0], getattr(pad.states, name)[real]), name
     wide = packed[0].pad_to_multiple(16, pad_id=5).to("cpu")
     n = packed[0].input_ids.shape[1]
@@ -165,14 +167,14 @@ def test_offline_target_equals_frozen_target(env):
     assert offline.lm_head is None  # the whole [V, Ht] head is kept only for drafts that decode with it
     kept = OfflineTarget.from_checkpoint(env["path"], env["draft_ids"], True, torch.device("cpu"), torch.float32,
                                          keep_lm_head=True)
-    assert torch.equal(kept.output_head(), online.output_head())
+    assert torch.equal(kept.target_head(), online.target_head())
     kw = dict(seed=1, epoch=0, shuffle=True)
     # batch_size 1: the same shapes online and offline, so the same bits
     for mask in (True, False):
         online.mask_teacher_argmax = offline.mask_teacher_argmax = mask
         for on_batch, off_batch in zip(batches(env["dataset"], 1, **kw), store.batches(1, **kw)):
             on, off = online.forward(on_batch), offline.forward(off_batch.to("cpu"))
-            for name in ("aux_hidden", "last_hidden", "teacher_logits", "teacher_valid"):
+            for name in ("aux_hidden", "final_hidden", "teacher_logits", "teacher_valid"):
                 assert torch.equal(getattr(off, name), getattr(on, name)), name
     online.mask_teacher_argmax = offline.mask_teacher_argmax = True
     # batch_size 4: online rows are padded to other lengths than when dumped; equal up to fp32 rounding
@@ -225,7 +227,7 @@ def test_fp8_zero_rows_and_range():
 def test_check_refuses_a_dump_made_for_another_run(env, tmp_path):
     store = OfflineStore(env["root"] / "exact")
     info = env["info"]
-    ok = expected_manifest(env["path"], info.architecture, AUX_IDS, env["d2t"], env["t2d"], needs_last_hidden=True)
+    ok = expected_manifest(target_fingerprint(env["path"]), info.architecture, AUX_IDS, env["d2t"], env["t2d"])
     store.check(ok)
     other = tmp_path / "other_target"
     other.mkdir()
@@ -236,7 +238,7 @@ def test_check_refuses_a_dump_made_for_another_run(env, tmp_path):
     t2d[int(torch.nonzero(~t2d)[0])] = True
     t2d[int(env["draft_ids"][0])] = False
     d2t = (torch.nonzero(t2d).flatten() - torch.arange(200))
-    bad = expected_manifest(other, info.architecture, (1, 2, 4), d2t, t2d, needs_last_hidden=True)
+    bad = expected_manifest(target_fingerprint(other), info.architecture, (1, 2, 4), d2t, t2d)
     with pytest.raises(ValueError) as e:
         store.check(bad)
     msg = str(e.value)
@@ -244,11 +246,28 @@ def test_check_refuses_a_dump_made_for_another_run(env, tmp_path):
         assert field in msg
     assert "target.architecture" not in msg and "[1, 3, 4]" in msg and "[1, 2, 4]" in msg
     assert "eagle-data dump" in msg and "data.offline_path" in msg
-    no_last = dump_hidden_states(env["target"], env["dataset"].select(range(2)), tmp_path / "small",
-                                 manifest=env["manifest"], batch_size=2, progress=False)
-    assert no_last["num_examples"] == 2
-    with pytest.raises(ValueError, match="last_hidden: not stored"):
-        OfflineStore(tmp_path / "small").check(ok)
+
+
+def test_a_dump_with_the_retired_last_hidden_still_loads(env, tmp_path):
+    """Older dumps could also store the pre-norm last hidden state (and said so in the manifest): it is ignored."""
+    old = tmp_path / "old"
+    shutil.copytree(env["root"] / "exact", old)
+    for shard in old.glob("shard-*.safetensors"):
+        tensors = load_file(str(shard))
+        tensors.update({k.replace(".final_hidden", ".last_hidden"): v.clone() for k, v in tensors.items()
+                        if k.endswith(".final_hidden")})
+        save_file(tensors, str(shard))
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest.update(keep_last_hidden=True, needs_last_hidden=True,
+                    contents=["input_ids", "loss_mask", "aux_hidden", "final_hidden", "last_hidden", "argmax_valid"])
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    store, exact = OfflineStore(old), OfflineStore(env["root"] / "exact")
+    store.check(expected_manifest(target_fingerprint(env["path"]), env["info"].architecture, AUX_IDS, env["d2t"],
+                                  env["t2d"]))
+    assert store.example(0).keys() == exact.example(0).keys()
+    batch = next(store.batches(2, seed=0, epoch=0, shuffle=False, prefetch=0))
+    assert torch.equal(batch.states.final_hidden, next(exact.batches(2, seed=0, epoch=0, shuffle=False,
+                                                                      prefetch=0)).states.final_hidden)
 
 
 def test_incomplete_dump_is_refused(env, tmp_path, monkeypatch):
@@ -313,7 +332,7 @@ def test_cli_dump_one_and_two_processes_agree(env, tmp_path, capsys):
     def argv(out):
         return ["dump", "--target", str(env["path"]), "--data", str(env["data"]), "--vocab",
                 str(env["root"] / "vocab.safetensors"), "--out", str(out), "--max-length", "48", "--batch-size", "1",
-                "--aux-layers", "1,3,4", "--last-hidden", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                "--aux-layers", "1,3,4", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
                 "--device", "cpu"]
 
     main(argv(tmp_path / "one"))

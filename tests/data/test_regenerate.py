@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
-from eagle_trainer.data.cli import main
+from eagle_trainer.app.data import main
 from eagle_trainer.data.regenerate import regenerate
 from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_config
 

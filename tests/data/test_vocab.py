@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from eagle_trainer.data.cli import main
+from eagle_trainer.app.data import main
 from eagle_trainer.data.dataset import FEATURES
-from eagle_trainer.data.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
+from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
 from eagle_trainer.data.vocab import (
     build_vocab_map, count_loss_tokens, draft_ids_from_d2t, load_vocab_map, save_vocab_map, vocab_coverage,
     vocab_map_from_counts,

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from eagle_trainer.metrics import read_metrics
-from eagle_trainer.train import RECIPES, run, to_config
+from eagle_trainer.app.train import RECIPES, run, to_config
 from ranks import run_ranks
 
 STEPS = 4

@@ -38,7 +38,8 @@ def frozen(model, spec) -> FrozenTarget:
 
 def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32") -> None:
     from eagle_trainer.parallel import init_parallel, whole
-    from eagle_trainer.train import load_sharded_target, pick_device
+    from eagle_trainer.app.runtime import pick_device
+    from eagle_trainer.targets.sharded import load_sharded_target
     device = pick_device(device_type)
     dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
     model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype), device, dims)

@@ -37,7 +37,7 @@ def examples(vocab_size: int, lengths=LENGTHS, seed=0) -> list[dict]:
 
 def check_packed_equals_alone(model, spec, info, aux_ids, lengths=LENGTHS, pad_multiple=1):
     ids, t2d = draft_vocab(info.vocab_size, info.vocab_size // 4)
-    target = FrozenTarget(model, spec, aux_ids, ids, t2d, keep_last_hidden=True)
+    target = FrozenTarget(model, spec, aux_ids, ids, t2d)
     docs = examples(info.vocab_size, lengths)
     packed = collate(docs, 0, pack=True).pad_to_multiple(pad_multiple, 0).to(DEVICE)
     both = target.capture(packed, argmax=True)
@@ -45,7 +45,7 @@ def check_packed_equals_alone(model, spec, info, aux_ids, lengths=LENGTHS, pad_m
     for doc, start in zip(docs, packed.cu_seqlens.tolist()):
         alone = target.capture(collate([doc], 0).to(DEVICE), argmax=True)
         n = len(doc["input_ids"])
-        for name in ("aux_hidden", "last_hidden", "final_hidden"):
+        for name in ("aux_hidden", "final_hidden"):
             torch.testing.assert_close(getattr(both, name)[0, start:start + n], getattr(alone, name)[0],
                                        rtol=1e-5, atol=1e-5, msg=f"{name}, document at {start}")
         assert torch.equal(both.argmax_valid[0, start:start + n], alone.argmax_valid[0])

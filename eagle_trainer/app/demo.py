@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 from eagle_trainer.config import Config, DemoConfig
 from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
 from eagle_trainer.data.regenerate import regenerate
-from eagle_trainer.data.tiny_tokenizer import synthetic_words
+from eagle_trainer.targets.tiny_tokenizer import synthetic_words
 from eagle_trainer.targets.loading import load_target
 from eagle_trainer.targets.tiny import (save_tiny_checkpoint, tiny_qwen3_config, tiny_qwen3_moe_config,
                                        tiny_qwen3_next_config)

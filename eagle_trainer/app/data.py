@@ -6,19 +6,19 @@
     eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
                           --top-p --seed --trust-remote-code --device --no-progress]
     eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
-                    --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8 --last-hidden
+                    --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8
                     --dtype --device --trust-remote-code --no-progress --shard-size-mb N]
-    torchrun --nproc-per-node N -m eagle_trainer.data.cli dump ...    # each rank dumps 1/N of the examples
+    torchrun --nproc-per-node N -m eagle_trainer.app.data dump ...    # each rank dumps 1/N of the examples
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import json
-import os
+import shutil
 from pathlib import Path
 
+from eagle_trainer.app import runtime
 from eagle_trainer.config import DataConfig
 
 
@@ -71,7 +71,6 @@ def _add_dump_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compress", choices=["none", "fp8"], default="none",
                    help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
-    p.add_argument("--last-hidden", action="store_true", help="also store the pre-norm last hidden state (EAGLE-1)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -125,14 +124,12 @@ def run_vocab(args: argparse.Namespace) -> dict:
 
 
 def run_regenerate(args: argparse.Namespace) -> int:
-    import torch
-
     from eagle_trainer.config import TargetConfig
     from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
     from eagle_trainer.data.regenerate import regenerate
     from eagle_trainer.targets.loading import load_target
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = runtime.pick_device(args.device, "--device")
     conversations, skipped = read_chat_jsonl(
         args.data, thinking=args.thinking, on_error=args.on_error, require_assistant=False
     )
@@ -154,42 +151,20 @@ def _parse_aux_layers(text: str) -> tuple[int, ...]:
         raise ValueError(f"--aux-layers={text!r} is not a comma list of layer ids, e.g. 1,17,32") from None
 
 
-def _dump_device(name: str, world_size: int):
-    """auto | cpu | cuda | cuda:N; under torchrun (world_size > 1) cuda means cuda:LOCAL_RANK."""
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and world_size > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(name)
-
-
 DATA_STAT_KEYS = ("data_path", "num_conversations", "num_loss_tokens", "skipped", "truncated", "dropped")
 
 
 def run_dump(args: argparse.Namespace) -> dict:
     """Load the target as training does, tokenise the data, and dump this rank's share of the examples."""
-    import torch
-    import torch.distributed as dist
-
     from eagle_trainer.config import TargetConfig
     from eagle_trainer.data.dataset import build_dataset
     from eagle_trainer.data.offline import VOCAB_FILE, dump_hidden_states, dump_manifest
     from eagle_trainer.data.vocab import draft_ids_from_d2t, load_vocab_map
     from eagle_trainer.targets.frozen import FrozenTarget
-    from eagle_trainer.targets.loading import load_target
+    from eagle_trainer.targets.loading import load_target, target_fingerprint
 
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = _dump_device(args.device, world_size)
-    own_group = world_size > 1 and not dist.is_initialized()
-    if own_group:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    try:
+    device = runtime.pick_device(args.device, "--device")
+    with runtime.process_group(device) as (rank, world_size):
         d2t, t2d = load_vocab_map(args.vocab)
         target_cfg = TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
         model, tokenizer, spec, info = load_target(target_cfg, device)
@@ -201,27 +176,21 @@ def run_dump(args: argparse.Namespace) -> dict:
         data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
                               on_error=args.on_error, shuffle=False)
         cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
-        if rank == 0:  # one process tokenises into the cache; the others read it back
-            dataset, stats = build_dataset(data_cfg, tokenizer, cache_dir)
-        if world_size > 1:
-            dist.barrier()
-        if rank != 0:
-            dataset, stats = build_dataset(data_cfg, tokenizer, cache_dir)
-        target = FrozenTarget(model, spec, aux_ids, draft_ids_from_d2t(d2t), t2d, keep_last_hidden=args.last_hidden)
+        # one process tokenises into the cache; the others read it back
+        dataset, stats = runtime.rank_zero_first(lambda: build_dataset(data_cfg, tokenizer, cache_dir), rank,
+                                                 world_size)
+        target = FrozenTarget(model, spec, aux_ids, draft_ids_from_d2t(d2t), t2d)
+        manifest = dump_manifest(args.target, target_fingerprint(args.target), info.architecture, d2t, t2d,
+                                 stats["fingerprint"])
         result = dump_hidden_states(
-            target, dataset, args.out,
-            manifest={**dump_manifest(args.target, info.architecture, d2t, t2d, stats["fingerprint"]),
-                      "data_stats": {k: stats[k] for k in DATA_STAT_KEYS}},
-            batch_size=args.batch_size, compression=args.compress, keep_last_hidden=args.last_hidden, rank=rank,
-            world_size=world_size, progress=not args.no_progress, shard_bytes=int(args.shard_size_mb * (1 << 20)),
-            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            target, dataset, args.out, manifest={**manifest, "data_stats": {k: stats[k] for k in DATA_STAT_KEYS}},
+            batch_size=args.batch_size, compression=args.compress, rank=rank, world_size=world_size,
+            progress=not args.no_progress, shard_bytes=int(args.shard_size_mb * (1 << 20)),
+            pad_id=runtime.pad_id(tokenizer),
         )
         target.close()
         if rank == 0:  # offline training reads the map from here unless data.vocab_path names one
             shutil.copyfile(args.vocab, Path(args.out) / VOCAB_FILE)
-    finally:
-        if own_group:
-            dist.destroy_process_group()
     if rank == 0:
         error = ", ".join(f"{k} {v:.4f}" for k, v in result["compression_error"].items()) or "none (lossless)"
         print(f"dumped {result['num_examples']} examples, {result['num_tokens']} tokens, "
