@@ -80,5 +80,10 @@ def test_llama_target_registered_from_outside_trains(tmp_path):
     summary = run(cfg)
     assert summary.steps == 4
     assert len(summary.train_acc) == 3
+    # the run records its target: eagle-eval refuses the export with any other one
+    from eagle_trainer.export import target_fingerprint_of
+    from eagle_trainer.targets.loading import target_fingerprint
+    assert target_fingerprint_of(tmp_path / "run/export/sglang") == target_fingerprint(target)
+    assert target_fingerprint_of(tmp_path / "run") == target_fingerprint(target)
     draft_cfg = json.loads((tmp_path / "run/export/sglang/config.json").read_text())
     assert draft_cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from eagle_trainer.data.regenerate import stop_token_ids
 from eagle_trainer.evaluate.acceptance import measure_acceptance, plot_histogram, prompts_from_dataset
 from eagle_trainer.evaluate.simulated import simulated_on
 from eagle_trainer.evaluate.speculative import DecodeConfig
-from eagle_trainer.export import read_draft
-from eagle_trainer.targets.loading import load_target
+from eagle_trainer.export import read_draft, target_fingerprint_of
+from eagle_trainer.targets.loading import load_target, target_fingerprint
 
 
+@runtime.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eagle-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--target", required=True, help="local HF checkpoint directory of the target")
@@ -49,11 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--moe-impl", default="auto", help="MoE targets: auto | triton | hf | grouped_mm")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args(argv)
+    check_options(args)
 
     device = runtime.pick_device(args.device, "--device")
+    draft = read_draft(args.draft)
+    check_target(args.draft, args.target)
     model, tokenizer, spec, info = load_target(
         TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device)
-    draft = read_draft(args.draft).to(device)
+    draft.to(device)
     hidden = getattr(draft.config, "target_hidden_size", draft.config.hidden_size)
     if draft.config.vocab_size != info.vocab_size or hidden != info.hidden_size:
         raise ValueError(f"draft {args.draft} was trained for vocab {draft.config.vocab_size} / hidden "
@@ -85,6 +90,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"simulated acceptance length ({args.ttt_steps} TTT steps): {simulated['sim_accept_len']:.3f}")
     print(f"wrote {out} and {plot}")
     return 0
+
+
+# the least value of each count option (--max-length: a prompt token and a trained one)
+LEAST = {"num_prompts": 1, "max_new_tokens": 1, "ttt_steps": 1, "max_length": 2, "steps": 1, "topk": 1, "depth": 1,
+         "total_tokens": 1}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    for name, least in LEAST.items():
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is out of range; it must be at "
+                             f"least {least}")
+
+
+def check_target(draft_path: str, target_path: str) -> None:
+    """Refuse a target other than the one the draft records it was trained on; warn where it records none."""
+    recorded, given = target_fingerprint_of(draft_path), target_fingerprint(target_path)
+    if recorded is None:
+        print(f"warning: draft {draft_path} records no target fingerprint, so --target {target_path} cannot be "
+              "checked against the target it was trained on", file=sys.stderr)
+    elif recorded != given:
+        raise ValueError(f"draft {draft_path} was trained on a target with fingerprint {recorded[:12]}, but --target "
+                         f"{target_path} has {given[:12]} (its config.json or weight files differ); pass the target "
+                         "the draft was trained on")
 
 
 if __name__ == "__main__":

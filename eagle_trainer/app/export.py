@@ -25,11 +25,13 @@ import argparse
 import torch
 
 from eagle_trainer import registry
+from eagle_trainer.app import runtime
 from eagle_trainer.checkpoint import resolve_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+@runtime.command
 def main(argv: list[str] | None = None) -> int:
     formats = registry.export_formats()
     parser = argparse.ArgumentParser(prog="eagle-export", description=__doc__.splitlines()[0])

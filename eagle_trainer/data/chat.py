@@ -7,7 +7,8 @@ One conversation per line, in either of two forms:
 
 Both normalise to a list of {"role", "content"} dicts with roles system / user / assistant. A bad line
 either raises a ValueError naming `file:line`, or (on_error="skip") is skipped and counted by reason,
-so nothing is dropped silently. Blank lines carry no conversation and are passed over.
+so nothing is dropped silently. Blank lines carry no conversation and are passed over; a file of nothing else is
+refused as empty. A line that is not valid UTF-8 is a bad line (reason bad_utf8).
 """
 
 from __future__ import annotations
@@ -110,11 +111,18 @@ def iter_chat_jsonl(
     check_on_error(on_error)
     if on_error == "skip" and skipped is None:
         raise ValueError("on_error='skip' needs a `skipped` Counter to count the skipped lines into")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
+    num_lines = 0  # non-blank ones
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error, not the whole file's
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
+            num_lines += 1
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadLineError("bad_utf8", f"invalid UTF-8 ({e.reason} at byte {e.start}); save the file "
+                                       "as UTF-8") from None
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -126,6 +134,9 @@ def iter_chat_jsonl(
                     continue
                 raise line_error(path, line_no, e) from None
             yield line_no, messages
+    if num_lines == 0:
+        raise ValueError(f"{path} is empty (no line but blank ones); pass the chat JSONL file that holds the "
+                         "conversations, one per line")
 
 
 def line_error(path: str | Path, line_no: int, error: BadLineError) -> BadLineError:

@@ -244,6 +244,10 @@ def batches(
     examples packed into one row (see `collate`). Which examples make a batch does not depend on `pack`."""
     for indices in batch_indices(len(dataset), batch_size, seed=seed, epoch=epoch, shuffle=shuffle, rank=rank,
                                  world_size=world_size, start=start):
-        rows = dataset[indices.tolist()]  # column dict: {"input_ids": [...], "loss_mask": [...]}
-        examples = [{"input_ids": ids, "loss_mask": m} for ids, m in zip(rows["input_ids"], rows["loss_mask"])]
-        yield collate(examples, pad_id, pack)
+        yield collate(examples_at(dataset, indices.tolist()), pad_id, pack)
+
+
+def examples_at(dataset: datasets.Dataset, indices: list[int]) -> list[dict]:
+    """The rows at `indices` as examples ({"input_ids", "loss_mask"}) for `collate`."""
+    rows = dataset[indices]  # column dict: {"input_ids": [...], "loss_mask": [...]}
+    return [{"input_ids": ids, "loss_mask": m} for ids, m in zip(rows["input_ids"], rows["loss_mask"])]

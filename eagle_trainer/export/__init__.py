@@ -63,5 +63,16 @@ def read_draft(path: str | Path) -> Draft:
     return fmt.read(path)
 
 
+def target_fingerprint_of(path: str | Path) -> str | None:
+    """The fingerprint (targets.loading.target_fingerprint) of the target the draft at `path` (as for `read_draft`)
+    was trained on, from its config alone; None where it records none (a checkpoint from before they were)."""
+    path = Path(path)
+    if (path / CHECKPOINT_CONFIG).is_file() or (path / "checkpoints").is_dir():
+        extra = json.loads((resolve_checkpoint(path) / CHECKPOINT_CONFIG).read_text()).get("extra", {})
+    else:
+        extra = json.loads((path / sglang.CONFIG_FILE).read_text()).get(sglang.PROVENANCE_KEY, {}).get("extra", {})
+    return extra.get(sglang.TARGET_FINGERPRINT)
+
+
 __all__ = ["export_eagle1_sglang", "export_eagle1_vllm", "export_sglang", "export_vllm", "read_draft", "read_eagle1",
-           "read_sglang", "read_vllm"]
+           "read_sglang", "read_vllm", "target_fingerprint_of"]

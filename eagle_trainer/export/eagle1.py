@@ -53,8 +53,8 @@ import torch
 
 from eagle_trainer.drafts.eagle1 import Eagle1Config, Eagle1Draft
 from eagle_trainer.drafts.io import WEIGHTS_FILE as CHECKPOINT_WEIGHTS
-from eagle_trainer.export.sglang import (PROVENANCE_KEY, check_against, check_dtype, llama_keys, read_checkpoint,
-                                         write_model)
+from eagle_trainer.export.sglang import (PROVENANCE_KEY, check_against, check_dtype, llama_keys, provenance,
+                                         read_checkpoint, write_model)
 
 SGLANG, VLLM = "eagle1-sglang", "eagle1-vllm"
 ARCHITECTURES = {SGLANG: "LlamaForCausalLMEagle", VLLM: "EagleLlamaForCausalLM"}  # format -> config architecture
@@ -66,8 +66,7 @@ def eagle1_config(cfg: Eagle1Config, dtype: torch.dtype, fmt: str) -> dict:
     return {
         "architectures": [ARCHITECTURES[fmt]],
         **llama_keys(cfg, dtype),
-        PROVENANCE_KEY: {"algorithm": cfg.algorithm, "target_architecture": cfg.target_architecture,
-                         "extra": cfg.extra},
+        PROVENANCE_KEY: {"algorithm": cfg.algorithm, **provenance(cfg)},
     }
 
 
@@ -97,7 +96,7 @@ def write_eagle1(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.d
     if fmt == SGLANG and not cfg.fc_bias:
         exported["fc.bias"] = torch.zeros(cfg.hidden_size)  # else SGLang keeps nn.Linear's random bias
     assert set(exported) == set(export_tensors(cfg, fmt)), sorted(set(exported) ^ set(export_tensors(cfg, fmt)))
-    return write_model(out_dir, eagle1_config(cfg, dtype, fmt), exported, dtype, overwrite)
+    return write_model(out_dir, eagle1_config(cfg, dtype, fmt), exported, dtype, overwrite, checkpoint_dir)
 
 
 def export_eagle1_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

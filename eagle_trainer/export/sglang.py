@@ -67,6 +67,7 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PROVENANCE_KEY = "eagle_trainer"  # fields SGLang ignores but the reader needs for an exact round trip
+TARGET_FINGERPRINT = "target_fingerprint"  # key of a draft config's `extra`: targets.loading.target_fingerprint
 
 # Every tensor SGLang's loader reads for a one-layer draft, under the name it reads it by.
 SGLANG_TENSORS = (
@@ -124,8 +125,16 @@ def sglang_config(cfg: Eagle3Config, dtype: torch.dtype) -> dict:
             "use_aux_hidden_state": True,
         },
         "eagle_aux_hidden_state_layer_ids": vllm_aux_ids(cfg.aux_layer_ids),  # vLLM: HF hidden_states indices
-        PROVENANCE_KEY: {"target_architecture": cfg.target_architecture, "extra": cfg.extra},
+        PROVENANCE_KEY: provenance(cfg),
     }
+
+
+def provenance(cfg: LlamaDraftConfig) -> dict:
+    """The PROVENANCE_KEY entry of every format: the draft's target (architecture; fingerprint, null unless the
+    checkpoint records one; vocab size; aux layers) and the config's `extra`, which the readers carry back."""
+    target = {"fingerprint": cfg.extra.get(TARGET_FINGERPRINT), "vocab_size": cfg.vocab_size,
+              "aux_layer_ids": list(getattr(cfg, "aux_layer_ids", ()))}  # EAGLE-1/2 read no aux layers
+    return {"target_architecture": cfg.target_architecture, "target": target, "extra": cfg.extra}
 
 
 def read_checkpoint(checkpoint_dir: str | Path, fmt: str) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -185,8 +194,15 @@ def check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"export dtype {dtype} is not a floating dtype; use torch.bfloat16 or torch.float32")
 
 
-def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
-    """Run write(tmp_dir) in a sibling temp dir, then rename it to out_dir: never a half-written out_dir."""
+def write_atomically(out_dir: Path, write, overwrite: bool, checkpoint_dir: Path) -> None:
+    """Run write(tmp_dir) in a sibling temp dir, then rename it to out_dir: never a half-written out_dir. An
+    out_dir that is `checkpoint_dir` (the one being exported) or holds it is refused: replacing it deletes the run.
+    Directories and files get the modes a plain mkdir / open would give (0o777 / 0o666 & ~umask), not mkdtemp's
+    0700 or save_file's 0600, so that a server running as another user can read the export."""
+    out, checkpoint = out_dir.resolve(), checkpoint_dir.resolve()
+    if out == checkpoint or out in checkpoint.parents:
+        raise ValueError(f"--out {out_dir} is the checkpoint {checkpoint_dir} being exported or a directory holding "
+                         "it; writing there would delete the checkpoint: choose an --out outside it")
     if out_dir.exists() and not overwrite:
         raise ValueError(f"export directory {str(out_dir)!r} already exists; remove it, choose another --out, "
                          "or pass overwrite=True")
@@ -194,6 +210,10 @@ def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         write(tmp)
+        umask = os.umask(0)  # the only way to read it is to set it; put straight back
+        os.umask(umask)
+        for p in (tmp, *tmp.rglob("*")):
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "replaced")
@@ -207,9 +227,10 @@ def write_atomically(out_dir: Path, write, overwrite: bool) -> None:
 
 
 def write_model(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                overwrite: bool) -> Path:
+                overwrite: bool, checkpoint_dir: str | Path) -> Path:
     """Write config.json (`config`) + model.safetensors (`tensors`, floating ones cast to `dtype`, the vocab map
-    kept as it is) atomically to `out_dir`. The tensors are checked before this."""
+    kept as it is) atomically to `out_dir`, never over `checkpoint_dir` (their source). The tensors are checked
+    before this."""
     out_dir = Path(out_dir)
     exported = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
 
@@ -217,7 +238,7 @@ def write_model(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tens
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(exported, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
-    write_atomically(out_dir, write, overwrite)
+    write_atomically(out_dir, write, overwrite, Path(checkpoint_dir))
     return out_dir
 
 
@@ -228,7 +249,8 @@ def write_export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.d
     check_dtype(dtype)
     cfg, tensors = read_checkpoint(checkpoint_dir, fmt)
     check_tensors(cfg, tensors, str(Path(checkpoint_dir) / CHECKPOINT_WEIGHTS))
-    return write_model(out_dir, config(cfg), {rename(k): v for k, v in tensors.items()}, dtype, overwrite)
+    return write_model(out_dir, config(cfg), {rename(k): v for k, v in tensors.items()}, dtype, overwrite,
+                       checkpoint_dir)
 
 
 def export_sglang(checkpoint_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -50,7 +50,7 @@ import torch
 
 from eagle_trainer.drafts.eagle3 import Eagle3Config
 from eagle_trainer.export.aux_layers import vllm_aux_ids
-from eagle_trainer.export.sglang import PROVENANCE_KEY, SGLANG_TENSORS, llama_keys, write_export
+from eagle_trainer.export.sglang import PROVENANCE_KEY, SGLANG_TENSORS, llama_keys, provenance, write_export
 
 ARCHITECTURE = "Eagle3Speculator"
 SPECULATORS_MODEL_TYPE = "eagle3"
@@ -90,7 +90,7 @@ def vllm_config(cfg: Eagle3Config, dtype: torch.dtype, verifier: str | None = No
             "verifier": {"name_or_path": verifier,
                          "architectures": [cfg.target_architecture] if cfg.target_architecture else []},
         },
-        PROVENANCE_KEY: {"target_architecture": cfg.target_architecture, "extra": cfg.extra},
+        PROVENANCE_KEY: provenance(cfg),
     }
 
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eagle_trainer import registry
@@ -73,9 +73,18 @@ def target_info(cfg: TargetConfig) -> tuple[registry.TargetSpec, TargetInfo]:
     return spec, spec.read_info(arch, hf_config)
 
 
+# Files of which a checkpoint's tokenizer needs at least one: without any, AutoTokenizer builds an empty one.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def load_tokenizer(cfg: TargetConfig, info: TargetInfo):
-    """The checkpoint's tokenizer; refused when it has more ids than the target's vocab (another model's)."""
+    """The checkpoint's tokenizer; refused when its files are missing, or when it has more ids than the target's
+    vocab (another model's)."""
     path = check_checkpoint_dir(cfg.path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"target.path={str(path)!r} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is "
+                         "there; copy tokenizer.json and tokenizer_config.json (and any vocab files) from the "
+                         "model's original checkpoint into it")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     if len(tokenizer) > info.vocab_size:
         raise ValueError(f"the tokenizer in {path} has {len(tokenizer)} ids but the target's vocab_size is "
@@ -89,6 +98,9 @@ def load_target(cfg: TargetConfig, device: torch.device):
     spec = registry.target_spec(arch)
     info = spec.read_info(arch, hf_config)
     tokenizer = load_tokenizer(cfg, info)
+    for file in sorted(path.glob("*.safetensors")):
+        with open_safetensors(file):  # reads the header: a damaged file is named here, not deep in transformers
+            pass
     model, loading = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation, use_safetensors=True,
@@ -114,13 +126,22 @@ def check_loading_info(path: Path, loading: dict) -> None:
 _INDEX_FILE = "model.safetensors.index.json"
 
 
+def open_safetensors(file: Path):
+    """safe_open(file) (a context manager), or a ValueError naming a file that is not whole safetensors."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is corrupt or truncated ({e}); copy or download it again (compare its size and "
+                         "checksum with the original's)") from None
+
+
 def checkpoint_files(path: Path) -> dict[str, str]:
     """Tensor name -> safetensors file of a checkpoint directory, from its index or the files' headers."""
     if (path / _INDEX_FILE).is_file():
         return json.loads((path / _INDEX_FILE).read_text())["weight_map"]
     found = {}
     for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
+        with open_safetensors(f) as handle:
             found.update({key: f.name for key in handle.keys()})
     return found
 
@@ -162,7 +183,7 @@ def read_target_tensors(path: str | Path, names: list[str], trust_remote_code: b
         stored[name] = key
     out = {}
     for file in sorted({weight_map[k] for k in stored.values()}):
-        with safe_open(str(p / file), framework="pt") as handle:
+        with open_safetensors(p / file) as handle:
             for name, key in stored.items():
                 if weight_map[key] == file:
                     out[name] = handle.get_tensor(key)

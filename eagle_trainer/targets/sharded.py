@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from tqdm.auto import tqdm
@@ -32,7 +31,8 @@ from tqdm.auto import tqdm
 from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.parallel import ParallelDims, check_experts, parallelize_target
-from eagle_trainer.targets.loading import checkpoint_files, load_tokenizer, read_config, resolve_dtype
+from eagle_trainer.targets.loading import (checkpoint_files, load_tokenizer, open_safetensors, read_config,
+                                          resolve_dtype)
 
 
 @contextlib.contextmanager
@@ -99,7 +99,7 @@ class CheckpointReader:
     def _handle(self, key: str):
         file = self.files[key]
         if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(safe_open(str(self.path / file), framework="pt"))
+            self._handles[file] = self._stack.enter_context(open_safetensors(self.path / file))
         return self._handles[file]
 
     def shape(self, key: str) -> tuple[int, ...]:

@@ -141,7 +141,8 @@ def test_config_is_the_llama_config_each_engine_builds(tmp_path, fmt):
         "num_hidden_layers": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling": scaling,
         "max_position_embeddings": 256, "vocab_size": V, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "eagle_trainer": {"algorithm": "eagle2", "target_architecture": "Qwen3ForCausalLM", "extra": {}},
+        "eagle_trainer": {"algorithm": "eagle2", "target_architecture": "Qwen3ForCausalLM",
+                          "target": {"fingerprint": None, "vocab_size": V, "aux_layer_ids": []}, "extra": {}},
     }
     if fmt == "eagle1-vllm":
         assert vllm_class(config["architectures"]) == [VLLM_CLASS]

@@ -79,7 +79,8 @@ def test_config_declares_exactly_the_draft(checkpoint, tmp_path):
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": None, "architectures": ["Qwen3ForCausalLM"]},
         },
-        "eagle_trainer": {"target_architecture": "Qwen3ForCausalLM", "extra": {}},
+        "eagle_trainer": {"target_architecture": "Qwen3ForCausalLM",
+                          "target": {"fingerprint": None, "vocab_size": V, "aux_layer_ids": [1, 5, 9]}, "extra": {}},
     }
     # vLLM parses a config as speculators only when it has no top-level model_type
     assert "model_type" not in config
