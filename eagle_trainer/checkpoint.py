@@ -9,17 +9,23 @@
 
 A checkpoint is written into `step_N.tmp` and renamed to `step_N` once every file is in it: a directory
 named `step_N` is always complete, and a crash during a save leaves the previous one untouched (the
-stale `.tmp` is removed by the next save). Tensors go through safetensors and DCP (which reads its data
-with torch.load(weights_only=True)); the rest is JSON. DCP's own `.metadata` index is a pickle written by
-torch: resume only from checkpoints your own runs wrote, as with any DCP checkpoint.
+stale `.tmp` is removed by the next save). Tensors go through safetensors and DCP; the rest is JSON.
+DCP stores two things as pickles: its `.metadata` index, and the non-tensor optimizer values (lr, betas, ...)
+in the data files. Resume reads the index with an unpickler that admits only DCP's metadata classes
+(`_MetadataUnpickler`) and those values with torch.load(weights_only=True) (`_PlainValuesPlanner`): a pickle
+planted in a checkpoint is refused, not run. A checkpoint that cannot be read names the previous complete one.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import importlib
+import io
 import json
 import os
+import pathlib
+import pickle
 import random
 import re
 import shutil
@@ -31,6 +37,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from eagle_trainer.drafts.io import CONFIG_FILE, save_draft
@@ -120,12 +128,17 @@ def load_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.o
     The world size may differ from the one that saved: draft and optimizer state are whole tensors by name;
     a rank with no RNG file of its own keeps its current (seeded) RNG."""
     path = check_checkpoint(path)
-    trainer_state = json.loads((path / TRAINER_STATE).read_text())
+    trainer_state = _read_json(path, TRAINER_STATE)
     check_draft_config(path, getattr(draft, "module", draft))
     model_sd, optim_sd = get_state_dict(draft, optimizer, options=_OPTIONS)
     state = {"draft": model_sd, "optimizer": optim_sd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path / STATE_DIR), no_dist=not _distributed())
+    reader = _CheckedReader(path / STATE_DIR)
+    try:
+        reader.read_metadata()  # first outside DCP, whose own call wraps any error in a CheckpointException
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=reader, planner=_PlainValuesPlanner(), no_dist=not _distributed())
+    except (CheckpointException, pickle.UnpicklingError, OSError, EOFError, RuntimeError) as e:
+        raise _load_error(path, e) from None
     # not strict: the frozen embedding is left out on purpose; every other key must match
     keys = set_state_dict(draft, optimizer, model_state_dict=state["draft"], optim_state_dict=state["optimizer"],
                           options=StateDictOptions(ignore_frozen_params=True, strict=False))
@@ -136,16 +149,112 @@ def load_checkpoint(path: str | Path, draft: torch.nn.Module, optimizer: torch.o
                          f"{list(keys.unexpected_keys)}; resume with the draft config it was trained with")
     scheduler.load_state_dict(trainer_state.pop("scheduler"))
     rank, _ = _rank_world()
-    rng_file = path / "rng" / f"rank_{rank:05d}.json"
-    if rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text()), device)
+    rng_file = f"rng/rank_{rank:05d}.json"
+    if (path / rng_file).is_file():
+        set_rng_state(_read_json(path, rng_file), device)
     return trainer_state
+
+
+def _read_json(path: Path, name: str) -> dict:
+    try:
+        return json.loads((path / name).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _unreadable(path, f"{name}: {e}") from None
+
+
+def _step(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+    """A checkpoint that cannot be read (truncated or missing files), naming the previous complete one to resume."""
+    step = _step(path)
+    earlier = [p for p in step_checkpoints(path.parent) if step is not None and _step(p) < step]
+    instead = (f"resume from the previous complete one with train.resume={earlier[-1]}" if earlier
+               else "no earlier complete checkpoint is there: start fresh with train.resume=none")
+    return ValueError(f"checkpoint {path} cannot be read ({reason}); {instead}")
+
+
+def _load_error(path: Path, error: BaseException) -> ValueError:
+    """What resume says of a checkpoint DCP could not load: a refused pickle, or files it could not read."""
+    if isinstance(error, CheckpointException) and error.failures:  # DCP's wrapper around each rank's error
+        error = error.failures[min(error.failures)][0]
+    if isinstance(error, RefusedPickle):
+        return ValueError(f"checkpoint {path}: {error}; refused, as loading it could run code. Resume only from "
+                          "checkpoints your own runs wrote, or start fresh with train.resume=none")
+    lines = str(error).splitlines()
+    return _unreadable(path, f"{type(error).__name__}: {lines[0] if lines else ''}")
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle in a checkpoint asks for a global that checkpoints never hold (a planted payload)."""
+
+
+# What a DCP `.metadata` pickle holds (torch 2.11 to 2.14): the dataclasses and enums of
+# torch.distributed.checkpoint.metadata, the file system reader's _StorageInfo, torch.Size, dtypes and layouts, and
+# the checkpoint_id path; besides ints, floats, strings, lists, tuples and dicts, which pickle without a lookup.
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+                     ("builtins", "set"), ("builtins", "frozenset")}
+_METADATA_IMPORTS = {module for module, _ in _METADATA_GLOBALS} | {_METADATA_MODULE, "pathlib", "pathlib._local"}
+
+
+def _metadata_global(module: str, name: str, found) -> bool:
+    return ((module, name) in _METADATA_GLOBALS
+            or (module == _METADATA_MODULE and isinstance(found, type) and found.__module__ == module)
+            or (module == "torch" and isinstance(found, torch.dtype))
+            or (module.startswith("pathlib") and isinstance(found, type) and issubclass(found, pathlib.PurePath)))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` index; any other global (a function a planted pickle would call) is refused."""
+
+    def find_class(self, module: str, name: str):
+        found = getattr(importlib.import_module(module), name, None) if module in _METADATA_IMPORTS else None
+        if not _metadata_global(module, name, found):
+            raise RefusedPickle(f"{STATE_DIR}/.metadata asks for {module}.{name}, which a DCP index never holds")
+        return found
+
+
+class _CheckedReader(FileSystemReader):
+    """DCP's file system reader with the `.metadata` index read by `_MetadataUnpickler` (DCP's own uses pickle)."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        name = ".metadata" if rank is None else f"__{rank}.metadata"  # DCP's file names (torch 2.11 to 2.14)
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _PlainValuesPlanner(DefaultLoadPlanner):
+    """DCP's load planner, with the non-tensor values (the optimizer's lr, betas, ...) read by
+    torch.load(weights_only=True): DCP's own planner unpickles them with weights_only=False."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            plain = torch.load(value, weights_only=True)  # tensors and plain Python values only
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            raise RefusedPickle(f"the {read_item.dest_index.fqn} value in {STATE_DIR}/ asks for "
+                                f"{found.group(1) if found else 'a global'}, which optimizer values never hold") from None
+        buffer = io.BytesIO()
+        torch.save(plain, buffer)  # handed on as the bytes DCP expects, now of checked values only
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
 
 
 def check_draft_config(path: Path, draft: torch.nn.Module) -> None:
     """The checkpoint's draft_config.json must describe this draft (else DCP fails deep inside on a shape)."""
-    saved = json.loads((path / CONFIG_FILE).read_text())
+    saved = _read_json(path, CONFIG_FILE)
     current = json.loads(json.dumps(asdict(draft.config)))
+    # `extra` keys a checkpoint predates (e.g. the target fingerprint) are not a different draft
+    current["extra"] = {k: v for k, v in current.get("extra", {}).items() if k in saved.get("extra", {})}
     differ = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)}
     if differ:
         listed = ", ".join(f"{k}: checkpoint {a!r}, this run {b!r}" for k, (a, b) in differ.items())

@@ -106,6 +106,9 @@ class TrainConfig:
     # none: start fresh; latest: the newest complete checkpoint in <run_dir>/checkpoints if there is one,
     # else start fresh; or a checkpoint directory. Restores draft, optimizer, scheduler, data position, RNG, step.
     resume: str = "none"
+    # a new run (resume=none) into a run dir that holds an earlier run: refused, unless true, which moves the earlier
+    # run's files aside to <run_dir>.old-<time> (nothing is deleted)
+    overwrite: bool = False
     keep_last: int = 3  # step checkpoints kept (older ones deleted; checkpoints/best is kept apart); 0: keep all
     max_nonfinite_steps: int = 5  # a NaN/inf loss or gradient skips the step; this many in a row stop the run
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,8 +249,18 @@ class Trainer:
         """Train to max_steps (or epochs); eval at the start, at each checkpoint and at the end."""
         try:
             return self._fit()
+        except KeyboardInterrupt:
+            self._report_interrupt()
+            raise
         finally:
             self.metrics.close()  # flush the TensorBoard / wandb sinks however the run ends
+
+    def _report_interrupt(self) -> None:
+        latest = latest_checkpoint(self.run_dir / "checkpoints")
+        where = (f"the last checkpoint is {latest}; continue from it with train.resume=latest "
+                 f"(train.run_dir={self.run_dir})" if latest else
+                 f"no checkpoint was written yet (train.save_every={self.train_cfg.save_every}); start again")
+        print(f"interrupted at step {self.step}: {where}", file=sys.stderr)
 
     def _fit(self) -> Summary:
         cfg = self.train_cfg
@@ -352,6 +363,11 @@ class Trainer:
                 self.epoch, self.examples_in_epoch = self.epoch + 1, 0
         self._settle(pending)
         bar.close()
+        if self.step == 0:  # nothing trained: no checkpoint or export of an untrained draft
+            raise ValueError(f"no training step was taken: an epoch of the training data gave fewer than "
+                             f"optim.grad_accum={accum} batches of {per_batch} examples (optim.batch_size="
+                             f"{self.optim_cfg.batch_size} x {self.world_size} ranks); lower optim.batch_size or "
+                             "optim.grad_accum, or add data")
         summary.wall_s = time.perf_counter() - start
         if self.parallel.distributed:  # every rank's tokens
             tokens = int(all_ranks_sum(torch.tensor(tokens, device=self.device), self.parallel).item())

@@ -1,4 +1,5 @@
-"""Loading never executes what a file brings: no pickle, torch.load only with weights_only=True, no eval/exec,
+"""Loading never executes what a file brings: no pickle (but for the restricted unpickler that reads DCP's
+checkpoint index, which admits only its metadata classes), torch.load only with weights_only=True, no eval/exec,
 and every HF from_pretrained states trust_remote_code (the recipe's value, off by default)."""
 
 import ast
@@ -8,6 +9,8 @@ import eagle_trainer
 
 PACKAGE = Path(eagle_trainer.__file__).parent
 UNSAFE_MODULES = ("pickle", "dill", "marshal", "shelve")
+# the one module that may import pickle: for an Unpickler subclass whose find_class admits only DCP's metadata
+RESTRICTED_UNPICKLER = "checkpoint.py"
 
 
 def scan(source: str, label: str) -> list[str]:
@@ -16,12 +19,15 @@ def scan(source: str, label: str) -> list[str]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            if any(n.split(".")[0] in UNSAFE_MODULES for n in names):
+            unsafe = {n.split(".")[0] for n in names} & set(UNSAFE_MODULES)
+            if unsafe - ({"pickle"} if label == RESTRICTED_UNPICKLER else set()):
                 problems.append(f"{label}:{node.lineno}: imports {names}")
         if not isinstance(node, ast.Call):
             continue
         name = ast.unparse(node.func)
         keywords = {k.arg: k.value for k in node.keywords}
+        if name.split(".")[0] in UNSAFE_MODULES and name.split(".")[-1] in ("load", "loads"):
+            problems.append(f"{label}:{node.lineno}: {name}()")
         if name in ("eval", "exec"):
             problems.append(f"{label}:{node.lineno}: {name}()")
         if name.endswith("torch.load"):
@@ -45,3 +51,20 @@ def test_the_scan_flags_each_pattern():
            "AutoModel.from_pretrained('p')\neval('1')\ntorch.load('x', weights_only=True)\n"
            "AutoModel.from_pretrained('p', trust_remote_code=cfg.trust_remote_code)\n")
     assert [p.split(":")[1] for p in scan(bad, "f")] == ["1", "3", "4", "5", "6"]
+
+
+def test_the_restricted_unpickler_restricts():
+    """The module allowed to import pickle uses it only for Unpickler subclasses that override find_class."""
+    tree = ast.parse((PACKAGE / RESTRICTED_UNPICKLER).read_text())
+    unpicklers = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)
+                  and any(ast.unparse(base) == "pickle.Unpickler" for base in node.bases)]
+    assert unpicklers
+    for cls in unpicklers:
+        assert any(isinstance(f, ast.FunctionDef) and f.name == "find_class" for f in cls.body), cls.name
+    uses = {ast.unparse(node) for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and ast.unparse(node.value) == "pickle"}
+    assert uses <= {"pickle.Unpickler", "pickle.UnpicklingError"}, uses
+
+
+def test_the_scan_flags_pickle_loads_even_where_pickle_may_be_imported():
+    assert [p.split(":")[1] for p in scan("import pickle\npickle.loads(b'')\n", RESTRICTED_UNPICKLER)] == ["2"]

@@ -198,6 +198,7 @@ def run_dump(args: argparse.Namespace) -> dict:
     return result
 
 
+@runtime.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eagle-data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,6 +5,8 @@
     rank_zero_first(fn, ...)     fn on rank 0, then on the others (which find what rank 0 cached)
     rank_logs(run_dir, ...)      each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console
     pad_id(tokenizer)            the id batches are padded with
+    reported_errors()            a user error ends the process with `error: <message>` and status 2; Ctrl-C with 130
+    command(main)                a console script's main(argv): errors reported when run as a command (argv None)
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a command is one process and no group is made.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Iterator
@@ -108,3 +112,35 @@ class _Tee:
 def pad_id(tokenizer) -> int:
     """The tokenizer's pad id, or 0 when it has none (padding is masked out, so any id serves)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# Bad input (a recipe value, a path, a file's contents): the message names the value and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """The body of a command: a user error (USER_ERRORS) ends it with one line, `error: <message>`, on stderr and
+    exit status 2 (EAGLE_DEBUG=1 shows the traceback too); Ctrl-C ends it with status 130 and no traceback. Any
+    other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:  # the command has said what it leaves behind (e.g. Trainer.fit: the last checkpoint)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if os.environ.get("EAGLE_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A console script's `main(argv)`: run as a command (argv None: the arguments are sys.argv's) its errors are
+    reported (`reported_errors`); called from Python with an argv list, they are raised to the caller."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        if argv is not None:
+            return main(argv)
+        with reported_errors():
+            return main(argv)
+    return run

@@ -1,6 +1,7 @@
 """What the training loop reads: online (tokenised chat data + the live target) or offline (a dump + its teacher).
 
-    online_data(...)   build (or read back) the tokenised data set and the draft vocab map; FrozenTarget hooks
+    online_data(...)   build (or read back) the tokenised data set and the draft vocab map (no model needed: the
+                       caller builds the FrozenTarget once the target is loaded)
     offline_data(...)  an `eagle-data dump` directory, checked against this run's target, aux layers and vocab
                        map; OfflineTarget rebuilds the teacher from it (no target model is loaded)
 """
@@ -16,7 +17,6 @@ import torch
 from eagle_trainer.config import Config
 from eagle_trainer.data import batches, build_dataset, build_vocab_map, draft_ids_from_d2t, load_vocab_map, save_vocab_map
 from eagle_trainer.data.offline import VOCAB_FILE, OfflineStore, expected_manifest
-from eagle_trainer.targets.frozen import FrozenTarget
 from eagle_trainer.targets.loading import resolve_dtype, target_fingerprint
 from eagle_trainer.targets.offline import OfflineTarget
 
@@ -31,7 +31,7 @@ class TrainingData:
     stats: dict  # num_examples, num_tokens, num_loss_tokens, skipped, truncated, dropped, fingerprint
     d2t: torch.Tensor
     t2d: torch.Tensor
-    target: Any  # FrozenTarget or OfflineTarget: forward(batch) -> TargetOutputs
+    target: Any  # OfflineTarget (forward(batch) -> TargetOutputs), or None online (the live target's FrozenTarget)
 
 
 def check_vocab_map(path: Path, d2t: torch.Tensor, t2d: torch.Tensor, cfg: Config, vocab_size: int) -> None:
@@ -63,7 +63,7 @@ def holdout(cfg: Config, train, select):
     return select(train, range(n - k)), select(train, range(n - k, n))
 
 
-def online_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec, device) -> TrainingData:
+def online_data(cfg: Config, spec, info, aux_ids, tokenizer, device) -> TrainingData:
     cache_dir = Path(cfg.data.cache_dir or Path(cfg.train.run_dir) / "cache")
     train_ds, stats = build_dataset(cfg.data, tokenizer, cache_dir)
     if cfg.data.eval_path:
@@ -71,11 +71,10 @@ def online_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec,
     else:
         train_ds, eval_ds = holdout(cfg, train_ds, lambda ds, rows: ds.select(rows))
     d2t, t2d = vocab_map(cfg, train_ds, stats, info.vocab_size, cache_dir)
-    target = FrozenTarget(model, target_spec, aux_ids, draft_ids_from_d2t(d2t), t2d, cfg.draft.mask_teacher_argmax)
-    return TrainingData(train_ds, eval_ds, batches, stats, d2t, t2d, target)
+    return TrainingData(train_ds, eval_ds, batches, stats, d2t, t2d, None)
 
 
-def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, model, target_spec, device) -> TrainingData:
+def offline_data(cfg: Config, spec, info, aux_ids, tokenizer, device) -> TrainingData:
     """A dump from `eagle-data dump`, checked against this run's target, aux layers and vocab map."""
     store = OfflineStore(cfg.data.offline_path)
     if cfg.data.eval_path:

@@ -5,11 +5,17 @@
     target_entry(cfg)              the target's registry entry and shapes, from its config.json only
     check_target(cfg, info, ...)   the recipe against those shapes: aux layer ids within the target's layers,
                                    draft vocab within its vocab
+    check_run_dir(cfg)             train.run_dir a directory; one that holds an earlier run only with train.resume
+                                   or train.overwrite (the demo overwrites its own)
+    check_demo_paths(cfg, keys)    demo.enabled does not replace a target.path / data.path the user set
+    check_batches(cfg, n, ranks)   the training set fills at least one optimizer step (before the weights are read)
 
 Each problem is a ValueError naming the key, its value and the fix.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from eagle_trainer import registry
 from eagle_trainer.config import Config
@@ -101,3 +107,61 @@ def check_target(cfg: Config, info: TargetInfo, algorithm: registry.AlgorithmSpe
     if cfg.draft.draft_vocab_size > info.vocab_size:
         raise ValueError(f"draft.draft_vocab_size={cfg.draft.draft_vocab_size} exceeds the target's vocab of "
                          f"{info.vocab_size}; set it to at most {info.vocab_size}")
+
+
+# What a run writes into its run dir (the demo's target/, data/ and the tokenisation cache/ are inputs, reused), and
+# those of them that only training writes: a run dir with one of these holds a run (one refused at startup does not).
+RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "config.json", "plots", "logs", "tensorboard", "wandb")
+RUN_MARKERS = ("checkpoints", "export", "metrics.jsonl")
+
+
+def check_run_dir(cfg: Config) -> list[Path]:
+    """train.run_dir must be a directory (or not exist yet). One that holds an earlier run takes a new run
+    (train.resume=none) only with train.overwrite=true, or in demo mode, which starts its own run dir over:
+    -> the earlier run's files to move aside (none when there are none, or when the run resumes)."""
+    t = cfg.train
+    run_dir = Path(t.run_dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"train.run_dir={t.run_dir!r}: {blocker} is a file, not a directory; set train.run_dir to "
+                         "a directory (new or of an earlier run)")
+    if t.overwrite and t.resume != "none":
+        raise ValueError(f"train.overwrite=true starts over, train.resume={t.resume} continues: set one of them")
+    markers = [name for name in RUN_MARKERS if (run_dir / name).exists()]
+    if not markers or t.resume != "none":
+        return []
+    if not (t.overwrite or cfg.demo.enabled):
+        raise ValueError(f"train.run_dir={t.run_dir!r} holds an earlier run ({', '.join(markers)}); "
+                         "continue it with train.resume=latest, start over with train.overwrite=true (which moves it "
+                         f"to {run_dir.name}.old-<time>), or set another train.run_dir")
+    return [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+
+
+def check_demo_paths(cfg: Config, set_keys: set[str]) -> None:
+    """Demo mode trains on assets it builds in the run dir; a target or data path the user set (`set_keys`: the
+    keys given on the command line) is never replaced by them, but refused."""
+    if not cfg.demo.enabled:
+        return
+    run_dir = Path(cfg.train.run_dir)
+    own = {"target.path": run_dir / "target", "data.path": run_dir / "data/train.jsonl",
+           "data.eval_path": run_dir / "data/eval.jsonl"}
+    values = {"target.path": cfg.target.path, "data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path}
+    for key, path in own.items():
+        if key in set_keys and values[key] is not None and Path(values[key]).resolve() != path.resolve():
+            raise ValueError(f"{key}={values[key]} is set, but demo.enabled=true trains on the demo's own tiny target "
+                             "and synthetic data instead; train on yours with +experiment=<name> (recipes/experiment/) "
+                             "or add demo.enabled=false")
+
+
+def check_batches(cfg: Config, num_examples: int, world_size: int) -> None:
+    """An epoch of the training set (`num_examples` after any eval holdout) must fill one optimizer step:
+    optim.grad_accum batches of optim.batch_size examples on each of `world_size` ranks."""
+    o = cfg.optim
+    per_step = o.batch_size * world_size * o.grad_accum
+    if num_examples >= per_step:
+        return
+    fits = num_examples // (world_size * o.grad_accum)
+    fix = (f"set optim.batch_size to at most {fits}" if fits else
+           "lower optim.grad_accum or the number of ranks (each rank needs at least one example per batch)")
+    raise ValueError(f"optim.batch_size={o.batch_size} x {world_size} ranks x optim.grad_accum={o.grad_accum} needs "
+                     f"{per_step} training examples per step, but the data has {num_examples}; {fix}, or add data")
