@@ -23,4 +23,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf runs/demo
+	rm -rf runs/demo runs/demo.old-*
