@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=5, help="tree: draft depth")
     parser.add_argument("--total-tokens", type=int, default=31, help="tree: draft tokens verified per round")
     parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--any-target", action="store_true",
+                        help="measure even if --target is not the target the draft records (a warning, not an error)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=4096, help="tokenised conversation length cap")
     parser.add_argument("--ttt-steps", type=int, default=7, help="steps of the simulated acceptance (TTT accuracy)")
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = runtime.pick_device(args.device, "--device")
     draft = read_draft(args.draft)
-    check_target(args.draft, args.target)
+    check_target(args.draft, args.target, any_target=args.any_target)
     model, tokenizer, spec, info = load_target(
         TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device)
     draft.to(device)
@@ -104,16 +106,20 @@ def check_options(args: argparse.Namespace) -> None:
                              f"least {least}")
 
 
-def check_target(draft_path: str, target_path: str) -> None:
-    """Refuse a target other than the one the draft records it was trained on; warn where it records none."""
+def check_target(draft_path: str, target_path: str, any_target: bool = False) -> None:
+    """Refuse a target other than the one the draft records it was trained on (warn with `any_target`, e.g. for the
+    same model re-saved in another dtype); warn where it records none."""
     recorded, given = target_fingerprint_of(draft_path), target_fingerprint(target_path)
     if recorded is None:
         print(f"warning: draft {draft_path} records no target fingerprint, so --target {target_path} cannot be "
               "checked against the target it was trained on", file=sys.stderr)
     elif recorded != given:
-        raise ValueError(f"draft {draft_path} was trained on a target with fingerprint {recorded[:12]}, but --target "
-                         f"{target_path} has {given[:12]} (its config.json or weight files differ); pass the target "
-                         "the draft was trained on")
+        message = (f"draft {draft_path} was trained on a target with fingerprint {recorded[:12]}, but --target "
+                   f"{target_path} has {given[:12]} (its config.json or weight files differ)")
+        if not any_target:
+            raise ValueError(f"{message}; pass the target the draft was trained on, or --any-target to measure it "
+                             "anyway (e.g. the same model saved in another dtype)")
+        print(f"warning: {message}; measuring anyway (--any-target)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,17 @@ def test_eval_refuses_another_target(tiny_qwen3_path, tmp_path):
         eagle_eval(eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path))
 
 
+def test_eval_measures_another_target_when_asked(tiny_qwen3_path, tmp_path, capsys):
+    """--any-target turns the refusal into a warning (the same model re-saved in another dtype has another
+    fingerprint)."""
+    other = copy_target(tiny_qwen3_path, tmp_path / "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-5}))
+    tiny_draft_checkpoint(tiny_qwen3_path, tmp_path / "ckpt", extra={"target_fingerprint": target_fingerprint(other)})
+    assert eagle_eval([*eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path), "--any-target"]) == 0
+    assert "measuring anyway (--any-target)" in capsys.readouterr().err
+
+
 def test_eval_warns_when_the_draft_records_no_target(tiny_qwen3_path, tmp_path, capsys):
     tiny_draft_checkpoint(tiny_qwen3_path, tmp_path / "ckpt")
     assert eagle_eval(eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path)) == 0
