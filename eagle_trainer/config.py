@@ -1,4 +1,4 @@
-"""Structured-config schemas for the hydra recipes in recipes/ (one dataclass per YAML group).
+"""Structured-config schemas for the hydra recipes in eagle_trainer/recipes/ (one dataclass per YAML group).
 
 Only app/train.py turns the composed OmegaConf object into these dataclasses; the library receives them
 typed. Unknown keys fail at compose time because every group is backed by a schema here.

@@ -1,6 +1,6 @@
 """The `eagle-train` console script (hydra): the composition root of a training run.
 
-    eagle-train                                                   # the demo (recipes/config.yaml)
+    eagle-train                                                   # the demo (eagle_trainer/recipes/config.yaml)
     torchrun --nproc-per-node 1 -m eagle_trainer.train +experiment=qwen3_8b_eagle3 \
         target.path=/models/Qwen3-8B data.path=chat.jsonl
     torchrun --nproc-per-node 8 -m eagle_trainer.train +experiment=qwen3_30b_a3b_eagle3 parallel=fsdp_ep \
@@ -54,7 +54,7 @@ from eagle_trainer.targets.loading import load_target, load_tokenizer, target_fi
 from eagle_trainer.targets.sharded import load_sharded_target
 from eagle_trainer.trainer import Summary, Trainer
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: found in a wheel too
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 

@@ -149,7 +149,7 @@ def check_demo_paths(cfg: Config, set_keys: set[str]) -> None:
     for key, path in own.items():
         if key in set_keys and values[key] is not None and Path(values[key]).resolve() != path.resolve():
             raise ValueError(f"{key}={values[key]} is set, but demo.enabled=true trains on the demo's own tiny target "
-                             "and synthetic data instead; train on yours with +experiment=<name> (recipes/experiment/) "
+                             "and synthetic data instead; train on yours with +experiment=<name> (eagle_trainer/recipes/experiment/) "
                              "or add demo.enabled=false")
 
 

@@ -121,7 +121,7 @@ def test_a_data_path_set_in_demo_mode_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
         "error: data.path=mine.jsonl is set, but demo.enabled=true trains on the demo's own tiny target and synthetic "
-        "data instead; train on yours with +experiment=<name> (recipes/experiment/) or add demo.enabled=false"]
+        "data instead; train on yours with +experiment=<name> (eagle_trainer/recipes/experiment/) or add demo.enabled=false"]
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing built (hydra makes the empty run dir)
 
 

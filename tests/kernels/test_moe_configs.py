@@ -1,6 +1,7 @@
 """Tile-config lookup: M buckets, shipped tables, and one config for every M in batch-invariant mode."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -47,3 +48,15 @@ def test_lookup_picks_bucket_or_the_invariant_entry(monkeypatch):
         table["batch_invariant"])
     with pytest.raises(ValueError, match="lacks"):
         configs.check_config({"BM": 64})
+
+
+def test_an_untuned_device_is_named_once(monkeypatch):
+    """A GPU with no tuned table gets the generic tiles, and one warning per shape saying so and how to tune."""
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "device_key", lambda device: "NoSuchGPU")
+    configs.warn_untuned.cache_clear()
+    with pytest.warns(UserWarning, match=r"no tuned MoE tile config for E8_I64_H64 on NoSuchGPU .*kernels\.moe\.tune"):
+        assert configs.get_config(torch.device("cuda"), 8, 64, 64, 100, True) == configs.DEFAULT_GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call of the same shape is silent
+        configs.get_config(torch.device("cuda"), 8, 64, 64, 100, True)

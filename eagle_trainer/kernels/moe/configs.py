@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +57,14 @@ def load_table(device_name: str) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@functools.lru_cache(maxsize=None)
+def warn_untuned(device_name: str, shape: str) -> None:
+    """Say once per (device, shape) that the MoE core runs generic tiles: several times slower than tuned ones."""
+    warnings.warn(f"no tuned MoE tile config for {shape} on {device_name} ({CONFIG_DIR / (device_name + '.json')}): "
+                  "the MoE core runs generic tiles, which can be several times slower; tune them with "
+                  "`python -m eagle_trainer.kernels.moe.tune`", stacklevel=3)
+
+
 def check_config(config: dict) -> dict:
     missing = [k for k in KEYS if k not in config]
     if missing:
@@ -79,8 +88,10 @@ def get_config(device: torch.device, num_experts: int, intermediate: int, hidden
     """The tile config for one MoE forward; a shape with no tuned entry gets a generic default."""
     if interpreting() or device.type != "cuda":
         return dict(DEFAULT_INTERPRET)
-    entry = nearest_entry(load_table(device_key(device)), num_experts, intermediate, hidden)
+    name = device_key(device)
+    entry = nearest_entry(load_table(name), num_experts, intermediate, hidden)
     if entry is None:
+        warn_untuned(name, shape_key(num_experts, intermediate, hidden))
         return dict(DEFAULT_GPU)
     if batch_invariant:
         return check_config(entry["batch_invariant"])

@@ -1,0 +1,219 @@
+"""The `eagle-data` console script: build a draft vocab map, regenerate a data set, or dump target states.
+
+    eagle-data vocab --tokenizer PATH --data FILE --draft-vocab-size N --out FILE
+                     [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
+                      --target-vocab-size V]
+    eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
+                          --top-p --seed --trust-remote-code --device --no-progress]
+    eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
+                    --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8
+                    --dtype --device --trust-remote-code --no-progress --shard-size-mb N]
+    torchrun --nproc-per-node N -m eagle_trainer.app.data dump ...    # each rank dumps 1/N of the examples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from eagle_trainer.app import runtime
+from eagle_trainer.config import DataConfig
+
+
+def _add_vocab_parser(sub) -> None:
+    p = sub.add_parser("vocab", help="count loss tokens and write the draft vocab map (d2t, t2d)")
+    p.add_argument("--tokenizer", required=True, help="target checkpoint or tokenizer directory")
+    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--draft-vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="output .safetensors with tensors d2t and t2d")
+    p.add_argument("--max-length", type=int, default=DataConfig.max_length)
+    p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
+    p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
+    p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <dir of --out>/cache)")
+    p.add_argument(
+        "--target-vocab-size", type=int, default=None,
+        help="V (default: vocab_size in the config.json beside the tokenizer, else the tokenizer's length)",
+    )
+
+
+def _add_regenerate_parser(sub) -> None:
+    p = sub.add_parser("regenerate", help="replace assistant turns with the target's own generations")
+    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True, help="input chat JSONL (user-only prompts allowed)")
+    p.add_argument("--out", required=True, help="output chat JSONL (messages form)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thinking", choices=["keep", "strip"], default="keep", help="applied when reading the input")
+    p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_dump_parser(sub) -> None:
+    p = sub.add_parser("dump", help="run the target once over a data set and store its hidden states for "
+                                    "offline training (data.offline_path)")
+    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
+    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--vocab", required=True, help="draft vocab map (d2t, t2d .safetensors) from `eagle-data vocab`")
+    p.add_argument("--out", required=True, help="output directory of the dump")
+    p.add_argument("--aux-layers", default=None,
+                   help="comma list of 0-based decoder-layer outputs (default: the target's [1, L//2-1, L-4])")
+    p.add_argument("--max-length", type=int, default=DataConfig.max_length)
+    p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
+    p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
+    p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <parent of --out>/cache)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--compress", choices=["none", "fp8"], default="none",
+                   help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--shard-size-mb", type=float, default=1024, help="shard files roll over at about this size")
+
+
+def _target_vocab_size(tokenizer_path: str, tokenizer) -> int:
+    config_path = Path(tokenizer_path) / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        vocab_size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+        if vocab_size is not None:
+            return int(vocab_size)
+    return len(tokenizer)
+
+
+def run_vocab(args: argparse.Namespace) -> dict:
+    from transformers import AutoTokenizer
+
+    from eagle_trainer.data.dataset import build_dataset
+    from eagle_trainer.data.vocab import count_loss_tokens, save_vocab_map, vocab_coverage, vocab_map_from_counts
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
+    vocab_size = args.target_vocab_size or _target_vocab_size(args.tokenizer, tokenizer)
+    cfg = DataConfig(
+        path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False
+    )
+    cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
+    dataset, stats = build_dataset(cfg, tokenizer, cache_dir)
+    counts = count_loss_tokens(dataset, vocab_size)
+    d2t, t2d = vocab_map_from_counts(counts, args.draft_vocab_size)
+    save_vocab_map(args.out, d2t, t2d)
+    summary = {
+        "distinct_loss_ids": int((counts > 0).sum()),
+        "coverage": vocab_coverage(counts, t2d),
+        "target_vocab_size": vocab_size,
+        "draft_vocab_size": args.draft_vocab_size,
+        "num_examples": stats["num_examples"],
+        "num_loss_tokens": stats["num_loss_tokens"],
+        "skipped": stats["skipped"],
+        "dropped": stats["dropped"],
+        "truncated": stats["truncated"],
+    }
+    print(
+        f"{summary['distinct_loss_ids']} distinct loss-token ids; the draft vocab of {args.draft_vocab_size} "
+        f"covers {summary['coverage']:.4f} of {stats['num_loss_tokens']} loss tokens; wrote {args.out}"
+    )
+    print(json.dumps(summary))
+    return summary
+
+
+def run_regenerate(args: argparse.Namespace) -> int:
+    from eagle_trainer.config import TargetConfig
+    from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
+    from eagle_trainer.data.regenerate import regenerate
+    from eagle_trainer.targets.loading import load_target
+
+    device = runtime.pick_device(args.device, "--device")
+    conversations, skipped = read_chat_jsonl(
+        args.data, thinking=args.thinking, on_error=args.on_error, require_assistant=False
+    )
+    # The same loader as training: safetensors only, trust_remote_code off unless asked for.
+    model, tokenizer, _, _ = load_target(TargetConfig(path=args.target, trust_remote_code=args.trust_remote_code), device)
+    out = regenerate(
+        model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,
+    )
+    write_chat_jsonl(args.out, out)
+    print(f"regenerated {len(out)} conversations (skipped {skipped or 'none'}) on {device}; wrote {args.out}")
+    return len(out)
+
+
+def _parse_aux_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--aux-layers={text!r} is not a comma list of layer ids, e.g. 1,17,32") from None
+
+
+DATA_STAT_KEYS = ("data_path", "num_conversations", "num_loss_tokens", "skipped", "truncated", "dropped")
+
+
+def run_dump(args: argparse.Namespace) -> dict:
+    """Load the target as training does, tokenise the data, and dump this rank's share of the examples."""
+    from eagle_trainer.config import TargetConfig
+    from eagle_trainer.data.dataset import build_dataset
+    from eagle_trainer.data.offline import VOCAB_FILE, dump_hidden_states, dump_manifest
+    from eagle_trainer.data.vocab import draft_ids_from_d2t, load_vocab_map
+    from eagle_trainer.targets.frozen import FrozenTarget
+    from eagle_trainer.targets.loading import load_target, target_fingerprint
+
+    device = runtime.pick_device(args.device, "--device")
+    with runtime.process_group(device) as (rank, world_size):
+        d2t, t2d = load_vocab_map(args.vocab)
+        target_cfg = TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        model, tokenizer, spec, info = load_target(target_cfg, device)
+        if t2d.numel() != info.vocab_size:
+            raise ValueError(f"vocab map {args.vocab} is for a target vocab of {t2d.numel()} ids but {args.target} has "
+                             f"vocab_size {info.vocab_size}; build the map for this target with `eagle-data vocab "
+                             f"--tokenizer {args.target} ...`")
+        aux_ids = _parse_aux_layers(args.aux_layers) if args.aux_layers else spec.aux_layers(info.num_layers)
+        data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
+                              on_error=args.on_error, shuffle=False)
+        cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
+        # one process tokenises into the cache; the others read it back
+        dataset, stats = runtime.rank_zero_first(lambda: build_dataset(data_cfg, tokenizer, cache_dir), rank,
+                                                 world_size)
+        target = FrozenTarget(model, spec, aux_ids, draft_ids_from_d2t(d2t), t2d)
+        manifest = dump_manifest(args.target, target_fingerprint(args.target), info.architecture, d2t, t2d,
+                                 stats["fingerprint"])
+        result = dump_hidden_states(
+            target, dataset, args.out, manifest={**manifest, "data_stats": {k: stats[k] for k in DATA_STAT_KEYS}},
+            batch_size=args.batch_size, compression=args.compress, rank=rank, world_size=world_size,
+            progress=not args.no_progress, shard_bytes=int(args.shard_size_mb * (1 << 20)),
+            pad_id=runtime.pad_id(tokenizer),
+        )
+        target.close()
+        if rank == 0:  # offline training reads the map from here unless data.vocab_path names one
+            shutil.copyfile(args.vocab, Path(args.out) / VOCAB_FILE)
+    if rank == 0:
+        error = ", ".join(f"{k} {v:.4f}" for k, v in result["compression_error"].items()) or "none (lossless)"
+        print(f"dumped {result['num_examples']} examples, {result['num_tokens']} tokens, "
+              f"{result['bytes_per_token']:.0f} bytes/token, compression error {error}; wrote {args.out}")
+    return result
+
+
+@runtime.command
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eagle-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_vocab_parser(sub)
+    _add_regenerate_parser(sub)
+    _add_dump_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "vocab":
+        run_vocab(args)
+    elif args.command == "regenerate":
+        run_regenerate(args)
+    else:
+        run_dump(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

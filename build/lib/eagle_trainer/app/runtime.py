@@ -1,0 +1,146 @@
+"""How a command runs as a process, decided once here for every console script.
+
+    pick_device(name)            auto | cpu | cuda | cuda:N; plain cuda under torchrun is this rank's GPU
+    process_group(device)        torchrun's process group for the body of a command (joined, then left)
+    rank_zero_first(fn, ...)     fn on rank 0, then on the others (which find what rank 0 cached)
+    rank_logs(run_dir, ...)      each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console
+    pad_id(tokenizer)            the id batches are padded with
+    reported_errors()            a user error ends the process with `error: <message>` and status 2; Ctrl-C with 130
+    command(main)                a console script's main(argv): errors reported when run as a command (argv None)
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a command is one process and no group is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from eagle_trainer.parallel.mesh import backend_for, launched_world
+
+
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """The device `option`=`name` asks for: auto (cuda when one is visible, else cpu), cpu, cuda (under torchrun the
+    GPU of this rank, cuda:LOCAL_RANK) or cuda:N."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option}={name!r} is not one of auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{option}={name} but no CUDA device is visible; use {option}=cpu")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", launched_world()[2])
+    return device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device, backend: str = "auto") -> Iterator[tuple[int, int]]:
+    """Yields (rank, world size). A command torchrun launched on several ranks joins the process group here (nccl
+    on GPUs, gloo on the CPU, unless `backend` names one) and leaves it after; a group that is already up is
+    used as it is, and left to whoever made it. One process: (0, 1) and no group."""
+    rank, world, _ = launched_world()
+    own = world > 1 and not dist.is_initialized()
+    if own:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend_for(backend, device), timeout=datetime.timedelta(minutes=30),
+                                **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        yield rank, world
+    finally:
+        if own:
+            dist.destroy_process_group()
+
+
+def rank_zero_first(fn: Callable, rank: int, world_size: int):
+    """fn() on rank 0, then on the other ranks (which then find what rank 0 cached: tokenised data, vocab map)."""
+    if rank == 0:
+        out = fn()
+    if world_size > 1:
+        dist.barrier()
+    if rank != 0:
+        out = fn()
+    return out
+
+
+@contextlib.contextmanager
+def rank_logs(run_dir: Path, rank: int, world_size: int):
+    """Each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console. One process: no files."""
+    if world_size == 1:
+        yield
+        return
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "logs" / f"rank_{rank}.log", "a", buffering=1) as log:
+        streams = (sys.stdout, sys.stderr)
+        sys.stdout, sys.stderr = (_Tee(log, *(streams[:1] if rank == 0 else ())),
+                                  _Tee(log, *(streams[1:] if rank == 0 else ())))
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = streams
+
+
+class _Tee:
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 when it has none (padding is masked out, so any id serves)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+# Bad input (a recipe value, a path, a file's contents): the message names the value and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def reported_errors():
+    """The body of a command: a user error (USER_ERRORS) ends it with one line, `error: <message>`, on stderr and
+    exit status 2 (EAGLE_DEBUG=1 shows the traceback too); Ctrl-C ends it with status 130 and no traceback. Any
+    other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:  # the command has said what it leaves behind (e.g. Trainer.fit: the last checkpoint)
+        raise SystemExit(130) from None
+    except USER_ERRORS as e:
+        if os.environ.get("EAGLE_DEBUG") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """A console script's `main(argv)`: run as a command (argv None: the arguments are sys.argv's) its errors are
+    reported (`reported_errors`); called from Python with an argv list, they are raised to the caller."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        if argv is not None:
+            return main(argv)
+        with reported_errors():
+            return main(argv)
+    return run

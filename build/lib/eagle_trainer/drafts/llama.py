@@ -1,0 +1,220 @@
+"""What every draft kind shares: its config fields, the Llama decoder layer, the draft base class, the KV cache.
+
+A draft kind (eagle3.py, eagle1.py) differs only in what it feeds the layers and how many it has; it implements
+one method, `step`, and everything that drives a draft goes through it:
+
+    step(tokens [B, n], hidden [B, n, F], positions [B, n], attend) -> the step's output [B, n, H]
+    attend(layer_index, q [B, nh, n, D], k [B, nkv, n, D], v [B, nkv, n, D]) -> attention output [B, nh, n, D]
+
+`KVCache` passes an `attend` that appends k/v to each layer's cache (serving-style drafting, the evaluator and the
+tests' oracle); `unroll.unroll` passes one that builds the TTT attention pattern. The draft never decides which.
+
+Shapes: B batch, n / T tokens, H hidden, F the feature a step reads (EAGLE-3 g [H], EAGLE-1 f [H]), nh/nkv heads,
+D head dim, V target vocab, Vd draft vocab, S cache length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eagle_trainer.config import DraftConfig
+from eagle_trainer.drafts.layers import RMSNorm, Rotary, SwiGLU, apply_rotary, set_frozen_embedding
+from eagle_trainer.types import TargetInfo
+
+
+@dataclass(frozen=True)
+class LlamaDraftConfig:
+    """The fields every draft kind has; a kind's config adds its own (keyword-only) fields."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int  # target vocab V
+    draft_vocab_size: int  # Vd
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: dict | None = None
+    num_layers: int = 1
+    target_architecture: str = ""
+    algorithm: str = ""  # the registry entry that builds, trains and exports this draft
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path):
+        raw = json.loads(Path(path).read_text())
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def shape_from_target(info: TargetInfo, cfg: DraftConfig) -> dict:
+    """The fields every draft takes from its target: H = Ht, the target's attention shape and RoPE unless
+    overridden, its vocab."""
+    if cfg.draft_vocab_size > info.vocab_size:
+        raise ValueError(f"draft.draft_vocab_size={cfg.draft_vocab_size} exceeds the target vocab {info.vocab_size}; "
+                         f"set draft.draft_vocab_size <= {info.vocab_size}")
+    return dict(
+        hidden_size=info.hidden_size,
+        num_heads=cfg.num_heads or info.num_heads,
+        num_kv_heads=cfg.num_kv_heads or info.num_kv_heads,
+        head_dim=cfg.head_dim or info.head_dim,
+        intermediate_size=cfg.intermediate_size or info.intermediate_size,
+        vocab_size=info.vocab_size,
+        draft_vocab_size=cfg.draft_vocab_size,
+        rms_norm_eps=info.rms_norm_eps,
+        rope_theta=info.rope_theta,
+        rope_scaling=info.rope_scaling,
+        max_position_embeddings=info.max_position_embeddings,
+        num_layers=cfg.num_layers,
+        target_architecture=info.architecture,
+    )
+
+
+class DecoderLayer(nn.Module):
+    """A Llama decoder layer over an input of `in_features`: attention (q/k/v from the normed input, RoPE), o_proj
+    into the residual, then a pre-norm SwiGLU MLP. The input norms are optional: EAGLE-1's layer 0 has none (its
+    input is fc's output); EAGLE-3's layer normalises the token and hidden halves of its input separately
+    (`input_layernorm`, `hidden_norm`) before joining them, so the draft applies them."""
+
+    def __init__(self, cfg: LlamaDraftConfig, in_features: int, input_norm: bool = True, hidden_norm: bool = False):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps) if input_norm else None
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps) if hidden_norm else None
+        self.self_attn = nn.Module()
+        self.self_attn.q_proj = nn.Linear(in_features, cfg.num_heads * d, bias=False)
+        self.self_attn.k_proj = nn.Linear(in_features, cfg.num_kv_heads * d, bias=False)
+        self.self_attn.v_proj = nn.Linear(in_features, cfg.num_kv_heads * d, bias=False)
+        self.self_attn.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(h, cfg.intermediate_size)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """The attention input x [B, T, in_features] (already normed) -> q [B, nh, T, D], k/v [B, nkv, T, D]
+        (RoPE by cos/sin [B, T, D] applied to q and k)."""
+        b, t, _ = x.shape
+        q = self.self_attn.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.self_attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.self_attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def out(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual stream [B, T, H] and attention output [B, nh, T, D] -> the layer's output [B, T, H]."""
+        b, _, t, _ = attn.shape
+        h = residual + self.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Draft(nn.Module):
+    """The base of every draft kind: the frozen target embedding, RoPE, the draft vocab map, and the interface the
+    trainer, the evaluator and IO drive. A kind adds its modules and implements `step`, `project`, `logits`."""
+
+    config: LlamaDraftConfig
+    # the elementwise-heavy functions of the kind's training unroll that drafts/policy.py may wrap (recompute,
+    # compile) from outside; None: the unroll runs the modules as they are
+    unroll_pieces = None
+
+    def __init__(self, cfg: LlamaDraftConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+
+    @property
+    def aux_layer_ids(self) -> tuple[int, ...]:
+        """The target decoder layers whose outputs the draft reads (none unless the kind reads aux states)."""
+        return tuple(getattr(self.config, "aux_layer_ids", ()))
+
+    def set_target_weights(self, embedding: torch.Tensor, target_head: torch.Tensor | None = None,
+                           share: bool = False) -> None:
+        """The target's input embedding [V, Ht], frozen: copied, or with `share` held as it is where it can be
+        (layers.set_frozen_embedding). A kind that decodes with the target's lm_head takes `target_head` too."""
+        set_frozen_embedding(self.embed_tokens, embedding, share)
+
+    def set_vocab_map(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.d2t.copy_(d2t)
+            self.t2d.copy_(t2d)
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the draft's products run in: autocast's where it is on, else the parameters'."""
+        weight = self.fc.weight
+        device = weight.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint or export holds: all weights but the frozen target embedding."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("embed_tokens.")}
+
+    def target_features(self, states) -> torch.Tensor:
+        """The captured target state the draft reads (types.CapturedStates or TargetOutputs)."""
+        raise NotImplementedError
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features -> the hidden input of the first step."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A step's output -> logits over the vocab the draft proposes from (`draft_to_target` maps its ids)."""
+        raise NotImplementedError
+
+    def draft_to_target(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids + self.d2t[ids]
+
+
+class KVCache:
+    """Serving-style incremental decoding for one draft: each layer's keys/values grow by the tokens fed in.
+
+    New tokens attend to every cached key plus, causally, to each other, exactly as an engine's draft worker
+    extends its cache. Used as the oracle of the TTT unroll and by the evaluator.
+    """
+
+    def __init__(self, draft: Draft):
+        self.draft = draft
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * draft.config.num_layers  # [B, nkv, S, D]
+
+    def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed [B, n] tokens with their hidden inputs [B, n, F]; returns the step's outputs [B, n, H] for them.
+
+        `allowed` [n, S] (S = cache length after appending) says which cached keys each new token sees;
+        by default every earlier key and, causally, the new ones (a tree decoder passes its ancestor mask).
+        """
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.kv[i] is not None:
+                k, v = torch.cat([self.kv[i][0], k], dim=2), torch.cat([self.kv[i][1], v], dim=2)
+            self.kv[i] = (k, v)
+            n, s = q.shape[2], k.shape[2]
+            mask = allowed
+            if mask is None:
+                mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)  # [n, S]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+        return self.draft.step(tokens, hidden, positions, attend)
+
+    def __len__(self) -> int:
+        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+
+    def truncate(self, length: int) -> None:
+        self.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]

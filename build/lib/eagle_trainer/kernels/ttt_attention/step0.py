@@ -1,0 +1,93 @@
+"""Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
+
+cuDNN's fused attention (unpacked batches, the fastest on Hopper), FlashAttention-2 varlen (packed batches: each
+document is one sequence) or aten's CPU flash attention (CPU, tests). Grouped-query heads are read as they are.
+Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
+backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
+(see attention.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CudnnCausal:
+    """Step 0 of an unpacked batch: cuDNN's fused causal attention (grouped-query heads native)."""
+
+    def forward(self, q, k, v, scale):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+        out, lse = res[0], res[1]  # lse [B, nh, T, 1]
+        return out, lse.reshape(q.shape[:3]).contiguous(), res[2:8]
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse[..., None], seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale)
+
+
+class FlashVarlenCausal:
+    """Step 0 of a packed row (B = 1): FlashAttention-2 varlen, each document one causal sequence."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_len: int):
+        self.cu, self.max_len = cu_seqlens.to(torch.int32), max_len
+
+    @staticmethod
+    def _tokens(x):  # [1, n, T, D] -> [T, n, D] with unit stride in D
+        x = x[0].transpose(0, 1)
+        return x if x.stride(-1) == 1 else x.contiguous()
+
+    def forward(self, q, k, v, scale):
+        q3, k3, v3 = (self._tokens(x) for x in (q, k, v))
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q3, k3, v3, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, False, scale=scale)
+        return out.transpose(0, 1)[None], lse[None], (rng, unused)  # out [1, nh, T, D]; lse [1, nh, T]
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        rng, unused = saved
+        q3, k3, v3, o3, do3 = (self._tokens(x) for x in (q, k, v, out, dout))
+        grads = torch.ops.aten._flash_attention_backward(
+            do3, q3, k3, v3, o3, lse[0], self.cu, self.cu, self.max_len, self.max_len, 0.0, True, rng, unused,
+            scale=scale)
+        return tuple(g.transpose(0, 1)[None] for g in grads)
+
+
+class CpuFlash:
+    """Step 0 on the CPU (tests): aten's CPU flash attention, causal or under a [B, 1, T, T] same-document mask."""
+
+    def __init__(self, allowed: torch.Tensor | None = None):
+        self.allowed = allowed  # bool [B, 1, T, T] or None (causal)
+
+    def _bias(self, q):  # the op takes an additive mask in q's dtype
+        if self.allowed is None:
+            return None
+        return torch.zeros(self.allowed.shape, dtype=q.dtype).masked_fill_(~self.allowed, float("-inf"))
+
+    def forward(self, q, k, v, scale):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, self.allowed is None, attn_mask=self._bias(q), scale=scale)
+        return out, lse.contiguous(), None
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, self.allowed is None, attn_mask=self._bias(q), scale=scale)
+
+
+def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
+    """The step-0 attention for a batch: CudnnCausal / FlashVarlenCausal (packed, from `documents` [1, T]) on a
+    GPU, CpuFlash on the CPU. Built once per unroll (a packed row's document bounds cost one host sync)."""
+    if device.type != "cuda":
+        if documents is None:
+            return CpuFlash()
+        t = documents.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
+        return CpuFlash((causal & (documents[:, :, None] == documents[:, None, :]))[:, None])
+    if documents is None:
+        return CudnnCausal()
+    if documents.shape[0] != 1:
+        raise ValueError(f"packed TTT attention takes one row of documents, got documents {tuple(documents.shape)}")
+    starts = torch.nonzero(documents[0, 1:] != documents[0, :-1]).flatten() + 1
+    n = documents.shape[1]
+    cu = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), n)])
+    return FlashVarlenCausal(cu, int((cu[1:] - cu[:-1]).max()))

@@ -1,0 +1,42 @@
+"""Frozen target adapters: load a local HF checkpoint, capture hidden states, compute the teacher.
+
+Registers the built-in target entries with the registry on import. HF transformers' modeling code is the
+model definition; an entry says where things live and which kernels to bind.
+"""
+
+from __future__ import annotations
+
+from eagle_trainer import registry
+from eagle_trainer.targets.gdn import bind_gdn
+from eagle_trainer.targets.moe import bind_moe
+from eagle_trainer.targets.norms import bind_rms_norm
+
+
+def bind_qwen3_moe(model, cfg) -> dict[str, str]:
+    """Our MoE core (router + experts) and fused RMSNorm, as `cfg.moe_impl` / `cfg.norm_impl` ask."""
+    return {"moe": bind_moe(model, cfg), "norm": bind_rms_norm(model, cfg, ("Qwen3MoeRMSNorm",))}
+
+
+def bind_qwen3_next(model, cfg) -> dict[str, str]:
+    """Our MoE core (router + routed experts, `moe_impl`), the zero-centred fused RMSNorm for Qwen3NextRMSNorm
+    (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton on a GPU for the
+    MoE and the norms (hf on the CPU).
+
+    The shared expert (a dense Qwen3NextMLP) and its sigmoid `shared_expert_gate` stay HF's modules:
+    Qwen3NextSparseMoeBlock.forward adds them to whatever the experts implementation returns. The GDN's gated
+    norm (Qwen3NextRMSNormGated) is not a Qwen3NextRMSNorm: it belongs to the GDN binding.
+    """
+    return {"moe": bind_moe(model, cfg), "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True),
+            "gdn": bind_gdn(model, cfg)}
+
+
+QWEN3 = registry.register_target(registry.TargetSpec(architectures=("Qwen3ForCausalLM",)))
+QWEN3_MOE = registry.register_target(registry.TargetSpec(
+    architectures=("Qwen3MoeForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_moe))
+# Hybrid: layers 3, 7, ... hold `self_attn` (gated full attention), the rest `linear_attn` (gated delta net);
+# every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts`.
+# The gated delta net's recurrent state can neither take a tree mask nor be rolled back to the accepted
+# tokens: evaluate/ verifies drafts for it token by token along the accepted path (tree_verify=False).
+QWEN3_NEXT = registry.register_target(registry.TargetSpec(
+    architectures=("Qwen3NextForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_next,
+    tree_verify=False))
