@@ -54,6 +54,10 @@ class DraftConfig:
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     intermediate_size: Optional[int] = None
+    # warm start: a draft to begin from (a checkpoint, a run dir or any export), and whose vocab map the run keeps:
+    # draft (its own; default) or data (the one the data builds)
+    init_from: Optional[str] = None
+    init_vocab: str = "draft"
 
 
 @dataclass

@@ -37,6 +37,7 @@ from eagle_trainer import registry
 from eagle_trainer.app import runtime
 from eagle_trainer.app.summary import format_summary
 from eagle_trainer.app.train_data import offline_data, online_data
+from eagle_trainer.app.warm_start import load_warm_weights, read_warm_start, warm_vocab_map
 from eagle_trainer.app.validation import (check_batches, check_demo_paths, check_recipe, check_run_dir, check_target,
                                          target_entry)
 from eagle_trainer.checkpoint import check_checkpoint, latest_checkpoint
@@ -127,6 +128,13 @@ def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, d
     data = runtime.rank_zero_first(lambda: (offline_data if offline else online_data)(
         cfg, spec, info, aux_ids, tokenizer, device), dims.rank, dims.world_size)
     stats, d2t, t2d = data.stats, data.d2t, data.t2d
+    warm = None
+    if cfg.draft.init_from:  # read and checked before the target's weights
+        warm = read_warm_start(cfg, spec.algorithm, info, aux_ids)
+        d2t, t2d = warm_vocab_map(cfg, warm, d2t, t2d)
+        if offline and not torch.equal(d2t, data.d2t):
+            raise ValueError(f"draft.init_from={cfg.draft.init_from!r} has another vocab map than the dump "
+                             f"{cfg.data.offline_path} was made with; set draft.init_vocab=data")
     print(f"data: {stats['num_examples']} conversations, {stats['num_tokens']} tokens "
           f"({stats['num_loss_tokens']} trained), skipped {stats['skipped']}, truncated {stats['truncated']}, "
           f"dropped {stats['dropped']}" + (f"; offline from {cfg.data.offline_path}" if offline else ""))
@@ -149,6 +157,9 @@ def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, d
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
     # checkpoints and exports record the target they were trained for; eagle-eval refuses another one
     draft.config.extra[TARGET_FINGERPRINT] = target_fingerprint(cfg.target.path)
+    if warm is not None:
+        load_warm_weights(draft, warm)
+        print(f"warm start: the draft begins from {cfg.draft.init_from}")
     draft.to(device)
     # the draft holds the target's embedding tensor itself where it can (one [V, H] on the GPU, not two), else a
     # copy made in place (copy_ casts: no host round trip); EAGLE-1 also reads the target's lm_head

@@ -93,6 +93,8 @@ def check_recipe(cfg: Config) -> registry.AlgorithmSpec:
     algorithm = algorithm_entry(cfg)
     check_export_formats(cfg, algorithm)
     check_numbers(cfg)
+    if cfg.draft.init_vocab not in ("draft", "data"):
+        raise ValueError(f"draft.init_vocab={cfg.draft.init_vocab!r} is not one of draft, data")
     return algorithm
 
 
