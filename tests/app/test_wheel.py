@@ -4,6 +4,7 @@ configs, and `python -m eagle_trainer.train` from it trains; a user's own recipe
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,14 @@ def wheel_site(tmp_path_factory):
     """The wheel of this checkout, built and installed into a directory of its own (no dependencies: the test's
     environment has them)."""
     work = tmp_path_factory.mktemp("wheel")
+    # built from a copy of the package's files: the build leaves its build/ folder beside the sources
+    source = work / "src"
+    shutil.copytree(ROOT / "eagle_trainer", source / "eagle_trainer", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(work / "dist"),
-                    str(ROOT)], check=True, cwd=work)
+                    str(source)], check=True, cwd=work)
     (wheel,) = (work / "dist").glob("eagle_trainer-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(work / "site"),
                     str(wheel)], check=True)
