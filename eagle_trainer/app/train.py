@@ -37,9 +37,9 @@ from eagle_trainer import registry
 from eagle_trainer.app import runtime
 from eagle_trainer.app.summary import format_summary
 from eagle_trainer.app.train_data import offline_data, online_data
-from eagle_trainer.app.warm_start import load_warm_weights, read_warm_start, warm_vocab_map
 from eagle_trainer.app.validation import (check_batches, check_demo_paths, check_recipe, check_run_dir, check_target,
                                          target_entry)
+from eagle_trainer.app.warm_start import load_warm_weights, read_warm_start, warm_vocab_map
 from eagle_trainer.checkpoint import check_checkpoint, latest_checkpoint
 from eagle_trainer.config import AcceptConfig, Config
 from eagle_trainer.data import draft_ids_from_d2t
@@ -47,10 +47,10 @@ from eagle_trainer.data.regenerate import stop_token_ids
 from eagle_trainer.drafts.attention import pick_attention
 from eagle_trainer.evaluate.acceptance import measure_acceptance, prompts_from_dataset
 from eagle_trainer.evaluate.speculative import DecodeConfig
+from eagle_trainer.export.sglang import TARGET_FINGERPRINT
 from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops
 from eagle_trainer.parallel import ParallelDims, init_parallel, whole
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.export.sglang import TARGET_FINGERPRINT
 from eagle_trainer.targets.loading import load_target, load_tokenizer, target_fingerprint
 from eagle_trainer.targets.sharded import load_sharded_target
 from eagle_trainer.trainer import Summary, Trainer

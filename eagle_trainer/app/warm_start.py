@@ -46,10 +46,10 @@ def read_warm_start(cfg: Config, algorithm: registry.AlgorithmSpec, info: Target
         raise ValueError(f"{where} does not fit this run's draft for target {info.architecture} (hidden "
                          f"{info.hidden_size}, vocab {info.vocab_size}): {wrong}; start from a draft trained for this "
                          "target and these draft.* shapes")
-    recorded = warm.config.extra.get(TARGET_FINGERPRINT)
-    if recorded is not None and recorded != target_fingerprint(cfg.target.path):
+    recorded, given = warm.config.extra.get(TARGET_FINGERPRINT), target_fingerprint(cfg.target.path)
+    if recorded is not None and recorded != given:
         print(f"warning: {where} was trained on another target (fingerprint {recorded[:12]}, target.path "
-              f"{cfg.target.path} has {target_fingerprint(cfg.target.path)[:12]}); its shapes fit, so it is used")
+              f"{cfg.target.path} has {given[:12]}); its shapes fit, so it is used")
     return warm
 
 

@@ -155,8 +155,8 @@ class Draft(nn.Module):
             self.t2d.copy_(t2d)
 
     def compute_dtype(self) -> torch.dtype:
-        """The dtype the draft's products run in: autocast's where it is on, else the parameters'."""
-        weight = self.fc.weight
+        """The dtype the draft's products run in: autocast's where it is on, else its trained parameters'."""
+        weight = next(p for p in self.parameters() if p.requires_grad)  # not the frozen target embedding
         device = weight.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
