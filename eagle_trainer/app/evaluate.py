@@ -2,6 +2,8 @@
 
     eagle-eval --target /models/Qwen3-8B --draft DIR --data chat.jsonl --out eval.json \
         [--mode chain tree] [--steps 5] [--topk 8 --depth 5 --total-tokens 31] [--num-prompts 32] [--max-new-tokens 128]
+    torchrun --nproc-per-node 8 -m eagle_trainer.app.evaluate --target ... --draft ... --data ... --out ... \
+        parallel=fsdp_ep        # the target sharded over 8 GPUs (FSDP2, experts split 8 ways), as training takes it
 
 --draft is a trainer checkpoint (draft_config.json), a run directory (its newest checkpoint), or an export
 directory in any engine format (`eagle-export --format sglang|vllm|eagle1-sglang|eagle1-vllm`). The draft takes
@@ -9,6 +11,8 @@ the target's embedding (and, for EAGLE-1/2, its lm_head). Prompts are the data's
 assistant turn, tokenised the way training tokenises them. eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
 histogram of tokens committed per target forward; beside it the simulated acceptance length from the
 draft's per-step TTT accuracy on the same conversations. A PNG histogram is written next to eval.json.
+Under torchrun the ranks share the prompts (evaluate/acceptance.py); eval.json's `run` records the world size, ep and
+whether the target was sharded, and its numbers are those one process gives on the same prompts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from eagle_trainer.evaluate.acceptance import measure_acceptance, plot_histogram
 from eagle_trainer.evaluate.simulated import simulated_on
 from eagle_trainer.evaluate.speculative import DecodeConfig
 from eagle_trainer.export import read_draft, target_fingerprint_of
-from eagle_trainer.targets.loading import load_target, target_fingerprint
+from eagle_trainer.parallel import init_parallel, whole
+from eagle_trainer.targets.loading import target_fingerprint
+from eagle_trainer.targets.sharded import open_target
 
 
 @runtime.command
@@ -52,25 +58,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU) | float32 | bfloat16")
     parser.add_argument("--moe-impl", default="auto", help="MoE targets: auto | triton | hf | grouped_mm")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    runtime.add_parallel_argument(parser)
     args = parser.parse_args(argv)
     check_options(args)
 
+    pcfg = runtime.parallel_options(args.parallel)
     device = runtime.pick_device(args.device, "--device")
     draft = read_draft(args.draft)
     check_target(args.draft, args.target, any_target=args.any_target)
-    model, tokenizer, spec, info = load_target(
-        TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device)
+    with runtime.process_group(device, pcfg.backend):
+        dims = init_parallel(pcfg, device)
+        result, reports = evaluate(args, draft, dims, device)
+    if dims.rank != 0:
+        return 0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    plot = plot_histogram(list(reports.values()), out.with_suffix(".png"))
+    for mode, rep in reports.items():
+        print(f"{mode:5s} acceptance length {rep['accept_len']:.3f} over {rep['num_rounds']} rounds "
+              f"({rep['num_prompts']} prompts, {rep['new_tokens']} tokens)")
+    print(f"simulated acceptance length ({args.ttt_steps} TTT steps): {result['simulated']['sim_accept_len']:.3f}")
+    run = result["run"]
+    print(f"measured on {run['world_size']} rank(s), ep {run['ep']}, target {'sharded' if run['sharded'] else 'whole'}"
+          f"; wrote {out} and {plot}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, draft, dims, device) -> tuple[dict, dict]:
+    """Every rank: the target (sharded over the ranks, or whole), the draft beside it, the simulated and the real
+    acceptance; -> (eval.json's contents, the reports per mode)."""
+    opened = open_target(TargetConfig(path=args.target, dtype=args.dtype, moe_impl=args.moe_impl), device, dims,
+                         progress=args.progress and dims.rank == 0)
+    model, tokenizer, spec, info = opened.model, opened.tokenizer, opened.spec, opened.info
     draft.to(device)
     hidden = getattr(draft.config, "target_hidden_size", draft.config.hidden_size)
     if draft.config.vocab_size != info.vocab_size or hidden != info.hidden_size:
         raise ValueError(f"draft {args.draft} was trained for vocab {draft.config.vocab_size} / hidden "
                          f"{hidden}, but target {args.target} has {info.vocab_size} / "
                          f"{info.hidden_size}: pass the target the draft was trained on")
-    draft.set_target_weights(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    draft.set_target_weights(whole(model.get_input_embeddings().weight), whole(model.get_output_embeddings().weight))
     with tempfile.TemporaryDirectory() as cache:
         dataset, _ = build_dataset(DataConfig(path=args.data, max_length=args.max_length), tokenizer, Path(cache))
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
         prompts = prompts_from_dataset(dataset, args.num_prompts)
+        # every rank runs the same batches (the same collective forwards of a sharded target) and gets the same result
         simulated = simulated_on(model, info.architecture, draft, dataset, args.ttt_steps, 4,
                                  runtime.pad_id(tokenizer), device)
     stop_ids = tuple(stop_token_ids(tokenizer))
@@ -79,19 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DecodeConfig(mode=mode, steps=args.steps, topk=args.topk, depth=args.depth,
                            total_tokens=args.total_tokens, max_new_tokens=args.max_new_tokens,
                            verify="tree" if spec.tree_verify else "walk")
-        reports[mode] = measure_acceptance(model, spec, draft, prompts, cfg, stop_ids, progress=args.progress)
+        reports[mode] = measure_acceptance(model, spec, draft, prompts, cfg, stop_ids,
+                                           progress=args.progress and dims.rank == 0)
     result = {"target": args.target, "draft": args.draft, "data": args.data, "modes": reports,
-              "simulated": simulated}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    plot = plot_histogram(list(reports.values()), out.with_suffix(".png"))
-    for mode, rep in reports.items():
-        print(f"{mode:5s} acceptance length {rep['accept_len']:.3f} over {rep['num_rounds']} rounds "
-              f"({rep['num_prompts']} prompts, {rep['new_tokens']} tokens)")
-    print(f"simulated acceptance length ({args.ttt_steps} TTT steps): {simulated['sim_accept_len']:.3f}")
-    print(f"wrote {out} and {plot}")
-    return 0
+              "simulated": simulated, "run": opened.how_it_ran()}
+    return result, reports
 
 
 # the least value of each count option (--max-length: a prompt token and a trained one)

@@ -7,6 +7,8 @@
     pad_id(tokenizer)            the id batches are padded with
     reported_errors()            a user error ends the process with `error: <message>` and status 2; Ctrl-C with 130
     command(main)                a console script's main(argv): errors reported when run as a command (argv None)
+    parallel_options(overrides)  `parallel=fsdp_ep parallel.ep=2`: a recipe's parallel group for the other commands
+    add_parallel_argument(p)     those overrides as the trailing arguments of an argparse command
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them a command is one process and no group is made.
 """
@@ -18,13 +20,18 @@ import datetime
 import functools
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from eagle_trainer.config import ParallelConfig
 from eagle_trainer.parallel.mesh import backend_for, launched_world
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: found in a wheel too
+DEFAULT_PARALLEL = "single"  # the training recipe's default group (recipes/config.yaml)
 
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
@@ -144,3 +151,38 @@ def command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
         with reported_errors():
             return main(argv)
     return run
+
+
+def parallel_options(overrides: list[str]) -> ParallelConfig:
+    """The parallel settings of a command other than training, typed as training takes them: a group of the recipes'
+    parallel/ directory (`parallel=fsdp_ep`, default `single`) and keys over it (`parallel.ep=2`), so that a user types
+    one set of options for every job."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    groups = sorted(p.stem for p in (RECIPES / "parallel").glob("*.yaml"))
+    group, keys = DEFAULT_PARALLEL, []
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep or not (name == "parallel" or name.startswith("parallel.")):
+            raise ValueError(f"{item!r} is not a parallel option; use parallel=<group> (one of {groups}) and "
+                             "parallel.<key>=<value>, e.g. parallel=fsdp_ep parallel.ep=2")
+        if name == "parallel":
+            if value not in groups:
+                raise ValueError(f"parallel={value} is not one of the recipe groups {groups}")
+            group = value
+        else:
+            keys.append(f"{name.removeprefix('parallel.')}={value}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ParallelConfig), OmegaConf.load(RECIPES / "parallel" / f"{group}.yaml"),
+                              OmegaConf.from_dotlist(keys))
+    except OmegaConfBaseException as e:
+        raise ValueError(f"parallel options {overrides}: {e}".splitlines()[0] + "; the keys are "
+                         f"{[f.name for f in fields(ParallelConfig)]}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def add_parallel_argument(parser) -> None:
+    parser.add_argument("parallel", nargs="*", metavar="parallel=GROUP parallel.KEY=VALUE",
+                        help=f"under torchrun, how the target is spread, as training takes it: parallel=fsdp_ep "
+                             f"parallel.ep=2 (default parallel={DEFAULT_PARALLEL}: the whole target on every rank)")

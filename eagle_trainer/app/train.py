@@ -51,11 +51,11 @@ from eagle_trainer.export.sglang import TARGET_FINGERPRINT
 from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops
 from eagle_trainer.parallel import ParallelDims, init_parallel, whole
 from eagle_trainer.targets.frozen import FrozenTarget
-from eagle_trainer.targets.loading import load_target, load_tokenizer, target_fingerprint
-from eagle_trainer.targets.sharded import load_sharded_target
+from eagle_trainer.targets.loading import load_tokenizer, target_fingerprint
+from eagle_trainer.targets.sharded import open_target
 from eagle_trainer.trainer import Summary, Trainer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: found in a wheel too
+RECIPES = runtime.RECIPES
 ConfigStore.instance().store(name="config_schema", node=Config)
 
 
@@ -148,10 +148,8 @@ def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, d
     if offline:  # no model: the dump holds the target's states; embedding and lm_head rows come from its files
         model, target = None, data.target
     else:
-        if dims.distributed and dims.target == "fsdp":
-            model, _, target_spec, info, _ = load_sharded_target(cfg.target, device, dims, cfg.train.progress)
-        else:
-            model, _, target_spec, info = load_target(cfg.target, device)
+        opened = open_target(cfg.target, device, dims, cfg.train.progress)
+        model, target_spec, info = opened.model, opened.spec, opened.info
         target = FrozenTarget(model, target_spec, aux_ids, draft_ids_from_d2t(d2t), t2d, cfg.draft.mask_teacher_argmax)
 
     draft = spec.algorithm.build_draft(info, cfg.draft, aux_ids)
@@ -186,12 +184,9 @@ def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, d
     if offline and cfg.accept.enabled:
         print("accept: real acceptance needs the target model, which offline training does not load; measure the "
               "exported draft with `eagle-eval` (accept.enabled=false silences this)")
-    if dims.distributed and cfg.accept.enabled:
-        # the ranks' decoding loops would run different numbers of (collective) target forwards
-        print("accept: real acceptance is not measured in the loop of a multi-rank run; measure the exported draft "
-              "with `eagle-eval` (accept.enabled=false silences this)")
-    acceptance = None if offline or dims.distributed else build_acceptance(
-        cfg.accept, model, target_spec, draft, tokenizer, data.eval, progress=cfg.train.progress)
+    # several ranks share the prompts, their target forwards kept in step (evaluate/acceptance.py)
+    acceptance = None if offline else build_acceptance(
+        cfg.accept, model, target_spec, draft, tokenizer, data.eval, progress=cfg.train.progress and dims.rank == 0)
     target_flops = None if offline else TargetFlops.from_target(info, model.config)  # offline: no target forward
     trainer = Trainer(spec, target, draft, cfg.draft, cfg.optim, cfg.train, train_batches, eval_batches, device,
                       parallel=dims, acceptance=acceptance, accept_every=cfg.accept.every, log=cfg.log,

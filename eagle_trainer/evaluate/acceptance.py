@@ -7,6 +7,11 @@ i.e. up to and including the assistant header) or from conversations rendered wi
     report["accept_len"]        tokens committed per verifying target forward, over all rounds of all prompts
     report["per_prompt"]        the same per prompt
     report["histogram"]         {committed tokens in a round: number of rounds}
+
+Under torch.distributed with several ranks, every rank calls measure_acceptance with the same prompts: rank r of W
+decodes prompts r, r + W, ..., its target forwards kept in step with the other ranks' when the target is sharded
+(targets.sharded.target_lock_step: a rank whose prompts are done idles in the collectives until all are), and the
+per-prompt results are gathered, so every rank returns the report one process gives on the same prompts.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from eagle_trainer.data.chat import Conversation
 from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generate
 from eagle_trainer.registry import TargetSpec
+from eagle_trainer.targets.sharded import target_lock_step
 
 
 def prompt_from_example(input_ids: list[int], loss_mask: list[bool]) -> list[int] | None:
@@ -56,24 +63,42 @@ def prompts_from_conversations(tokenizer, conversations: list[Conversation], **t
     return prompts
 
 
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of the process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 @torch.no_grad()
 def measure_acceptance(model, spec: TargetSpec, draft, prompts: list[list[int]], cfg: DecodeConfig,
                        stop_ids: tuple[int, ...] = (), progress: bool = False) -> dict:
     """Speculative decoding of every prompt with the target `model` (its registry entry `spec`); the
-    acceptance-length report (module docstring)."""
+    acceptance-length report (module docstring). Under several ranks every rank calls it (module docstring)."""
     if not prompts:
         raise ValueError("no prompts to measure acceptance on: the eval data has no assistant turn to prompt with")
     was_training = draft.training
     draft.eval()
-    rounds, per_prompt, tokens = Counter(), [], 0
+    rank, world = _ranks()
     start = time.perf_counter()
-    for prompt in tqdm(prompts, desc=f"accept ({cfg.mode})", disable=not progress, leave=False):
-        gen = speculative_generate(model, spec, draft, prompt, cfg, stop_ids)
-        rounds.update(gen.accept_lengths)
-        tokens += len(gen.tokens)
-        if gen.accept_lengths:
-            per_prompt.append(sum(gen.accept_lengths) / len(gen.accept_lengths))
+    done = {}  # prompt index -> (accept lengths, new tokens)
+    mine = range(rank, len(prompts), world)
+    with target_lock_step(model, spec):
+        for i in tqdm(mine, desc=f"accept ({cfg.mode})", disable=not progress or rank != 0, leave=False):
+            gen = speculative_generate(model, spec, draft, prompts[i], cfg, stop_ids)
+            done[i] = (gen.accept_lengths, len(gen.tokens))
+    if world > 1:  # outside the lock step: a gather is a collective of its own
+        parts = [None] * world
+        dist.all_gather_object(parts, done)
+        done = {i: result for part in parts for i, result in part.items()}
     draft.train(was_training)
+    rounds, per_prompt, tokens = Counter(), [], 0
+    for i in range(len(prompts)):  # prompt order, whichever rank decoded it
+        accept_lengths, new_tokens = done[i]
+        rounds.update(accept_lengths)
+        tokens += new_tokens
+        if accept_lengths:
+            per_prompt.append(sum(accept_lengths) / len(accept_lengths))
     num_rounds = sum(rounds.values())
     return {
         "mode": cfg.mode,

@@ -9,6 +9,9 @@ No rank ever holds the whole model, on the GPU or in host memory: each parameter
     fill_from_safetensors(model, p)  every parameter's local shard from the checkpoint files
     load_sharded_target(cfg, ...)    the four in order, with parallel.parallelize_target between build and fill:
                                      load_target for a target sharded over ranks
+    open_target(cfg, device, dims)   what every job calls: sharded under torchrun (parallel.target=fsdp), else
+                                     load_target
+    target_lock_step(model, spec)    the ranks' collective forwards kept in step while each decodes its own work
 
 Experts may be stored fused (`<experts>.gate_up_proj` [E, 2I, H], `<experts>.down_proj` [E, H, I]) or per expert
 (`<experts>.<e>.{gate,up,down}_proj.weight`); both fill the fused parameters. A parameter the files do not hold,
@@ -21,7 +24,9 @@ import contextlib
 import re
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,8 +36,9 @@ from tqdm.auto import tqdm
 from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.parallel import ParallelDims, check_experts, parallelize_target
-from eagle_trainer.targets.loading import (checkpoint_files, load_tokenizer, open_safetensors, read_config,
-                                          resolve_dtype)
+from eagle_trainer.parallel.lockstep import lock_step
+from eagle_trainer.targets.loading import (checkpoint_files, load_target, load_tokenizer, open_safetensors,
+                                          read_config, resolve_dtype)
 
 
 @contextlib.contextmanager
@@ -214,3 +220,53 @@ def load_sharded_target(cfg: TargetConfig, device: torch.device, dims: ParallelD
     print(f"target: rank {dims.rank} of {dims.world_size} holds {report['held_gib']:.2f} GiB of weights "
           f"(ep={dims.ep}); loaded in {report['load_s']:.1f} s, peak host RSS {report['peak_rss_gib']:.2f} GiB")
     return model, tokenizer, spec, info, report
+
+
+def sharding_group(model: nn.Module):
+    """The process group a target's forwards are collective over (its FSDP mesh), or None for a whole target."""
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            return param.device_mesh.get_group()
+    return None
+
+
+def idle_forward(model: nn.Module, spec) -> Callable[[], None]:
+    """One forward of the backbone on a single token and no cache: what a rank with no work left runs so that the
+    ranks still decoding find it in their collectives (parallel.lock_step)."""
+    backbone = model.get_submodule(spec.backbone)
+    device = next(model.parameters()).device
+
+    def run() -> None:
+        backbone(input_ids=torch.zeros((1, 1), dtype=torch.int64, device=device), use_cache=False)
+    return run
+
+
+def target_lock_step(model: nn.Module, spec):
+    """parallel.lock_step over the target's backbone: a rank may run any number of target forwards in the body
+    (its own prompts), the others idle in step; nothing to do for a target that is not sharded."""
+    return lock_step(model.get_submodule(spec.backbone), idle_forward(model, spec), sharding_group(model))
+
+
+@dataclass
+class OpenTarget:
+    """A loaded target and how it is spread: `dims` the ranks, `sharded` whether each holds only its shard."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: object
+    info: object
+    dims: ParallelDims
+    sharded: bool
+
+    def how_it_ran(self) -> dict:
+        return {"world_size": self.dims.world_size, "ep": self.dims.ep, "sharded": self.sharded}
+
+
+def open_target(cfg: TargetConfig, device: torch.device, dims: ParallelDims, progress: bool = False) -> OpenTarget:
+    """The one way every job gets its target: sharded over the ranks (FSDP2 + EP, load_sharded_target) when
+    launched on several with parallel.target=fsdp; else whole on this rank (load_target)."""
+    if dims.distributed and dims.target == "fsdp":
+        model, tokenizer, spec, info, _ = load_sharded_target(cfg, device, dims, progress)
+        return OpenTarget(model, tokenizer, spec, info, dims, True)
+    model, tokenizer, spec, info = load_target(cfg, device)
+    return OpenTarget(model, tokenizer, spec, info, dims, False)

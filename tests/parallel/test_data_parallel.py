@@ -18,12 +18,15 @@ from ranks import run_ranks
 STEPS = 4
 
 
-def compose_cfg(demo_dir, run_dir, batch_size: int, parallel: list[str]):
+def compose_cfg(demo_dir, run_dir, batch_size: int, parallel: list[str], accept: bool = False):
     overrides = {
         "demo.enabled": "false", "target.path": demo_dir / "target", "data.path": demo_dir / "data/train.jsonl",
         "data.eval_path": demo_dir / "data/eval.jsonl", "data.cache_dir": demo_dir / "cache",
         "train.run_dir": run_dir, "train.max_steps": STEPS, "train.save_every": 0, "train.log_every": 1,
-        "train.eval_batches": 1, "train.progress": "false", "accept.enabled": "false", "train.export_formats": "[]",
+        "train.eval_batches": 1, "train.progress": "false", "train.export_formats": "[]",
+        "accept.enabled": str(accept).lower(), "accept.num_prompts": 5, "accept.max_new_tokens": 12,
+        # measured on the demo's trained draft (warm start), whose drafts the target accepts
+        **({"draft.init_from": demo_dir} if accept else {}),
         "optim.batch_size": batch_size, "optim.warmup_steps": 1,
     }
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
@@ -39,6 +42,11 @@ def curves(run_dir) -> tuple[list, list]:
     train = [(r["step"], r["loss"], *r["step_loss"], *r["acc"]) for r in records if r["split"] == "train"]
     evals = [(r["step"], r["loss"], *r["acc"]) for r in records if r["split"] == "eval"]
     return train, evals
+
+
+def acceptance(run_dir) -> list:
+    return [(r["step"], r["accept_len"], r["histogram"]) for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["split"] == "accept"]
 
 
 @pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])
@@ -58,3 +66,16 @@ def test_data_parallel_training_matches_one_process(demo_moe_run, tmp_path, worl
     logs = sorted(p.name for p in (tmp_path / "ranks" / "logs").iterdir())
     assert logs == [f"rank_{r}.log" for r in range(world)]
     assert "holds" in (tmp_path / "ranks" / "logs" / f"rank_{world - 1}.log").read_text()
+
+
+def test_in_loop_acceptance_of_a_sharded_run_equals_one_process(demo_moe_run, tmp_path):
+    """Two ranks (target sharded, ep 2) share the 5 held-out prompts (3 and 2: the rank done first idles in the
+    target's collectives) and log the acceptance one process measures on the same prompts, at the start (the same
+    draft) and at the end (drafts equal to fp32 rounding), chain and tree."""
+    demo_dir, _ = demo_moe_run
+    run_ranks(2, train_on_rank, compose_cfg(demo_dir, tmp_path / "ranks", 2, ["parallel=fsdp_ep"], accept=True))
+    run(compose_cfg(demo_dir, tmp_path / "one", 4, [], accept=True))
+    got, want = acceptance(tmp_path / "ranks"), acceptance(tmp_path / "one")
+    assert [r[0] for r in want] == [0, STEPS] and set(want[0][1]) == {"chain", "tree"}
+    assert want[0][1]["tree"] > 1.2, want  # drafts are accepted: the histograms have more than one bar
+    assert got == want
