@@ -54,7 +54,7 @@ def test_offline_training_equals_online_without_loading_the_target(dumped, tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("offline training loaded the target model")
 
-    monkeypatch.setattr(train_module, "load_target", no_model)
+    monkeypatch.setattr(train_module, "open_target", no_model)
     summary = run(compose_cfg(demo_dir, tmp_path, **{"data.offline_path": dump}))
     assert summary.steps == 6
     expect, got = train_losses(online), train_losses(tmp_path)

@@ -4,18 +4,21 @@
                      [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
                       --target-vocab-size V]
     eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
-                          --top-p --seed --trust-remote-code --device --no-progress]
+                          --top-p --seed --thinking --on-error --chat-template-kwargs JSON --resume | --overwrite
+                          --dtype --moe-impl --decode eager|static|graph --trust-remote-code --device
+                          --no-progress]
+    torchrun --nproc-per-node N -m eagle_trainer.app.data regenerate ... parallel=fsdp_ep   # the target sharded
     eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
                     --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8
-                    --dtype --device --trust-remote-code --no-progress --shard-size-mb N]
-    torchrun --nproc-per-node N -m eagle_trainer.app.data dump ...    # each rank dumps 1/N of the examples
+                    --dtype --moe-impl --device --trust-remote-code --no-progress --shard-size-mb N]
+    torchrun --nproc-per-node N -m eagle_trainer.app.data dump ... parallel=fsdp_ep   # the target sharded; the
+                                                                      # files are those one process writes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from eagle_trainer.app import runtime
@@ -50,9 +53,22 @@ def _add_regenerate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thinking", choices=["keep", "strip"], default="keep", help="applied when reading the input")
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\' for Qwen3')
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run after the last complete conversation of --out (same target, "
+                        "data and settings, checked against <out>.regen.json)")
+    p.add_argument("--overwrite", action="store_true", help="start an existing --out over")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--moe-impl", choices=["auto", "triton", "hf", "grouped_mm"], default="auto",
+                   help="MoE targets: auto (triton on GPU, hf on CPU) | triton | hf | grouped_mm")
+    p.add_argument("--decode", choices=["eager", "static", "graph"], default="eager",
+                   help="eager: HF DynamicCache (any target, sharded too); static: a static KV cache (full-attention "
+                        "targets); graph: static, the decode step replayed as a CUDA graph (a whole target on a GPU)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
+    runtime.add_parallel_argument(p)
 
 
 def _add_dump_parser(sub) -> None:
@@ -72,10 +88,13 @@ def _add_dump_parser(sub) -> None:
     p.add_argument("--compress", choices=["none", "fp8"], default="none",
                    help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--moe-impl", choices=["auto", "triton", "hf", "grouped_mm"], default="auto",
+                   help="MoE targets: auto (triton on GPU, hf on CPU) | triton | hf | grouped_mm")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--shard-size-mb", type=float, default=1024, help="shard files roll over at about this size")
+    runtime.add_parallel_argument(p)
 
 
 def _target_vocab_size(tokenizer_path: str, tokenizer) -> int:
@@ -123,25 +142,40 @@ def run_vocab(args: argparse.Namespace) -> dict:
     return summary
 
 
-def run_regenerate(args: argparse.Namespace) -> int:
+def run_regenerate(args: argparse.Namespace) -> dict:
+    """The regeneration job of app/regenerate.py: sharded over the ranks under torchrun with parallel=fsdp or
+    fsdp_ep, else the whole target on each rank; resumable (--resume)."""
+    from eagle_trainer.app.regenerate import RegenerateJob, regenerate_file
     from eagle_trainer.config import TargetConfig
-    from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
-    from eagle_trainer.data.regenerate import regenerate
-    from eagle_trainer.targets.loading import load_target
+    from eagle_trainer.data.sampling import Sampling
 
+    pcfg = runtime.parallel_options(args.parallel)
     device = runtime.pick_device(args.device, "--device")
-    conversations, skipped = read_chat_jsonl(
-        args.data, thinking=args.thinking, on_error=args.on_error, require_assistant=False
+    job = RegenerateJob(
+        # the same loader as training: safetensors only, trust_remote_code off unless asked for
+        target=TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            moe_impl=args.moe_impl),
+        data=args.data, out=args.out, batch_size=args.batch_size,
+        sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed),
+        thinking=args.thinking, on_error=args.on_error,
+        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), resume=args.resume,
+        overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
     )
-    # The same loader as training: safetensors only, trust_remote_code off unless asked for.
-    model, tokenizer, _, _ = load_target(TargetConfig(path=args.target, trust_remote_code=args.trust_remote_code), device)
-    out = regenerate(
-        model, tokenizer, conversations, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.no_progress,
-    )
-    write_chat_jsonl(args.out, out)
-    print(f"regenerated {len(out)} conversations (skipped {skipped or 'none'}) on {device}; wrote {args.out}")
-    return len(out)
+    return regenerate_file(job, pcfg, device)
+
+
+def _chat_template_kwargs(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--chat-template-kwargs={text!r} is not a JSON object; pass e.g. "
+                         '\'{"enable_thinking": false}\'')
+    return kwargs
 
 
 def _parse_aux_layers(text: str) -> tuple[int, ...]:
@@ -155,46 +189,58 @@ DATA_STAT_KEYS = ("data_path", "num_conversations", "num_loss_tokens", "skipped"
 
 
 def run_dump(args: argparse.Namespace) -> dict:
-    """Load the target as training does, tokenise the data, and dump this rank's share of the examples."""
+    """Tokenise the data, open the target as training does (sharded over the ranks under torchrun with
+    parallel=fsdp or fsdp_ep, else whole) and dump every example; rank 0 alone writes, the files one process would
+    (data/offline.py)."""
     from eagle_trainer.config import TargetConfig
     from eagle_trainer.data.dataset import build_dataset
-    from eagle_trainer.data.offline import VOCAB_FILE, dump_hidden_states, dump_manifest
+    from eagle_trainer.data.offline import dump_hidden_states, dump_manifest
     from eagle_trainer.data.vocab import draft_ids_from_d2t, load_vocab_map
+    from eagle_trainer.parallel import check_experts, init_parallel
     from eagle_trainer.targets.frozen import FrozenTarget
-    from eagle_trainer.targets.loading import load_target, target_fingerprint
+    from eagle_trainer.targets.loading import load_tokenizer, target_fingerprint, target_info
+    from eagle_trainer.targets.sharded import open_target, target_lock_step
 
+    pcfg = runtime.parallel_options(args.parallel)
     device = runtime.pick_device(args.device, "--device")
-    with runtime.process_group(device) as (rank, world_size):
-        d2t, t2d = load_vocab_map(args.vocab)
-        target_cfg = TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        model, tokenizer, spec, info = load_target(target_cfg, device)
-        if t2d.numel() != info.vocab_size:
-            raise ValueError(f"vocab map {args.vocab} is for a target vocab of {t2d.numel()} ids but {args.target} has "
-                             f"vocab_size {info.vocab_size}; build the map for this target with `eagle-data vocab "
-                             f"--tokenizer {args.target} ...`")
-        aux_ids = _parse_aux_layers(args.aux_layers) if args.aux_layers else spec.aux_layers(info.num_layers)
+    d2t, t2d = load_vocab_map(args.vocab)
+    target_cfg = TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                              moe_impl=args.moe_impl)
+    spec, info = target_info(target_cfg)  # config.json only: what is checked here is checked before any weight
+    if t2d.numel() != info.vocab_size:
+        raise ValueError(f"vocab map {args.vocab} is for a target vocab of {t2d.numel()} ids but {args.target} has "
+                         f"vocab_size {info.vocab_size}; build the map for this target with `eagle-data vocab "
+                         f"--tokenizer {args.target} ...`")
+    aux_ids = _parse_aux_layers(args.aux_layers) if args.aux_layers else spec.aux_layers(info.num_layers)
+    with runtime.process_group(device, pcfg.backend):
+        dims = init_parallel(pcfg, device)  # parallel.ep against the world size
+        check_experts(dims.ep, info.num_experts)
         data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
                               on_error=args.on_error, shuffle=False)
         cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
+        tokenizer = load_tokenizer(target_cfg, info)
         # one process tokenises into the cache; the others read it back
-        dataset, stats = runtime.rank_zero_first(lambda: build_dataset(data_cfg, tokenizer, cache_dir), rank,
-                                                 world_size)
-        target = FrozenTarget(model, spec, aux_ids, draft_ids_from_d2t(d2t), t2d)
+        dataset, stats = runtime.rank_zero_first(lambda: build_dataset(data_cfg, tokenizer, cache_dir), dims.rank,
+                                                 dims.world_size)
+        opened = open_target(target_cfg, device, dims, progress=not args.no_progress and dims.rank == 0)
+        target = FrozenTarget(opened.model, opened.spec, aux_ids, draft_ids_from_d2t(d2t), t2d)
         manifest = dump_manifest(args.target, target_fingerprint(args.target), info.architecture, d2t, t2d,
                                  stats["fingerprint"])
         result = dump_hidden_states(
             target, dataset, args.out, manifest={**manifest, "data_stats": {k: stats[k] for k in DATA_STAT_KEYS}},
-            batch_size=args.batch_size, compression=args.compress, rank=rank, world_size=world_size,
-            progress=not args.no_progress, shard_bytes=int(args.shard_size_mb * (1 << 20)),
-            pad_id=runtime.pad_id(tokenizer),
+            batch_size=args.batch_size, compression=args.compress, rank=dims.rank, world_size=dims.world_size,
+            lock_step=lambda: target_lock_step(opened.model, opened.spec),
+            vocab_file=args.vocab,  # offline training reads the map from the dump unless data.vocab_path names one
+            how_it_ran=opened.how_it_ran(), progress=not args.no_progress,
+            shard_bytes=int(args.shard_size_mb * (1 << 20)), pad_id=runtime.pad_id(tokenizer),
         )
         target.close()
-        if rank == 0:  # offline training reads the map from here unless data.vocab_path names one
-            shutil.copyfile(args.vocab, Path(args.out) / VOCAB_FILE)
-    if rank == 0:
+    if dims.rank == 0:
         error = ", ".join(f"{k} {v:.4f}" for k, v in result["compression_error"].items()) or "none (lossless)"
         print(f"dumped {result['num_examples']} examples, {result['num_tokens']} tokens, "
-              f"{result['bytes_per_token']:.0f} bytes/token, compression error {error}; wrote {args.out}")
+              f"{result['bytes_per_token']:.0f} bytes/token, compression error {error}; "
+              f"{result['tokens_per_s']:.0f} tokens/s on {dims.world_size} rank(s), ep {dims.ep}, target "
+              f"{'sharded' if opened.sharded else 'whole'}; wrote {args.out}")
     return result
 
 

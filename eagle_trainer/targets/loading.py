@@ -108,9 +108,24 @@ def load_target(cfg: TargetConfig, device: torch.device):
     )
     check_loading_info(path, loading)
     model.to(device).eval().requires_grad_(False)
+    if device.type == "cpu":
+        _own_storage(model)
     if spec.bind_kernels is not None:
         spec.bind_kernels(model, cfg)
     return model, tokenizer, spec, info
+
+
+@torch.no_grad()
+def _own_storage(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer of a CPU model a fresh allocation of its own.
+
+    from_pretrained leaves CPU weights pointing into the memory-mapped safetensors file, at the file's offsets;
+    the sharded loader (targets/sharded.py) fills fresh, aligned allocations. On some CPUs (an AMD EPYC with
+    torch's MKL) matmuls round differently for operands of another alignment, so equal weights placed apart
+    give other bits: with its own copies a whole target computes what the same target sharded over ranks does,
+    and a dump is the same for any world size (data/offline.py). Tied weights stay tied (one Parameter)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 def check_loading_info(path: Path, loading: dict) -> None:

@@ -23,7 +23,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the target's weights were read before the recipe was checked")
 
-    for name in ("load_target", "load_sharded_target", "load_tokenizer"):
+    for name in ("open_target", "load_tokenizer"):
         monkeypatch.setattr(train_module, name, refuse)
 
 

@@ -49,7 +49,7 @@ def test_warm_start_evaluates_as_the_draft_it_came_from(trained, tiny_qwen3_path
 def test_a_draft_of_another_kind_or_shape_is_refused(trained, tiny_qwen3_path, tmp_path, monkeypatch):
     work, data, _, _ = trained
     _, info = target_info(TargetConfig(path=str(tiny_qwen3_path)))
-    monkeypatch.setattr("eagle_trainer.app.train.load_target", lambda *a, **k: pytest.fail("the target was loaded"))
+    monkeypatch.setattr("eagle_trainer.app.train.open_target", lambda *a, **k: pytest.fail("the target was loaded"))
     eagle1 = registry.algorithm_spec("eagle1").build_draft(info, DraftConfig(algorithm="eagle1", draft_vocab_size=128), ())
     save_draft(tmp_path / "eagle1", eagle1)
     with pytest.raises(ValueError, match=r"is an EAGLE-1/2 draft, but this run trains an EAGLE-3 draft"):

@@ -65,7 +65,7 @@ def test_batch_larger_than_the_data_is_refused_before_the_target_loads(tiny_qwen
     def no_load(*args, **kwargs):
         raise AssertionError("the target's weights were read")
 
-    monkeypatch.setattr(train, "load_target", no_load)
+    monkeypatch.setattr(train, "open_target", no_load)
     with pytest.raises(ValueError, match=r"optim.batch_size=8 x 1 ranks x optim.grad_accum=1 needs 8 training "
                                          r"examples per step, but the data has 5; set optim.batch_size to at most 5"):
         train.run(cfg)

@@ -18,6 +18,7 @@ from eagle_trainer.app.data import main
 from eagle_trainer.config import DataConfig, TargetConfig
 from eagle_trainer.data.dataset import batches, build_dataset, collate
 from eagle_trainer.data.offline import (
+    RUN_FILE,
     OfflineStore,
     collate_offline,
     dequantize_fp8,
@@ -74,7 +75,7 @@ def test_dump_round_trip_is_bit_exact(env):
     lengths = [len(r) for r in env["dataset"]["input_ids"]]
     assert len(store) == NUM_EXAMPLES and store.lengths == lengths and len(set(lengths)) > 3
     assert any(n % 2 for n in lengths)
-    assert len(list((env["root"] / "exact").glob("shard-r000-*.safetensors"))) > 1  # rolled over at 64 KiB
+    assert len(list((env["root"] / "exact").glob("shard-*.safetensors"))) > 1  # rolled over at 64 KiB
     for i in range(NUM_EXAMPLES):
         ex, ref = store.example(i), captured_alone(env, i)
         row = env["dataset"][i]
@@ -328,30 +329,68 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_cli_dump_one_and_two_processes_agree(env, tmp_path, capsys):
+def test_cli_dump_one_and_two_processes_write_the_same_bytes(env, tmp_path, capsys):
+    """Two ranks (each with the whole target; batches of 4, the third on rank 0 alone) write what one process
+    writes, byte for byte, fp8 error sums included; only run.json says how it ran."""
     def argv(out):
         return ["dump", "--target", str(env["path"]), "--data", str(env["data"]), "--vocab",
-                str(env["root"] / "vocab.safetensors"), "--out", str(out), "--max-length", "48", "--batch-size", "1",
-                "--aux-layers", "1,3,4", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                str(env["root"] / "vocab.safetensors"), "--out", str(out), "--max-length", "48", "--batch-size", "4",
+                "--aux-layers", "1,3,4", "--no-progress", "--cache-dir", str(tmp_path / "cache"), "--compress", "fp8",
                 "--device", "cpu"]
 
     main(argv(tmp_path / "one"))
     printed = capsys.readouterr().out
-    assert f"dumped {NUM_EXAMPLES} examples" in printed and "compression error none" in printed
-    assert str(tmp_path / "one") in printed
+    assert f"dumped {NUM_EXAMPLES} examples" in printed and "compression error aux_hidden 0.0" in printed
+    assert "on 1 rank(s), ep 1, target whole" in printed and str(tmp_path / "one") in printed
     mp.spawn(_cli_rank, args=(argv(tmp_path / "two"), _free_port()), nprocs=2)
-    one, two = OfflineStore(tmp_path / "one"), OfflineStore(tmp_path / "two")
-    assert one.manifest["world_size"] == 1 and two.manifest["world_size"] == 2
-    assert two.manifest["vocab_map_sha256"] == one.manifest["vocab_map_sha256"] == env["manifest"]["vocab_map_sha256"]
-    assert two.manifest["target"] == one.manifest["target"] == env["manifest"]["target"]
-    assert {f.name for f in (tmp_path / "two").glob("shard-*")} == {"shard-r000-00000.safetensors",
-                                                                   "shard-r001-00000.safetensors"}
+    files = {d: sorted(f.name for f in (tmp_path / d).iterdir()) for d in ("one", "two")}
+    assert files["one"] == files["two"] == ["index.json", "manifest.json", "run.json", "shard-00000.safetensors",
+                                            "vocab.safetensors"]
+    for name in files["one"]:
+        if name != RUN_FILE:
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    runs = [json.loads((tmp_path / d / RUN_FILE).read_text()) for d in ("one", "two")]
+    assert [(r["world_size"], r["ep"], r["sharded"]) for r in runs] == [(1, 1, False), (2, 1, False)]
+    one = OfflineStore(tmp_path / "one")
+    assert "world_size" not in one.manifest and "created" not in one.manifest and one.manifest["batch_size"] == 4
+    assert one.manifest["vocab_map_sha256"] == env["manifest"]["vocab_map_sha256"]
+    assert one.manifest["target"] == env["manifest"]["target"] and one.manifest["compressed"] == ["aux_hidden"]
     exact = OfflineStore(env["root"] / "exact")
     for i in range(NUM_EXAMPLES):
-        a, b, c = one.example(i), two.example(i), exact.example(i)
-        assert a.keys() == b.keys() == c.keys()
-        for name in a:
-            assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), (i, name)
+        a, c = one.example(i), exact.example(i)
+        assert a.keys() == c.keys() and torch.equal(a["input_ids"], c["input_ids"])
+        torch.testing.assert_close(a["final_hidden"], c["final_hidden"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_per_rank_dump_still_reads_and_a_new_dump_replaces_it(env, tmp_path):
+    """Dumps of the older layout (each rank its shards and index, merged into index.json) read as before; a dump
+    into their directory removes all of their files."""
+    old = tmp_path / "old"
+    shutil.copytree(env["root"] / "exact", old)
+    index = json.loads((old / "index.json").read_text())
+    renamed = {}
+    for i, entry in index.items():
+        rank = int(i) % 2
+        name = renamed.setdefault((entry["file"], rank), f"shard-r{rank:03d}-{len(renamed):05d}.safetensors")
+        entry["file"] = name
+    for shard in sorted(old.glob("shard-*.safetensors")):
+        tensors = load_file(str(shard))
+        for (file, rank), name in renamed.items():
+            if file == shard.name:
+                part = {k: v for k, v in tensors.items() if int(k.split(".")[0]) % 2 == rank}
+                save_file(part, str(old / name), metadata={"format": "pt"})
+        shard.unlink()
+    (old / "index.json").write_text(json.dumps(index))
+    (old / "index.r001.json").write_text("{}")
+    store, exact = OfflineStore(old), OfflineStore(env["root"] / "exact")
+    assert {f.name for f in old.glob("shard-*")} == set(renamed.values()) and len({r for _, r in renamed}) == 2
+    for i in range(NUM_EXAMPLES):
+        assert all(torch.equal(v, exact.example(i)[k]) for k, v in store.example(i).items()), i
+    dump_hidden_states(env["target"], env["dataset"].select(range(3)), old, manifest=env["manifest"], batch_size=1,
+                       progress=False)
+    assert sorted(f.name for f in old.iterdir()) == ["index.json", "manifest.json", "run.json",
+                                                     "shard-00000.safetensors"]
+    assert len(OfflineStore(old)) == 3
 
 
 def test_cli_refuses_a_vocab_map_of_another_target(env, tmp_path):

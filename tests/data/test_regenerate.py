@@ -1,4 +1,6 @@
-"""Regeneration by the target: greedy equals model.generate, batching is exact, output round-trips, CLI."""
+"""Regeneration by the target: greedy equals model.generate, batching is exact, output round-trips, CLI; sampling
+is Gumbel-max over the top-p nucleus with counter-based randomness, the same in any batch; replies stop at the
+context; a static KV cache (and its CUDA graph replay) decodes as HF's dynamic one."""
 
 import json
 
@@ -8,8 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eagle_trainer.data.chat import read_chat_jsonl, write_chat_jsonl
 from eagle_trainer.app.data import main
-from eagle_trainer.data.regenerate import regenerate
-from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_config
+from eagle_trainer.config import TargetConfig
+from eagle_trainer.data.regenerate import check_prompt_lengths, check_static_target, regenerate, render_prompt
+from eagle_trainer.data.sampling import Sampling, row_keys, sample_next, splitmix64
+from eagle_trainer.targets.loading import load_target
+from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_config, tiny_qwen3_next_config
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -90,3 +95,95 @@ def test_cli_refuses_a_path_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no config.json"):
         main(["regenerate", "--target", str(tmp_path / "empty"), "--data", str(src), "--out", str(tmp_path / "o")])
+
+
+def splitmix64_reference(z: int) -> int:
+    """splitmix64's finaliser on Python ints (uint64)."""
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_counter_hash_is_splitmix64_in_int64():
+    values = [0, 1, 2, 12345, (1 << 63) - 1, 1 << 63, (1 << 64) - 1, 0x9E3779B97F4A7C15]
+    signed = torch.tensor([v - (1 << 64) if v >= 1 << 63 else v for v in values], dtype=torch.int64)
+    got = [v % (1 << 64) for v in splitmix64(signed).tolist()]
+    assert got == [splitmix64_reference(v) for v in values]
+
+
+def test_sampling_draws_from_the_top_p_nucleus_of_the_softmax():
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = torch.softmax(logits / 0.8, -1)
+    keys = row_keys(7, torch.arange(40000), turn=0)
+    for top_p, nucleus in ((1.0, 6), (0.85, 3), (0.8, 2)):  # masses 0.646, 0.185, 0.099, 0.053, ...
+        sampling = Sampling(temperature=0.8, top_p=top_p, seed=7)
+        draws = sample_next(logits.expand(len(keys), -1), keys, step=3, sampling=sampling)
+        freq = torch.bincount(draws, minlength=6).double() / len(keys)
+        want = torch.zeros(6, dtype=torch.float64)
+        want[:nucleus] = probs[:nucleus] / probs[:nucleus].sum()
+        torch.testing.assert_close(freq, want, atol=0.01, rtol=0)
+    # each row's draw depends on its own key and the step only
+    sampling = Sampling(temperature=0.8, seed=7)
+    rows = sample_next(logits.expand(8, -1), keys[:8], step=3, sampling=sampling)
+    assert rows.tolist() == [sample_next(logits[None], keys[i : i + 1], 3, sampling).item() for i in range(8)]
+    assert not torch.equal(rows, sample_next(logits.expand(8, -1), keys[:8], step=4, sampling=sampling))
+
+
+def test_sampled_replies_do_not_depend_on_the_batch(target):
+    _, model, tokenizer = target
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=11, progress=False)
+    inputs = [MULTI_TURN, PROMPT_ONLY, MULTI_TURN[:2], PROMPT_ONLY]
+    batched = regenerate(model, tokenizer, inputs, batch_size=4, **kw)
+    alone = [regenerate(model, tokenizer, [c], ids=[i], **kw)[0] for i, c in enumerate(inputs)]
+    assert alone == batched
+    assert batched[1] != batched[3]  # the same prompt at another index of the input draws another reply
+    assert regenerate(model, tokenizer, inputs[1:2], ids=[3], **kw)[0] == batched[3]
+
+
+def test_replies_stop_at_the_context(target, monkeypatch):
+    _, model, tokenizer = target
+    length = len(render_prompt(tokenizer, PROMPT_ONLY))
+    monkeypatch.setattr(model.config, "max_position_embeddings", length + 3)
+    out = regenerate(model, tokenizer, [PROMPT_ONLY, [{"role": "user", "content": "Ve?"}]], max_new_tokens=20,
+                     progress=False)  # the short prompt's row decodes on while the long one's has stopped
+    assert len(tokenizer(out[0][-1]["content"], add_special_tokens=False)["input_ids"]) <= 3
+    monkeypatch.setattr(model.config, "max_position_embeddings", length)
+    with pytest.raises(ValueError, match=rf"conversation 1 of the input has a prompt of {length} tokens, which "
+                                         rf"reaches the target's context of {length} tokens"):
+        regenerate(model, tokenizer, [[{"role": "user", "content": "Ve?"}], PROMPT_ONLY], progress=False)
+    with pytest.raises(ValueError, match=r"conversation 0 of the input has a prompt"):
+        check_prompt_lengths(tokenizer, [PROMPT_ONLY], [0], length)
+    check_prompt_lengths(tokenizer, [PROMPT_ONLY], [0], length + 1)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("arch", ["dense", "moe"])
+def test_static_cache_decodes_as_the_dynamic_one(target, tiny_qwen3_moe_path, arch, temperature):
+    model, tokenizer = target[1:]
+    if arch == "moe":
+        model, tokenizer, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_moe_path)), torch.device("cpu"))
+    inputs = [MULTI_TURN, PROMPT_ONLY, MULTI_TURN[:2]]  # left-padded rows of three lengths, two rounds
+    kw = dict(batch_size=3, max_new_tokens=12, temperature=temperature, top_p=0.9, seed=1, progress=False)
+    static = regenerate(model, tokenizer, inputs, decode_mode="static", **kw)
+    assert static == regenerate(model, tokenizer, inputs, **kw)
+
+
+def test_static_cache_needs_full_attention_and_graphs_a_gpu(target):
+    with pytest.raises(ValueError, match=r"needs a target whose layers are all full attention, but this one has "
+                                         r"\['full_attention', 'linear_attention'\]; use decode=eager"):
+        check_static_target(tiny_qwen3_next_config(vocab_size=64))
+    model, tokenizer = target[1:]
+    with pytest.raises(ValueError, match=r"decode=graph captures CUDA graphs, but the target is on cpu"):
+        regenerate(model, tokenizer, [PROMPT_ONLY], decode_mode="graph", progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_graph_replay_decodes_as_the_eager_loop(tiny_qwen3_moe_path, temperature):
+    model, tokenizer, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_moe_path), dtype="float32"),
+                                         torch.device("cuda"))
+    inputs = [MULTI_TURN, PROMPT_ONLY, MULTI_TURN[:2], MULTI_TURN[:4]]
+    kw = dict(batch_size=4, max_new_tokens=24, temperature=temperature, top_p=0.9, seed=1, progress=False)
+    graphed = regenerate(model, tokenizer, inputs, decode_mode="graph", **kw)
+    assert graphed == regenerate(model, tokenizer, inputs, **kw)
