@@ -148,7 +148,15 @@ def main(argv=None) -> None:
     model, config = build_model(args, device, dtype)
     shape = "tiny Qwen3-MoE" if args.tiny else "Qwen3-30B-A3B shape"
     warm = [make_prompts(min(args.batch), config.vocab_size, seed=1), min(8, args.new_tokens)]
-    rows, table = [], []
+    table = []
+    results_path = args.results if args.tiny else (args.results or RESULTS)
+
+    def record(line: str) -> None:  # each row as soon as it is measured: a run cut short keeps what it measured
+        if results_path is not None:
+            append_rows("regenerate", [line], "Regeneration decode, `benchmarks/regenerate.py`: our loop "
+                        "(data/regenerate.py `decode`) vs HF `model.generate`, one model object, greedy, every row "
+                        "decoding the same number of ids; tokens/s over the whole call (prefill included).",
+                        results_path)
     for batch in args.batch:
         prompts = make_prompts(batch, config.vocab_size)
         tokens = batch * args.new_tokens
@@ -171,21 +179,15 @@ def main(argv=None) -> None:
             case = (f"{shape}, {args.layers} layers, B={batch}, prompts 112..128 ids, {args.new_tokens} new ids "
                     f"(forced), greedy {str(dtype).removeprefix('torch.')}; ours decode={mode}, Triton MoE + fused "
                     f"RMSNorm; rows identical over the first {AGREE_TOKENS} ids: {agree:.2f}")
-            rows.append(row(case, f"{tokens / t_ours:,.0f} tok/s ({t_ours:.2f} s)",
-                            f"{tokens / t_peer:,.0f} tok/s ({t_peer:.2f} s)",
-                            f"HF transformers generate ({peer_moe} experts)", ratio))
+            record(row(case, f"{tokens / t_ours:,.0f} tok/s ({t_ours:.2f} s)",
+                       f"{tokens / t_peer:,.0f} tok/s ({t_peer:.2f} s)",
+                       f"HF transformers generate ({peer_moe} experts)", ratio))
     if args.profile and device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             ours(model, make_prompts(args.batch[0], config.vocab_size), 16, args.decode[0])
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
-    results_path = args.results if args.tiny else (args.results or RESULTS)
-    if results_path is not None:
-        append_rows("regenerate", rows, "Regeneration decode, `benchmarks/regenerate.py`: our loop "
-                    "(data/regenerate.py `decode`) vs HF `model.generate`, one model object, greedy, every row "
-                    "decoding the same number of ids; tokens/s over the whole call (prefill included).",
-                    results_path)
     print(f"\n{shape}, {args.layers} layers, {versions}")
     print("| B | decode | ours tok/s | HF tok/s | x HF | rows identical |\n|---|---|---|---|---|---|")
     for batch, mode, t_ours, t_peer, ratio, agree in table:

@@ -65,15 +65,19 @@ class RegenerateJob:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
-    decode: str = "eager"  # eager | static | graph (data/regenerate.py's decode modes)
+    decode: str = "auto"  # auto | eager | static | graph (data/regenerate.py's decode modes)
 
 
 def check_decode(mode: str, device: torch.device, sharded: bool, hf_config) -> str:
-    """--decode as data/regenerate.py's decode takes it: eager (HF DynamicCache: any target, sharded too), static (a
+    """--decode as data/regenerate.py's decode takes it: auto (graph where it runs, else eager), eager (HF DynamicCache: any target, sharded too), static (a
     static KV cache: full-attention targets) or graph (static, the decode step replayed as a CUDA graph: a whole
     full-attention target on a GPU)."""
+    if mode == "auto":  # the fastest mode this target runs
+        kinds = set(getattr(hf_config.get_text_config(), "layer_types", None) or ["full_attention"])
+        whole_on_gpu = not sharded and device.type == "cuda"
+        return "graph" if whole_on_gpu and kinds == {"full_attention"} else "eager"
     if mode not in DECODE_MODES:
-        raise ValueError(f"--decode={mode!r} is not one of {', '.join(DECODE_MODES)}")
+        raise ValueError(f"--decode={mode!r} is not one of auto, {', '.join(DECODE_MODES)}")
     if mode == "graph" and (sharded or device.type != "cuda"):
         raise ValueError(f"--decode graph replays CUDA graphs of a whole target; this one is "
                          f"{'sharded over the ranks' if sharded else f'on {device}'}: use --decode eager or static")
