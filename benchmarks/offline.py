@@ -33,7 +33,8 @@ from results import RESULTS, append_rows, row  # noqa: E402
 from eagle_trainer import registry  # noqa: E402
 from eagle_trainer.config import DraftConfig, OptimConfig, TargetConfig, TrainConfig  # noqa: E402
 from eagle_trainer.data.dataset import FEATURES, batches  # noqa: E402
-from eagle_trainer.data.offline import OfflineStore, dump_hidden_states, dump_manifest  # noqa: E402
+from eagle_trainer.data.dump import dump_hidden_states  # noqa: E402
+from eagle_trainer.data.offline import OfflineStore, dump_manifest  # noqa: E402
 from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
 from eagle_trainer.flops import TargetFlops, peak_tflops, step_flops  # noqa: E402

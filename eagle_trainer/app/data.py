@@ -192,10 +192,11 @@ DATA_STAT_KEYS = ("data_path", "num_conversations", "num_loss_tokens", "skipped"
 def run_dump(args: argparse.Namespace) -> dict:
     """Tokenise the data, open the target as training does (sharded over the ranks under torchrun with
     parallel=fsdp or fsdp_ep, else whole) and dump every example; rank 0 alone writes, the files one process would
-    (data/offline.py)."""
+    (data/dump.py)."""
     from eagle_trainer.config import TargetConfig
     from eagle_trainer.data.dataset import build_dataset
-    from eagle_trainer.data.offline import dump_hidden_states, dump_manifest
+    from eagle_trainer.data.dump import dump_hidden_states
+    from eagle_trainer.data.offline import dump_manifest
     from eagle_trainer.data.vocab import draft_ids_from_d2t, load_vocab_map
     from eagle_trainer.parallel import check_experts, init_parallel
     from eagle_trainer.targets.frozen import FrozenTarget

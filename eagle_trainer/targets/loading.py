@@ -123,7 +123,7 @@ def _own_storage(model: torch.nn.Module) -> None:
     the sharded loader (targets/sharded.py) fills fresh, aligned allocations. On some CPUs (an AMD EPYC with
     torch's MKL) matmuls round differently for operands of another alignment, so equal weights placed apart
     give other bits: with its own copies a whole target computes what the same target sharded over ranks does,
-    and a dump is the same for any world size (data/offline.py). Tied weights stay tied (one Parameter)."""
+    and a dump is the same for any world size (data/dump.py). Tied weights stay tied (one Parameter)."""
     for tensor in [*model.parameters(), *model.buffers()]:
         tensor.data = tensor.data.clone()
 

@@ -17,12 +17,12 @@ from batches import draft_vocab
 from eagle_trainer.app.data import main
 from eagle_trainer.config import DataConfig, TargetConfig
 from eagle_trainer.data.dataset import batches, build_dataset, collate
+from eagle_trainer.data.dump import dump_hidden_states
 from eagle_trainer.data.offline import (
     RUN_FILE,
     OfflineStore,
     collate_offline,
     dequantize_fp8,
-    dump_hidden_states,
     dump_manifest,
     expected_manifest,
     quantize_fp8,
