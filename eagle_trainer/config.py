@@ -186,3 +186,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    # modules that register targets, draft algorithms or export formats, loaded before the registry is used (with
+    # the eagle_trainer.plugins entry points; app/plugins.py): dotted module names or paths of .py files
+    plugins: list[str] = field(default_factory=list)

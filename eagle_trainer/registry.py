@@ -9,7 +9,8 @@ builder, unroll, loss, serving cache and export formats). `resolve(architecture,
     registry.register_target(registry.TargetSpec(architectures=("MyForCausalLM",)))
     spec = registry.resolve("MyForCausalLM", algorithm=recipe.draft.algorithm)
 
-Unknown names raise KeyError listing the known ones; registering a name twice raises ValueError.
+Unknown names raise UnknownName (a KeyError) listing the known ones and how to load a plugin that registers more;
+registering a name twice raises ValueError.
 Built-in entries are registered when `eagle_trainer.targets`, `eagle_trainer.drafts` and `eagle_trainer.export`
 are imported, which the lookups do on first use (the registry itself imports none of them at import time).
 """
@@ -138,10 +139,21 @@ class DraftSpec:
     algorithm: AlgorithmSpec
 
 
+class UnknownName(KeyError):
+    """A lookup of a name nothing registered; a KeyError whose str() is its message (a command reports it as a user
+    error, not a bug)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 _TARGETS: dict[str, TargetSpec] = {}
 _ALGORITHMS: dict[str, AlgorithmSpec] = {}
 # imported on first lookup: they register the built-in targets, draft algorithms and export formats
 _BUILTINS = ("eagle_trainer.targets", "eagle_trainer.drafts", "eagle_trainer.export")
+# how the commands load the user code that registers more (app/plugins.py), for the messages of failed lookups
+HOW_TO_LOAD = ("--plugin MODULE_OR_FILE (eagle-data, eagle-eval, eagle-export), plugins=[...] (eagle-train), or "
+               "the eagle_trainer.plugins entry-point group of an installed package")
 
 
 def register_target(spec: TargetSpec) -> TargetSpec:
@@ -180,8 +192,9 @@ def _load_builtins() -> None:
 def target_spec(architecture: str) -> TargetSpec:
     _load_builtins()
     if architecture not in _TARGETS:
-        raise KeyError(f"unknown target architecture {architecture!r}; registered: {sorted(_TARGETS)}. "
-                       "Register it with eagle_trainer.registry.register_target(TargetSpec(...))")
+        raise UnknownName(f"unknown target architecture {architecture!r}; registered: {sorted(_TARGETS)}. "
+                          "Register it with eagle_trainer.registry.register_target(TargetSpec(...)) in a plugin, "
+                          f"and load that: {HOW_TO_LOAD}")
     return _TARGETS[architecture]
 
 
@@ -189,7 +202,8 @@ def algorithm_spec(algorithm: str) -> AlgorithmSpec:
     """The entry of a draft algorithm by name (eagle3, eagle1, eagle2 and whatever was registered)."""
     _load_builtins()
     if algorithm not in _ALGORITHMS:
-        raise KeyError(f"unknown draft algorithm {algorithm!r}; registered: {sorted(_ALGORITHMS)}")
+        raise UnknownName(f"unknown draft algorithm {algorithm!r}; registered: {sorted(_ALGORITHMS)}. A plugin "
+                          f"registers one (register_algorithm): {HOW_TO_LOAD}")
     return _ALGORITHMS[algorithm]
 
 

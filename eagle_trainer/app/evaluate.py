@@ -11,6 +11,8 @@ the target's embedding (and, for EAGLE-1/2, its lm_head). Prompts are the data's
 assistant turn, tokenised the way training tokenises them. eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
 histogram of tokens committed per target forward; beside it the simulated acceptance length from the
 draft's per-step TTT accuracy on the same conversations. A PNG histogram is written next to eval.json.
+A target or draft kind registered by user code needs that code loaded: --plugin MODULE_OR_FILE (repeatable;
+app/plugins.py), as for the run that trained the draft; a checkpoint or export never imports code itself.
 Under torchrun the ranks share the prompts (evaluate/acceptance.py); eval.json's `run` records the world size, ep and
 whether the target was sharded, and its numbers are those one process gives on the same prompts.
 """
@@ -23,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eagle_trainer.app import runtime
+from eagle_trainer.app import plugins, runtime
 from eagle_trainer.config import DataConfig, TargetConfig
 from eagle_trainer.data import build_dataset
 from eagle_trainer.data.regenerate import stop_token_ids
@@ -58,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU) | float32 | bfloat16")
     parser.add_argument("--moe-impl", default="auto", help="MoE targets: auto | triton | hf | grouped_mm")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    plugins.add_plugin_argument(parser)
     runtime.add_parallel_argument(parser)
     args = parser.parse_args(argv)
     check_options(args)
+    plugins.load_plugins(args.plugin)  # the target's and the draft's registry entries may come from one
 
     pcfg = runtime.parallel_options(args.parallel)
     device = runtime.pick_device(args.device, "--device")

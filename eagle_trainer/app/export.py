@@ -14,6 +14,8 @@ says what each holds. A checkpoint of the other draft kind is refused, naming it
   - a run directory: its checkpoints/ subdirectory holds step_<N> checkpoint directories, and the one with
     the highest N is exported (checkpoint.resolve_checkpoint).
 --out must not exist (unless --overwrite); it appears only once fully written.
+--plugin MODULE_OR_FILE (repeatable) loads user code that registers a draft algorithm or an export format
+(app/plugins.py); a checkpoint never imports code itself.
 --verifier (vllm only) is the target model's path or hub id, written as the verifier so that `vllm serve OUT`
 finds the target; the checkpoint holds the target's architecture but not its path.
 """
@@ -25,7 +27,7 @@ import argparse
 import torch
 
 from eagle_trainer import registry
-from eagle_trainer.app import runtime
+from eagle_trainer.app import plugins, runtime
 from eagle_trainer.checkpoint import resolve_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -33,6 +35,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 @runtime.command
 def main(argv: list[str] | None = None) -> int:
+    # the plugins first: one may register a draft algorithm or an export format, which --format's choices list
+    early = argparse.ArgumentParser(add_help=False)
+    plugins.add_plugin_argument(early)
+    plugins.load_plugins(early.parse_known_args(argv)[0].plugin)
     formats = registry.export_formats()
     parser = argparse.ArgumentParser(prog="eagle-export", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (newest step)")
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--verifier", help="vllm only: the target's path or hub id (default: null in the config)")
+    plugins.add_plugin_argument(parser)
     args = parser.parse_args(argv)
     fmt, options = formats[args.format], {}
     if args.verifier is not None:

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from eagle_trainer import registry
 from eagle_trainer.config import ParallelConfig
 from eagle_trainer.parallel.mesh import backend_for, launched_world
 
@@ -121,8 +122,9 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-# Bad input (a recipe value, a path, a file's contents): the message names the value and the fix.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# Bad input (a recipe value, a path, a file's contents, a name no plugin registered): the message names the value
+# and the fix.
+USER_ERRORS = (ValueError, FileNotFoundError, registry.UnknownName)
 
 
 @contextlib.contextmanager

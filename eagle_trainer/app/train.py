@@ -6,7 +6,9 @@
     torchrun --nproc-per-node 8 -m eagle_trainer.train +experiment=qwen3_30b_a3b_eagle3 parallel=fsdp_ep \
         target.path=/models/Qwen3-30B-A3B data.path=chat.jsonl
 
-The recipe is checked first (validation.py: registered draft algorithm and target architecture, export formats the
+The recipe's `plugins` (and the eagle_trainer.plugins entry points) are loaded first (plugins.py):
+    eagle-train 'plugins=[examples/llama_target.py]' demo.enabled=false target.path=/models/llama data.path=chat.jsonl
+Then the recipe is checked (validation.py: registered draft algorithm and target architecture, export formats the
 draft can be written as, aux layers within the target, numbers in range, the run dir), and the data is tokenised and
 counted against the batch size, before any target weights are read. A new run into a run dir that holds an earlier
 one is refused unless train.overwrite=true moves that aside (the demo does so for its own run dir).
@@ -34,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eagle_trainer import registry
-from eagle_trainer.app import runtime
+from eagle_trainer.app import plugins, runtime
 from eagle_trainer.app.summary import format_summary
 from eagle_trainer.app.train_data import offline_data, online_data
 from eagle_trainer.app.validation import (check_batches, check_demo_paths, check_recipe, check_run_dir, check_target,
@@ -90,6 +92,7 @@ def move_aside(run_dir: Path, earlier: list[Path]) -> Path:
 
 
 def run(cfg: Config) -> Summary:
+    plugins.load_plugins(cfg.plugins, source="recipe plugins")  # every rank: before anything looks up the registry
     algorithm = check_recipe(cfg)  # before anything is built, loaded or joined
     earlier = check_run_dir(cfg)  # every rank, before any of them moves anything (joining the group waits for all)
     device = runtime.pick_device(cfg.train.device)
