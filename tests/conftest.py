@@ -55,6 +55,30 @@ def tiny_qwen3_next_path(tmp_path_factory):
     return save_tiny_checkpoint(path, config, logit_std=6.0)
 
 
+@pytest.fixture(scope="session")
+def tiny_chat_target_path(tmp_path_factory):
+    """A tiny random Qwen3ForCausalLM (2 layers, hidden 64, vocab 1024, ChatML template) that ends its turns: residual
+    dimension 0 holds the constant 0.02 (embedding column 0; no attention or MLP output writes to it) and lm_head
+    reads the `<|im_end|>` logit from that dimension alone, so a sampled reply or user message stops after about 10
+    tokens (a random target's logits would almost never pick one id of 1024)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_chat")
+    save_tiny_checkpoint(path, tiny_qwen3_config(vocab_size=1024, num_layers=2), logit_std=6.0)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    end = AutoTokenizer.from_pretrained(str(path)).convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 0.02  # about the residual's RMS: after the norm, dim 0 is 0.4-0.9
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        model.lm_head.weight[:, 0] = 0
+        model.lm_head.weight[end] = 0
+        model.lm_head.weight[end, 0] = 24.0  # a logit of 10-22, where the top ids' are (logit_std 6, 1024 ids)
+    model.save_pretrained(str(path))
+    return path
+
+
 def compose_demo(config_name, run_dir, max_steps, save_every, extra=()):
     """A shortened demo recipe (`config`, `demo_moe`, `demo_eagle1`) writing into run_dir."""
     from eagle_trainer.app.train import RECIPES, to_config

@@ -1,4 +1,4 @@
-"""The `eagle-data` console script: build a draft vocab map, regenerate a data set, or dump target states.
+"""The `eagle-data` console script: build a vocab map, synthesize prompts, regenerate data, or dump target states.
 
     eagle-data vocab --tokenizer PATH --data FILE --draft-vocab-size N --out FILE
                      [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
@@ -8,11 +8,18 @@
                           --dtype --moe-impl --decode auto|eager|static|graph --trust-remote-code --device
                           --no-progress]
     torchrun --nproc-per-node N -m eagle_trainer.app.data regenerate ... parallel=fsdp_ep   # the target sharded
+    eagle-data synthesize --target PATH --out OUT --num-prompts N [--max-attempts N --batch-size
+                          --max-new-tokens --temperature --top-p --seed --min-chars N --dedup-jaccard T|off
+                          --prefix TEXT --stop-token TOKEN --chat-template-kwargs JSON --resume | --overwrite
+                          --dtype --moe-impl --decode --trust-remote-code --device --no-progress]   # then regenerate
     eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
                     --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8
                     --dtype --moe-impl --device --trust-remote-code --no-progress --shard-size-mb N]
     torchrun --nproc-per-node N -m eagle_trainer.app.data dump ... parallel=fsdp_ep   # the target sharded; the
                                                                       # files are those one process writes
+
+Every subcommand takes --plugin MODULE_OR_FILE (repeatable): user code that registers a target architecture, a
+draft algorithm or an export format, loaded before the registry is used (app/plugins.py).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import argparse
 import json
 from pathlib import Path
 
-from eagle_trainer.app import runtime
+from eagle_trainer.app import plugins, runtime
 from eagle_trainer.config import DataConfig
 
 
@@ -98,6 +105,61 @@ def _add_dump_parser(sub) -> None:
     runtime.add_parallel_argument(p)
 
 
+def _jaccard(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a similarity in (0, 1] nor off")
+    return value
+
+
+def _add_synthesize_parser(sub) -> None:
+    p = sub.add_parser("synthesize", help="write user prompts with the target itself (Magpie): it continues the "
+                                          "user-turn prefix of its chat template; answer them with regenerate")
+    p.add_argument("--target", required=True, help="local HF checkpoint directory of an instruct (chat) model")
+    p.add_argument("--out", required=True, help="output chat JSONL, one user turn per line: --data of regenerate")
+    p.add_argument("--num-prompts", type=int, required=True, help="unique prompts wanted")
+    p.add_argument("--max-attempts", type=int, default=None,
+                   help="samples drawn at most (default 4 x --num-prompts); reached first, the job warns with counts")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="a prompt's length cap; one that reaches it unfinished is dropped, so keep it above most")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="1: the target's own distribution of user turns, whose variety is the point (> 0)")
+    p.add_argument("--top-p", type=float, default=0.99,
+                   help="0.99 cuts only the far tail of unlikely ids, where garbled text comes from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-chars", type=int, default=16, help="drop prompts shorter than this, whitespace stripped")
+    p.add_argument("--dedup-jaccard", type=_jaccard, default=0.8, metavar="T|off",
+                   help="drop a prompt whose word 3-gram set has Jaccard similarity >= T with a kept one's; off: "
+                        "only exact duplicates (case and whitespace folded) are dropped")
+    p.add_argument("--prefix", default=None,
+                   help="the text the target continues (default: what its chat template renders before a user's "
+                        "message, with the default system turn if it adds one); a newline in bash: $'...\\n'")
+    p.add_argument("--stop-token", action="append", default=None, dest="stop_tokens", metavar="TOKEN",
+                   help="a token that ends a prompt (repeatable; default: the template's end-of-turn token, e.g. "
+                        "<|im_end|>); the tokenizer's eos always does")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments of the chat template when the prefix is taken from it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run after the last prompt of --out (same target and settings, "
+                        "checked against <out>.synth.json); a larger --num-prompts extends it")
+    p.add_argument("--overwrite", action="store_true", help="start an existing --out over")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    p.add_argument("--moe-impl", choices=["auto", "triton", "hf", "grouped_mm"], default="auto",
+                   help="MoE targets: auto (triton on GPU, hf on CPU) | triton | hf | grouped_mm")
+    p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
+                   help="as for regenerate: auto (graph for a whole full-attention target on a GPU, else eager)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+    runtime.add_parallel_argument(p)
+
+
 def _target_vocab_size(tokenizer_path: str, tokenizer) -> int:
     config_path = Path(tokenizer_path) / "config.json"
     if config_path.is_file():
@@ -164,6 +226,32 @@ def run_regenerate(args: argparse.Namespace) -> dict:
         overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
     )
     return regenerate_file(job, pcfg, device)
+
+
+def run_synthesize(args: argparse.Namespace) -> dict:
+    """The synthesis job of app/synthesize.py: sharded over the ranks under torchrun with parallel=fsdp or fsdp_ep,
+    else the whole target on each rank; resumable (--resume)."""
+    from eagle_trainer.app.synthesize import SynthesizeJob, synthesize_file
+    from eagle_trainer.config import TargetConfig
+    from eagle_trainer.data.sampling import Sampling
+    from eagle_trainer.data.synthesize import Synthesis
+
+    pcfg = runtime.parallel_options(args.parallel)
+    device = runtime.pick_device(args.device, "--device")
+    job = SynthesizeJob(
+        target=TargetConfig(path=args.target, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            moe_impl=args.moe_impl),
+        out=args.out,
+        synthesis=Synthesis(
+            num_prompts=args.num_prompts, max_attempts=args.max_attempts, min_chars=args.min_chars,
+            dedup_jaccard=args.dedup_jaccard,
+            sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)),
+        prefix=args.prefix, stop_tokens=tuple(args.stop_tokens or ()),
+        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), batch_size=args.batch_size,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
+    )
+    return synthesize_file(job, pcfg, device)
 
 
 def _chat_template_kwargs(text: str | None) -> dict | None:
@@ -252,12 +340,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_vocab_parser(sub)
     _add_regenerate_parser(sub)
+    _add_synthesize_parser(sub)
     _add_dump_parser(sub)
+    for command_parser in sub.choices.values():  # after the subcommand, as its other options: `vocab --plugin X`
+        plugins.add_plugin_argument(command_parser)
     args = parser.parse_args(argv)
+    plugins.load_plugins(args.plugin)  # before anything looks up the registry (every rank under torchrun)
     if args.command == "vocab":
         run_vocab(args)
     elif args.command == "regenerate":
         run_regenerate(args)
+    elif args.command == "synthesize":
+        run_synthesize(args)
     else:
         run_dump(args)
     return 0

@@ -61,8 +61,10 @@ def _absorb(h: torch.Tensor, x: torch.Tensor | int) -> torch.Tensor:
 
 
 def row_keys(seed: int, ids: torch.Tensor, turn: int) -> torch.Tensor:
-    """[B] int64: the key of each row's randomness, from the seed, its conversation index and the turn."""
-    return _absorb(_absorb(splitmix64(torch.full_like(ids, seed) + _GOLDEN), ids), turn)
+    """[B] int64: the key of each row's randomness, from the seed, its conversation index and the turn. Each is
+    absorbed in turn from a zero key; a key that started at the seed's hash would be symmetric in seed and index
+    (seed s, conversation i drawing as seed i, conversation s)."""
+    return _absorb(_absorb(_absorb(torch.zeros_like(ids), seed), ids), turn)
 
 
 def uniforms(keys: torch.Tensor, step: int, vocab: int) -> torch.Tensor:

@@ -112,6 +112,12 @@ def test_counter_hash_is_splitmix64_in_int64():
     assert got == [splitmix64_reference(v) for v in values]
 
 
+def test_row_keys_are_not_symmetric_in_seed_and_index():
+    keys = [row_keys(seed, torch.arange(4), turn=0) for seed in range(4)]
+    assert len({k for row in keys for k in row.tolist()}) == 16  # seed s, index i is not seed i, index s
+    assert not torch.equal(row_keys(0, torch.arange(4), turn=0), row_keys(0, torch.arange(4), turn=-1))
+
+
 def test_sampling_draws_from_the_top_p_nucleus_of_the_softmax():
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     probs = torch.softmax(logits / 0.8, -1)
