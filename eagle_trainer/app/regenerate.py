@@ -5,7 +5,8 @@ in input order, resumable after a kill.
                [r * batch_size, (r + 1) * batch_size) of each chunk inside target_lock_step (its forwards are
                collectives of a sharded target); then, outside the lock step, rank 0 gathers the chunk
     output     rank 0 appends the chunk's lines to --out in input order, flushes and fsyncs: a job killed at any
-               point leaves a prefix of complete lines (and at most one torn line after them)
+               point leaves a prefix of complete lines (and at most one torn line after them). A reply cut at
+               --max-new-tokens or the context carries "truncated": true; the summary counts them
     sidecar    <out>.regen.json, written before the first line: the target's fingerprint, the input file's sha256
                and the settings the lines depend on (data.sampling.Sampling, thinking, on_error, chat template
                kwargs, dtype)
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 from eagle_trainer import registry
 from eagle_trainer.app import runtime
 from eagle_trainer.config import ParallelConfig, TargetConfig
-from eagle_trainer.data.chat import Conversation, read_chat_jsonl
+from eagle_trainer.data.chat import Conversation, chat_line, read_chat_jsonl
 from eagle_trainer.data.regenerate import (DECODE_MODES, check_prompt_lengths, check_static_target, context_length,
                                            regenerate_batch)
 from eagle_trainer.data.sampling import Sampling
@@ -185,14 +186,9 @@ def prepare_output(job: RegenerateJob, record: dict, num_conversations: int) -> 
     return 0
 
 
-def chat_line(messages: Conversation) -> str:
-    """One output line, as data.chat.write_chat_jsonl writes it."""
-    return json.dumps({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]},
-                      ensure_ascii=False) + "\n"
-
-
 class ChatAppender:
-    """Appends conversations to a chat JSONL; each call's lines are flushed and fsynced before it returns."""
+    """Appends conversations to a chat JSONL, in data.chat.write_chat_jsonl's lines (a reply cut at its cap
+    carries `"truncated": true`); each call's lines are flushed and fsynced before it returns."""
 
     def __init__(self, path: str | Path):
         self.file = open(path, "ab")
@@ -260,7 +256,8 @@ def regenerate_file(job: RegenerateJob, pcfg: ParallelConfig, device: torch.devi
     if dims.rank == 0:
         print(f"regenerated {summary['conversations']} conversations"
               + (f" after the {start} already in {job.out}" if start else "")
-              + f": {summary['new_tokens']} new tokens, {summary['tokens_per_s']:.1f} tokens/s, on "
+              + f": {summary['new_tokens']} new tokens, {summary['tokens_per_s']:.1f} tokens/s, "
+              f"{summary['truncated_replies']} replies cut at --max-new-tokens or the context, on "
               f"{summary['world_size']} rank(s), ep {summary['ep']}, target "
               f"{'sharded' if summary['sharded'] else 'whole on each rank'}, decode {mode}; skipped "
               f"{skipped or 'none'}; wrote {job.out}")
@@ -273,7 +270,7 @@ def _run_chunks(job: RegenerateJob, opened, conversations: list[Conversation], s
     writer = ChatAppender(job.out) if dims.rank == 0 else None
     bar = tqdm(total=len(conversations), initial=start, desc="regenerate", unit="conv", dynamic_ncols=True,
                disable=not (job.progress and dims.rank == 0))
-    new_tokens, began = 0, time.perf_counter()
+    new_tokens, num_cut, began = 0, 0, time.perf_counter()
     try:
         for chunk in range(start, len(conversations), dims.world_size * size):
             first = min(chunk + dims.rank * size, len(conversations))
@@ -284,15 +281,17 @@ def _run_chunks(job: RegenerateJob, opened, conversations: list[Conversation], s
                     chat_template_kwargs=job.chat_template_kwargs, decode_mode=mode)
             parts = gather_to_rank_zero((done, num_new), dims)
             if writer is not None:
-                writer.append([conv for part_done, _ in parts for conv in part_done])
+                chunk_done = [conv for part_done, _ in parts for conv in part_done]
+                writer.append(chunk_done)
+                num_cut += sum(bool(m.get("truncated")) for conv in chunk_done for m in conv)
                 new_tokens += sum(n for _, n in parts)
-                bar.update(sum(len(part_done) for part_done, _ in parts))
+                bar.update(len(chunk_done))
                 bar.set_postfix_str(f"{new_tokens / (time.perf_counter() - began):.0f} tok/s")
     finally:
         bar.close()
         if writer is not None:
             writer.close()
     seconds = time.perf_counter() - began
-    return {"conversations": len(conversations) - start, "resumed_from": start, "new_tokens": new_tokens,
-            "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0, "decode": mode,
-            **opened.how_it_ran()}
+    return {"conversations": len(conversations) - start, "resumed_from": start, "truncated_replies": num_cut,
+            "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds > 0 else 0.0,
+            "decode": mode, **opened.how_it_ran()}

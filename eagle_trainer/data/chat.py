@@ -5,7 +5,9 @@ One conversation per line, in either of two forms:
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}   (OpenAI)
     {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}       (ShareGPT)
 
-Both normalise to a list of {"role", "content"} dicts with roles system / user / assistant. A bad line
+Both normalise to a list of {"role", "content"} dicts with roles system / user / assistant. An assistant message
+may carry `"truncated": true` (regeneration writes it on a reply cut at its token cap before the target ended the
+turn; template.py then trains no end-of-turn after it); it is kept only when true. A bad line
 either raises a ValueError naming `file:line`, or (on_error="skip") is skipped and counted by reason,
 so nothing is dropped silently. Blank lines carry no conversation and are passed over; a file of nothing else is
 refused as empty. A line that is not valid UTF-8 is a bad line (reason bad_utf8).
@@ -19,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-Conversation = list[dict[str, str]]
+Conversation = list[dict[str, str | bool]]  # role, content; "truncated": True on a reply cut at its cap
 
 ROLES = {
     "system": "system",
@@ -88,7 +90,17 @@ def parse_conversation(record: object, *, thinking: str = "keep", require_assist
             )
         if role == "assistant" and thinking == "strip":
             content = strip_thinking(content)
-        messages.append({"role": role, "content": content})
+        message = {"role": role, "content": content}
+        truncated = turn.get("truncated", False)
+        if not isinstance(truncated, bool):
+            raise BadLineError("bad_truncated", f"turn {i} has truncated={truncated!r} of type "
+                               f"{type(truncated).__name__}, expected true or false")
+        if truncated:
+            if role != "assistant":
+                raise BadLineError("bad_truncated", f"turn {i} is a {role} turn marked truncated; only an assistant "
+                                   "reply can be cut at its token cap")
+            message["truncated"] = True
+        messages.append(message)
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadLineError("no_assistant_turn", "the conversation has no assistant turn, so nothing to learn from")
     return messages
@@ -162,11 +174,22 @@ def read_chat_jsonl(
     return conversations, dict(skipped)
 
 
+def template_messages(messages: Conversation) -> Conversation:
+    """The messages as a chat template is given them: without our `truncated` mark, which is no template's key."""
+    return [{k: v for k, v in m.items() if k != "truncated"} for m in messages]
+
+
+def chat_line(messages: Conversation) -> str:
+    """One OpenAI-form JSONL line: role and content per message, and `"truncated": true` on a cut reply."""
+    records = [{"role": m["role"], "content": m["content"], **({"truncated": True} if m.get("truncated") else {})}
+               for m in messages]
+    return json.dumps({"messages": records}, ensure_ascii=False) + "\n"
+
+
 def write_chat_jsonl(path: str | Path, conversations: list[Conversation]) -> None:
-    """Write conversations as OpenAI-form JSONL (`{"messages": [...]}` per line), UTF-8."""
+    """Write conversations as OpenAI-form JSONL (`{"messages": [...]}` per line, see chat_line), UTF-8."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for messages in conversations:
-            record = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write(chat_line(messages))

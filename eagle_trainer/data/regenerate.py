@@ -16,7 +16,8 @@ kept in step by a hook on its backbone) decodes as a whole one does:
                conversation gets the same reply in any batch, on any number of ranks, and after a resume
     stop       a row at its first stop id or at its cap, min(max_new_tokens, context - prompt length); the batch
                when every row has stopped (checked every STOP_CHECK_EVERY steps on a GPU, so the host does not
-               wait for the device after every token)
+               wait for the device after every token). A reply cut at its cap is marked `"truncated": True`, so
+               that training learns no end-of-turn where the target would have gone on (data/template.py)
 
 Shapes: B rows in a round, P padded prompt length, N new tokens, V vocab; input_ids / attention_mask [B, P].
 """
@@ -29,7 +30,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from eagle_trainer.data.chat import Conversation
+from eagle_trainer.data.chat import Conversation, template_messages
 from eagle_trainer.data.sampling import Sampling, row_keys, sample_next
 from eagle_trainer.data.template import END_OF_TURN
 
@@ -73,7 +74,7 @@ def _plan(messages: Conversation) -> tuple[Conversation, list[int]]:
 
 def render_prompt(tokenizer, history: Conversation, chat_template_kwargs: dict | None = None) -> list[int]:
     """The ids of `history` rendered with the generation prompt: what the target continues."""
-    text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True,
+    text = tokenizer.apply_chat_template(template_messages(history), tokenize=False, add_generation_prompt=True,
                                          **(chat_template_kwargs or {}))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -240,9 +241,10 @@ def decode(model, prompts: list[list[int]], caps: list[int], stop_ids: list[int]
 def generate_replies(
     model, tokenizer, histories: list[Conversation], ids: list[int], turn: int, sampling: Sampling, *,
     end_of_turn: str = END_OF_TURN, chat_template_kwargs: dict | None = None, decode_mode: str = "eager",
-) -> tuple[list[str], int]:
-    """The target's next assistant turn for each history, as text without the end-of-turn marker, and the number
-    of ids generated. ids[b]: history b's conversation index (its sampling key); turn: which assistant turn."""
+) -> tuple[list[str], list[bool], int]:
+    """The target's next assistant turn for each history, as text without the end-of-turn marker; whether each
+    was cut at its cap (no stop id); and the number of ids generated. ids[b]: history b's conversation index (its
+    sampling key); turn: which assistant turn."""
     stop_ids = stop_token_ids(tokenizer, end_of_turn)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     prompts = [render_prompt(tokenizer, h, chat_template_kwargs) for h in histories]
@@ -258,12 +260,13 @@ def generate_replies(
     else:
         pick = lambda logits, step: logits.argmax(-1)  # noqa: E731
     new = decode(model, prompts, caps, stop_ids, pad_id, pick, decode_mode)
-    replies = []
+    replies, cut = [], []
     for row in new:
-        if row and row[-1] in stop_ids:
-            row = row[:-1]
-        replies.append(tokenizer.decode(row, skip_special_tokens=False).removesuffix(end_of_turn))
-    return replies, sum(len(row) for row in new)
+        stopped = bool(row) and row[-1] in stop_ids
+        replies.append(tokenizer.decode(row[:-1] if stopped else row, skip_special_tokens=False)
+                       .removesuffix(end_of_turn))
+        cut.append(not stopped)
+    return replies, cut, sum(len(row) for row in new)
 
 
 def regenerate_batch(
@@ -272,19 +275,22 @@ def regenerate_batch(
     on_turns: Callable[[int], None] | None = None, decode_mode: str = "eager",
 ) -> tuple[list[Conversation], int]:
     """One batch, every round: (the regenerated conversations, the number of ids generated). ids[b]: conversation
-    b's index in the input, which keys its sampling. on_turns(n) is told of each round's n finished turns."""
+    b's index in the input, which keys its sampling. on_turns(n) is told of each round's n finished turns. A reply
+    cut at its cap carries `"truncated": True`; a later turn's history holds it as it is."""
     model.eval()
     plans = [_plan(messages) for messages in conversations]
     num_new = 0
     for r in range(max((len(turns) for _, turns in plans), default=0)):
         active = [(work, turns[r], index) for (work, turns), index in zip(plans, ids) if r < len(turns)]
-        replies, n = generate_replies(
+        replies, cut, n = generate_replies(
             model, tokenizer, [work[:i] for work, i, _ in active], [index for *_, index in active], r, sampling,
             end_of_turn=end_of_turn, chat_template_kwargs=chat_template_kwargs, decode_mode=decode_mode,
         )
         num_new += n
-        for (work, i, _), reply in zip(active, replies):
+        for (work, i, _), reply, was_cut in zip(active, replies, cut):
             work[i]["content"] = reply
+            if was_cut:
+                work[i]["truncated"] = True
         if on_turns is not None:
             on_turns(len(active))
     return [work for work, _ in plans], num_new
@@ -306,7 +312,8 @@ def regenerate(
     ids: list[int] | None = None,
     decode_mode: str = "eager",
 ) -> list[Conversation]:
-    """New conversations whose assistant turns are the target's own; greedy when temperature is 0.
+    """New conversations whose assistant turns are the target's own; greedy when temperature is 0. A reply cut at
+    max_new_tokens (or the context) before a stop id carries `"truncated": True`.
 
     Runs on the model's device. `chat_template_kwargs` go to the chat template when rendering prompts
     (e.g. {"enable_thinking": False} for Qwen3). `ids`: each conversation's index in its input file, which keys

@@ -4,7 +4,9 @@ The mask is found in the rendered TEXT, not by re-implementing the template: eve
 after the assistant header (`<|im_start|>assistant\\n` for Qwen3 / ChatML) and ends with the end-of-turn
 marker (`<|im_end|>`). The text is then tokenised with character offsets, and a token is a loss token
 when its character span lies inside an assistant turn's content or its end-of-turn marker. So the
-end-of-turn token is learned (the draft must predict where the answer stops) and the header is not.
+end-of-turn token is learned (the draft must predict where the answer stops) and the header is not. A reply
+marked `truncated` (cut at regeneration's token cap, data/chat.py) did not end there: its span stops at the end of
+its content, and the end-of-turn marker the template renders after it is not learned.
 
 Shapes: T tokens; input_ids [T] and loss_mask [T] as python lists.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from eagle_trainer.data.chat import BadLineError, Conversation
+from eagle_trainer.data.chat import BadLineError, Conversation, template_messages
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
@@ -22,17 +24,18 @@ END_OF_TURN = "<|im_end|>"
 @dataclass
 class TokenizedConversation:
     input_ids: list[int]  # [T]
-    loss_mask: list[bool]  # [T] True on assistant content tokens and their end-of-turn token
+    loss_mask: list[bool]  # [T] True on assistant content tokens and their end-of-turn token (unless cut)
     num_original_tokens: int  # length before truncation to max_length
 
     @property
     def truncated(self) -> bool:
+        """Cut to max_length (not a `truncated` reply, which is a message's mark)."""
         return len(self.input_ids) < self.num_original_tokens
 
 
 def render_conversation(tokenizer, messages: Conversation, **template_kwargs) -> str:
     """The conversation as text, rendered by the tokenizer's chat template (no generation prompt)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, **template_kwargs)
+    return tokenizer.apply_chat_template(template_messages(messages), tokenize=False, **template_kwargs)
 
 
 def find_assistant_spans(
@@ -65,6 +68,7 @@ def tokenize_conversation(
 ) -> TokenizedConversation:
     """Token ids and loss mask of one conversation; keeps the first `max_length` tokens when given.
 
+    A `truncated` assistant message's span ends with its content: its end-of-turn token is no loss token.
     Raises BadLineError("template_mismatch") when the number of assistant headers found in the rendered
     text differs from the number of assistant messages: the template does not use these markers (pass the
     right `assistant_header` / `end_of_turn`), or a message's content itself contains one of them.
@@ -79,6 +83,8 @@ def tokenize_conversation(
             f"assistant messages; pass the chat template's own assistant header / end-of-turn markers, "
             f"or remove the markers from the message content",
         )
+    cut = [bool(m.get("truncated")) for m in messages if m["role"] == "assistant"]
+    spans = [(start, end - len(end_of_turn) if c else end) for (start, end), c in zip(spans, cut)]
     enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(enc["input_ids"])
     loss_mask = [False] * len(input_ids)

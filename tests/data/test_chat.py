@@ -1,10 +1,12 @@
-"""Chat JSONL reading (both forms, errors, skip counts, thinking) and the rendered loss mask."""
+"""Chat JSONL reading (both forms, errors, skip counts, thinking, a cut reply's `truncated` mark) and the rendered
+loss mask."""
 
 import json
 
 import pytest
 
-from eagle_trainer.data.chat import parse_conversation, read_chat_jsonl, strip_thinking, write_chat_jsonl
+from eagle_trainer.data.chat import (BadLineError, parse_conversation, read_chat_jsonl, strip_thinking,
+                                     write_chat_jsonl)
 from eagle_trainer.data.template import find_assistant_spans, tokenize_conversation
 from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer
 
@@ -44,6 +46,8 @@ BAD_LINES = {
     "unknown_role": {"conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
     "bad_content": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["a"]}]},
     "bad_format": {"text": "hi"},
+    "bad_truncated": {"messages": [{"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "yo", "truncated": "yes"}]},
 }
 
 
@@ -90,6 +94,35 @@ def test_writer_round_trip(tmp_path):
     assert read_chat_jsonl(tmp_path / "out" / "w.jsonl")[0] == conversations
 
 
+CUT_FIRST = [*TWO_TURNS[:2], {**TWO_TURNS[2], "truncated": True}, *TWO_TURNS[3:]]
+
+
+def test_truncated_mark_round_trips_and_is_written_only_when_true(tmp_path):
+    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "truncated": True}]}
+    unmarked = {"messages": [{"role": "user", "content": "q"},
+                             {"role": "assistant", "content": "a", "truncated": False}]}
+    path = write_lines(tmp_path / "in.jsonl", [{"messages": CUT_FIRST}, sharegpt, unmarked])
+    conversations, _ = read_chat_jsonl(path)
+    assert conversations == [CUT_FIRST, [{"role": "user", "content": "q"},
+                                         {"role": "assistant", "content": "a", "truncated": True}],
+                             [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    write_chat_jsonl(tmp_path / "out.jsonl", conversations)
+    assert read_chat_jsonl(tmp_path / "out.jsonl")[0] == conversations
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(line)["messages"][-1].get("truncated") for line in lines] == [None, True, None]
+    assert json.loads(lines[0])["messages"][2] == {"role": "assistant", "content": "Suta ri po.", "truncated": True}
+    assert "truncated" not in lines[2]  # an unmarked conversation is written as before
+
+
+@pytest.mark.parametrize("turn", [{"role": "assistant", "content": "yo", "truncated": 1},
+                                  {"role": "assistant", "content": "yo", "truncated": None},
+                                  {"role": "user", "content": "yo", "truncated": True}])
+def test_bad_truncated_mark_is_refused_naming_the_turn(turn):
+    with pytest.raises(BadLineError, match=r"turn 2 ") as err:
+        parse_conversation({"messages": [*TWO_TURNS[:2], turn, TWO_TURNS[2]]})
+    assert err.value.reason == "bad_truncated"
+
+
 def masked_segments(tokenizer, ids, mask):
     """Decode each maximal run of loss tokens."""
     segments, run = [], []
@@ -111,6 +144,17 @@ def test_loss_mask_is_exactly_assistant_content_and_end_of_turn(tokenizer):
     # The ids are those of the rendered text, tokenised as a whole.
     text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
     assert tok.input_ids == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_cut_reply_trains_its_content_but_not_its_end_of_turn(tokenizer):
+    full = tokenize_conversation(tokenizer, TWO_TURNS)
+    cut = tokenize_conversation(tokenizer, CUT_FIRST)
+    assert cut.input_ids == full.input_ids  # the mark does not reach the template
+    assert masked_segments(tokenizer, cut.input_ids, cut.loss_mask) == ["Suta ri po.", "Zu chi mo!<|im_end|>"]
+    differ = [i for i, (a, b) in enumerate(zip(full.loss_mask, cut.loss_mask)) if a != b]
+    assert len(differ) == 1 and full.input_ids[differ[0]] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    empty = [TWO_TURNS[1], {"role": "assistant", "content": "", "truncated": True}]
+    assert not any(tokenize_conversation(tokenizer, empty).loss_mask)
 
 
 def test_loss_mask_keeps_thinking_when_kept(tokenizer):

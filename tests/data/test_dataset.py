@@ -10,6 +10,8 @@ from eagle_trainer.config import DataConfig
 from eagle_trainer.data import dataset as dataset_module
 from eagle_trainer.data.dataset import batches, build_dataset, collate, num_batches
 from eagle_trainer.data.template import tokenize_conversation
+from eagle_trainer.data.vocab import count_loss_tokens
+from eagle_trainer.evaluate.acceptance import prompts_from_dataset
 from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer, synthetic_corpus
 
 
@@ -42,6 +44,26 @@ def test_build_stats_and_rows(tmp_path, tokenizer):
     lines = synthetic_corpus(24, seed=1)
     expected = tokenize_conversation(tokenizer, conversation(3, lines))
     assert ds[3]["input_ids"] == expected.input_ids and ds[3]["loss_mask"] == expected.loss_mask
+
+
+def test_a_cut_reply_loses_its_end_of_turn_in_rows_vocab_counts_and_eval_prompts(tmp_path, tokenizer):
+    lines = synthetic_corpus(6, seed=3)
+    convs = [conversation(i, lines) for i in range(3)]
+    marked = [convs[0], [convs[1][0], {**convs[1][1], "truncated": True}], convs[2]]
+    built = {}
+    for name, data in (("plain", convs), ("marked", marked)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in data))
+        built[name] = build_dataset(DataConfig(path=str(path)), tokenizer, tmp_path / "cache")
+    (plain, plain_stats), (cut, cut_stats) = built["plain"], built["marked"]
+    assert cut["input_ids"] == plain["input_ids"] and cut_stats["num_loss_tokens"] == plain_stats["num_loss_tokens"] - 1
+    assert cut["loss_mask"][0] == plain["loss_mask"][0] and cut["loss_mask"][2] == plain["loss_mask"][2]
+    assert plain["loss_mask"][1][-2:] == [True, False]  # <|im_end|>, then the "\n" after it
+    assert cut["loss_mask"][1] == plain["loss_mask"][1][:-2] + [False, False]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    counts = count_loss_tokens(plain, len(tokenizer)) - count_loss_tokens(cut, len(tokenizer))
+    assert counts[end] == 1 and counts.abs().sum() == 1
+    assert prompts_from_dataset(cut, 3) == prompts_from_dataset(plain, 3)
 
 
 def test_truncate_and_drop_are_counted(tmp_path, tokenizer):

@@ -1,6 +1,7 @@
 """Regeneration by the target: greedy equals model.generate, batching is exact, output round-trips, CLI; sampling
 is Gumbel-max over the top-p nucleus with counter-based randomness, the same in any batch; replies stop at the
-context; a static KV cache (and its CUDA graph replay) decodes as HF's dynamic one."""
+context; a reply cut at its cap is marked `truncated` and trains no end-of-turn; a static KV cache (and its CUDA
+graph replay) decodes as HF's dynamic one."""
 
 import json
 
@@ -13,6 +14,7 @@ from eagle_trainer.app.data import main
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.data.regenerate import check_prompt_lengths, check_static_target, regenerate, render_prompt
 from eagle_trainer.data.sampling import Sampling, row_keys, sample_next, splitmix64
+from eagle_trainer.data.template import tokenize_conversation
 from eagle_trainer.targets.loading import load_target
 from eagle_trainer.targets.tiny import save_tiny_checkpoint, tiny_qwen3_config, tiny_qwen3_next_config
 
@@ -42,8 +44,10 @@ def test_greedy_equals_model_generate(target):
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
     ref = ref.tolist()
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    cut = {} if end in ref else {"truncated": True}
     ref = ref[: ref.index(end)] if end in ref else ref
-    assert out == [PROMPT_ONLY + [{"role": "assistant", "content": tokenizer.decode(ref, skip_special_tokens=False)}]]
+    reply = {"role": "assistant", "content": tokenizer.decode(ref, skip_special_tokens=False), **cut}
+    assert out == [PROMPT_ONLY + [reply]]
     assert "<|im_end|>" not in out[0][-1]["content"]
 
 
@@ -85,6 +89,31 @@ def test_cli_regenerate(target, tmp_path):
           "--max-new-tokens", "10", "--batch-size", "2", "--device", "cpu", "--no-progress"])
     got, _ = read_chat_jsonl(tmp_path / "out.jsonl")
     assert got == regenerate(model, tokenizer, [PROMPT_ONLY, MULTI_TURN], max_new_tokens=10, progress=False)
+
+
+def test_a_reply_cut_at_the_cap_is_marked_and_trains_no_end_of_turn(tiny_chat_target_path, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_chat_target_path), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat_target_path))
+    two_rounds = [*PROMPT_ONLY, {"role": "assistant", "content": "old"}, *PROMPT_ONLY]
+    inputs = [PROMPT_ONLY, two_rounds, [{"role": "user", "content": "Tell me about gle mo."}]]
+    ended = regenerate(model, tokenizer, inputs, max_new_tokens=40, progress=False)  # turns end after ~10 tokens
+    cut = regenerate(model, tokenizer, inputs, max_new_tokens=3, progress=False)  # the last one ends at once
+    assert not any("truncated" in m for conv in ended for m in conv)
+    marks = [[m.get("truncated") for m in conv if m["role"] == "assistant"] for conv in cut]
+    assert marks == [[True], [True, True], [None]]
+    assert ended[0][1]["content"].startswith(cut[0][1]["content"])  # greedy: the cut reply is a prefix
+    # The file: unmarked lines as they were, the mark on a cut reply alone; each reads back as written.
+    write_chat_jsonl(tmp_path / "ended.jsonl", ended)
+    assert (tmp_path / "ended.jsonl").read_text() == "".join(
+        json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in ended)
+    write_chat_jsonl(tmp_path / "cut.jsonl", cut)
+    assert read_chat_jsonl(tmp_path / "cut.jsonl")[0] == cut
+    # Training sees the cut reply's tokens, and no end-of-turn after it.
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for conv, num_ends in ((ended[0], 1), (cut[0], 0)):
+        tok = tokenize_conversation(tokenizer, conv)
+        trained = [t for t, m in zip(tok.input_ids, tok.loss_mask) if m]
+        assert trained.count(end) == num_ends and len(trained) > num_ends
 
 
 def test_cli_refuses_a_path_that_is_not_a_checkpoint(tmp_path):
