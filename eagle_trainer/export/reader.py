@@ -42,11 +42,12 @@ def llama_fields(layer: dict) -> dict:
 
 
 def config_from_llama(layer: dict, config: dict, aux_layer_ids: tuple[int, ...]) -> Eagle3Config:
-    """Eagle3Config from the draft layer's Llama keys (`layer`) and the export's top-level keys (`config`)."""
+    """Eagle3Config from the draft layer's Llama keys (`layer`) and the export's top-level keys (`config`). Without
+    target_hidden_size the target's width is the draft's, as both engines read it (SpecForge writes none)."""
     provenance = config.get(PROVENANCE_KEY, {})
     return Eagle3Config(
         **llama_fields(layer),
-        target_hidden_size=config["target_hidden_size"],
+        target_hidden_size=config.get("target_hidden_size", layer["hidden_size"]),
         draft_vocab_size=config["draft_vocab_size"],
         aux_layer_ids=aux_layer_ids,
         target_architecture=provenance.get("target_architecture", ""),

@@ -68,6 +68,16 @@ def test_aux_ids_in_each_engines_convention(tmp_path):
     assert read_sglang(tmp_path / "out").config.aux_layer_ids == (1, 3, 4)
 
 
+def test_config_without_target_hidden_size_reads_the_drafts_width(tmp_path):
+    """SpecForge's export writes no target_hidden_size; the engines then take the draft's hidden size."""
+    save_draft(tmp_path / "ckpt", tiny_draft(target_hidden_size=32))
+    out = export_sglang(tmp_path / "ckpt", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    del config["target_hidden_size"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert read_sglang(out).config.target_hidden_size == 32
+
+
 def test_aux_keys_naming_different_layers_are_refused(checkpoint, tmp_path):
     _, ckpt = checkpoint
     out = export_sglang(ckpt, tmp_path / "out")
