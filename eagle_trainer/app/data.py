@@ -66,17 +66,7 @@ def _add_regenerate_parser(sub) -> None:
                    help="continue an interrupted run after the last complete conversation of --out (same target, "
                         "data and settings, checked against <out>.regen.json)")
     p.add_argument("--overwrite", action="store_true", help="start an existing --out over")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
-    p.add_argument("--moe-impl", choices=["auto", "triton", "hf", "grouped_mm"], default="auto",
-                   help="MoE targets: auto (triton on GPU, hf on CPU) | triton | hf | grouped_mm")
-    p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
-                   help="auto: graph for a whole full-attention target on a GPU (3.3x HF generate measured on an "
-                        "H100), else eager; eager: HF DynamicCache (any target, sharded too); static: a static KV cache (full-attention "
-                        "targets); graph: static, the decode step replayed as a CUDA graph (a whole target on a GPU)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", action="store_true")
-    runtime.add_parallel_argument(p)
+    add_decoding_arguments(p)
 
 
 def _add_dump_parser(sub) -> None:
@@ -149,11 +139,20 @@ def _add_synthesize_parser(sub) -> None:
                    help="continue an interrupted run after the last prompt of --out (same target and settings, "
                         "checked against <out>.synth.json); a larger --num-prompts extends it")
     p.add_argument("--overwrite", action="store_true", help="start an existing --out over")
+    add_decoding_arguments(p)
+
+
+def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a command that decodes with the target (regenerate, synthesize): its dtype, kernels, decode
+    loop, device, progress bar and parallel options."""
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--moe-impl", choices=["auto", "triton", "hf", "grouped_mm"], default="auto",
                    help="MoE targets: auto (triton on GPU, hf on CPU) | triton | hf | grouped_mm")
     p.add_argument("--decode", choices=["auto", "eager", "static", "graph"], default="auto",
-                   help="as for regenerate: auto (graph for a whole full-attention target on a GPU, else eager)")
+                   help="auto: graph for a whole full-attention target on a GPU (3.3-3.7x HF generate measured on "
+                        "H100/H200), else eager; eager: HF DynamicCache (any target, sharded too); static: a static KV "
+                        "cache (full-attention targets); graph: static, the decode step replayed as a CUDA graph (a "
+                        "whole target on a GPU)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from eagle_trainer import registry
 from eagle_trainer.app import runtime
-from eagle_trainer.app.regenerate import agreed, check_decode, complete_lines, gather_to_rank_zero
+from eagle_trainer.app.regenerate import (agreed, check_decode, check_same_job, complete_lines,
+                                         gather_to_rank_zero, write_sidecar)
 from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.data.regenerate import context_length
 from eagle_trainer.data.synthesize import (DROP_REASONS, PromptFilter, Synthesis, encode_prefix, prompt_record,
@@ -78,29 +79,6 @@ def job_record(job: SynthesizeJob, prefix: str, stop: list[int], device: torch.d
     return {"target": target_fingerprint(job.target.path), "settings": settings, "target_path": str(job.target.path)}
 
 
-def write_sidecar(out: str | Path, record: dict) -> None:
-    tmp = Path(f"{sidecar_path(out)}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, sidecar_path(out))
-
-
-def check_same_job(out: Path, old: dict, new: dict) -> None:
-    """Refuse to resume `out` when the sidecar's record `old` differs from this run's `new`."""
-    fix = f"or pass --overwrite to start {out} over"
-    if old.get("target") != new["target"]:
-        raise ValueError(f"--resume: {out} was written by the target at {old.get('target_path')} (fingerprint "
-                         f"{str(old.get('target'))[:12]}), but --target {new['target_path']} has fingerprint "
-                         f"{new['target'][:12]}; resume with that target, {fix}")
-    settings = old.get("settings", {})
-    for name, value in new["settings"].items():
-        if settings.get(name) != value:
-            raise ValueError(f"--resume: {out} was written with {name}={settings.get(name)!r}, but this run has "
-                             f"{name}={value!r}; rerun with {name}={settings.get(name)!r} to continue it, {fix}")
-
-
 def relearn(out: Path, kept_by: PromptFilter) -> int:
     """Offer the prompts already in `out` to the clean-up again (each must be kept): -> the attempt to go on at."""
     next_attempt = 0
@@ -135,7 +113,7 @@ def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> i
         except (OSError, json.JSONDecodeError):
             raise ValueError(f"--resume: {out}'s sidecar {side.name} is missing or unreadable, so what it was written "
                              f"with is unknown; pass --overwrite to start {out} over") from None
-        check_same_job(out, old, record)
+        check_same_job(out, old, record, written="written")
         _, end = complete_lines(out)
         torn = out.stat().st_size - end
         if torn:
@@ -145,7 +123,7 @@ def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> i
               + (f"; dropped a torn last line of {torn} bytes" if torn else ""))
         return start
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_sidecar(out, record)
+    write_sidecar(sidecar_path(out), record)
     out.write_bytes(b"")
     return 0
 
@@ -173,7 +151,7 @@ def synthesize_file(job: SynthesizeJob, pcfg: ParallelConfig, device: torch.devi
     summary.update(prefix=turn.prefix, stop_tokens=list(turn.stop_tokens), stop_ids=stop)
     if dims.rank == 0:
         record = json.loads(sidecar_path(job.out).read_text())
-        write_sidecar(job.out, {**record, "summary": summary})
+        write_sidecar(sidecar_path(job.out), {**record, "summary": summary})
         dropped = ", ".join(f"{r} {n}" for r, n in summary["dropped"].items() if n) or "none"
         print(f"kept {summary['new']} prompts of {summary['attempts']} drawn"
               + (f" (after the {summary['kept'] - summary['new']} already in {job.out})" if start else "")
