@@ -8,6 +8,7 @@
 #                                                 # seed 0: ours EAGLE-3, SpecForge at STEPS (~6 min, H100)
 #   bash benchmarks/device_quality.sh b           # seed 0: ours at SpecForge's time, ours EAGLE-1; eval; report (~5 min)
 #   bash benchmarks/device_quality.sh c           # seed 1: ours, SpecForge, ours at SpecForge's time; eval; report
+#   bash benchmarks/device_quality.sh one         # instead of a, b: seed 0 only, in one call (~9 min)
 # STEPS (default 1000) goes to every train and to report, WORK (default runs/quality) to every stage, PREPARE_ARGS to
 # prepare. Logs, the RESULTS.md rows, quality.png and the runs' small logs (prepare.json, train.json, eval results:
 # quality_logs.tar.gz) land in $OUT (merge the rows into benchmarks/RESULTS.md, copy quality.png to benchmarks/).
@@ -18,7 +19,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 STEPS=${STEPS:-1000}
 WORK=${WORK:-runs/quality}
-phase=${1:?usage: bash benchmarks/device_quality.sh gguf|a|b|c}
+phase=${1:?usage: bash benchmarks/device_quality.sh gguf|a|b|c|one}
 quality() {  # one stage; its whole output appended to $OUT/quality_<phase>.log, the gist printed
     local log rc
     log=$(mktemp)
@@ -38,6 +39,14 @@ a) if [ ! -f runs/smollm2/conversion.json ]; then
    quality prepare $PREPARE_ARGS
    train ours-eagle3 --seed 0
    train specforge --seed 0 ;;
+one) # seed 0 alone, in one call (a session with little device time left): a, then b with the EAGLE-3 report first
+   bash "$0" a || exit $?
+   train ours-eagle3 --seed 0 --seconds peer
+   quality eval
+   quality report --steps "$STEPS" --results "$OUT/RESULTS.md" --png "$OUT/quality.png"
+   train ours-eagle1 --seed 0
+   quality eval
+   rm -f "$OUT/RESULTS.md"; quality report --steps "$STEPS" --results "$OUT/RESULTS.md" --png "$OUT/quality.png" ;;
 b) train ours-eagle3 --seed 0 --seconds peer
    train ours-eagle1 --seed 0
    quality eval
@@ -47,7 +56,7 @@ c) train ours-eagle3 --seed 1
    train ours-eagle3 --seed 1 --seconds peer
    quality eval
    quality report --steps "$STEPS" --results "$OUT/RESULTS.md" --png "$OUT/quality.png" ;;
-*) echo "unknown phase $phase (gguf, a, b or c)"; exit 2 ;;
+*) echo "unknown phase $phase (gguf, a, b, c or one)"; exit 2 ;;
 esac
 (cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json eval 2>/dev/null)
 exit 0
