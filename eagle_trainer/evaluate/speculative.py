@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from eagle_trainer import registry
+from eagle_trainer.data.regenerate import cache_argument
 from eagle_trainer.drafts.llama import Draft, KVCache
 from eagle_trainer.registry import TargetSpec
 from eagle_trainer.targets.frozen import StateHooks
@@ -107,7 +108,8 @@ class TargetCache:
             mask = mask[None, None]
         self.hooks.clear()
         out = self.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1 if last_logits_only else 0)
+                         **{cache_argument(self.model): self.cache}, use_cache=True,
+                         logits_to_keep=1 if last_logits_only else 0)
         self.length += n
         aux, final = self.hooks.take()  # [1, n, len(aux) * Ht], [1, n, Ht]
         # no teacher is formed here, so no argmax mask
@@ -306,7 +308,7 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, stop_ids: tup
     ids = torch.tensor(prompt, device=device)[None]
     tokens = []
     while len(tokens) < max_new_tokens:
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits
         tokens.append(int(logits[0, -1].argmax()))
         if tokens[-1] in stop_ids:
             break
