@@ -13,6 +13,7 @@ from batches import draft_vocab, make_batch
 
 from eagle_trainer import registry
 from eagle_trainer.config import DemoConfig, TargetConfig
+from eagle_trainer.data.regenerate import cache_argument
 from eagle_trainer.app.demo import tiny_target_config
 from eagle_trainer.targets import bind_qwen3_next
 from eagle_trainer.targets.frozen import FrozenTarget
@@ -281,8 +282,9 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
     torch.testing.assert_close(ours.final_hidden, ref.final_hidden, rtol=1e-4, atol=1e-4)
     # incremental decoding with a cache takes HF's path: same logits as the reference model
     from transformers import DynamicCache
-    out = model(batch.input_ids[:1, :5], past_key_values=DynamicCache(config=model.config), use_cache=True)
-    expect = ref_model(batch.input_ids[:1, :5], past_key_values=DynamicCache(config=ref_model.config), use_cache=True)
+    out = model(batch.input_ids[:1, :5], **{cache_argument(model): DynamicCache(config=model.config)}, use_cache=True)
+    expect = ref_model(batch.input_ids[:1, :5], **{cache_argument(ref_model): DynamicCache(config=ref_model.config)},
+                       use_cache=True)
     torch.testing.assert_close(out.logits, expect.logits)
 
 
