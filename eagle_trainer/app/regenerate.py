@@ -151,34 +151,45 @@ def write_sidecar(side: Path, record: dict) -> None:
     os.replace(tmp, side)
 
 
-def prepare_output(job: RegenerateJob, record: dict, num_conversations: int) -> int:
-    """Rank 0, before the target loads: check --out against --resume / --overwrite and the sidecar; leave --out
-    holding only complete lines (a fresh run: none, after writing the sidecar). -> conversations already done."""
-    out = Path(job.out)
-    if job.resume and job.overwrite:
+def open_output(out: Path, side: Path, resume: bool, overwrite: bool, record: dict, unit: str,
+                written: str = "regenerated") -> tuple[int, int] | None:
+    """Rank 0, before the target loads: check --out against --resume / --overwrite and its sidecar `side` (a resume
+    must be of the same job: check_same_job), and cut a torn last line off --out. -> None when --out starts afresh
+    (the caller writes the sidecar and an empty --out), else (complete lines in --out, bytes of the torn line cut);
+    `unit` names what a line holds and `written` how the job made it, for the messages."""
+    if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: --resume continues --out, --overwrite starts "
                          "it over; pass one")
-    if out.exists() and not (job.resume or job.overwrite):
+    if out.exists() and not (resume or overwrite):
         raise ValueError(f"--out {out} already exists; pass --resume to continue it (after its last complete "
-                         "conversation) or --overwrite to start it over")
-    if job.resume and out.exists():
-        side = sidecar_path(out)
-        if not side.is_file():
-            raise ValueError(f"--resume: {out} has no sidecar {side.name}, so what it was regenerated with is "
-                             f"unknown; pass --overwrite to start {out} over")
-        try:
-            old = json.loads(side.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--resume: {side} is not valid JSON ({e.msg}); pass --overwrite to start {out} "
-                             "over") from None
-        check_same_job(out, old, record)
-        done, end = complete_lines(out)
+                         f"{unit}) or --overwrite to start it over")
+    if not (resume and out.exists()):
+        return None
+    if not side.is_file():
+        raise ValueError(f"--resume: {out} has no sidecar {side.name}, so what it was {written} with is unknown; "
+                         f"pass --overwrite to start {out} over")
+    try:
+        old = json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--resume: {side} is not valid JSON ({e.msg}); pass --overwrite to start {out} over") from None
+    check_same_job(out, old, record, written)
+    done, end = complete_lines(out)
+    torn = out.stat().st_size - end
+    if torn:
+        os.truncate(out, end)
+    return done, torn
+
+
+def prepare_output(job: RegenerateJob, record: dict, num_conversations: int) -> int:
+    """Rank 0, before the target loads: check --out and its sidecar (open_output); a fresh run writes the sidecar
+    and an empty --out. -> conversations already done."""
+    out = Path(job.out)
+    resumed = open_output(out, sidecar_path(out), job.resume, job.overwrite, record, "conversation")
+    if resumed is not None:
+        done, torn = resumed
         if done > num_conversations:
             raise ValueError(f"--resume: {out} holds {done} lines but --data has {num_conversations} conversations; "
                              f"pass --overwrite to start {out} over")
-        torn = out.stat().st_size - end
-        if torn:
-            os.truncate(out, end)
         print(f"resuming {out}: {done} of {num_conversations} conversations done"
               + (f"; dropped a torn last line of {torn} bytes" if torn else ""))
         return done

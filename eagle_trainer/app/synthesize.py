@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 
 from eagle_trainer import registry
 from eagle_trainer.app import runtime
-from eagle_trainer.app.regenerate import (agreed, check_decode, check_same_job, complete_lines,
-                                         gather_to_rank_zero, write_sidecar)
+from eagle_trainer.app.regenerate import agreed, check_decode, gather_to_rank_zero, open_output, write_sidecar
 from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.data.regenerate import context_length
 from eagle_trainer.data.synthesize import (DROP_REASONS, PromptFilter, Synthesis, encode_prefix, prompt_record,
@@ -97,28 +96,14 @@ def relearn(out: Path, kept_by: PromptFilter) -> int:
 
 
 def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> int:
-    """Rank 0, before the target loads: check --out against --resume / --overwrite and the sidecar; leave --out
-    holding only complete lines, their prompts learned by `kept_by`. -> the attempt to go on at."""
+    """Rank 0, before the target loads: check --out and its sidecar (app/regenerate.py open_output), then offer the
+    prompts already there to `kept_by`; a fresh run writes the sidecar and an empty --out. -> the attempt to go on
+    at."""
     out = Path(job.out)
-    if job.resume and job.overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: --resume continues --out, --overwrite starts "
-                         "it over; pass one")
-    if out.exists() and not (job.resume or job.overwrite):
-        raise ValueError(f"--out {out} already exists; pass --resume to continue it (after its last complete "
-                         "prompt) or --overwrite to start it over")
-    if job.resume and out.exists():
-        side = sidecar_path(out)
-        try:
-            old = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise ValueError(f"--resume: {out}'s sidecar {side.name} is missing or unreadable, so what it was written "
-                             f"with is unknown; pass --overwrite to start {out} over") from None
-        check_same_job(out, old, record, written="written")
-        _, end = complete_lines(out)
-        torn = out.stat().st_size - end
-        if torn:
-            os.truncate(out, end)
+    resumed = open_output(out, sidecar_path(out), job.resume, job.overwrite, record, "prompt", written="written")
+    if resumed is not None:
         start = relearn(out, kept_by)
+        torn = resumed[1]
         print(f"resuming {out}: {len(kept_by.kept)} prompts kept, going on at attempt {start}"
               + (f"; dropped a torn last line of {torn} bytes" if torn else ""))
         return start
