@@ -155,7 +155,7 @@ def open_output(out: Path, side: Path, resume: bool, overwrite: bool, record: di
                 written: str = "regenerated") -> tuple[int, int] | None:
     """Rank 0, before the target loads: check --out against --resume / --overwrite and its sidecar `side` (a resume
     must be of the same job: check_same_job), and cut a torn last line off --out. -> None when --out starts afresh
-    (the caller writes the sidecar and an empty --out), else (complete lines in --out, bytes of the torn line cut);
+    (the sidecar and an empty --out are written here), else (complete lines in --out, bytes of the torn line cut);
     `unit` names what a line holds and `written` how the job made it, for the messages."""
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: --resume continues --out, --overwrite starts "
@@ -164,6 +164,9 @@ def open_output(out: Path, side: Path, resume: bool, overwrite: bool, record: di
         raise ValueError(f"--out {out} already exists; pass --resume to continue it (after its last complete "
                          f"{unit}) or --overwrite to start it over")
     if not (resume and out.exists()):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_sidecar(side, record)
+        out.write_bytes(b"")
         return None
     if not side.is_file():
         raise ValueError(f"--resume: {out} has no sidecar {side.name}, so what it was {written} with is unknown; "
@@ -181,8 +184,8 @@ def open_output(out: Path, side: Path, resume: bool, overwrite: bool, record: di
 
 
 def prepare_output(job: RegenerateJob, record: dict, num_conversations: int) -> int:
-    """Rank 0, before the target loads: check --out and its sidecar (open_output); a fresh run writes the sidecar
-    and an empty --out. -> conversations already done."""
+    """Rank 0, before the target loads: check or start --out and its sidecar (open_output). -> conversations
+    already done."""
     out = Path(job.out)
     resumed = open_output(out, sidecar_path(out), job.resume, job.overwrite, record, "conversation")
     if resumed is not None:
@@ -193,9 +196,6 @@ def prepare_output(job: RegenerateJob, record: dict, num_conversations: int) -> 
         print(f"resuming {out}: {done} of {num_conversations} conversations done"
               + (f"; dropped a torn last line of {torn} bytes" if torn else ""))
         return done
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_sidecar(sidecar_path(out), record)
-    out.write_bytes(b"")
     return 0
 
 

@@ -96,9 +96,8 @@ def relearn(out: Path, kept_by: PromptFilter) -> int:
 
 
 def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> int:
-    """Rank 0, before the target loads: check --out and its sidecar (app/regenerate.py open_output), then offer the
-    prompts already there to `kept_by`; a fresh run writes the sidecar and an empty --out. -> the attempt to go on
-    at."""
+    """Rank 0, before the target loads: check or start --out and its sidecar (app/regenerate.py open_output), then
+    offer the prompts already there to `kept_by`. -> the attempt to go on at."""
     out = Path(job.out)
     resumed = open_output(out, sidecar_path(out), job.resume, job.overwrite, record, "prompt", written="written")
     if resumed is not None:
@@ -107,9 +106,6 @@ def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> i
         print(f"resuming {out}: {len(kept_by.kept)} prompts kept, going on at attempt {start}"
               + (f"; dropped a torn last line of {torn} bytes" if torn else ""))
         return start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_sidecar(sidecar_path(out), record)
-    out.write_bytes(b"")
     return 0
 
 

@@ -89,6 +89,7 @@ class TargetCache:
         self.hooks = StateHooks(model, spec, aux_layer_ids)
         self.features = features
         self.cache = DynamicCache(config=model.config)
+        self.cache_name = cache_argument(model)  # the forward's name for it, read once
         self.length = 0
 
     @torch.no_grad()
@@ -108,7 +109,7 @@ class TargetCache:
             mask = mask[None, None]
         self.hooks.clear()
         out = self.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                         **{cache_argument(self.model): self.cache}, use_cache=True,
+                         **{self.cache_name: self.cache}, use_cache=True,
                          logits_to_keep=1 if last_logits_only else 0)
         self.length += n
         aux, final = self.hooks.take()  # [1, n, len(aux) * Ht], [1, n, Ht]
@@ -305,10 +306,11 @@ def greedy_generate(model, prompt: list[int], max_new_tokens: int, stop_ids: tup
     from transformers import DynamicCache
     device = next(model.parameters()).device
     cache = DynamicCache(config=model.config)
+    cache_name = cache_argument(model)
     ids = torch.tensor(prompt, device=device)[None]
     tokens = []
     while len(tokens) < max_new_tokens:
-        logits = model(input_ids=ids, **{cache_argument(model): cache}, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, **{cache_name: cache}, use_cache=True, logits_to_keep=1).logits
         tokens.append(int(logits[0, -1].argmax()))
         if tokens[-1] in stop_ids:
             break
