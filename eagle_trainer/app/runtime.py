@@ -4,6 +4,7 @@
     process_group(device)        torchrun's process group for the body of a command (joined, then left)
     rank_zero_first(fn, ...)     fn on rank 0, then on the others (which find what rank 0 cached)
     rank_logs(run_dir, ...)      each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console
+    check_shared_dir(path, ...)  every rank sees the directory rank 0 writes (several nodes: a shared filesystem)
     pad_id(tokenizer)            the id batches are padded with
     reported_errors()            a user error ends the process with `error: <message>` and status 2; Ctrl-C with 130
     command(main)                a console script's main(argv): errors reported when run as a command (argv None)
@@ -81,6 +82,36 @@ def rank_zero_first(fn: Callable, rank: int, world_size: int):
     if rank != 0:
         out = fn()
     return out
+
+
+def check_shared_dir(path: Path, rank: int, world_size: int, option: str) -> None:
+    """Refuse a run whose ranks do not all see `path` as rank 0 does. Rank 0 writes every shared file (the
+    tokenised data, the checkpoints' draft and optimizer state, metrics) and the others read them back, so on several
+    nodes `path` must be on a filesystem every node mounts (or the same value of `option` pointed at different
+    directories). Rank 0 writes a fresh token, every rank reads it back; collective."""
+    if world_size == 1:
+        return
+    import secrets
+    import socket
+
+    probe = path / ".shared_probe"
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    if rank == 0:
+        probe.write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = probe.read_text() == token[0]
+    except FileNotFoundError:
+        seen = False
+    views = [None] * world_size
+    dist.all_gather_object(views, (rank, socket.gethostname(), seen))
+    dist.barrier()
+    if rank == 0:
+        probe.unlink()
+    blind = [f"rank {r} on {host}" for r, host, ok in views if not ok]
+    if blind:
+        raise ValueError(f"{option}={str(path)!r} is not shared: {', '.join(blind)} cannot see what rank 0 writes "
+                         "there; on several nodes put it on a filesystem every node mounts (the same path on each)")
 
 
 @contextlib.contextmanager

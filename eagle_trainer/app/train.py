@@ -8,6 +8,8 @@
 
 The recipe's `plugins` (and the eagle_trainer.plugins entry points) are loaded first (plugins.py):
     eagle-train 'plugins=[examples/llama_target.py]' demo.enabled=false target.path=/models/llama data.path=chat.jsonl
+target.path, data.path, data.eval_path and draft.init_from also take a Hugging Face Hub id (`Qwen/Qwen3-8B`,
+`org/chats@v2/train.jsonl`), resolved by every rank into the Hugging Face cache before anything else (hub.py).
 Then the recipe is checked (validation.py: registered draft algorithm and target architecture, export formats the
 draft can be written as, aux layers within the target, numbers in range, the run dir), and the data is tokenised and
 counted against the batch size, before any target weights are read. A new run into a run dir that holds an earlier
@@ -36,7 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from eagle_trainer import registry
-from eagle_trainer.app import plugins, runtime
+from eagle_trainer.app import hub, plugins, runtime
 from eagle_trainer.app.summary import format_summary
 from eagle_trainer.app.train_data import offline_data, online_data
 from eagle_trainer.app.validation import (check_batches, check_demo_paths, check_recipe, check_run_dir, check_target,
@@ -95,6 +97,9 @@ def run(cfg: Config) -> Summary:
     plugins.load_plugins(cfg.plugins, source="recipe plugins")  # every rank: before anything looks up the registry
     algorithm = check_recipe(cfg)  # before anything is built, loaded or joined
     earlier = check_run_dir(cfg)  # every rank, before any of them moves anything (joining the group waits for all)
+    # every rank (from the shared cache), before the group is joined: an unknown id stops each rank alike. The demo
+    # trains on its own assets, built later in the run dir
+    cfg, hub_ids = (cfg, {}) if cfg.demo.enabled else hub.resolve_recipe(cfg)
     device = runtime.pick_device(cfg.train.device)
     with runtime.process_group(device, cfg.parallel.backend):
         dims = init_parallel(cfg.parallel, device)
@@ -103,13 +108,18 @@ def run(cfg: Config) -> Summary:
             runtime.rank_zero_first(lambda: move_aside(run_dir, earlier) if dims.rank == 0 else None, dims.rank,
                                     dims.world_size)
         run_dir.mkdir(parents=True, exist_ok=True)
+        runtime.check_shared_dir(run_dir, dims.rank, dims.world_size, "train.run_dir")
         with runtime.rank_logs(run_dir, dims.rank, dims.world_size):
-            return _run(cfg, algorithm, device, dims, run_dir)
+            return _run(cfg, algorithm, device, dims, run_dir, hub_ids)
 
 
 def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, dims: ParallelDims,
-         run_dir: Path) -> Summary:
+         run_dir: Path, hub_ids: dict[str, hub.HubId]) -> Summary:
+    """`cfg` names local paths only; `hub_ids`: the Hub id each key named where it named one."""
     torch.manual_seed(cfg.train.seed)
+    local = hub.recipe_paths(cfg)
+    for key, hub_id in hub_ids.items():  # the snapshot names the commit the run used
+        print(f"{key}: {hub_id} on the Hugging Face Hub, at {local[key]}")
     if cfg.demo.enabled:
         from eagle_trainer.app.demo import prepare_demo
         cfg = runtime.rank_zero_first(lambda: prepare_demo(cfg, device), dims.rank, dims.world_size)
@@ -203,7 +213,9 @@ def _run(cfg: Config, algorithm: registry.AlgorithmSpec, device: torch.device, d
         return summary
     for fmt in cfg.train.export_formats:  # checked at startup: each is one of the algorithm's exporters
         exporter = spec.algorithm.exporters[fmt]
-        extra = {"verifier": str(Path(cfg.target.path).resolve())} if "verifier" in exporter.options else {}
+        # vllm serve finds the target where the recipe named it: on the Hub, or in this local directory
+        verifier = hub_ids["target.path"].repo if "target.path" in hub_ids else str(Path(cfg.target.path).resolve())
+        extra = {"verifier": verifier} if "verifier" in exporter.options else {}
         exporter.write(summary.checkpoint, run_dir / "export" / fmt, overwrite=True, **extra)
     print(format_summary(summary, run_dir, stats))
     return summary
