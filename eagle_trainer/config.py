@@ -7,14 +7,16 @@ typed. Unknown keys fail at compose time because every group is backed by a sche
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import MISSING
 
 
 @dataclass
 class TargetConfig:
-    path: str = MISSING  # local HF checkpoint directory (config.json, *.safetensors, tokenizer)
+    # HF checkpoint directory (config.json, *.safetensors, tokenizer), or a Hugging Face Hub id org/name[@revision]
+    # (its config, tokenizer and top-level safetensors fetched into the HF cache; HF_HUB_OFFLINE=1: the cache alone)
+    path: str = MISSING
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or float32 / bfloat16 / float16
     trust_remote_code: bool = False
     aux_layer_ids: Optional[list[int]] = None  # 0-based decoder-layer outputs; None: [1, L//2-1, L-4]
@@ -54,7 +56,8 @@ class DraftConfig:
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     intermediate_size: Optional[int] = None
-    # warm start: a draft to begin from (a checkpoint, a run dir or any export), and whose vocab map the run keeps:
+    # warm start: a draft to begin from (a checkpoint, a run dir or any export; or the Hub id of one,
+    # org/name[@revision][/folder]), and whose vocab map the run keeps:
     # draft (its own; default) or data (the one the data builds)
     init_from: Optional[str] = None
     init_vocab: str = "draft"
@@ -62,14 +65,25 @@ class DraftConfig:
 
 @dataclass
 class DataConfig:
-    path: str = MISSING  # chat JSONL (OpenAI `messages` or ShareGPT `conversations`)
-    eval_path: Optional[str] = None  # held-out chat JSONL for eval metrics
+    # chat JSONL (OpenAI `messages` or ShareGPT `conversations`), or a Hugging Face data set id: org/name[@revision]
+    # (its only *.jsonl file) or org/name[@revision]/<path in the repo>.jsonl
+    path: str = MISSING
+    eval_path: Optional[str] = None  # held-out chat JSONL for eval metrics (a Hub id too, as data.path)
     eval_holdout: int = 0  # without eval_path: hold this many examples of data.path out of training for eval
     cache_dir: Optional[str] = None  # tokenisation cache; default: <run_dir>/cache
     # d2t/t2d; default: built from the training data into <cache_dir>/vocab_<Vd>_<data fingerprint>.safetensors
     vocab_path: Optional[str] = None
     max_length: int = 2048
-    thinking: str = "keep"  # keep | strip : Qwen3 <think>...</think> blocks in assistant turns
+    thinking: str = "keep"  # keep | strip : Qwen3 <think>...</think> blocks and reasoning_content in assistant turns
+    chat_template: Optional[str] = None  # a jinja chat template file to render with instead of the tokenizer's
+    # keyword arguments of the chat template (one it never reads is refused), e.g. Qwen3's non-thinking mode: in a
+    # recipe `chat_template_kwargs: {enable_thinking: false}`, on the command line (a new key of the dict, so `+`)
+    # `+data.chat_template_kwargs.enable_thinking=false`
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the empty `<think>\n\n</think>\n\n` before a reply without reasoning: auto (masked when the generation prompt,
+    # rendered with chat_template_kwargs, already holds it: the served model never generates it; else trained) |
+    # mask | train
+    empty_think: str = "auto"
     on_error: str = "raise"  # raise | skip : a bad JSONL line
     truncate: bool = True  # sequences over max_length: truncate (True) or drop (False); counted either way
     shuffle: bool = True

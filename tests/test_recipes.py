@@ -48,6 +48,14 @@ def test_unknown_keys_fail_at_compose_time():
         compose_recipe(["+experiment=no_such_experiment"])
 
 
+def test_chat_template_keys_compose_from_the_command_line():
+    assert (compose_recipe([]).data.chat_template_kwargs, compose_recipe([]).data.empty_think) == ({}, "auto")
+    cfg = compose_recipe(["+data.chat_template_kwargs.enable_thinking=false", "data.empty_think=mask",
+                          "data.chat_template=tpl.jinja"])
+    assert cfg.data.chat_template_kwargs == {"enable_thinking": False}
+    assert (cfg.data.empty_think, cfg.data.chat_template) == ("mask", "tpl.jinja")
+
+
 def test_every_experiment_has_a_target_config():
     assert set(EXPERIMENTS) == set(TARGET_CONFIGS)
 

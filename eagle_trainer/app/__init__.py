@@ -5,6 +5,7 @@
     train.py        `eagle-train` (hydra): the composition root that wires target, data, draft, trainer and export
     train_data.py   what the training loop reads, online (tokenised data + live target) or offline (a dump)
     validation.py   the recipe checked at startup, before any target weights are read
+    hub.py          Hugging Face Hub ids for targets, data and drafts, resolved to local paths in the HF cache
     summary.py      the end-of-run table
     data.py         `eagle-data`: vocab map, regeneration, offline dumps
     regenerate.py   regeneration's driver: ranks share the conversations, rank 0 appends in order, --resume

@@ -2,22 +2,28 @@
 
     eagle-data vocab --tokenizer PATH --data FILE --draft-vocab-size N --out FILE
                      [--max-length N --thinking keep|strip --on-error raise|skip --cache-dir DIR
-                      --target-vocab-size V]
+                      --target-vocab-size V --chat-template PATH --chat-template-kwargs JSON
+                      --empty-think auto|mask|train]
     eagle-data regenerate --target PATH --data IN --out OUT [--batch-size --max-new-tokens --temperature
-                          --top-p --seed --thinking --on-error --chat-template-kwargs JSON --resume | --overwrite
+                          --top-p --seed --thinking --on-error --chat-template-kwargs JSON --chat-template PATH
+                          --resume | --overwrite
                           --dtype --moe-impl --decode auto|eager|static|graph --trust-remote-code --device
                           --no-progress]
     torchrun --nproc-per-node N -m eagle_trainer.app.data regenerate ... parallel=fsdp_ep   # the target sharded
     eagle-data synthesize --target PATH --out OUT --num-prompts N [--max-attempts N --batch-size
                           --max-new-tokens --temperature --top-p --seed --min-chars N --dedup-jaccard T|off
-                          --prefix TEXT --stop-token TOKEN --chat-template-kwargs JSON --resume | --overwrite
+                          --prefix TEXT --stop-token TOKEN --chat-template-kwargs JSON --chat-template PATH
+                          --resume | --overwrite
                           --dtype --moe-impl --decode --trust-remote-code --device --no-progress]   # then regenerate
     eagle-data dump --target PATH --data FILE --vocab FILE --out DIR [--aux-layers 1,17,32 --max-length N
-                    --thinking --on-error --cache-dir DIR --batch-size N --compress none|fp8
+                    --thinking --on-error --chat-template PATH --chat-template-kwargs JSON --empty-think MODE
+                    --cache-dir DIR --batch-size N --compress none|fp8
                     --dtype --moe-impl --device --trust-remote-code --no-progress --shard-size-mb N]
     torchrun --nproc-per-node N -m eagle_trainer.app.data dump ... parallel=fsdp_ep   # the target sharded; the
                                                                       # files are those one process writes
 
+--target, --tokenizer and --data also take a Hugging Face Hub id (`Qwen/Qwen3-8B`, `org/chats@v2/train.jsonl`),
+resolved into the Hugging Face cache first (app/hub.py; HF_HUB_OFFLINE=1: from the cache alone).
 Every subcommand takes --plugin MODULE_OR_FILE (repeatable): user code that registers a target architecture, a
 draft algorithm or an export format, loaded before the registry is used (app/plugins.py).
 """
@@ -28,20 +34,21 @@ import argparse
 import json
 from pathlib import Path
 
-from eagle_trainer.app import plugins, runtime
+from eagle_trainer.app import hub, plugins, runtime
 from eagle_trainer.config import DataConfig
 
 
 def _add_vocab_parser(sub) -> None:
     p = sub.add_parser("vocab", help="count loss tokens and write the draft vocab map (d2t, t2d)")
-    p.add_argument("--tokenizer", required=True, help="target checkpoint or tokenizer directory")
-    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--tokenizer", required=True, help="target checkpoint or tokenizer directory, or its Hub id")
+    p.add_argument("--data", required=True, help="chat JSONL, or a Hub data set id")
     p.add_argument("--draft-vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="output .safetensors with tensors d2t and t2d")
     p.add_argument("--max-length", type=int, default=DataConfig.max_length)
     p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
     p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
     p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <dir of --out>/cache)")
+    _add_mask_arguments(p)
     p.add_argument(
         "--target-vocab-size", type=int, default=None,
         help="V (default: vocab_size in the config.json beside the tokenizer, else the tokenizer's length)",
@@ -50,8 +57,9 @@ def _add_vocab_parser(sub) -> None:
 
 def _add_regenerate_parser(sub) -> None:
     p = sub.add_parser("regenerate", help="replace assistant turns with the target's own generations")
-    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
-    p.add_argument("--data", required=True, help="input chat JSONL (user-only prompts allowed)")
+    p.add_argument("--target", required=True,
+                   help="HF checkpoint directory (config.json, weights, tokenizer) or Hub id (org/name[@revision])")
+    p.add_argument("--data", required=True, help="input chat JSONL (user-only prompts allowed), or a Hub data set id")
     p.add_argument("--out", required=True, help="output chat JSONL (messages form)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -62,6 +70,8 @@ def _add_regenerate_parser(sub) -> None:
     p.add_argument("--on-error", choices=["raise", "skip"], default="raise")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\' for Qwen3')
+    p.add_argument("--chat-template", default=None, metavar="PATH",
+                   help="a jinja chat template file to render the prompts with instead of the tokenizer's")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run after the last complete conversation of --out (same target, "
                         "data and settings, checked against <out>.regen.json)")
@@ -72,8 +82,9 @@ def _add_regenerate_parser(sub) -> None:
 def _add_dump_parser(sub) -> None:
     p = sub.add_parser("dump", help="run the target once over a data set and store its hidden states for "
                                     "offline training (data.offline_path)")
-    p.add_argument("--target", required=True, help="local HF checkpoint directory (config.json, weights, tokenizer)")
-    p.add_argument("--data", required=True, help="chat JSONL")
+    p.add_argument("--target", required=True,
+                   help="HF checkpoint directory (config.json, weights, tokenizer) or Hub id (org/name[@revision])")
+    p.add_argument("--data", required=True, help="chat JSONL, or a Hub data set id")
     p.add_argument("--vocab", required=True, help="draft vocab map (d2t, t2d .safetensors) from `eagle-data vocab`")
     p.add_argument("--out", required=True, help="output directory of the dump")
     p.add_argument("--aux-layers", default=None,
@@ -82,6 +93,7 @@ def _add_dump_parser(sub) -> None:
     p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
     p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
     p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <parent of --out>/cache)")
+    _add_mask_arguments(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compress", choices=["none", "fp8"], default="none",
                    help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
@@ -110,7 +122,7 @@ def _jaccard(text: str) -> float | None:
 def _add_synthesize_parser(sub) -> None:
     p = sub.add_parser("synthesize", help="write user prompts with the target itself (Magpie): it continues the "
                                           "user-turn prefix of its chat template; answer them with regenerate")
-    p.add_argument("--target", required=True, help="local HF checkpoint directory of an instruct (chat) model")
+    p.add_argument("--target", required=True, help="HF checkpoint directory or Hub id of an instruct (chat) model")
     p.add_argument("--out", required=True, help="output chat JSONL, one user turn per line: --data of regenerate")
     p.add_argument("--num-prompts", type=int, required=True, help="unique prompts wanted")
     p.add_argument("--max-attempts", type=int, default=None,
@@ -135,11 +147,32 @@ def _add_synthesize_parser(sub) -> None:
                         "<|im_end|>); the tokenizer's eos always does")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                    help="keyword arguments of the chat template when the prefix is taken from it")
+    p.add_argument("--chat-template", default=None, metavar="PATH",
+                   help="a jinja chat template file to take the prefix from instead of the tokenizer's")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run after the last prompt of --out (same target and settings, "
                         "checked against <out>.synth.json); a larger --num-prompts extends it")
     p.add_argument("--overwrite", action="store_true", help="start an existing --out over")
     add_decoding_arguments(p)
+
+
+def _add_mask_arguments(p: argparse.ArgumentParser) -> None:
+    """How the commands that tokenise chat data (vocab, dump) render it: data.chat_template, chat_template_kwargs and
+    empty_think, which must be training's for the same loss tokens."""
+    p.add_argument("--chat-template", default=None, metavar="PATH",
+                   help="a jinja chat template file to render with instead of the tokenizer's (data.chat_template)")
+    p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                   help='keyword arguments of the chat template, e.g. \'{"enable_thinking": false}\' for Qwen3 '
+                        "(data.chat_template_kwargs)")
+    p.add_argument("--empty-think", choices=["auto", "mask", "train"], default=DataConfig.empty_think,
+                   help="an empty think block before a reply: auto masks it when the generation prompt holds it "
+                        "(data.empty_think)")
+
+
+def _mask_options(args: argparse.Namespace) -> dict:
+    """The DataConfig keys _add_mask_arguments sets."""
+    return {"chat_template": args.chat_template, "empty_think": args.empty_think,
+            "chat_template_kwargs": _chat_template_kwargs(args.chat_template_kwargs)}
 
 
 def add_decoding_arguments(p: argparse.ArgumentParser) -> None:
@@ -178,7 +211,8 @@ def run_vocab(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, trust_remote_code=False)
     vocab_size = args.target_vocab_size or _target_vocab_size(args.tokenizer, tokenizer)
     cfg = DataConfig(
-        path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False
+        path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False,
+        **_mask_options(args),
     )
     cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
     dataset, stats = build_dataset(cfg, tokenizer, cache_dir)
@@ -221,8 +255,8 @@ def run_regenerate(args: argparse.Namespace) -> dict:
         sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed),
         thinking=args.thinking, on_error=args.on_error,
-        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), resume=args.resume,
-        overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
+        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), chat_template=args.chat_template,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
     )
     return regenerate_file(job, pcfg, device)
 
@@ -247,7 +281,8 @@ def run_synthesize(args: argparse.Namespace) -> dict:
             sampling=Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=args.seed)),
         prefix=args.prefix, stop_tokens=tuple(args.stop_tokens or ()),
-        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), batch_size=args.batch_size,
+        chat_template_kwargs=_chat_template_kwargs(args.chat_template_kwargs), chat_template=args.chat_template,
+        batch_size=args.batch_size,
         resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress, decode=args.decode,
     )
     return synthesize_file(job, pcfg, device)
@@ -305,7 +340,7 @@ def run_dump(args: argparse.Namespace) -> dict:
         dims = init_parallel(pcfg, device)  # parallel.ep against the world size
         check_experts(dims.ep, info.num_experts)
         data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
-                              on_error=args.on_error, shuffle=False)
+                              on_error=args.on_error, shuffle=False, **_mask_options(args))
         cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
         tokenizer = load_tokenizer(target_cfg, info)
         # one process tokenises into the cache; the others read it back
@@ -345,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         plugins.add_plugin_argument(command_parser)
     args = parser.parse_args(argv)
     plugins.load_plugins(args.plugin)  # before anything looks up the registry (every rank under torchrun)
+    # Hub ids to local paths, on every rank (from the shared cache), before anything is read
+    hub.resolve_options(args, {"target": "target", "tokenizer": "tokenizer", "data": "data"})
     if args.command == "vocab":
         run_vocab(args)
     elif args.command == "regenerate":

@@ -11,6 +11,8 @@ the target's embedding (and, for EAGLE-1/2, its lm_head). Prompts are the data's
 assistant turn, tokenised the way training tokenises them. eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
 histogram of tokens committed per target forward; beside it the simulated acceptance length from the
 draft's per-step TTT accuracy on the same conversations. A PNG histogram is written next to eval.json.
+--target, --draft and --data also take a Hugging Face Hub id (org/name[@revision], a data set's org/name/file.jsonl),
+resolved into the Hugging Face cache first (app/hub.py); eval.json then names the local snapshots.
 A target or draft kind registered by user code needs that code loaded: --plugin MODULE_OR_FILE (repeatable;
 app/plugins.py), as for the run that trained the draft; a checkpoint or export never imports code itself.
 Under torchrun the ranks share the prompts (evaluate/acceptance.py); eval.json's `run` records the world size, ep and
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eagle_trainer.app import plugins, runtime
+from eagle_trainer.app import hub, plugins, runtime
 from eagle_trainer.config import DataConfig, TargetConfig
 from eagle_trainer.data import build_dataset
 from eagle_trainer.data.regenerate import stop_token_ids
@@ -41,15 +43,18 @@ from eagle_trainer.targets.sharded import open_target
 @runtime.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eagle-eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--target", required=True, help="local HF checkpoint directory of the target")
-    parser.add_argument("--draft", required=True, help="checkpoint, run or export directory of the draft")
-    parser.add_argument("--data", required=True, help="chat JSONL whose conversations give the prompts")
+    parser.add_argument("--target", required=True, help="HF checkpoint directory or Hub id of the target")
+    parser.add_argument("--draft", required=True, help="checkpoint, run or export directory or Hub id of the draft")
+    parser.add_argument("--data", required=True, help="chat JSONL whose conversations give the prompts, or a Hub id")
     parser.add_argument("--out", required=True, help="eval.json to write (a .png histogram goes beside it)")
     parser.add_argument("--mode", nargs="+", choices=["chain", "tree"], default=["chain", "tree"])
     parser.add_argument("--steps", type=int, default=5, help="chain: draft tokens per round")
     parser.add_argument("--topk", type=int, default=8, help="tree: children per node, nodes expanded per depth")
     parser.add_argument("--depth", type=int, default=5, help="tree: draft depth")
     parser.add_argument("--total-tokens", type=int, default=31, help="tree: draft tokens verified per round")
+    parser.add_argument("--verify", choices=["tree", "walk"], default="tree",
+                        help="tree: one target forward checks every draft token; walk: one forward per accepted "
+                             "token with the target's own cache (the reference: the same tokens, more forwards)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--any-target", action="store_true",
                         help="measure even if --target is not the target the draft records (a warning, not an error)")
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_options(args)
     plugins.load_plugins(args.plugin)  # the target's and the draft's registry entries may come from one
+    hub.resolve_options(args, {"target": "target", "draft": "draft", "data": "data"})  # every rank, Hub ids to paths
 
     pcfg = runtime.parallel_options(args.parallel)
     device = runtime.pick_device(args.device, "--device")
@@ -113,8 +119,7 @@ def evaluate(args: argparse.Namespace, draft, dims, device) -> tuple[dict, dict]
     reports = {}
     for mode in args.mode:
         cfg = DecodeConfig(mode=mode, steps=args.steps, topk=args.topk, depth=args.depth,
-                           total_tokens=args.total_tokens, max_new_tokens=args.max_new_tokens,
-                           verify="tree" if spec.tree_verify else "walk")
+                           total_tokens=args.total_tokens, max_new_tokens=args.max_new_tokens, verify=args.verify)
         reports[mode] = measure_acceptance(model, spec, draft, prompts, cfg, stop_ids,
                                            progress=args.progress and dims.rank == 0)
     result = {"target": args.target, "draft": args.draft, "data": args.data, "modes": reports,

@@ -12,7 +12,8 @@ says what each holds. A checkpoint of the other draft kind is refused, naming it
 --checkpoint is either
   - a trainer checkpoint directory: it holds draft_config.json and draft.safetensors (drafts/io.py), or
   - a run directory: its checkpoints/ subdirectory holds step_<N> checkpoint directories, and the one with
-    the highest N is exported (checkpoint.resolve_checkpoint).
+    the highest N is exported (checkpoint.resolve_checkpoint), or
+  - the Hugging Face Hub id of either (org/name[@revision][/folder]), fetched into the Hugging Face cache (app/hub.py).
 --out must not exist (unless --overwrite); it appears only once fully written.
 --plugin MODULE_OR_FILE (repeatable) loads user code that registers a draft algorithm or an export format
 (app/plugins.py); a checkpoint never imports code itself.
@@ -27,7 +28,7 @@ import argparse
 import torch
 
 from eagle_trainer import registry
-from eagle_trainer.app import plugins, runtime
+from eagle_trainer.app import hub, plugins, runtime
 from eagle_trainer.checkpoint import resolve_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     plugins.load_plugins(early.parse_known_args(argv)[0].plugin)
     formats = registry.export_formats()
     parser = argparse.ArgumentParser(prog="eagle-export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or run directory (newest step)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory, or run directory (newest step), or the Hub id of either")
     parser.add_argument("--format", required=True, choices=sorted(formats))
     parser.add_argument("--out", required=True, help="output directory (must not exist)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="dtype of the weights")
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--verifier is written only by {takers} (the speculators format), not "
                              f"--format {args.format}; drop it, or export with {takers}")
         options["verifier"] = args.verifier
+    hub.resolve_options(args, {"checkpoint": "draft"})
     checkpoint = resolve_checkpoint(args.checkpoint)
     out = fmt.write(checkpoint, args.out, dtype=DTYPES[args.dtype], overwrite=args.overwrite, **options)
     print(f"exported {checkpoint} as {args.format} ({args.dtype}) to {out}")

@@ -9,7 +9,7 @@ in input order, resumable after a kill.
                --max-new-tokens or the context carries "truncated": true; the summary counts them
     sidecar    <out>.regen.json, written before the first line: the target's fingerprint, the input file's sha256
                and the settings the lines depend on (data.sampling.Sampling, thinking, on_error, chat template
-               kwargs, dtype)
+               kwargs, the sha256 of --chat-template's file, dtype)
     --resume   the sidecar must match this run (target, data, settings); a torn last line is dropped and the job
                goes on after the last complete conversation: no duplicate, no gap, the same order
     decode     --decode eager (HF DynamicCache: any target, sharded too), static (a static KV cache: full-attention
@@ -44,6 +44,7 @@ from eagle_trainer.data.chat import Conversation, chat_line, read_chat_jsonl
 from eagle_trainer.data.regenerate import (DECODE_MODES, check_prompt_lengths, check_static_target, context_length,
                                            regenerate_batch)
 from eagle_trainer.data.sampling import Sampling
+from eagle_trainer.data.template import set_chat_template
 from eagle_trainer.parallel import ParallelDims, check_experts, init_parallel
 from eagle_trainer.targets.loading import load_tokenizer, read_config, resolve_dtype, target_fingerprint
 from eagle_trainer.targets.sharded import open_target, target_lock_step
@@ -63,6 +64,7 @@ class RegenerateJob:
     thinking: str = "keep"
     on_error: str = "raise"
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # a jinja file to render with instead of the tokenizer's chat template
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -103,6 +105,7 @@ def job_record(job: RegenerateJob, device: torch.device) -> dict:
     """What the output depends on: the sidecar's contents (the paths are for people; only the rest is compared)."""
     settings = {**asdict(job.sampling), "thinking": job.thinking, "on_error": job.on_error,
                 "chat_template_kwargs": job.chat_template_kwargs,
+                "chat_template": file_sha256(job.chat_template) if job.chat_template else None,
                 "dtype": str(resolve_dtype(job.target.dtype, device)).removeprefix("torch.")}
     return {"target": target_fingerprint(job.target.path), "data": file_sha256(job.data), "settings": settings,
             "target_path": str(job.target.path), "data_path": str(job.data)}
@@ -249,6 +252,7 @@ def regenerate_file(job: RegenerateJob, pcfg: ParallelConfig, device: torch.devi
     _, arch, hf_config = read_config(job.target)  # a path that is not a checkpoint is refused here
     info = registry.target_spec(arch).read_info(arch, hf_config)
     tokenizer = load_tokenizer(job.target, info)
+    set_chat_template(tokenizer, job.chat_template, job.chat_template_kwargs)
     conversations, skipped = read_chat_jsonl(job.data, thinking=job.thinking, on_error=job.on_error,
                                              require_assistant=False)
     with runtime.process_group(device, pcfg.backend):
@@ -264,6 +268,7 @@ def regenerate_file(job: RegenerateJob, pcfg: ParallelConfig, device: torch.devi
 
         start = agreed(prepare, dims)
         opened = open_target(job.target, device, dims, progress=job.progress and dims.rank == 0)
+        opened.tokenizer.chat_template = tokenizer.chat_template  # --chat-template's, where given
         summary = _run_chunks(job, opened, conversations, start, mode)
     summary["skipped"] = skipped
     if dims.rank == 0:

@@ -41,6 +41,7 @@ from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.data.regenerate import context_length
 from eagle_trainer.data.synthesize import (DROP_REASONS, PromptFilter, Synthesis, encode_prefix, prompt_record,
                                            sample_user_turns, stop_ids, take, user_turn)
+from eagle_trainer.data.template import set_chat_template
 from eagle_trainer.parallel import check_experts, init_parallel
 from eagle_trainer.targets.loading import load_tokenizer, read_config, resolve_dtype, target_fingerprint
 from eagle_trainer.targets.sharded import open_target, target_lock_step
@@ -58,6 +59,7 @@ class SynthesizeJob:
     prefix: str | None = None  # None: the chat template's user-turn prefix
     stop_tokens: tuple[str, ...] = ()  # (): the chat template's end-of-turn token
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # a jinja file to render with instead of the tokenizer's chat template
     batch_size: int = 32  # attempts per rank per chunk
     resume: bool = False
     overwrite: bool = False
@@ -116,6 +118,7 @@ def synthesize_file(job: SynthesizeJob, pcfg: ParallelConfig, device: torch.devi
     _, arch, hf_config = read_config(job.target)  # a path that is not a checkpoint is refused here
     info = registry.target_spec(arch).read_info(arch, hf_config)
     tokenizer = load_tokenizer(job.target, info)
+    set_chat_template(tokenizer, job.chat_template, job.chat_template_kwargs)
     turn = user_turn(tokenizer, prefix=job.prefix, stop_tokens=job.stop_tokens,
                      chat_template_kwargs=job.chat_template_kwargs)
     stop = stop_ids(tokenizer, turn.stop_tokens)

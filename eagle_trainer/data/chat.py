@@ -5,11 +5,15 @@ One conversation per line, in either of two forms:
     {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}   (OpenAI)
     {"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}       (ShareGPT)
 
-Both normalise to a list of {"role", "content"} dicts with roles system / user / assistant. An assistant message
-may carry `"truncated": true` (regeneration writes it on a reply cut at its token cap before the target ended the
-turn; template.py then trains no end-of-turn after it); it is kept only when true. A bad line
-either raises a ValueError naming `file:line`, or (on_error="skip") is skipped and counted by reason,
-so nothing is dropped silently. Blank lines carry no conversation and are passed over; a file of nothing else is
+Both normalise to a list of {"role", "content"} dicts with roles system / user / assistant / tool, keeping the fields
+a chat template reads beyond them: on an assistant message `reasoning_content` (a string: its reasoning, which
+thinking="strip" drops along with <think> blocks in the content) and `tool_calls` (a list of calls, each
+{"function": {"name", "arguments"}} or {"name", "arguments"}; the content may then be null, read as ""); on a tool
+message `name` and `tool_call_id`. template.py renders them with the target's template and refuses a template that
+renders none of them. An assistant message may carry `"truncated": true` (regeneration writes it on a reply cut at
+its token cap before the target ended the turn; template.py then trains no end-of-turn after it); it is kept only
+when true. A bad line either raises a ValueError naming `file:line`, or (on_error="skip") is skipped and counted by
+reason, so nothing is dropped silently. Blank lines carry no conversation and are passed over; a file of nothing else is
 refused as empty. A line that is not valid UTF-8 is a bad line (reason bad_utf8).
 """
 
@@ -19,9 +23,11 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
-Conversation = list[dict[str, str | bool]]  # role, content; "truncated": True on a reply cut at its cap
+# role, content; reasoning_content, tool_calls (assistant), name, tool_call_id (tool); "truncated": True on a reply cut
+# at its cap
+Conversation = list[dict[str, Any]]
 
 ROLES = {
     "system": "system",
@@ -29,7 +35,12 @@ ROLES = {
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
+    "tool": "tool",
 }
+# The fields a message keeps beyond role and content, in the order chat_line writes them, and the role that has them.
+# On another role the tool's are passed over (OpenAI's user messages may carry a `name`); the others are refused.
+MESSAGE_FIELDS = {"reasoning_content": "assistant", "tool_calls": "assistant", "name": "tool",
+                  "tool_call_id": "tool", "truncated": "assistant"}
 THINKING_MODES = ("keep", "strip")
 ON_ERROR_MODES = ("raise", "skip")
 
@@ -61,7 +72,8 @@ def strip_thinking(text: str) -> str:
 
 
 def parse_conversation(record: object, *, thinking: str = "keep", require_assistant: bool = True) -> Conversation:
-    """Normalise one decoded JSON record to [{"role", "content"}]; BadLineError says what is wrong."""
+    """Normalise one decoded JSON record to [{"role", "content", and the MESSAGE_FIELDS it holds}]; BadLineError says
+    what is wrong."""
     check_thinking(thinking)
     if not isinstance(record, dict):
         raise BadLineError("bad_format", f"expected a JSON object, got {type(record).__name__}")
@@ -84,26 +96,53 @@ def parse_conversation(record: object, *, thinking: str = "keep", require_assist
         if role is None:
             raise BadLineError("unknown_role", f"turn {i} has {role_key}={raw_role!r}; expected one of {sorted(ROLES)}")
         content = turn.get(content_key)
+        if content is None and role == "assistant" and turn.get("tool_calls"):
+            content = ""  # OpenAI's form of a reply that only calls tools
         if not isinstance(content, str):
             raise BadLineError(
                 "bad_content", f"turn {i} has {content_key} of type {type(content).__name__}, expected a string"
             )
         if role == "assistant" and thinking == "strip":
             content = strip_thinking(content)
-        message = {"role": role, "content": content}
-        truncated = turn.get("truncated", False)
-        if not isinstance(truncated, bool):
-            raise BadLineError("bad_truncated", f"turn {i} has truncated={truncated!r} of type "
-                               f"{type(truncated).__name__}, expected true or false")
-        if truncated:
-            if role != "assistant":
-                raise BadLineError("bad_truncated", f"turn {i} is a {role} turn marked truncated; only an assistant "
-                                   "reply can be cut at its token cap")
-            message["truncated"] = True
+        message = {"role": role, "content": content, **_message_fields(turn, role, i)}
+        if thinking == "strip":
+            message.pop("reasoning_content", None)
         messages.append(message)
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise BadLineError("no_assistant_turn", "the conversation has no assistant turn, so nothing to learn from")
     return messages
+
+
+def _message_fields(turn: dict, role: str, i: int) -> dict:
+    """The fields of MESSAGE_FIELDS that turn i holds, checked; a `truncated` mark is kept only when true."""
+    fields = {}
+    for name, owner in MESSAGE_FIELDS.items():
+        value = turn.get(name)
+        if name == "truncated":  # true or false; only true is kept
+            if name not in turn or value is False:
+                continue
+        elif value is None or value == [] or (owner == "tool" and role != owner):  # null: absent, as HF takes it
+            continue
+        reason = f"bad_{name}"
+        if role != owner:
+            cut = "; only an assistant reply can be cut at its token cap" if name == "truncated" else ""
+            raise BadLineError(reason, f"turn {i} is a {role} turn with {name}, which only {owner} messages have{cut}")
+        if name == "truncated" and not isinstance(value, bool):
+            raise BadLineError(reason, f"turn {i} has truncated={value!r} of type {type(value).__name__}, expected "
+                               "true or false")
+        if name == "tool_calls" and not (isinstance(value, list) and value and all(map(_is_call, value))):
+            raise BadLineError(reason, f"turn {i} has tool_calls={str(value)[:80]}; expected a list of calls, each "
+                               '{"function": {"name": ..., "arguments": ...}} or {"name": ..., "arguments": ...}')
+        if name not in ("tool_calls", "truncated") and not isinstance(value, str):
+            raise BadLineError(reason, f"turn {i} has {name} of type {type(value).__name__}, expected a string")
+        fields[name] = value
+    return fields
+
+
+def _is_call(call: object) -> bool:
+    """A tool call in OpenAI's form ({"function": {"name", ...}}) or the flat one ({"name", ...})."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
 
 
 def iter_chat_jsonl(
@@ -180,8 +219,9 @@ def template_messages(messages: Conversation) -> Conversation:
 
 
 def chat_line(messages: Conversation) -> str:
-    """One OpenAI-form JSONL line: role and content per message, and `"truncated": true` on a cut reply."""
-    records = [{"role": m["role"], "content": m["content"], **({"truncated": True} if m.get("truncated") else {})}
+    """One OpenAI-form JSONL line: role, content and the MESSAGE_FIELDS each message holds (`"truncated": true` on
+    a cut reply)."""
+    records = [{"role": m["role"], "content": m["content"], **{k: m[k] for k in MESSAGE_FIELDS if k in m}}
                for m in messages]
     return json.dumps({"messages": records}, ensure_ascii=False) + "\n"
 

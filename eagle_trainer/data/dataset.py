@@ -3,9 +3,10 @@
 `build_dataset` reads a chat JSONL file, renders and tokenises each conversation with its loss mask, and
 streams the rows into an Arrow file under the cache directory, which `datasets` then memory-maps. The
 cache entry is keyed by a fingerprint of everything that changes the rows: the data file's content, the
-tokenizer (vocabulary, special tokens, chat template), max_length, thinking, truncate, on_error and the
-turn markers. A second build with the same key reads the Arrow file and the saved stats back without
-tokenising. Several processes must not build the same key at once: let rank 0 build, then barrier.
+tokenizer (vocabulary, special tokens, chat template), the chat template rendered with (data.chat_template, else the
+tokenizer's) and its kwargs, empty_think, max_length, thinking, truncate and on_error. A second build with the same
+key reads the Arrow file and the saved stats back without tokenising. Several processes must not build the same key
+at once: let rank 0 build, then barrier.
 
 Columns: input_ids list[int32] [T], loss_mask list[bool] [T]. Batch shapes: [B, T] right-padded, or with
 data.pack [1, N] (the batch's examples back to back, position_ids and cu_seqlens marking them; see types.Batch).
@@ -28,13 +29,13 @@ from datasets.arrow_writer import ArrowWriter
 
 from eagle_trainer.config import DataConfig
 from eagle_trainer.data.chat import BadLineError, check_on_error, check_thinking, iter_chat_jsonl, line_error
-from eagle_trainer.data.template import ASSISTANT_HEADER, END_OF_TURN, tokenize_conversation
+from eagle_trainer.data.template import ChatTemplate, load_chat_template, tokenize_conversation
 from eagle_trainer.types import Batch
 
 FEATURES = datasets.Features(
     {"input_ids": datasets.List(datasets.Value("int32")), "loss_mask": datasets.List(datasets.Value("bool"))}
 )
-_CACHE_VERSION = 1  # bump when the row format or the masking rule changes
+_CACHE_VERSION = 2  # bump when the row format or the masking rule changes
 _DATA_FILE = "data.arrow"
 _STATS_FILE = "stats.json"
 
@@ -60,14 +61,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(
-    cfg: DataConfig, tokenizer, path: str | Path, assistant_header: str = ASSISTANT_HEADER,
-    end_of_turn: str = END_OF_TURN,
-) -> str:
+def dataset_fingerprint(cfg: DataConfig, tokenizer, path: str | Path, template: ChatTemplate) -> str:
     key = {
         "version": _CACHE_VERSION, "data": file_sha256(path), "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": cfg.max_length, "thinking": cfg.thinking, "truncate": cfg.truncate, "on_error": cfg.on_error,
-        "assistant_header": assistant_header, "end_of_turn": end_of_turn,
+        "chat_template": hashlib.sha256(template.source.encode()).hexdigest(), "template_kwargs": template.kwargs,
+        "empty_think": template.empty_think,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -78,10 +77,9 @@ def build_dataset(
     cache_dir: str | Path | None = None,
     *,
     path: str | Path | None = None,
-    assistant_header: str = ASSISTANT_HEADER,
-    end_of_turn: str = END_OF_TURN,
 ) -> tuple[datasets.Dataset, dict]:
-    """Tokenise `path` (default cfg.path) into a memory-mapped Dataset, cached under `cache_dir`.
+    """Tokenise `path` (default cfg.path) into a memory-mapped Dataset, cached under `cache_dir`, rendered with
+    data.chat_template (else the tokenizer's template), data.chat_template_kwargs and data.empty_think.
 
     Returns the dataset and stats: num_conversations (valid lines read), num_examples (rows kept),
     num_tokens and num_loss_tokens (over kept rows), skipped (bad lines by reason), truncated (rows cut
@@ -98,10 +96,11 @@ def build_dataset(
     cache_dir = cache_dir if cache_dir is not None else cfg.cache_dir
     if cache_dir is None:
         raise ValueError("no tokenisation cache directory; pass cache_dir or set data.cache_dir")
-    fingerprint = dataset_fingerprint(cfg, tokenizer, path, assistant_header, end_of_turn)
+    template = load_chat_template(tokenizer, cfg.chat_template, cfg.chat_template_kwargs, cfg.empty_think)
+    fingerprint = dataset_fingerprint(cfg, tokenizer, path, template)
     entry = Path(cache_dir) / f"tokenized_{path.stem}_{fingerprint}"
     if not (entry / _STATS_FILE).is_file():
-        _write_entry(entry, cfg, tokenizer, path, fingerprint, assistant_header, end_of_turn)
+        _write_entry(entry, cfg, tokenizer, template, path, fingerprint)
         from_cache = False
     else:
         from_cache = True
@@ -110,9 +109,7 @@ def build_dataset(
     return datasets.Dataset.from_file(str(entry / _DATA_FILE)), stats
 
 
-def _write_entry(
-    entry: Path, cfg: DataConfig, tokenizer, path: Path, fingerprint: str, assistant_header: str, end_of_turn: str
-) -> None:
+def _write_entry(entry: Path, cfg: DataConfig, tokenizer, template: ChatTemplate, path: Path, fingerprint: str) -> None:
     """Tokenise into a temporary directory, then rename it into place, so a crash leaves no half entry."""
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,7 +121,7 @@ def _write_entry(
         with ArrowWriter(features=FEATURES, path=str(tmp / _DATA_FILE)) as writer:
             lines = iter_chat_jsonl(path, thinking=cfg.thinking, on_error=cfg.on_error, skipped=skipped)
             for line_no, messages in lines:
-                tok = _tokenize_line(tokenizer, messages, cfg, path, line_no, skipped, assistant_header, end_of_turn)
+                tok = _tokenize_line(tokenizer, template, messages, cfg, path, line_no, skipped)
                 if tok is None:
                     continue
                 stats["num_conversations"] += 1
@@ -163,12 +160,11 @@ def _write_entry(
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenize_line(tokenizer, messages, cfg, path, line_no, skipped, assistant_header, end_of_turn):
-    """tokenize_conversation, with a template mismatch raised as a `file:line` error or skipped and counted."""
+def _tokenize_line(tokenizer, template, messages, cfg, path, line_no, skipped):
+    """tokenize_conversation, with a conversation the template cannot render or mask raised as a `file:line` error,
+    or skipped and counted."""
     try:
-        return tokenize_conversation(
-            tokenizer, messages, max_length=cfg.max_length, assistant_header=assistant_header, end_of_turn=end_of_turn
-        )
+        return tokenize_conversation(tokenizer, messages, max_length=cfg.max_length, template=template)
     except BadLineError as e:
         if cfg.on_error == "skip":
             skipped[e.reason] += 1

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from eagle_trainer.data.chat import Conversation, template_messages
 from eagle_trainer.data.sampling import Sampling, row_keys, sample_next
-from eagle_trainer.data.template import END_OF_TURN
 
+END_OF_TURN = "<|im_end|>"  # the default stop token beside the eos: Qwen3's (ChatML's) end of turn
 STOP_CHECK_EVERY = 8  # decode steps between the host's looks at "every row stopped" on a GPU (1 on the CPU)
 
 
@@ -63,8 +63,10 @@ def prompt_too_long(index: int, length: int, context: int, turn: int = 0) -> Val
 
 
 def _plan(messages: Conversation) -> tuple[Conversation, list[int]]:
-    """A copy of the conversation, ending with an assistant turn, and the indices of its assistant turns."""
-    work = [{"role": m["role"], "content": m["content"]} for m in messages]
+    """A copy of the conversation, ending with an assistant turn, and the indices of its assistant turns. An assistant
+    turn keeps only its content, which its regeneration replaces (the generated text holds any reasoning and tool
+    calls as the target wrote them); the other messages are kept whole (a tool message's name and call id)."""
+    work = [{"role": m["role"], "content": m["content"]} if m["role"] == "assistant" else dict(m) for m in messages]
     if not work:
         raise ValueError("an empty conversation cannot be regenerated; it needs at least a user turn")
     if work[-1]["role"] != "assistant":

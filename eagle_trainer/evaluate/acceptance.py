@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from eagle_trainer.data.chat import Conversation
+from eagle_trainer.data.chat import Conversation, template_messages
 from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generate
 from eagle_trainer.registry import TargetSpec
 from eagle_trainer.targets.sharded import target_lock_step
@@ -51,11 +51,12 @@ def prompts_from_dataset(dataset, num: int) -> list[list[int]]:
 
 
 def prompts_from_conversations(tokenizer, conversations: list[Conversation], **template_kwargs) -> list[list[int]]:
-    """Each conversation up to (not including) its last assistant turn, rendered for generation."""
+    """Each conversation up to (not including) its last assistant turn, rendered for generation (its messages whole:
+    reasoning, tool calls and tool messages reach the template)."""
     prompts = []
     for conv in conversations:
         last = max((i for i, m in enumerate(conv) if m["role"] == "assistant"), default=len(conv))
-        history = [{"role": m["role"], "content": m["content"]} for m in conv[:last]]
+        history = template_messages(conv[:last])
         if not history:
             continue
         text = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True, **template_kwargs)

@@ -180,9 +180,10 @@ def test_entry_points_load_in_every_command(llama, tmp_path, monkeypatch):
     plugins.load_plugins()  # the module imported once, the callable called once
     assert sys.modules["plugin_test_hook"].CALLS == [1]
     assert {LLAMA, "PluginHookForCausalLM"} <= set(registry.known_targets())
-    # a command reads the group by itself: regenerate gets past the registry to the (missing) data file
-    with pytest.raises(FileNotFoundError):
-        data_main(["regenerate", "--target", str(llama / "target"), "--data", str(tmp_path / "none.jsonl"),
+    # a command reads the group by itself: regenerate gets past the registry to the (empty) data file
+    (tmp_path / "empty.jsonl").touch()
+    with pytest.raises(ValueError, match="empty.jsonl is empty"):
+        data_main(["regenerate", "--target", str(llama / "target"), "--data", str(tmp_path / "empty.jsonl"),
                    "--out", str(tmp_path / "out.jsonl"), "--device", "cpu"])
 
 

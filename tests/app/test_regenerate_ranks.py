@@ -166,7 +166,7 @@ def test_sidecar_records_target_data_and_settings(one_process, targets):
     assert record["data"] == file_sha256(one_process / "chat.jsonl")
     assert record["settings"] == {"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.0, "seed": 0,
                                   "thinking": "keep", "on_error": "raise", "chat_template_kwargs": None,
-                                  "dtype": "float32"}
+                                  "chat_template": None, "dtype": "float32"}
 
 
 def test_sampling_is_the_same_for_any_world_and_batch_and_differs_by_seed(one_process, world2):

@@ -11,7 +11,8 @@ from eagle_trainer.app.train import RECIPES, run, to_config
 
 
 def compose_cfg(target, run_dir, *extra):
-    overrides = ["demo.enabled=false", f"target.path={target}", f"data.path={run_dir / 'missing.jsonl'}",
+    (run_dir / "unread.jsonl").touch()  # the paths are resolved at startup; the data is read after these checks
+    overrides = ["demo.enabled=false", f"target.path={target}", f"data.path={run_dir / 'unread.jsonl'}",
                  f"train.run_dir={run_dir}", "train.progress=false", *extra]
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
         return to_config(compose("config", overrides=overrides))

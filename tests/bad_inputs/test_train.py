@@ -242,7 +242,7 @@ def test_a_user_error_is_one_line_with_status_2(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     [line] = proc.stderr.splitlines()
-    assert line.startswith(f"error: --checkpoint '{tmp_path / 'nonexistent'}' does not exist")
+    assert line.startswith(f"error: --checkpoint='{tmp_path / 'nonexistent'}' does not exist")
     debug = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "EAGLE_DEBUG": "1"})
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
 

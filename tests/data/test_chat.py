@@ -2,13 +2,14 @@
 loss mask."""
 
 import json
+import re
 
 import pytest
 
 from eagle_trainer.data.chat import (BadLineError, parse_conversation, read_chat_jsonl, strip_thinking,
                                      write_chat_jsonl)
-from eagle_trainer.data.template import find_assistant_spans, tokenize_conversation
-from eagle_trainer.targets.tiny_tokenizer import save_tiny_tokenizer
+from eagle_trainer.data.template import ChatTemplate, tokenize_conversation
+from eagle_trainer.targets.tiny_tokenizer import CHAT_TEMPLATE, save_tiny_tokenizer
 
 TWO_TURNS = [
     {"role": "system", "content": "Be brief."},
@@ -48,6 +49,10 @@ BAD_LINES = {
     "bad_format": {"text": "hi"},
     "bad_truncated": {"messages": [{"role": "user", "content": "hi"},
                                    {"role": "assistant", "content": "yo", "truncated": "yes"}]},
+    "bad_tool_calls": {"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "", "tool_calls": [{"arguments": {}}]}]},
+    "bad_reasoning_content": {"messages": [{"role": "user", "content": "hi", "reasoning_content": "no"},
+                                           {"role": "assistant", "content": "yo"}]},
 }
 
 
@@ -92,6 +97,32 @@ def test_writer_round_trip(tmp_path):
     conversations = [TWO_TURNS, odd]
     write_chat_jsonl(tmp_path / "out" / "w.jsonl", conversations)
     assert read_chat_jsonl(tmp_path / "out" / "w.jsonl")[0] == conversations
+
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Kalo\"}"}}
+TOOL_RECORD = {"messages": [
+    {"role": "user", "content": "Weather?", "name": "ann"},  # OpenAI's participant name: not a tool's, passed over
+    {"role": "assistant", "content": None, "reasoning_content": "Ask.", "tool_calls": [CALL]},
+    {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "weather"},
+    {"role": "assistant", "content": "<think>ok</think>Sunny.", "reasoning_content": None, "tool_calls": []},
+]}
+
+
+def test_reasoning_tool_calls_and_tool_messages_are_kept_and_round_trip(tmp_path):
+    messages = parse_conversation(TOOL_RECORD)
+    assert messages == [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": "", "reasoning_content": "Ask.", "tool_calls": [CALL]},
+                        {"role": "tool", "content": "sunny", "name": "weather", "tool_call_id": "c1"},
+                        {"role": "assistant", "content": "<think>ok</think>Sunny."}]
+    stripped = parse_conversation(TOOL_RECORD, thinking="strip")
+    assert stripped[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert stripped[3]["content"] == "Sunny."
+    sharegpt = {"conversations": [{"from": "human", "value": "Weather?"},
+                                  {"from": "gpt", "value": "", "tool_calls": [{"name": "weather", "arguments": {}}]},
+                                  {"from": "tool", "value": "sunny"}, {"from": "gpt", "value": "Sunny."}]}
+    assert [m["role"] for m in parse_conversation(sharegpt)] == ["user", "assistant", "tool", "assistant"]
+    write_chat_jsonl(tmp_path / "w.jsonl", [messages])
+    assert read_chat_jsonl(tmp_path / "w.jsonl")[0] == [messages]
 
 
 CUT_FIRST = [*TWO_TURNS[:2], {**TWO_TURNS[2], "truncated": True}, *TWO_TURNS[3:]]
@@ -170,8 +201,15 @@ def test_truncation_keeps_the_first_tokens(tokenizer):
     assert cut.input_ids == full.input_ids[:10] and cut.loss_mask == full.loss_mask[:10]
 
 
-def test_wrong_markers_are_reported(tokenizer):
-    with pytest.raises(ValueError, match="found 0 assistant headers"):
-        tokenize_conversation(tokenizer, TWO_TURNS, assistant_header="<|start_header_id|>assistant")
-    with pytest.raises(ValueError, match="no end-of-turn"):
-        find_assistant_spans("<|im_start|>assistant\nhello", end_of_turn="<|eot_id|>")
+def test_a_template_whose_replies_cannot_be_placed_is_reported(tokenizer):
+    no_end = CHAT_TEMPLATE.replace("<|im_end|>\\n'", "END\\n'")  # turns close with text, no special token
+    with pytest.raises(BadLineError, match="follows assistant turn 1 with 'END.*not with a special token") as err:
+        tokenize_conversation(tokenizer, TWO_TURNS, template=ChatTemplate(no_end))
+    assert err.value.reason == "template_mismatch"
+    no_content = CHAT_TEMPLATE.replace("message['content']", "'...'")
+    with pytest.raises(BadLineError, match="renders an assistant message's content 0 times"):
+        tokenize_conversation(tokenizer, TWO_TURNS, template=ChatTemplate(no_content))
+    no_prompt = CHAT_TEMPLATE.replace("'<|im_start|>assistant\\n'", "'<|im_start|>bot\\n'")
+    with pytest.raises(BadLineError, match=re.escape("assistant turn 1 is not rendered after the chat template's "
+                                                     "generation prompt '<|im_start|>bot\\n'")):
+        tokenize_conversation(tokenizer, TWO_TURNS, template=ChatTemplate(no_prompt))

@@ -3,7 +3,9 @@ is Gumbel-max over the top-p nucleus with counter-based randomness, the same in 
 context; a reply cut at its cap is marked `truncated` and trains no end-of-turn; a static KV cache (and its CUDA
 graph replay) decodes as HF's dynamic one."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,24 @@ def test_cli_regenerate(target, tmp_path):
           "--max-new-tokens", "10", "--batch-size", "2", "--device", "cpu", "--no-progress"])
     got, _ = read_chat_jsonl(tmp_path / "out.jsonl")
     assert got == regenerate(model, tokenizer, [PROMPT_ONLY, MULTI_TURN], max_new_tokens=10, progress=False)
+
+
+def test_cli_regenerate_renders_with_the_chat_template_given(target, tmp_path):
+    path, model, _ = target
+    template = Path(__file__).parents[1] / "fixtures" / "qwen3_chat_template.jinja"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"messages": MULTI_TURN}) + "\n")
+    args = ["regenerate", "--target", str(path), "--data", str(src), "--max-new-tokens", "6", "--device", "cpu",
+            "--no-progress", "--chat-template", str(template)]
+    main([*args, "--out", str(tmp_path / "out.jsonl"), "--chat-template-kwargs", '{"enable_thinking": false}'])
+    own = AutoTokenizer.from_pretrained(str(path))
+    own.chat_template = template.read_text()
+    assert read_chat_jsonl(tmp_path / "out.jsonl")[0] == regenerate(
+        model, own, [MULTI_TURN], max_new_tokens=6, chat_template_kwargs={"enable_thinking": False}, progress=False)
+    record = json.loads((tmp_path / "out.jsonl.regen.json").read_text())
+    assert record["settings"]["chat_template"] == hashlib.sha256(template.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="--chat-template-kwargs sets 'enable_thinkng', which the chat template never"):
+        main([*args, "--out", str(tmp_path / "typo.jsonl"), "--chat-template-kwargs", '{"enable_thinkng": false}'])
 
 
 def test_a_reply_cut_at_the_cap_is_marked_and_trains_no_end_of_turn(tiny_chat_target_path, tmp_path):

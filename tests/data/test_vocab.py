@@ -100,3 +100,31 @@ def test_cli_vocab(tmp_path, capsys):
     d2t, t2d = load_vocab_map(out)
     assert d2t.shape == (64,) and t2d.shape == (len(tokenizer),)
     assert (tmp_path / "run" / "cache").is_dir()
+
+
+def test_cli_vocab_renders_the_data_as_training_does(tmp_path, capsys):
+    """--chat-template, --chat-template-kwargs and --empty-think count the loss tokens of data.chat_template,
+    chat_template_kwargs and empty_think."""
+    from pathlib import Path
+
+    from eagle_trainer.config import DataConfig
+    from eagle_trainer.data.dataset import build_dataset
+
+    tokenizer = save_tiny_tokenizer(tmp_path / "tok")
+    lines = synthetic_corpus(12, seed=3)
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(6):
+            messages = [{"role": "user", "content": lines[2 * i]}, {"role": "assistant", "content": lines[2 * i + 1]}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    qwen3 = str(Path(__file__).parents[1] / "fixtures" / "qwen3_chat_template.jinja")
+    counts = {}
+    for policy in ("auto", "train"):
+        main(["vocab", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "d.jsonl"), "--draft-vocab-size",
+              "64", "--out", str(tmp_path / f"{policy}.safetensors"), "--chat-template", qwen3,
+              "--chat-template-kwargs", '{"enable_thinking": false}', "--empty-think", policy])
+        counts[policy] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_loss_tokens"]
+        cfg = DataConfig(path=str(tmp_path / "d.jsonl"), chat_template=qwen3,
+                         chat_template_kwargs={"enable_thinking": False}, empty_think=policy)
+        assert build_dataset(cfg, tokenizer, tmp_path / "cache")[1]["num_loss_tokens"] == counts[policy]
+    think = len(tokenizer("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"])
+    assert counts["train"] == counts["auto"] + 6 * think  # each reply's empty think block, masked under auto
