@@ -76,10 +76,11 @@ class TargetSpec:
     bind_kernels: Callable[[nn.Module, Any], Any] | None = None
     read_info: Callable[[str, Any], TargetInfo] = info_from_hf_config
     aux_layers: Callable[[int], tuple[int, ...]] = default_aux_layers
-    # evaluate/ verifies a draft tree in one target forward and then keeps the accepted KV entries; a target
-    # with recurrent layers (a linear-attention state) cannot do either, and is verified token by token
-    # along the accepted path instead (DecodeConfig.verify="walk": the same tokens, more forwards)
-    tree_verify: bool = True
+    # evaluate/ verifies a draft tree in one target forward and then keeps the accepted KV entries. A target with
+    # recurrent layers (a linear-attention state, which takes no tree mask and cannot drop entries) names here what
+    # carries their states per tree node instead: (model) -> an object with begin(parents), commit(rows),
+    # attention_mask(mask), close() (targets/gdn.py RecurrentStates)
+    recurrent_states: Callable[[nn.Module], Any] | None = None
 
 
 @dataclass(frozen=True)

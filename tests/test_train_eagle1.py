@@ -65,7 +65,7 @@ def test_eagle1_on_a_qwen3_next_target(demo_next_run, tmp_path):
     assert set(summary.accept_after) == {"chain", "tree"} and summary.accept_after["tree"] > 1.0
 
     model, tokenizer, spec, _ = load_target(TargetConfig(path=str(next_dir / "target")), torch.device("cpu"))
-    assert model.config.architectures == ["Qwen3NextForCausalLM"] and not spec.tree_verify
+    assert model.config.architectures == ["Qwen3NextForCausalLM"] and spec.recurrent_states is not None
     model.double()
     draft = load_draft(summary.checkpoint, model.get_input_embeddings().weight,
                        model.get_output_embeddings().weight).double()

@@ -230,9 +230,8 @@ def build_acceptance(cfg: AcceptConfig, model, spec: registry.TargetSpec, draft,
     if not prompts:
         raise ValueError("accept.enabled needs held-out prompts, but no eval example has a trained assistant "
                          "turn; set data.eval_path / data.eval_holdout, or accept.enabled=false")
-    verify = "tree" if spec.tree_verify else "walk"
     decodes = [DecodeConfig(mode=m, steps=cfg.steps, topk=cfg.topk, depth=cfg.depth, total_tokens=cfg.total_tokens,
-                            max_new_tokens=cfg.max_new_tokens, verify=verify) for m in cfg.modes]
+                            max_new_tokens=cfg.max_new_tokens) for m in cfg.modes]
     stop_ids = tuple(stop_token_ids(tokenizer))
     return lambda: {d.mode: measure_acceptance(model, spec, draft, prompts, d, stop_ids, progress=progress)
                     for d in decodes}

@@ -12,10 +12,11 @@ A round:
   1. draft a tree from g at L-2: depth 1 holds the top-k draft tokens; each later depth expands the top-k nodes
      of the previous one by cumulative log-probability (EAGLE-2); every generated node is a candidate, and the
      `total_tokens` best (each with its ancestors) form the tree. A chain is the tree with top-k 1.
-  2. the target verifies [pending token] + tree in one forward (tree attention mask, positions by depth);
+  2. the target verifies [pending token] + tree in one forward (tree attention mask, positions by depth; the
+     recurrent layers of a hybrid target advance each node's state from its parent's, spec.recurrent_states);
      walking down from the root, a child is accepted while its token equals the target's argmax at its parent.
-  3. commit the accepted tokens plus the target's own next token (the bonus); keep their target KV entries;
-     feed the draft their target features.
+  3. commit the accepted tokens plus the target's own next token (the bonus); keep their target KV entries (and
+     the last accepted node's recurrent state); feed the draft their target features.
 tau (acceptance length) = tokens committed per verifying target forward = accepted + 1, averaged over rounds.
 
 Shapes: n new tokens of a forward, S cache length, Vd draft vocab, H draft hidden, Ht target hidden.
@@ -47,9 +48,10 @@ class DecodeConfig:
     depth: int = 5  # tree: draft depth
     total_tokens: int = 31  # tree: draft tokens verified per round
     max_new_tokens: int = 128
-    # tree: the target checks all draft tokens in one forward (tree attention mask), then its KV cache keeps the
-    # accepted entries. walk: one forward per token along the greedy path, for targets whose recurrent state
-    # cannot be rolled back (Qwen3-Next); the same tokens are accepted, so tau is the same, at more forwards.
+    # tree: the target checks all draft tokens in one forward (tree attention mask; a recurrent layer advances one
+    # state per node from its parent's), then keeps the accepted entries and the last accepted node's state.
+    # walk: one forward per token along the greedy path with the target's own forward and cache, the reference;
+    # the same tokens are accepted, so tau is the same, at more forwards.
     verify: str = "tree"
 
     def __post_init__(self):
@@ -83,7 +85,7 @@ class TargetCache:
     the hooks."""
 
     def __init__(self, model, spec: TargetSpec, aux_layer_ids: tuple[int, ...],
-                 features: Callable[[CapturedStates], torch.Tensor]):
+                 features: Callable[[CapturedStates], torch.Tensor], verify: str = "tree"):
         from transformers import DynamicCache
         self.model = model
         self.hooks = StateHooks(model, spec, aux_layer_ids)
@@ -91,41 +93,62 @@ class TargetCache:
         self.cache = DynamicCache(config=model.config)
         self.cache_name = cache_argument(model)  # the forward's name for it, read once
         self.length = 0
+        self._last_rows = 0  # tokens the last forward fed
+        # a target with recurrent layers keeps their states per tree node here (targets/gdn.py RecurrentStates);
+        # walk verification runs the target's own forward and cache instead, as the reference
+        self.recurrent = spec.recurrent_states(model) if spec.recurrent_states and verify == "tree" else None
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, tree: "Tree | None" = None,
                 last_logits_only: bool = False):
-        """ids, positions [n]; tree_mask [n, n] bool (None: causal) -> (logits [n or 1, V], features [n, F]).
+        """ids, positions [n]; `tree` (None: the tokens continue the committed ones, causally): ids are its pending
+        root then its nodes -> (logits [n or 1, V], features [n, F]).
 
         `last_logits_only` (the prefill): the LM head runs on the last position only, not on [n, V].
         """
         n = ids.shape[0]
         mask = None
-        if tree_mask is not None:  # a prepared 4D mask is used as is: [1, 1, n, S] additive
-            allowed = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=ids.device), tree_mask], 1)
+        if tree is not None:  # a prepared 4D mask is used as is: [1, 1, n, S] additive
+            allowed = torch.cat([torch.ones(n, self.length, dtype=torch.bool, device=ids.device),
+                                 tree.ancestor_mask()], 1)
             dtype = self.model.dtype
             mask = torch.zeros(allowed.shape, dtype=dtype, device=ids.device)
             mask.masked_fill_(~allowed, torch.finfo(dtype).min)
             mask = mask[None, None]
+        if self.recurrent is not None:
+            # rows: the root continues the committed tokens (-1), node j's parent row is its parent's + 1
+            self.recurrent.begin(None if tree is None else [-1] + [p + 1 for p in tree.parents.tolist()])
+            if mask is not None:
+                mask = self.recurrent.attention_mask(mask)
         self.hooks.clear()
         out = self.model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                          **{self.cache_name: self.cache}, use_cache=True,
                          logits_to_keep=1 if last_logits_only else 0)
         self.length += n
+        self._last_rows = n
         aux, final = self.hooks.take()  # [1, n, len(aux) * Ht], [1, n, Ht]
         # no teacher is formed here, so no argmax mask
         states = CapturedStates(aux_hidden=aux, final_hidden=final, argmax_valid=None)
         return out.logits[0], self.features(states)[0]
 
-    def keep(self, index: torch.Tensor) -> None:
-        """Keep the cache entries at `index` (ascending), e.g. the committed prefix plus the accepted path."""
+    def keep(self, rows: torch.Tensor) -> None:
+        """After a tree forward: keep the committed entries and those of its rows `rows` (ascending, root first: the
+        accepted path), dropping the rest; recurrent layers take the last accepted row's state."""
+        committed = self.length - self._last_rows
+        index = torch.cat([torch.arange(committed, device=rows.device), committed + rows])
         for layer in self.cache.layers:
+            if getattr(layer, "keys", None) is None:  # a layer without KV entries (recurrent: kept by self.recurrent)
+                continue
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
+        if self.recurrent is not None:
+            self.recurrent.commit(rows.tolist())
         self.length = index.numel()
 
     def close(self) -> None:
         self.hooks.close()
+        if self.recurrent is not None:
+            self.recurrent.close()
 
 
 @dataclass
@@ -247,7 +270,7 @@ def speculative_generate(model, spec: TargetSpec, draft: Draft, prompt: list[int
                          stop_ids: tuple[int, ...] = ()) -> Generation:
     """Greedy speculative decoding of `prompt` (target ids) with the target `model` (its registry entry `spec`);
     the output equals plain greedy decoding."""
-    target = TargetCache(model, spec, draft.aux_layer_ids, draft.target_features)
+    target = TargetCache(model, spec, draft.aux_layer_ids, draft.target_features, cfg.verify)
     try:
         return _speculative_generate(target, draft, prompt, cfg, stop_ids)
     finally:
@@ -277,13 +300,13 @@ def _speculative_generate(target: TargetCache, draft: Draft, prompt: list[int], 
         else:
             verify_ids = torch.cat([ids.new_tensor([pending]), tree.tokens])
             positions = committed + torch.cat([tree.depths.new_zeros(1), tree.depths])
-            logits, feats = target.forward(verify_ids, positions, tree.ancestor_mask())
+            logits, feats = target.forward(verify_ids, positions, tree)
             target_next = logits.argmax(-1)  # [N+1]
             path = accept(tree, target_next)
             last = path[-1] + 1 if path else 0
             new_tokens = [int(tree.tokens[j]) for j in path] + [int(target_next[last])]
             rows = torch.tensor([0] + [j + 1 for j in path], device=device)  # verify rows now committed
-            target.keep(torch.cat([torch.arange(committed, device=device), committed + rows]))
+            target.keep(rows)
             feats = feats[rows]
         out.accept_lengths.append(len(new_tokens))
         dcache.truncate(committed)

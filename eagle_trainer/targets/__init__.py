@@ -7,7 +7,7 @@ model definition; an entry says where things live and which kernels to bind.
 from __future__ import annotations
 
 from eagle_trainer import registry
-from eagle_trainer.targets.gdn import bind_gdn
+from eagle_trainer.targets.gdn import RecurrentStates, bind_gdn
 from eagle_trainer.targets.moe import bind_moe
 from eagle_trainer.targets.norms import bind_rms_norm
 
@@ -35,8 +35,8 @@ QWEN3_MOE = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3MoeForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_moe))
 # Hybrid: layers 3, 7, ... hold `self_attn` (gated full attention), the rest `linear_attn` (gated delta net);
 # every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts`.
-# The gated delta net's recurrent state can neither take a tree mask nor be rolled back to the accepted
-# tokens: evaluate/ verifies drafts for it token by token along the accepted path (tree_verify=False).
+# The gated delta net's recurrent state can neither take a tree mask nor be rolled back to the accepted tokens:
+# evaluate/ keeps it per tree node while verifying (RecurrentStates).
 QWEN3_NEXT = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3NextForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_next,
-    tree_verify=False))
+    recurrent_states=RecurrentStates))

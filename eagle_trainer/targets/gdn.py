@@ -20,9 +20,12 @@ Shapes: B batch, T tokens, C conv channels (2*Hk*Dk + Hv*Dv), Hk/Hv key/value he
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eagle_trainer.targets.moe import bind_instances, resolve_kernel_impl
@@ -77,3 +80,164 @@ def bind_gdn(model: nn.Module, cfg: Any) -> str:
             if impl != "triton":
                 module._eagle_packing_guard = module.register_forward_pre_hook(_refuse_packed)
     return impl
+
+
+class RecurrentStates:
+    """The gated delta net layers' state through speculative decoding, so that one target forward verifies a whole
+    draft tree (or chain) on Qwen3-Next, as it does on attention-only targets.
+
+    An attention layer sees a tree through its mask and is rolled back by dropping KV entries; a recurrent layer has
+    one state per sequence, which neither works for. So while attached, each linear-attention module runs this
+    object's forward instead of its own, with the states kept here, not in HF's cache (the full-attention layers keep
+    using it):
+
+        committed   per layer: the last K-1 conv inputs [K-1, C] and the recurrent state [Hv, Dk, Dv] after the
+                    committed tokens
+        chain       begin(None), then a forward of n tokens that continue the committed ones (the prefill): the
+                    states run on through them and are committed at once
+        tree        begin(parents), then a forward of n nodes, parents first (parents[i] the node index of node i's
+                    parent, -1 for the committed sequence): node i's conv window is its own ancestors' inputs (then
+                    the committed ones) and its recurrent state its parent's, advanced by its own token. Every node's state is kept until commit(rows) names the nodes
+                    accepted (a root-first chain): the committed state becomes the last one's, without running the
+                    accepted tokens again.
+
+    The update is HF's token-by-token gated delta rule (l2-normalised q and k, q scaled by Dk^-0.5, state decayed by
+    exp(g), delta rule with beta), in fp32 or the inputs' wider dtype: on a GPU one Triton launch per layer walks the
+    nodes (kernels/gdn/tree.py), on the CPU its plain-torch reference; a long chain (the prefill) uses the module's
+    own chunked form when its modeling code has one. Shapes: n tokens of a forward, C conv channels, K conv width.
+    """
+
+    CHUNKED_FROM = 16  # a chain this long (the prefill) runs the chunked form
+
+    def __init__(self, model: nn.Module):
+        self.modules = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
+        if not self.modules:
+            raise ValueError(f"{type(model).__name__} has no {LINEAR_ATTENTION_CLASS} modules")
+        self.conv: list[torch.Tensor | None] = [None] * len(self.modules)  # [K-1, C] committed conv inputs
+        self.state: list[torch.Tensor | None] = [None] * len(self.modules)  # [Hv, Dk, Dv] committed state
+        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.modules)  # tree nodes'
+        self.parents: list[int] | None = None
+        self._parents_tensor = self._window = None  # made by a forward's first layer, for all of them
+        self._saved = [m.__dict__.get("forward") for m in self.modules]
+        for index, module in enumerate(self.modules):
+            module.forward = functools.partial(self._forward, index, module)
+
+    def close(self) -> None:
+        """Give every module its own forward back (the one bound before, or its class's)."""
+        for module, saved in zip(self.modules, self._saved):
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+
+    @staticmethod
+    def attention_mask(mask: torch.Tensor) -> dict:
+        """A prepared [1, 1, n, S] mask for the full-attention layers; the recurrent ones take none."""
+        return {"full_attention": mask, "linear_attention": None}
+
+    def begin(self, parents: list[int] | None) -> None:
+        """The next forward: a chain continuing the committed tokens (None), or tree nodes with these parents."""
+        self.parents = parents
+        self._parents_tensor = self._window = None
+
+    def commit(self, rows: list[int]) -> None:
+        """Commit tree nodes `rows` (a chain from the committed sequence, root first) of the last forward."""
+        for index, pending in enumerate(self.pending):
+            inputs, states = pending
+            self.conv[index] = torch.cat([self.conv[index], inputs[rows]])[-self.conv[index].shape[0]:]
+            self.state[index] = states[rows[-1]]
+            self.pending[index] = None
+
+    def _forward(self, index: int, module: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if hidden_states.shape[0] != 1:
+            raise ValueError(f"speculative decoding runs one sequence, got a batch of {hidden_states.shape[0]}")
+        n = hidden_states.shape[1]
+        query, key, value, z, beta_in, a = module.fix_query_key_value_ordering(module.in_proj_qkvz(hidden_states),
+                                                                               module.in_proj_ba(hidden_states))
+        inputs = torch.cat([x.reshape(n, -1) for x in (query, key, value)], dim=-1)  # [n, C]
+        width = module.conv_kernel_size
+        if self.conv[index] is None:
+            self.conv[index] = inputs.new_zeros(width - 1, inputs.shape[1])
+        mixed = F.silu(self._conv(index, module, inputs, width))
+        query, key, value = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
+        query = query.reshape(1, n, -1, module.head_k_dim)  # [1, n, Hk, Dk]
+        key = key.reshape(1, n, -1, module.head_k_dim)
+        value = value.reshape(1, n, -1, module.head_v_dim)  # [1, n, Hv, Dv]
+        beta = beta_in.sigmoid()  # [1, n, Hv]
+        g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
+        core, states = self._recurrence(index, module, query, key, value, g, beta)  # [1, n, Hv, Dv]
+        if self.parents is not None:  # kept until commit() names the accepted nodes
+            self.pending[index] = (inputs, states)
+        core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
+        return module.out_proj(core.reshape(1, n, -1))
+
+    def _conv(self, index: int, module: nn.Module, inputs: torch.Tensor, width: int) -> torch.Tensor:
+        """Causal depthwise conv of `inputs` [n, C] over each token's own history -> [n, C] (before the SiLU)."""
+        weight, bias = module.conv1d.weight[:, 0, :], module.conv1d.bias  # [C, K]
+        sources = torch.cat([self.conv[index], inputs]).to(weight.dtype)  # [K-1+n, C]: committed, then the new
+        if self.parents is None:
+            out = F.conv1d(sources.T[None], weight[:, None, :], bias, groups=weight.shape[0])[0].T
+        else:
+            gathered = sources[self._conv_window(inputs.shape[0], width, inputs.device)]  # [n, K, C]
+            out = (gathered * weight.T[None]).sum(1) + (0 if bias is None else bias)
+        if self.parents is None:
+            self.conv[index] = sources[-(width - 1):].to(inputs.dtype)
+        return out.to(inputs.dtype)
+
+    def _conv_window(self, n: int, width: int, device: torch.device) -> torch.Tensor:
+        """[n, K] rows of [committed conv inputs (K-1), the n new ones] in node i's conv window, oldest first: its
+        ancestors' inputs back from itself, then the committed ones from the newest; made once per tree forward."""
+        if self._window is None:
+            window = []
+            for i in range(n):
+                row, node, back = [], i, width - 2
+                while len(row) < width:
+                    if node >= 0:
+                        row.append(width - 1 + node)
+                        node = self.parents[node]
+                    else:
+                        row.append(back)
+                        back -= 1
+                window.append(row[::-1])
+            self._window = torch.tensor(window, device=device)
+        return self._window
+
+    def _recurrence(self, index: int, module: nn.Module, query, key, value, g, beta):
+        """-> (output [1, n, Hv, Dv], every node's state [n, Hv, Dk, Dv] or None for the chunked form); a chain
+        commits its last state."""
+        n, dtype = value.shape[1], value.dtype
+        chunked = getattr(sys.modules[type(module).__module__], "torch_chunk_gated_delta_rule", None)
+        if self.parents is None and n >= self.CHUNKED_FROM and chunked is not None:
+            before = self.state[index]
+            group = value.shape[2] // key.shape[2]  # heads expanded here: transformers 5.17's function expects it
+            query, key = (x.repeat_interleave(group, dim=2) for x in (query, key))
+            out, after = chunked(query, key, value, g=g, beta=beta,
+                                 initial_state=None if before is None else before[None],
+                                 output_final_state=True, use_qk_l2norm_in_kernel=True)
+            self.state[index] = after[0]
+            return out.to(dtype), None
+        from eagle_trainer.kernels.gdn import tree_gated_delta_rule, tree_gated_delta_rule_reference
+        compute = torch.promote_types(dtype, torch.float32)
+        group = value.shape[2] // key.shape[2]
+        q, k = (_l2norm(x[0].to(compute)).repeat_interleave(group, dim=1) for x in (query, key))  # [n, Hv, Dk]
+        q = q * module.head_k_dim ** -0.5
+        committed = self.state[index]
+        if committed is None:
+            committed = q.new_zeros(q.shape[1], q.shape[2], value.shape[-1])
+        rule = tree_gated_delta_rule if q.is_cuda else tree_gated_delta_rule_reference  # kernel on a GPU
+        out, states = rule(q, k, value[0], g[0], beta[0], self._parent_index(n, q.device), committed)
+        if self.parents is None:
+            self.state[index] = states[-1]
+        return out[None].to(dtype), states
+
+    def _parent_index(self, n: int, device: torch.device) -> torch.Tensor:
+        """The forward's parents [n] on `device` (a chain's: each token the previous one's child), made once for all
+        of its layers."""
+        if self._parents_tensor is None:
+            parents = self.parents if self.parents is not None else list(range(-1, n - 1))
+            self._parents_tensor = torch.tensor(parents, device=device)
+        return self._parents_tensor
+
+
+def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)

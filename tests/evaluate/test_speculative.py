@@ -57,9 +57,10 @@ def run_target_and_draft(run_dir, checkpoint):
     return model, spec, draft, tokenizer, prompts_from_conversations(tokenizer, convs[:3])
 
 
-@pytest.mark.parametrize("which", ["demo_run", "demo_moe_run", "demo_eagle1_run"])
+@pytest.mark.parametrize("which", ["demo_run", "demo_moe_run", "demo_eagle1_run", "demo_next_run"])
 def test_speculative_equals_greedy_for_chain_and_tree(which, request):
-    """EAGLE-3 drafts (dense and MoE targets) and an EAGLE-1 draft (chain = EAGLE-1, tree = EAGLE-2)."""
+    """EAGLE-3 drafts (dense, MoE and Qwen3-Next targets: the hybrid's recurrent layers verify the tree with a state
+    per node) and an EAGLE-1 draft (chain = EAGLE-1, tree = EAGLE-2)."""
     fixture = request.getfixturevalue(which)
     run_dir, summary = fixture[0], fixture[-1]  # the directory holding target/ and data/, and the Summary
     model, spec, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
@@ -73,12 +74,15 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
             gen = speculative_generate(model, spec, draft, prompt, cfg, stop)
             assert gen.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
             lengths += gen.accept_lengths
-            # token-by-token verification (for recurrent targets) accepts exactly what one tree forward does
+            # token-by-token verification with the target's own forward and cache accepts exactly what one tree
+            # forward does
             walked = speculative_generate(model, spec, draft, prompt, replace(cfg, verify="walk"), stop)
             assert (walked.tokens, walked.accept_lengths) == (gen.tokens, gen.accept_lengths), cfg.mode
-        accepted[cfg.mode] = sum(lengths) / len(lengths)
-    # the trained draft is right often enough that accepted paths (not only rejections) were exercised
-    assert accepted["chain"] > 1.5 and accepted["tree"] > 1.5, accepted
+        accepted[cfg.mode] = (sum(lengths) / len(lengths), max(lengths))
+    # the trained draft is right often enough that accepted paths (not only rejections) were exercised; the tiny
+    # hybrid's draft is weaker (60 steps), but paths of two and more accepted tokens still occur
+    least = (1.1, 3) if which == "demo_next_run" else (1.5, 3)
+    assert all(mean > least[0] and longest >= least[1] for mean, longest in accepted.values()), accepted
 
 
 def test_random_draft_gets_nothing_accepted_but_output_is_still_greedy(demo_run):
@@ -132,3 +136,22 @@ def test_decoding_captures_what_output_hidden_states_gives(tiny_qwen3_path):
     ref = model(input_ids=ids[None], output_hidden_states=True).hidden_states
     assert torch.equal(seen[0].aux_hidden, torch.cat([ref[i + 1] for i in aux], dim=-1))
     assert torch.equal(seen[0].final_hidden, ref[-1])
+
+
+@pytest.mark.gpu
+def test_hybrid_tree_verification_on_the_gpu(demo_next_run):
+    """On a GPU the hybrid's recurrent layers verify a tree with the Triton tree kernel: in fp32 the decoded tokens
+    are plain greedy decoding's and walk verification's, in one target forward per round."""
+    run_dir, summary = demo_next_run
+    model, spec, draft, tokenizer, prompts = run_target_and_draft(run_dir, summary.checkpoint)
+    model, draft = model.float().cuda(), draft.float().cuda()
+    stop = tuple(stop_token_ids(tokenizer))
+    longest = 0
+    for cfg in (DecodeConfig(mode="chain", steps=4, max_new_tokens=24),
+                DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=15, max_new_tokens=24)):
+        for prompt in prompts:
+            gen = speculative_generate(model, spec, draft, prompt, cfg, stop)
+            walked = speculative_generate(model, spec, draft, prompt, replace(cfg, verify="walk"), stop)
+            assert gen.tokens == walked.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
+            longest = max(longest, *gen.accept_lengths)
+    assert longest >= 3

@@ -5,6 +5,8 @@
     chunk.py       the chunked gated delta rule (chunk 64, WY form): a parallel prepare kernel (T = (I + A)^-1,
                    Aqk, q/k norms) and a recurrent kernel that keeps the state on chip; grouped value heads
     norm.py        gated RMSNorm * silu(z) epilogue
+    tree.py        the delta rule over a draft tree (each node from its parent's state; every node's state kept),
+                   one launch per layer, for verifying speculative drafts on Qwen3-Next (targets/gdn.py)
     reference.py   plain-torch references of all four (the delta rule token by token in fp64)
 
 Bound into the Qwen3-Next target by targets/gdn.py (gdn_impl auto = these kernels on a GPU). Tested in fp32
@@ -19,7 +21,8 @@ from eagle_trainer.kernels.gdn.chunk import chunk_gated_delta_rule
 from eagle_trainer.kernels.gdn.conv import causal_conv1d_silu
 from eagle_trainer.kernels.gdn.gating import gdn_gating
 from eagle_trainer.kernels.gdn.norm import gated_rms_norm
-from eagle_trainer.kernels.gdn.reference import gated_delta_rule_reference
+from eagle_trainer.kernels.gdn.reference import gated_delta_rule_reference, tree_gated_delta_rule_reference
+from eagle_trainer.kernels.gdn.tree import tree_gated_delta_rule
 
 __all__ = ["causal_conv1d_silu", "chunk_gated_delta_rule", "gated_delta_rule_reference", "gated_rms_norm",
-           "gdn_gating"]
+           "gdn_gating", "tree_gated_delta_rule", "tree_gated_delta_rule_reference"]

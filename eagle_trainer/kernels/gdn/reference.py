@@ -4,6 +4,7 @@
     gdn_gating_reference          a, b [..., Hv], A_log, dt_bias [Hv] -> g fp32, beta in b's dtype   (gating.py)
     gated_rms_norm_reference      x, z [..., D], weight [D] -> [..., D] in x's dtype                 (norm.py)
     gated_delta_rule_reference    the delta rule token by token in fp64 (shapes below)               (chunk.py)
+    tree_gated_delta_rule_reference  the delta rule over a tree of tokens, node by node               (tree.py)
 The small ops use HF's Qwen3NextGatedDeltaNet arithmetic; packed documents are cut apart by cu_seqlens and run one
 by one.
 
@@ -98,3 +99,21 @@ def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for bos, eos in itertools.pairwise(cu_seqlens.tolist()):
         out[:, bos:eos] = _recurrence(q[:, bos:eos], k[:, bos:eos], v[:, bos:eos], g[:, bos:eos], beta[:, bos:eos])
     return out.to(dtype)
+
+
+def tree_gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                                    beta: torch.Tensor, parents: torch.Tensor,
+                                    s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule over a tree, node by node (tree.py's shapes: q, k [n, Hv, Dk] normalised, scaled and expanded
+    to the value heads, v [n, Hv, Dv], g, beta [n, Hv], parents [n] with -1 for s0 [Hv, Dk, Dv]); each node
+    advances its parent's state. -> (o [n, Hv, Dv], states [n, Hv, Dk, Dv]) in fp32 or the inputs' wider dtype."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, g, beta, s0 = (x.to(dtype) for x in (q, k, v, g, beta, s0))
+    states = v.new_empty(k.shape[0], *s0.shape)
+    out = torch.empty_like(v)
+    for i, parent in enumerate(parents.tolist()):
+        state = (s0 if parent < 0 else states[parent]) * g[i].exp()[:, None, None]
+        delta = beta[i, :, None] * (v[i] - torch.einsum("hk,hkv->hv", k[i], state))
+        states[i] = state + k[i, :, :, None] * delta[:, None, :]
+        out[i] = torch.einsum("hk,hkv->hv", q[i], states[i])
+    return out, states
