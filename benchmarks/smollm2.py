@@ -120,6 +120,10 @@ def write_checkpoint(model, tokenizer, out: Path, dtype: str) -> None:
     state = {name: t.detach().to(DTYPES[dtype]).contiguous() for name, t in model.state_dict().items()
              if not (tied and name == "lm_head.weight")}  # a tied head is the embedding: stored once
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # the model's own end and padding tokens: transformers 5.17's GGUF reader hands the tokenizer <|im_start|> as eos
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config["eos_token_id"])
+    if config.get("pad_token_id") is not None:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config["pad_token_id"])
     # the chat template inside tokenizer_config.json (save_jinja_files=False), where every reader finds it
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
