@@ -48,7 +48,7 @@ def _add_vocab_parser(sub) -> None:
     p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
     p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
     p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <dir of --out>/cache)")
-    _add_mask_arguments(p)
+    add_template_arguments(p)
     p.add_argument(
         "--target-vocab-size", type=int, default=None,
         help="V (default: vocab_size in the config.json beside the tokenizer, else the tokenizer's length)",
@@ -93,7 +93,7 @@ def _add_dump_parser(sub) -> None:
     p.add_argument("--thinking", choices=["keep", "strip"], default=DataConfig.thinking)
     p.add_argument("--on-error", choices=["raise", "skip"], default=DataConfig.on_error)
     p.add_argument("--cache-dir", default=None, help="tokenisation cache (default: <parent of --out>/cache)")
-    _add_mask_arguments(p)
+    add_template_arguments(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--compress", choices=["none", "fp8"], default="none",
                    help="fp8: float8_e4m3fn with a per-token scale (about half the bytes of bf16)")
@@ -156,9 +156,9 @@ def _add_synthesize_parser(sub) -> None:
     add_decoding_arguments(p)
 
 
-def _add_mask_arguments(p: argparse.ArgumentParser) -> None:
-    """How the commands that tokenise chat data (vocab, dump) render it: data.chat_template, chat_template_kwargs and
-    empty_think, which must be training's for the same loss tokens."""
+def add_template_arguments(p: argparse.ArgumentParser) -> None:
+    """How the commands that tokenise chat data (vocab, dump, eagle-eval) render it: data.chat_template,
+    chat_template_kwargs and empty_think, which must be training's for the same loss tokens (and prompts)."""
     p.add_argument("--chat-template", default=None, metavar="PATH",
                    help="a jinja chat template file to render with instead of the tokenizer's (data.chat_template)")
     p.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
@@ -169,8 +169,8 @@ def _add_mask_arguments(p: argparse.ArgumentParser) -> None:
                         "(data.empty_think)")
 
 
-def _mask_options(args: argparse.Namespace) -> dict:
-    """The DataConfig keys _add_mask_arguments sets."""
+def template_options(args: argparse.Namespace) -> dict:
+    """The DataConfig keys add_template_arguments sets."""
     return {"chat_template": args.chat_template, "empty_think": args.empty_think,
             "chat_template_kwargs": _chat_template_kwargs(args.chat_template_kwargs)}
 
@@ -212,7 +212,7 @@ def run_vocab(args: argparse.Namespace) -> dict:
     vocab_size = args.target_vocab_size or _target_vocab_size(args.tokenizer, tokenizer)
     cfg = DataConfig(
         path=args.data, max_length=args.max_length, thinking=args.thinking, on_error=args.on_error, shuffle=False,
-        **_mask_options(args),
+        **template_options(args),
     )
     cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
     dataset, stats = build_dataset(cfg, tokenizer, cache_dir)
@@ -340,7 +340,7 @@ def run_dump(args: argparse.Namespace) -> dict:
         dims = init_parallel(pcfg, device)  # parallel.ep against the world size
         check_experts(dims.ep, info.num_experts)
         data_cfg = DataConfig(path=args.data, max_length=args.max_length, thinking=args.thinking,
-                              on_error=args.on_error, shuffle=False, **_mask_options(args))
+                              on_error=args.on_error, shuffle=False, **template_options(args))
         cache_dir = args.cache_dir or str(Path(args.out).resolve().parent / "cache")
         tokenizer = load_tokenizer(target_cfg, info)
         # one process tokenises into the cache; the others read it back

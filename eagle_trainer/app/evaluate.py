@@ -8,7 +8,8 @@
 --draft is a trainer checkpoint (draft_config.json), a run directory (its newest checkpoint), or an export
 directory in any engine format (`eagle-export --format sglang|vllm|eagle1-sglang|eagle1-vllm`). The draft takes
 the target's embedding (and, for EAGLE-1/2, its lm_head). Prompts are the data's conversations up to their last
-assistant turn, tokenised the way training tokenises them. eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
+assistant turn, tokenised the way training tokenises them (give --chat-template, --chat-template-kwargs and
+--empty-think as training's data.* keys were). eval.json holds, per decoding mode, the acceptance length overall and per prompt and the
 histogram of tokens committed per target forward; beside it the simulated acceptance length from the
 draft's per-step TTT accuracy on the same conversations. A PNG histogram is written next to eval.json.
 --target, --draft and --data also take a Hugging Face Hub id (org/name[@revision], a data set's org/name/file.jsonl),
@@ -28,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from eagle_trainer.app import hub, plugins, runtime
+from eagle_trainer.app.data import add_template_arguments, template_options
 from eagle_trainer.config import DataConfig, TargetConfig
 from eagle_trainer.data import build_dataset
 from eagle_trainer.data.regenerate import stop_token_ids
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure even if --target is not the target the draft records (a warning, not an error)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=4096, help="tokenised conversation length cap")
+    add_template_arguments(parser)  # the prompts rendered as training rendered the data
     parser.add_argument("--ttt-steps", type=int, default=7, help="steps of the simulated acceptance (TTT accuracy)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU) | float32 | bfloat16")
@@ -109,7 +112,8 @@ def evaluate(args: argparse.Namespace, draft, dims, device) -> tuple[dict, dict]
                          f"{info.hidden_size}: pass the target the draft was trained on")
     draft.set_target_weights(whole(model.get_input_embeddings().weight), whole(model.get_output_embeddings().weight))
     with tempfile.TemporaryDirectory() as cache:
-        dataset, _ = build_dataset(DataConfig(path=args.data, max_length=args.max_length), tokenizer, Path(cache))
+        dataset, _ = build_dataset(DataConfig(path=args.data, max_length=args.max_length, **template_options(args)),
+                                   tokenizer, Path(cache))
         dataset = dataset.select(range(min(args.num_prompts, len(dataset))))
         prompts = prompts_from_dataset(dataset, args.num_prompts)
         # every rank runs the same batches (the same collective forwards of a sharded target) and gets the same result

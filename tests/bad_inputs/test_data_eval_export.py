@@ -218,3 +218,13 @@ def test_eval_warns_when_the_draft_records_no_target(tiny_qwen3_path, tmp_path, 
     tiny_draft_checkpoint(tiny_qwen3_path, tmp_path / "ckpt")
     assert eagle_eval(eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path)) == 0
     assert f"draft {tmp_path / 'ckpt'} records no target fingerprint" in capsys.readouterr().err
+
+
+def test_eval_renders_prompts_with_training_template_options(tiny_qwen3_path, tmp_path):
+    """eagle-eval takes training's template keys: a keyword the template never reads is refused, naming it."""
+    tiny_draft_checkpoint(tiny_qwen3_path, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="no_such_flag"):
+        eagle_eval([*eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path),
+                    "--chat-template-kwargs", '{"no_such_flag": true}'])
+    with pytest.raises(ValueError, match="--chat-template-kwargs"):
+        eagle_eval([*eval_args(tiny_qwen3_path, tmp_path / "ckpt", tmp_path), "--chat-template-kwargs", "[1]"])
