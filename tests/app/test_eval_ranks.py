@@ -43,9 +43,10 @@ def one_process(tmp_path_factory):
     return measure
 
 
-# world 2 on both targets: tests/parallel/test_data_parallel.py (the trainer's in-loop measurement, the same
-# measure_acceptance in the same lock step)
-@pytest.mark.parametrize("demo, world, ep", [("demo_moe_run", 4, 2), ("demo_next_run", 4, 2)])
+# world 2 on both targets, Qwen3-Next's tree verification with sharded gated delta net layers included:
+# tests/parallel/test_data_parallel.py (the trainer's in-loop measurement, the same measure_acceptance in the same
+# lock step); here the command at world 4
+@pytest.mark.parametrize("demo, world, ep", [("demo_moe_run", 4, 2)])
 def test_sharded_eval_equals_one_process(request, tmp_path, one_process, demo, world, ep):
     demo_dir, _ = request.getfixturevalue(demo)
     run_ranks(world, eval_on_rank, eval_argv(demo_dir, tmp_path / "ranks.json") + ["parallel=fsdp_ep",
