@@ -32,13 +32,18 @@ from tqdm.auto import tqdm
 
 from eagle_trainer.data.chat import Conversation, template_messages
 from eagle_trainer.data.sampling import Sampling, row_keys, sample_next
+from eagle_trainer.data.template import end_of_turn_token
 
-END_OF_TURN = "<|im_end|>"  # the default stop token beside the eos: Qwen3's (ChatML's) end of turn
+END_OF_TURN = "<|im_end|>"  # the stop token beside the eos when the chat template names none: ChatML's
 STOP_CHECK_EVERY = 8  # decode steps between the host's looks at "every row stopped" on a GPU (1 on the CPU)
 
 
-def stop_token_ids(tokenizer, end_of_turn: str = END_OF_TURN) -> list[int]:
-    """The end-of-turn id, plus the tokenizer's eos when that is a different token (base-model tokenizers)."""
+def stop_token_ids(tokenizer, end_of_turn: str | None = None) -> list[int]:
+    """The end-of-turn id, plus the tokenizer's eos when that is a different token (base-model tokenizers).
+
+    `end_of_turn` None: the token the tokenizer's chat template closes a reply with (data/template.py), else
+    END_OF_TURN."""
+    end_of_turn = end_of_turn or end_of_turn_token(tokenizer) or END_OF_TURN
     ids = []
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     if end_id is not None and end_id != tokenizer.unk_token_id:
@@ -242,11 +247,12 @@ def decode(model, prompts: list[list[int]], caps: list[int], stop_ids: list[int]
 
 def generate_replies(
     model, tokenizer, histories: list[Conversation], ids: list[int], turn: int, sampling: Sampling, *,
-    end_of_turn: str = END_OF_TURN, chat_template_kwargs: dict | None = None, decode_mode: str = "eager",
+    end_of_turn: str | None = None, chat_template_kwargs: dict | None = None, decode_mode: str = "eager",
 ) -> tuple[list[str], list[bool], int]:
     """The target's next assistant turn for each history, as text without the end-of-turn marker; whether each
     was cut at its cap (no stop id); and the number of ids generated. ids[b]: history b's conversation index (its
     sampling key); turn: which assistant turn."""
+    end_of_turn = end_of_turn or end_of_turn_token(tokenizer) or END_OF_TURN
     stop_ids = stop_token_ids(tokenizer, end_of_turn)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     prompts = [render_prompt(tokenizer, h, chat_template_kwargs) for h in histories]
@@ -273,7 +279,7 @@ def generate_replies(
 
 def regenerate_batch(
     model, tokenizer, conversations: list[Conversation], ids: list[int], sampling: Sampling, *,
-    end_of_turn: str = END_OF_TURN, chat_template_kwargs: dict | None = None,
+    end_of_turn: str | None = None, chat_template_kwargs: dict | None = None,
     on_turns: Callable[[int], None] | None = None, decode_mode: str = "eager",
 ) -> tuple[list[Conversation], int]:
     """One batch, every round: (the regenerated conversations, the number of ids generated). ids[b]: conversation
@@ -309,7 +315,7 @@ def regenerate(
     top_p: float = 1.0,
     seed: int = 0,
     progress: bool = True,
-    end_of_turn: str = END_OF_TURN,
+    end_of_turn: str | None = None,
     chat_template_kwargs: dict | None = None,
     ids: list[int] | None = None,
     decode_mode: str = "eager",

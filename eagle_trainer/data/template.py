@@ -269,6 +269,21 @@ def assistant_spans(tokenizer, template: ChatTemplate, messages: Conversation, t
     return spans
 
 
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the tokenizer's chat template ends an assistant turn with (ChatML's `<|im_end|>`, Llama-3's
+    `<|eot_id|>`), found by rendering one short reply; None without a template, or where its turns end otherwise."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        template = load_chat_template(tokenizer)
+        text = render(tokenizer, template, probe)
+        (_, end), = assistant_spans(tokenizer, template, probe, text)
+    except (BadLineError, ValueError):
+        return None
+    return next((s for s in special_tokens(tokenizer) if text.endswith(s, 0, end)), None)
+
+
 def _end_of_turn(text: str, last: int, specials: list[str], k: int) -> int:
     """The end of the special token that closes a turn whose body ends at `last` (whitespace may come first)."""
     at = _SPACE.match(text, last).end()

@@ -222,3 +222,13 @@ def test_a_conversation_the_template_cannot_render_is_a_bad_line(tmp_path, llama
     assert "\n" not in str(err.value)
     ds, stats = build_dataset(DataConfig(path=str(path), on_error="skip"), llama3, tmp_path / "cache")
     assert len(ds) == 1 and stats["skipped"] == {"unrendered_tool_calls": 1}
+
+
+def test_decoding_stops_at_the_token_the_template_ends_replies_with(llama3, qwen3):
+    """Regeneration and speculative decoding stop where the template closes a reply: Llama-3's <|eot_id|>, ChatML's
+    <|im_end|> (and the tokenizer's eos beside it)."""
+    from eagle_trainer.data.regenerate import stop_token_ids
+    from eagle_trainer.data.template import end_of_turn_token
+    assert end_of_turn_token(llama3) == "<|eot_id|>" and end_of_turn_token(qwen3) == "<|im_end|>"
+    assert llama3.convert_tokens_to_ids("<|eot_id|>") in stop_token_ids(llama3)
+    assert stop_token_ids(qwen3)[0] == qwen3.convert_tokens_to_ids("<|im_end|>")
