@@ -57,14 +57,16 @@ def build_checkpoint(path: Path, layers: int) -> None:
     save_random_checkpoint(config, path)
 
 
-def save_random_checkpoint(config, path: Path) -> None:
-    """An HF checkpoint of `config` with random bf16 weights N(0, 0.02) and the tiny tokenizer, built on the GPU."""
+def save_random_checkpoint(config, path: Path, keep: tuple[str, ...] = ()) -> None:
+    """An HF checkpoint of `config` with random bf16 weights N(0, 0.02) (parameters whose names end with one of `keep`
+    keep HF's own init) and the tiny tokenizer, built on the GPU."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
+    for name, p in model.named_parameters():
+        if not (keep and name.endswith(keep)):
+            p.data.normal_(0, 0.02)
     model.save_pretrained(str(path))
     save_tiny_tokenizer(path, vocab_size=1024)
     del model
@@ -120,9 +122,10 @@ def read_specforge_format(out: Path, n: int) -> float:
 
 
 def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bool, draft_cfg: DraftConfig | None = None,
-          aux: tuple[int, ...] = AUX, target_flops: TargetFlops | None = None):
-    """`steps` optimizer steps of the EAGLE-3 draft (B=1), from a fixed init; -> (tokens/s, losses, train records).
-    With `target_flops` (None: offline, no target forward) the records carry TFLOP/s and MFU as train.py logs them."""
+          aux: tuple[int, ...] = AUX, target_flops: TargetFlops | None = None, batch_size: int = 1, pack: bool = False):
+    """`steps` optimizer steps of the EAGLE-3 draft (`batch_size` sequences a step, packed into one row with `pack`),
+    from a fixed init; -> (tokens/s, losses, train records). With `target_flops` (None: offline, no target forward)
+    the records carry TFLOP/s and MFU as train.py logs them."""
     spec = registry.resolve(info.architecture, "eagle3")
     torch.manual_seed(1)
     draft_cfg = draft_cfg or DraftConfig(draft_vocab_size=VD)
@@ -134,8 +137,9 @@ def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bo
 
     def train_batches(epoch, start):
         if offline:
-            return source.batches(1, seed=0, epoch=epoch, shuffle=True, start=start, pin_memory=True)
-        return batches(source, 1, seed=0, epoch=epoch, shuffle=True, start=start)
+            return source.batches(batch_size, seed=0, epoch=epoch, shuffle=True, start=start, pin_memory=True,
+                                  pack=pack)
+        return batches(source, batch_size, seed=0, epoch=epoch, shuffle=True, start=start, pack=pack)
 
     def flops(lengths):
         return step_flops(target_flops, draft.config, lengths, draft_cfg.ttt_steps, draft_cfg.mask_teacher_argmax)

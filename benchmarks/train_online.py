@@ -1,26 +1,38 @@
 """End-to-end online EAGLE-3 training on one GPU: tokens/s, MFU and peak memory, ours vs the configuration a user
 of an HF-based trainer gets, in the same trainer, on the same data, in the same process.
 
-Target: a Qwen3-30B-A3B-shaped Qwen3MoeForCausalLM (tests/fixtures/qwen3_30b_a3b_config.json: H 2048, 32 heads,
-4 KV heads, 128 experts of width 768, top-8, V 151936) cut to `--layers` layers, random bf16 weights N(0, 0.02),
-saved as an HF checkpoint and loaded back with `load_target` (sdpa attention), aux layers 0,1,2 of 4. Draft: the
-EAGLE-3 draft train.py builds for it (one layer, H 2048, MLP 6144, Vd 32000, K 7). Data: `--steps` sequences of
-T random target ids, the second half of each trained, B=1; the vocab map built from them (train.py's way).
+Targets (`--arch`), random bf16 weights N(0, 0.02), saved as an HF checkpoint and loaded back with `load_target`
+(sdpa attention):
+- qwen3_30b_a3b: Qwen3MoeForCausalLM of tests/fixtures/qwen3_30b_a3b_config.json (H 2048, 32 heads, 4 KV heads, 128
+  experts of width 768, top-8, V 151936) cut to `--layers` layers;
+- qwen3_next: Qwen3NextForCausalLM of tests/fixtures/qwen3_next_80b_a3b_config.json (48 layers: 3 gated delta net to
+  1 gated full attention, top-10 of 512 experts of width 512 plus the gated shared expert, V 151936) at `--layers`
+  and `--experts` routed experts a layer (the full 512 x 48 do not fit one GPU: 160 GB of experts in bf16); HF's own
+  init is kept for the GDN's A_log and dt_bias and the (zero-centred, gated) RMSNorm weights, so decays and norm
+  scales are realistic.
+Aux layers: 0,1,2 of a 4-layer target, else the registry's default ([1, L/2-1, L-4]). Draft: the EAGLE-3 draft
+train.py builds for it (one layer, H 2048, Vd 32000, K 7). Data: sequences of T random target ids, the second half
+of each trained; `--pack N` packs N of them into one row of N*T tokens a step (data.pack: position_ids and the GDN
+state restart per sequence), else B=1. The vocab map is built from them (train.py's way).
 
-Sides (the loaded model is rebound between them with the Qwen3-MoE entry's bind function, as load_target does):
-- ours: `target.moe_impl=triton` (our batch-invariant MoE core), `norm_impl=triton` (fused RMSNorm),
-  `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton log-sum-exp merge);
-- peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`,
-  `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does).
+Sides (the loaded model is rebound between them with the target entry's bind function, as load_target does):
+- ours: `target.moe_impl=triton` (our batch-invariant MoE core), `norm_impl=triton` (fused RMSNorm), Qwen3-Next:
+  `gdn_impl=triton` (our GDN core); `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton merge);
+- peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`, Qwen3-Next:
+  `gdn_impl=hf` (HF's linear attention, which calls flash-linear-attention's kernels when fla is importable: carry it),
+  `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does). HF's GDN
+  cannot reset its state at packed document starts, so with --pack the peer runs B=1 rows of N*T tokens of one
+  document each instead (the same tokens a step; said in the row).
 Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss read and logging) is shared.
 
 Tokens/s: the median of the per-step windows after WARMUP_STEPS (each window spans data, the target's forward, the
 draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP counter (eagle_trainer/flops.py:
 target forward with teacher, 3 x the draft's unroll) over the same windows, against the bf16 dense peak. Peak
 memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides start from one
-draft init and one batch order: their step losses must agree to bf16 precision (checked).
+draft init and one batch order: without --pack their step losses must agree to bf16 precision (checked).
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
+    python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 4]
 """
 
 from __future__ import annotations
@@ -46,38 +58,56 @@ from eagle_trainer.flops import TargetFlops  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 
-FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_30b_a3b_config.json"
-AUX = (0, 1, 2)
+FIXTURES = Path(__file__).parents[1] / "tests/fixtures"
+ARCHS = {  # --arch -> (fixture config, HF config class, architecture, name in the rows)
+    "qwen3_30b_a3b": ("qwen3_30b_a3b_config.json", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", "Qwen3-30B-A3B"),
+    "qwen3_next": ("qwen3_next_80b_a3b_config.json", "Qwen3NextConfig", "Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B"),
+}
 VD = 32000
 SIDES = {  # side -> (target config fields, draft attention)
-    "ours": ({"moe_impl": "triton", "norm_impl": "triton"}, "fused"),
-    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf"}, "naive"),
+    "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton"}, "fused"),
+    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf"}, "naive"),
 }
 PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention"
+NEXT_PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels) + naive TTT attention"
 
 
-def build_checkpoint(path: Path, layers: int) -> None:
-    from transformers import Qwen3MoeConfig
-    fields = json.loads(FIXTURE.read_text())
-    fields.update(num_hidden_layers=layers, max_window_layers=layers, max_position_embeddings=65536)
-    config = Qwen3MoeConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type")})
-    config.architectures = ["Qwen3MoeForCausalLM"]
-    save_random_checkpoint(config, path)
+def build_checkpoint(path: Path, arch: str, layers: int, experts: int | None) -> None:
+    import transformers
+    fixture, config_class, architecture, _ = ARCHS[arch]
+    fields = json.loads((FIXTURES / fixture).read_text())
+    fields.update(num_hidden_layers=layers, max_position_embeddings=65536)
+    if arch == "qwen3_30b_a3b":
+        fields["max_window_layers"] = layers
+    if experts is not None:
+        fields["num_experts"] = experts
+    config = getattr(transformers, config_class)(**{k: v for k, v in fields.items()
+                                                   if k not in ("architectures", "model_type")})
+    config.architectures = [architecture]
+    keep = ("A_log", "dt_bias", "norm.weight", "layernorm.weight") if arch == "qwen3_next" else ()
+    save_random_checkpoint(config, path, keep=keep)
 
 
-def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path) -> dict:
+def aux_layers(target_spec, layers: int) -> tuple[int, ...]:
+    return (0, 1, 2) if layers == 4 else tuple(target_spec.aux_layers(layers))
+
+
+def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path,
+             pack: int = 1) -> dict:
     fields, attention = SIDES[side]
     target_spec.bind_kernels(model, TargetConfig(path="", **fields))
-    target = FrozenTarget(model, target_spec, AUX, draft_ids_from_d2t(d2t), t2d)
-    first = next(batches(dataset, 1, seed=0, epoch=0, shuffle=False)).to("cuda")
+    aux = aux_layers(target_spec, info.num_layers)
+    target = FrozenTarget(model, target_spec, aux, draft_ids_from_d2t(d2t), t2d)
+    first = next(batches(dataset, pack, seed=0, epoch=0, shuffle=False, pack=pack > 1)).to("cuda")
     target_ms = do_bench(lambda: target.forward(first), warmup=25, rep=200, return_mode="median")
     first = None  # freed before the run, so its peak is the trainer's
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     try:
         tps, losses, records = train(target, dataset, steps, run_dir, info, d2t, t2d, offline=False,
-                                     draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=AUX,
-                                     target_flops=TargetFlops.from_target(info, model.config))
+                                     draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=aux,
+                                     target_flops=TargetFlops.from_target(info, model.config), batch_size=pack,
+                                     pack=pack > 1)
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0]
         print(f"{side}: out of memory: {message}", flush=True)
@@ -87,7 +117,7 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
     mfu = sorted(r["mfu"] for r in records[WARMUP_STEPS:])
     result = {"tokens_per_s": tps, "mfu": mfu[len(mfu) // 2], "losses": losses,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-    step_ms = len(dataset[0]["input_ids"]) / tps * 1e3
+    step_ms = pack * len(dataset[0]["input_ids"]) / tps * 1e3
     print(f"{side}: {tps:,.0f} tokens/s ({step_ms:.1f} ms a step, of which the target forward + teacher "
           f"{target_ms:.1f} ms), MFU {result['mfu']:.1%}, peak {result['peak_gib']:.2f} GiB, "
           f"losses {[round(x, 3) for x in losses[:4]]}", flush=True)
@@ -96,7 +126,11 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3_30b_a3b")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the model's)")
+    parser.add_argument("--pack", type=int, default=1, help="sequences packed into one row a step (ours; the peer "
+                        "gets one document of the same length on a Qwen3-Next target)")
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer")
@@ -111,43 +145,58 @@ def main(argv=None) -> None:
     ckpt = args.work / "target"
     t0 = time.perf_counter()
     built = ckpt / "config.json"
-    if not (built.is_file() and json.loads(built.read_text())["num_hidden_layers"] == args.layers):
+    shape = {"architectures": [ARCHS[args.arch][2]], "num_hidden_layers": args.layers}
+    if args.experts is not None:
+        shape["num_experts"] = args.experts
+    if not (built.is_file() and json.loads(built.read_text()).items() >= shape.items()):
         shutil.rmtree(args.work, ignore_errors=True)
-        build_checkpoint(ckpt, args.layers)  # else: the checkpoint of an earlier run with these shapes is reused
+        build_checkpoint(ckpt, args.arch, args.layers, args.experts)  # else: an earlier run's checkpoint is reused
     model, _, target_spec, info = load_target(TargetConfig(path=str(ckpt)), torch.device("cuda"))
     print(f"target: {args.layers} layers, built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
+    name = ARCHS[args.arch][3]
+    peer_name = NEXT_PEER_NAME if args.arch == "qwen3_next" else PEER_NAME
     for seq in args.seqs:
-        dataset = synthetic_dataset(args.steps, seq, info.vocab_size)
+        dataset = synthetic_dataset(args.steps * args.pack, seq, info.vocab_size)
         d2t, t2d = build_vocab_map(dataset, info.vocab_size, VD)
+        # HF's GDN cannot restart its state inside a row: its side reads one document of the packed row's length
+        peer_whole = args.pack > 1 and args.arch == "qwen3_next"
+        data = {side: (synthetic_dataset(args.steps, seq * args.pack, info.vocab_size), 1)
+                if side == "peer" and peer_whole else (dataset, args.pack) for side in sides}
         for side in sides:
             shutil.rmtree(args.work / f"run_{side}_{seq}", ignore_errors=True)
-        res = {side: run_side(side, model, target_spec, info, dataset, d2t, t2d, args.steps,
-                              args.work / f"run_{side}_{seq}") for side in sides}
+        res = {side: run_side(side, model, target_spec, info, data[side][0], d2t, t2d, args.steps,
+                              args.work / f"run_{side}_{seq}", pack=data[side][1]) for side in sides}
         ours, peer = res.get("ours"), res.get("peer")
-        case = (f"online EAGLE-3 training, Qwen3-30B-A3B-shaped target {args.layers}L + draft, B=1 T={seq}, "
-                f"median step of {args.steps - WARMUP_STEPS}")
+        shape = (f"{args.pack} x T={seq} packed in one row" if args.pack > 1 else f"B=1 T={seq}")
+        experts = f", {args.experts} experts a layer" if args.experts else ""
+        case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
+                f"{' (peer: one document of that length)' if peer_whole else ''}, median step of "
+                f"{args.steps - WARMUP_STEPS}")
         if ours is None or "oom" in ours:
             continue
         ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
         if peer is not None and "oom" not in peer:
-            n = min(len(ours["losses"]), len(peer["losses"]))
-            diff = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"][:n], peer["losses"][:n]))
-            print(f"T={seq}: ours / peer {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s, "
-                  f"max relative loss difference {diff:.2g}", flush=True)
-            if not diff < 2e-2:
-                raise AssertionError(f"T={seq}: the two sides' losses differ by {diff:.3g} relative")
+            agree = ""
+            if not peer_whole:  # the same batches: the losses must agree
+                n = min(len(ours["losses"]), len(peer["losses"]))
+                diff = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"][:n], peer["losses"][:n]))
+                print(f"T={seq}: max relative loss difference {diff:.2g}", flush=True)
+                if not diff < 2e-2:
+                    raise AssertionError(f"T={seq}: the two sides' losses differ by {diff:.3g} relative")
+                agree = f" (losses agree within {diff:.1g})"
+            print(f"T={seq}: ours / peer {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s", flush=True)
             rows += [
-                row(f"{case} (losses agree within {diff:.1g}): tokens/s", ours_cell,
-                    f"{peer['tokens_per_s']:,.0f} tok/s, MFU {peer['mfu']:.1%}", PEER_NAME,
+                row(f"{case}{agree}: tokens/s", ours_cell,
+                    f"{peer['tokens_per_s']:,.0f} tok/s, MFU {peer['mfu']:.1%}", peer_name,
                     ours["tokens_per_s"] / peer["tokens_per_s"]),
                 row(f"{case}: peak GPU memory, target weights included (ratio: peer / ours, > 1 = ours smaller)",
-                    f"{ours['peak_gib']:.2f} GiB", f"{peer['peak_gib']:.2f} GiB", PEER_NAME,
+                    f"{ours['peak_gib']:.2f} GiB", f"{peer['peak_gib']:.2f} GiB", peer_name,
                     peer["peak_gib"] / ours["peak_gib"]),
             ]
         elif peer is not None:  # the peer cannot run this length on this GPU at all
             rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
-                            f"out of memory ({peer['oom'][:80]})", PEER_NAME, None))
+                            f"out of memory ({peer['oom'][:80]})", peer_name, None))
     note = ("`python benchmarks/train_online.py`: the whole training step of `Trainer.fit` (target forward, teacher, "
             "draft forward/backward, AdamW), ours vs the same trainer with HF's grouped_mm experts, HF RMSNorm and "
             "the naive TTT attention. MFU by eagle_trainer/flops.py against the bf16 dense peak (H100: 989 TFLOP/s).")
