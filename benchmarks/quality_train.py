@@ -349,6 +349,8 @@ def train_specforge(prep: dict, run: Run, run_dir: Path, device: torch.device) -
                             "step_loss": [m[f"ploss_{k}"] for k in range(TTT_STEPS)],
                             "acc": [m[f"acc_{k}"] for k in range(TTT_STEPS)],
                             "lr": core.backend.optimizer.get_learning_rate()})
+        if step % 100 == 0:  # the rate so far, in the log even if the command is cut short
+            print(f"train {run.name}: step {step}, {ends[-1] - start:.1f} s", flush=True)
     sync(device)
     ends[-1] = time.perf_counter()
     # its own save (TrainerController.save_checkpoint: training_state.pt with the draft's weights, no embedding)
