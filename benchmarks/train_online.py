@@ -57,6 +57,7 @@ from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa
 from eagle_trainer.flops import TargetFlops  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
+from eagle_trainer.targets.packed_attention import bind_packed_attention  # noqa: E402
 
 FIXTURES = Path(__file__).parents[1] / "tests/fixtures"
 ARCHS = {  # --arch -> (fixture config, HF config class, architecture, name in the rows)
@@ -65,8 +66,8 @@ ARCHS = {  # --arch -> (fixture config, HF config class, architecture, name in t
 }
 VD = 32000
 SIDES = {  # side -> (target config fields, draft attention)
-    "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton"}, "fused"),
-    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf"}, "naive"),
+    "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton", "packed_attention": "flex"}, "fused"),
+    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}, "naive"),
 }
 PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention"
 NEXT_PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels) + naive TTT attention"
@@ -95,7 +96,9 @@ def aux_layers(target_spec, layers: int) -> tuple[int, ...]:
 def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path,
              pack: int = 1) -> dict:
     fields, attention = SIDES[side]
-    target_spec.bind_kernels(model, TargetConfig(path="", **fields))
+    cfg = TargetConfig(path="", **fields)
+    bind_packed_attention(model, cfg)
+    target_spec.bind_kernels(model, cfg)
     aux = aux_layers(target_spec, info.num_layers)
     target = FrozenTarget(model, target_spec, aux, draft_ids_from_d2t(d2t), t2d)
     first = next(batches(dataset, pack, seed=0, epoch=0, shuffle=False, pack=pack > 1)).to("cuda")

@@ -21,6 +21,9 @@ class TargetConfig:
     trust_remote_code: bool = False
     aux_layer_ids: Optional[list[int]] = None  # 0-based decoder-layer outputs; None: [1, L//2-1, L-4]
     attn_implementation: str = "sdpa"
+    # full attention of packed batches (data.pack): auto | flex | hf; auto = flex on a GPU (causal, same-document flex
+    # attention, memory linear in the packed length; needs attn_implementation=sdpa), else hf (HF's [N, N] mask)
+    packed_attention: str = "auto"
     # MoE targets only (ignored for dense ones): auto | triton | hf | grouped_mm; auto = triton on GPU, hf on CPU
     moe_impl: str = "auto"
     moe_batch_invariant: bool = True  # triton: a token's routing and expert output do not depend on the rest of the batch

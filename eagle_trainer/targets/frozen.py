@@ -8,10 +8,11 @@ full vocab in chunks.
 
 Batches are right-padded, so real tokens never attend to padding under the causal mask and no attention
 mask is passed to the model. A packed batch (data.pack, one row of documents back to back) passes its
-position_ids instead: with no attention mask and no cache, HF's `create_causal_mask` finds the documents where
-the positions restart (`masking_utils.find_packed_sequence_indices`) and builds a causal, same-document mask for
-sdpa, eager and flex alike; RoPE sees each document's own positions. Recurrent layers get the document starts
-through `targets.packing.documents` (Qwen3-Next's gated delta net: targets/gdn.py).
+position_ids (RoPE sees each document's own positions) and runs inside `targets.packing.documents`: the
+full-attention layers then build no mask and attend causally within each document through flex_attention
+(targets/packed_attention.py, target.packed_attention=flex), and recurrent layers restart their state at each
+document (Qwen3-Next's gated delta net: targets/gdn.py). With packed_attention=hf, HF's `create_causal_mask`
+finds the documents where the positions restart and builds an [N, N] causal, same-document mask instead.
 
 Shapes: B batch, T tokens, Ht target hidden, V target vocab, Vd draft vocab.
 """

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eagle_trainer import registry
 from eagle_trainer.config import TargetConfig
+from eagle_trainer.targets.packed_attention import bind_packed_attention
 from eagle_trainer.types import TargetInfo
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,7 @@ def load_target(cfg: TargetConfig, device: torch.device):
     model.to(device).eval().requires_grad_(False)
     if device.type == "cpu":
         _own_storage(model)
+    bind_packed_attention(model, cfg)
     if spec.bind_kernels is not None:
         spec.bind_kernels(model, cfg)
     return model, tokenizer, spec, info

@@ -39,6 +39,7 @@ from eagle_trainer.parallel import ParallelDims, check_experts, parallelize_targ
 from eagle_trainer.parallel.lockstep import lock_step
 from eagle_trainer.targets.loading import (checkpoint_files, load_target, load_tokenizer, open_safetensors,
                                           read_config, resolve_dtype)
+from eagle_trainer.targets.packed_attention import bind_packed_attention
 
 
 @contextlib.contextmanager
@@ -211,6 +212,7 @@ def load_sharded_target(cfg: TargetConfig, device: torch.device, dims: ParallelD
     parallelize_target(model, spec, dims)
     materialize(model, device)
     fill_from_safetensors(model, path, progress=progress)
+    bind_packed_attention(model, cfg)
     if spec.bind_kernels is not None:
         spec.bind_kernels(model, cfg)
     if device.type == "cuda":
