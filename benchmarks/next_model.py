@@ -9,7 +9,7 @@ job in training). One model object; the variants are switched with the Qwen3-Nex
 
     peer            HF transformers: moe grouped_mm, HF norms, HF's GDN (flash-linear-attention's
                     chunk_gated_delta_rule and causal-conv1d's causal_conv1d_fn where importable, else HF's torch)
-    moe             our MoE core (router + routed experts; the shared expert stays HF's)
+    moe             our MoE core (router, routed experts and the gated shared expert in one fixed-order sum)
     moe+gdn         ... and our GDN core
     moe+gdn+norm    ... and our zero-centred fused RMSNorm (all of ours)
 
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     if results_path is not None:
         append_rows("next_model", rows, "Frozen-target forward, `benchmarks/next_model.py`: one model object, "
                     "kernels switched with the Qwen3-Next entry's bind function (ours: batch-invariant MoE config; "
-                    "the shared expert is HF's in every variant).", results_path)
+                    "the shared expert in the MoE core's sum).", results_path)
     print(f"\n{shape}, {versions}; peer = {peer}")
     print("| variant | ms | tokens/s | rate | x peer | err vs fp32 |\n|---|---|---|---|---|---|")
     for name, ms, ratio, err in table:

@@ -9,7 +9,10 @@ Triton core, HF's own loop or its grouped_mm) computes the local experts; two ho
                           hidden row, its expert id (local to that rank) and its routing weight; all-to-all
     local experts         the module's own forward over the pairs it received, one slot each: [R, H]
     combine (hook)        the weighted outputs go back (all-to-all), are put in pair order, and each token's k
-                          outputs are summed in fp32 in slot order j = 0..k-1, as the MoE core sums them
+                          outputs are summed in fp32 in slot order j = 0..k-1, as the MoE core sums them; then the
+                          call's `shared_out` [T, H], if it passed one (a shared expert's gated output, computed by
+                          the caller on its own tokens: a shared expert is dense and whole on every rank), as the
+                          last term, as the core adds it
 
 A pair's output is its expert's output times its weight, rounded to the model dtype, whichever rank computes it;
 the sum over slots is the MoE core's fixed-order fp32 sum. So with the core's batch-invariant configs the tokens of
@@ -48,6 +51,7 @@ class ExpertAllToAll:
 
     def dispatch(self, module: nn.Module, args: tuple, kwargs: dict):
         hidden, ids, weights = _bound_args(args, kwargs)
+        shared_out = kwargs.get("shared_out")  # stays here: the local experts see only the pairs they received
         num_tokens, top_k = ids.shape
         dest = ids.reshape(-1).long() // self.num_local  # [P] the rank that holds each pair's expert
         order = torch.argsort(dest, stable=True)  # pairs grouped by destination, in pair order within each
@@ -62,11 +66,11 @@ class ExpertAllToAll:
         meta = _all_to_all(meta, send, recv, self.group)  # [R, 2]
         ids_r = meta[:, 0].contiguous().view(torch.int32).to(ids.dtype)[:, None]
         weights_r = meta[:, 1:].to(weights.dtype)
-        self.state = (order, send, recv, num_tokens, top_k, hidden.dtype)
+        self.state = (order, send, recv, num_tokens, top_k, hidden.dtype, shared_out)
         return (x, ids_r, weights_r), {}
 
     def combine(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        order, send, recv, num_tokens, top_k, dtype = self.state
+        order, send, recv, num_tokens, top_k, dtype, shared_out = self.state
         self.state = None
         back = _all_to_all(output, recv, send, self.group)  # [P, H], pairs grouped by the rank that computed them
         pairs = torch.empty_like(back)
@@ -75,6 +79,8 @@ class ExpertAllToAll:
         total = pairs[:, 0].float()
         for j in range(1, top_k):  # fixed order, fp32: the MoE core's top-k sum
             total += pairs[:, j].float()
+        if shared_out is not None:
+            total += shared_out.float()
         return total.to(dtype)
 
 

@@ -18,23 +18,25 @@ def bind_qwen3_moe(model, cfg) -> dict[str, str]:
 
 
 def bind_qwen3_next(model, cfg) -> dict[str, str]:
-    """Our MoE core (router + routed experts, `moe_impl`), the zero-centred fused RMSNorm for Qwen3NextRMSNorm
-    (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton on a GPU for the
-    MoE and the norms (hf on the CPU).
+    """Our MoE core (router, routed experts and the gated shared expert, `moe_impl`), the zero-centred fused RMSNorm
+    for Qwen3NextRMSNorm (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton
+    on a GPU for the MoE and the norms (hf on the CPU).
 
-    The shared expert (a dense Qwen3NextMLP) and its sigmoid `shared_expert_gate` stay HF's modules:
-    Qwen3NextSparseMoeBlock.forward adds them to whatever the experts implementation returns. The GDN's gated
-    norm (Qwen3NextRMSNormGated) is not a Qwen3NextRMSNorm: it belongs to the GDN binding.
+    With moe_impl=triton each Qwen3NextSparseMoeBlock gets our block forward: the shared expert (a dense
+    Qwen3NextMLP) runs through the core's GEMMs, scaled by sigmoid(`shared_expert_gate`) in fp32, and is the last
+    term of the core's fixed-order sum; with hf or grouped_mm HF's block forward adds it in the model dtype. The
+    GDN's gated norm (Qwen3NextRMSNormGated) is not a Qwen3NextRMSNorm: it belongs to the GDN binding.
     """
-    return {"moe": bind_moe(model, cfg), "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True),
-            "gdn": bind_gdn(model, cfg)}
+    return {"moe": bind_moe(model, cfg, shared_blocks=("Qwen3NextSparseMoeBlock",)),
+            "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True), "gdn": bind_gdn(model, cfg)}
 
 
 QWEN3 = registry.register_target(registry.TargetSpec(architectures=("Qwen3ForCausalLM",)))
 QWEN3_MOE = registry.register_target(registry.TargetSpec(
     architectures=("Qwen3MoeForCausalLM",), experts="mlp.experts", bind_kernels=bind_qwen3_moe))
 # Hybrid: layers 3, 7, ... hold `self_attn` (gated full attention), the rest `linear_attn` (gated delta net);
-# every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts`.
+# every layer's `mlp` is sparse, with `mlp.shared_expert` beside the routed `mlp.experts` (bound into the MoE core's
+# sum by bind_qwen3_next; expert parallelism splits only `mlp.experts`, the shared expert is whole on every rank).
 # The gated delta net's recurrent state can neither take a tree mask nor be rolled back to the accepted tokens:
 # evaluate/ keeps it per tree node while verifying (RecurrentStates).
 QWEN3_NEXT = registry.register_target(registry.TargetSpec(

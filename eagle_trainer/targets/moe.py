@@ -5,13 +5,19 @@ HF transformers 5.x dispatches each `@use_experts_implementation` experts module
 switch the loaded model to it. The router (`mlp.gate`, a `*TopKRouter`) is a plain module whose forward
 returns (router_logits, top_k_weights, top_k_index); with our core bound its forward is replaced, per
 instance, by our fused router kernel, so routing is batch invariant and ties go to the lowest expert id.
-Anything else in the sparse block stays HF's: Qwen3-Next's shared expert and its sigmoid gate run as HF's
-modules and are added to our experts' output by HF's Qwen3NextSparseMoeBlock.forward.
+A sparse block with a gated shared expert (Qwen3-Next's Qwen3NextSparseMoeBlock: `shared_expert`, a dense SwiGLU
+MLP, behind the sigmoid `shared_expert_gate`) gets our block forward per instance: the router, the shared expert
+through the core's GEMMs, then the experts module called with its output as the last term of the core's fixed-order
+fp32 sum (`shared_out`), so the block's output is rounded once; HF adds the two in the model dtype. Calling the
+experts module (not the core directly) keeps expert parallelism's hooks in the path (parallel/expert.py adds
+`shared_out` after combining the routed terms).
 
     moe_impl   what runs
-    triton     our router + our experts core (GPU, or the CPU under TRITON_INTERPRET=1)
-    hf         HF's default experts code, the per-expert loop (the reference; HF's "eager" experts)
-    grouped_mm HF's torch._grouped_mm experts (HF's default on GPU)
+    triton     our router + our experts core, with the shared expert where a block has one (GPU, or the CPU
+               under TRITON_INTERPRET=1)
+    hf         HF's default experts code, the per-expert loop (the reference; HF's "eager" experts); HF's router
+               and sparse block
+    grouped_mm HF's torch._grouped_mm experts (HF's default on GPU); HF's router and sparse block
     auto       triton on a GPU, hf on the CPU
 Every `*_impl` switch (moe_impl, norm_impl, gdn_impl) names HF's own code `hf` and is resolved here.
 """
@@ -66,11 +72,25 @@ def resolve_moe_impl(impl: str, device: torch.device) -> str:
 
 
 def _experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                     top_k_weights: torch.Tensor) -> torch.Tensor:
-    """HF experts-interface signature: [T,H], [T,k] ids, [T,k] weights -> [T,H]."""
+                     top_k_weights: torch.Tensor, shared_out: torch.Tensor | None = None) -> torch.Tensor:
+    """HF experts-interface signature: [T,H], [T,k] ids, [T,k] weights -> [T,H]; `shared_out` [T,H] (passed by
+    our shared-expert block forward) is summed last."""
     from eagle_trainer.kernels.moe import moe_experts
     return moe_experts(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-                       batch_invariant=getattr(self, "eagle_batch_invariant", True))
+                       batch_invariant=getattr(self, "eagle_batch_invariant", True), shared_out=shared_out)
+
+
+def _shared_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Drop-in for Qwen3NextSparseMoeBlock.forward: [B,T,H] -> [B,T,H]. The shared expert's weights are read from
+    its modules at every call (a sharded target gathers them anew for each forward)."""
+    from eagle_trainer.kernels.moe import SharedExpert, moe_shared_expert
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])  # [N, H]
+    _, weights, ids = self.gate(x)
+    mlp, gate = self.shared_expert, self.shared_expert_gate
+    shared = SharedExpert(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, gate.weight)
+    shared_out = moe_shared_expert(x, shared, batch_invariant=getattr(self.experts, "eagle_batch_invariant", True))
+    return self.experts(x, ids, weights, shared_out=shared_out).reshape(shape)
 
 
 def _router_forward(self: nn.Module, hidden_states: torch.Tensor):
@@ -92,8 +112,12 @@ def _routers(model: nn.Module):
             yield module
 
 
-def bind_moe(model: nn.Module, cfg: Any) -> str:
-    """Switch a loaded HF MoE model to `cfg.moe_impl` (a TargetConfig); returns the implementation bound."""
+def bind_moe(model: nn.Module, cfg: Any, shared_blocks: tuple[str, ...] = ()) -> str:
+    """Switch a loaded HF MoE model to `cfg.moe_impl` (a TargetConfig); returns the implementation bound.
+
+    `shared_blocks`: the sparse-block classes (HF's Qwen3NextSparseMoeBlock layout) whose gated shared expert joins
+    the core's sum; their instances get our block forward with triton, HF's back otherwise.
+    """
     device = next(model.parameters()).device
     impl = resolve_moe_impl(cfg.moe_impl, device)
     routers = list(_routers(model))
@@ -111,4 +135,6 @@ def bind_moe(model: nn.Module, cfg: Any) -> str:
         model.set_experts_implementation(HF_EXPERTS[impl])
         for router in routers:  # undo an earlier binding of ours
             router.__dict__.pop("forward", None)
+    if shared_blocks:
+        bind_instances(model, "moe_impl", impl, shared_blocks, _shared_block_forward)
     return impl

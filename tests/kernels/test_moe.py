@@ -1,17 +1,20 @@
 """The Triton MoE core against its plain-torch reference.
 
 Without a GPU the kernels run in Triton's interpreter (conftest) in fp32; with one, the same tests run compiled,
-and the gpu-marked ones check bf16 at real Qwen3-MoE shapes, run-to-run determinism and batch invariance.
+and the gpu-marked ones check bf16 at real Qwen3-MoE / Qwen3-Next shapes, run-to-run determinism and batch
+invariance, with and without Qwen3-Next's gated shared expert.
 """
 
 import pytest
 import torch
 from kernel_checks import poison, rel_err
 
-from eagle_trainer.kernels.moe import align_pairs, moe_experts, moe_forward, moe_route
+from eagle_trainer.kernels.moe import SharedExpert, align_pairs, moe_experts, moe_forward, moe_route, moe_shared_expert
 from eagle_trainer.kernels.moe import experts as experts_mod
+from eagle_trainer.kernels.moe import shared as shared_mod
 from eagle_trainer.kernels.moe.configs import get_config
-from eagle_trainer.kernels.moe.reference import align_pairs_reference, moe_experts_reference, moe_route_reference
+from eagle_trainer.kernels.moe.reference import (align_pairs_reference, moe_block_reference, moe_experts_reference,
+                                                 moe_route_reference, moe_shared_expert_reference)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -19,7 +22,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the experts launcher allocates starts as NaN: an element no kernel writes fails the test."""
-    poison(monkeypatch, experts_mod)
+    poison(monkeypatch, experts_mod, shared_mod)
 
 
 def random_layer(num_tokens, hidden, num_experts, inter, dtype=torch.float32, seed=0, scale=0.1):
@@ -28,6 +31,14 @@ def random_layer(num_tokens, hidden, num_experts, inter, dtype=torch.float32, se
         return (torch.randn(*shape, generator=g) * s).to(DEVICE, dtype)
     return (r(num_tokens, hidden), r(num_experts, hidden, s=scale), r(num_experts, 2 * inter, hidden, s=scale),
             r(num_experts, hidden, inter, s=scale))
+
+
+def random_shared(hidden, inter, dtype=torch.float32, seed=0, scale=0.1):
+    """Shared-expert weights; the gate's logits have a std of about scale * sqrt(hidden) for unit inputs."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+    return SharedExpert(r(inter, hidden), r(inter, hidden), r(hidden, inter), r(1, hidden))
 
 
 @pytest.mark.parametrize("num_tokens,hidden,num_experts,top_k,norm", [
@@ -132,6 +143,66 @@ def test_experts_with_idle_experts_and_one_hot_expert(poisoned):
     assert rel_err(out, moe_experts_reference(x, ids, weights[:, :1], gate_up, down)) < 1e-5
 
 
+@pytest.mark.parametrize("num_tokens,hidden,inter", [(1, 48, 40), (37, 80, 56), (131, 72, 24), (257, 64, 96)])
+def test_shared_expert_matches_reference(poisoned, num_tokens, hidden, inter):
+    x = random_layer(num_tokens, hidden, 1, 8, seed=num_tokens)[0]
+    shared = random_shared(hidden, inter, seed=num_tokens)
+    out = moe_shared_expert(x, shared)
+    ref = moe_shared_expert_reference(x, shared)
+    assert out.dtype == x.dtype and not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("num_tokens,hidden,num_experts,inter,shared_inter,top_k", [
+    (1, 48, 6, 40, 24, 2), (37, 80, 6, 48, 56, 2), (131, 72, 24, 40, 40, 3), (99, 64, 512, 16, 48, 10)])
+def test_block_with_shared_expert_matches_reference(poisoned, num_tokens, hidden, num_experts, inter, shared_inter,
+                                                    top_k):
+    """Router, routed experts and the gated shared expert (the last term of the fp32 sum) against the fp64 block."""
+    x, router, gate_up, down = random_layer(num_tokens, hidden, num_experts, inter, seed=num_tokens)
+    shared = random_shared(hidden, shared_inter, seed=num_tokens)
+    out = moe_forward(x, router, gate_up, down, top_k, True, shared=shared)
+    ref = moe_block_reference(x, router, gate_up, down, top_k, True, shared=shared)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-5
+    routed = moe_block_reference(x, router, gate_up, down, top_k, True)
+    assert rel_err(out, routed) > 1e-2  # the shared term is not negligible here: the check can fail
+
+
+def test_block_with_shared_expert_is_deterministic_and_batch_invariant(poisoned):
+    """Same input, same bits; a token's output is the same alone, in a small batch or among others, in any order
+    (fp32 under the interpreter; compiled bf16 at the Qwen3-Next shape in the gpu test below)."""
+    x, router, gate_up, down = random_layer(77, 72, 12, 40, seed=5)
+    shared = random_shared(72, 56, seed=5)
+    run = lambda h: moe_forward(h, router, gate_up, down, 3, True, shared=shared)  # noqa: E731
+    full = run(x)
+    assert torch.equal(full, run(x))
+    picked = torch.tensor([5, 17, 76, 40], device=DEVICE)
+    assert torch.equal(run(x[picked]), full[picked])
+    assert torch.equal(run(x[33:34]), full[33:34])
+    perm = torch.randperm(77, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    assert torch.equal(run(x[perm]), full[perm])
+    other = random_layer(50, 72, 1, 8, seed=6)[0]
+    assert torch.equal(run(torch.cat([other, x[:21]]))[50:], full[:21])
+
+
+def test_shared_out_is_summed_last_in_fp32():
+    """moe_experts' shared_out joins the fp32 sum: a zero term changes no bit, and in fp16 the block is the fp32 sum
+    of the k pair outputs and then the shared term, rounded once (each pair's output computed alone, as k = 1 tokens),
+    not the rounded routed sum plus the term rounded again."""
+    x, router, gate_up, down = random_layer(45, 64, 6, 40, seed=3)
+    _, weights, ids = moe_route(x, router, 2, True)
+    routed = moe_experts(x, ids, weights, gate_up, down)
+    assert torch.equal(moe_experts(x, ids, weights, gate_up, down, shared_out=torch.zeros_like(x)), routed)
+    half = [t.half() for t in (x, gate_up, down)]
+    routed16 = moe_experts(half[0], ids, weights, half[1], half[2])
+    term = (torch.randn(45, 64, generator=torch.Generator().manual_seed(1)) * 1e-3).to(DEVICE, torch.float16)
+    once = moe_experts(half[0], ids, weights, half[1], half[2], shared_out=term)
+    pairs = moe_experts(half[0].repeat_interleave(2, 0), ids.reshape(-1, 1), weights.reshape(-1, 1), half[1], half[2])
+    in_order = pairs.view(45, 2, 64).float().sum(1) + term.float()  # slot 0 + slot 1, then the shared term
+    assert torch.equal(once, in_order.half())
+    assert not torch.equal(once, (routed16.float() + term.float()).half())  # rounding twice differs somewhere
+
+
 def test_forward_of_no_tokens_and_bad_shapes():
     x, router, gate_up, down = random_layer(0, 32, 4, 16)
     assert moe_forward(x, router, gate_up, down, 2, True).shape == (0, 32)
@@ -140,6 +211,13 @@ def test_forward_of_no_tokens_and_bad_shapes():
                     torch.zeros(3, 2, device=DEVICE), gate_up, down)
     with pytest.raises(ValueError, match="top_k"):
         moe_route(torch.zeros(3, 32, device=DEVICE), router, 5, True)
+    shared = random_shared(32, 24)
+    assert moe_forward(x, router, gate_up, down, 2, True, shared=shared).shape == (0, 32)
+    with pytest.raises(ValueError, match="shared expert weights"):
+        moe_shared_expert(torch.zeros(3, 32, device=DEVICE), shared._replace(down_proj=shared.gate_proj))
+    with pytest.raises(ValueError, match="shared_out"):
+        moe_experts(torch.zeros(3, 32, device=DEVICE), torch.zeros(3, 2, dtype=torch.int32, device=DEVICE),
+                    torch.zeros(3, 2, device=DEVICE), gate_up, down, shared_out=torch.zeros(3, 31, device=DEVICE))
 
 
 # Real shapes: Qwen3-30B-A3B (E128, k8, I768, H2048) and Qwen3-Next (E512, k10, I512, H2048).
@@ -177,3 +255,43 @@ def test_gpu_deterministic_and_batch_invariant(num_experts, top_k, inter, hidden
     assert torch.equal(run(torch.cat([other, x[:100]]))[9000:], full[:100])
     assert get_config(DEVICE, num_experts, inter, hidden, 100 * top_k, True) == \
         get_config(DEVICE, num_experts, inter, hidden, 9100 * top_k, True)
+
+
+# Qwen3-Next-80B-A3B's sparse block: E512, k10, I512, H2048, and a shared expert of intermediate size 512.
+NEXT_SHARED_INTER = 512
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("invariant", [True, False])
+def test_gpu_bf16_block_with_shared_expert_matches_reference(poisoned, invariant):
+    num_experts, top_k, inter, hidden = REAL_SHAPES[1]
+    x, router, gate_up, down = random_layer(3001, hidden, num_experts, inter, dtype=torch.bfloat16, scale=0.02)
+    shared = random_shared(hidden, NEXT_SHARED_INTER, dtype=torch.bfloat16, scale=0.02)
+    _, weights, ids = moe_route(x, router, top_k, True)
+    shared_out = moe_shared_expert(x, shared, batch_invariant=invariant)
+    assert rel_err(shared_out, moe_shared_expert_reference(x, shared)) < 1e-2
+    out = moe_experts(x, ids, weights, gate_up, down, batch_invariant=invariant, shared_out=shared_out)
+    ref = moe_experts_reference(x, ids, weights, gate_up, down) + moe_shared_expert_reference(x, shared)
+    assert rel_err(out, ref) < 1e-2  # the same expert choice on both sides: bf16 rounding only
+
+
+@pytest.mark.gpu
+def test_gpu_block_with_shared_expert_deterministic_and_batch_invariant():
+    num_experts, top_k, inter, hidden = REAL_SHAPES[1]
+    x, router, gate_up, down = random_layer(4096, hidden, num_experts, inter, dtype=torch.bfloat16, scale=0.02)
+    shared = random_shared(hidden, NEXT_SHARED_INTER, dtype=torch.bfloat16, scale=0.02)
+    run = lambda h: moe_forward(h, router, gate_up, down, top_k, True, batch_invariant=True,  # noqa: E731
+                                shared=shared)
+    full = run(x)
+    assert torch.equal(full, run(x))  # same input, same bits
+    picked = torch.tensor([5, 17, 4000, 1234, 77], device=DEVICE)
+    assert torch.equal(run(x[picked]), full[picked])
+    assert torch.equal(run(x[4000:4001]), full[4000:4001])
+    perm = torch.randperm(4096, device=DEVICE)
+    assert torch.equal(run(x[perm]), full[perm])
+    assert torch.equal(run(x[:333]), full[:333])
+    other = torch.randn(9000, hidden, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(run(torch.cat([other, x[:100]]))[9000:], full[:100])
+    # the shared expert's GEMMs (one expert, E = 1) take one tile config whatever the token count
+    assert get_config(DEVICE, 1, NEXT_SHARED_INTER, hidden, 1, True) == \
+        get_config(DEVICE, 1, NEXT_SHARED_INTER, hidden, 9100, True)

@@ -3,7 +3,8 @@
 Each rank runs its own batch (of its own length) through the sharded target; the aux and final hidden states must
 equal those of the unsharded target loaded by load_target on the same batch. The checkpoint is a tiny Qwen3-MoE in
 the per-expert layout save_pretrained writes, or the same weights with the experts fused ([E, 2I, H] / [E, H, I]);
-and a tiny Qwen3-Next (gated delta net layers, a shared expert beside the routed ones).
+and a tiny Qwen3-Next (gated delta net layers, a shared expert beside the routed ones), with HF's MoE code and with
+our MoE core (interpreted on the CPU), whose shared expert joins the expert-parallel combine's sum.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def frozen(model, spec) -> FrozenTarget:
     return FrozenTarget(model, spec, AUX, torch.arange(0, 1024, 4), torch.ones(1024, dtype=torch.bool))
 
 
-def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32") -> None:
+def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32",
+                    moe_impl: str = "auto") -> None:
     from eagle_trainer.parallel import init_parallel, whole
     from eagle_trainer.app.runtime import pick_device
     from eagle_trainer.targets.sharded import load_sharded_target
     device = pick_device(device_type)
     dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
-    model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype), device, dims)
+    model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype, moe_impl=moe_impl), device,
+                                                       dims)
     states = frozen(model, spec).capture(rank_batch(rank).to(device))
     q_proj = model.get_submodule(spec.layers)[3].self_attn.q_proj.weight
     assert isinstance(q_proj, DTensor)  # a shard; whole() gathers it for whoever needs the whole weight
@@ -75,15 +78,32 @@ def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_pat
         assert got["local"] <= total / world * 1.05, (got["local"], total)
 
 
+def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, tmp_path):
+    """Qwen3-Next with our MoE core (moe_impl=triton) at ep 2: each rank computes the shared expert on its own tokens
+    and the combine hook adds it after the routed terms, in fp32, as the core's sum does. The expert outputs do not
+    depend on which tokens share a GEMM and the order of the sum is the unsharded core's, so the captured states
+    are the unsharded core's bits."""
+    path = str(tiny_qwen3_next_path)
+    run_ranks(2, capture_on_rank, path, 2, str(tmp_path), "cpu", "float32", "triton")
+    model, _, spec, _ = load_target(TargetConfig(path=path, dtype="float32", moe_impl="triton"), torch.device("cpu"))
+    whole = frozen(model, spec)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)
+        want = whole.capture(rank_batch(rank))
+        assert torch.equal(got["aux"], want.aux_hidden) and torch.equal(got["final"], want.final_hidden)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("ep", [1, 2])
-def test_sharded_target_on_gpus_captures_the_same_bits(tiny_qwen3_moe_path, tmp_path, ep):
+@pytest.mark.parametrize("ep, checkpoint", [(1, "tiny_qwen3_moe_path"), (2, "tiny_qwen3_moe_path"),
+                                            (2, "tiny_qwen3_next_path")])
+def test_sharded_target_on_gpus_captures_the_same_bits(request, tmp_path, ep, checkpoint):
     """bf16 on 2 GPUs (NCCL), our MoE core, router and RMSNorm: with batch-invariant tile configs a pair's expert output
-    does not depend on which tokens share its GEMM, and the all-to-all combine sums in the core's order, so the
-    sharded target gives the unsharded one's bits."""
-    run_ranks(2, capture_on_rank, str(tiny_qwen3_moe_path), ep, str(tmp_path), "cuda", "bfloat16")
-    model, _, spec, _ = load_target(TargetConfig(path=str(tiny_qwen3_moe_path), dtype="bfloat16"), torch.device("cuda"))
+    does not depend on which tokens share its GEMM, and the all-to-all combine sums in the core's order (Qwen3-Next's
+    shared expert last), so the sharded target gives the unsharded one's bits."""
+    path = request.getfixturevalue(checkpoint)
+    run_ranks(2, capture_on_rank, str(path), ep, str(tmp_path), "cuda", "bfloat16")
+    model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="bfloat16"), torch.device("cuda"))
     whole = frozen(model, spec)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)

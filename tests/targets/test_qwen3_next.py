@@ -169,8 +169,9 @@ def rel_err(a, b):
 
 
 def moe_and_norm_modules(model):
-    """The modules moe_impl and norm_impl bind: routers and Qwen3NextRMSNorms (not the GDN's gated norm)."""
-    names = ("Qwen3NextTopKRouter", "Qwen3NextRMSNorm")
+    """The modules moe_impl and norm_impl bind: routers, sparse blocks (their shared expert) and Qwen3NextRMSNorms
+    (not the GDN's gated norm)."""
+    names = ("Qwen3NextTopKRouter", "Qwen3NextSparseMoeBlock", "Qwen3NextRMSNorm")
     found = [m for m in model.modules() if type(m).__name__ in names]
     assert {type(m).__name__ for m in found} == set(names)
     return found
@@ -178,8 +179,8 @@ def moe_and_norm_modules(model):
 
 @pytest.mark.parametrize("gdn_impl", ["hf", "triton"])
 def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl):
-    """moe_impl=triton (our router + routed experts; HF's shared expert and gate) and norm_impl=triton (the
-    zero-centred kernel in every Qwen3NextRMSNorm) give HF eager's backbone hidden states, in fp32 under the
+    """moe_impl=triton (our router, routed experts and the gated shared expert in the core's sum) and norm_impl=triton
+    (the zero-centred kernel in every Qwen3NextRMSNorm) give HF eager's backbone hidden states, in fp32 under the
     interpreter (compiled on a GPU); with the GDN core bound too, as well. Binding hf back restores HF's forwards exactly."""
     from eagle_trainer.targets import moe as moe_binding
     cfg = TargetConfig(path=str(tiny_qwen3_next_path), moe_impl="hf", norm_impl="hf", gdn_impl="hf",
@@ -199,7 +200,9 @@ def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl)
     for norm in (model.model.norm, layers[0].input_layernorm, layers[0].post_attention_layernorm,
                  layers[3].self_attn.q_norm, layers[3].self_attn.k_norm):
         assert "forward" in norm.__dict__
-    # HF's own: the shared expert and its gate, and the GDN's gated norm (the GDN binding's business)
+    # the sparse block runs ours (the shared expert's weights go to the core; its modules are not called); the
+    # GDN's gated norm is the GDN binding's business
+    assert all("forward" in layer.mlp.__dict__ for layer in layers)
     assert not any("forward" in m.__dict__ for m in (layers[0].mlp.shared_expert, layers[0].mlp.shared_expert_gate,
                                                      layers[0].linear_attn.norm))
     out = model.model(ids, output_hidden_states=True, use_cache=False).hidden_states
@@ -211,6 +214,56 @@ def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl)
     assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
     for a, b in zip(model.model(ids, output_hidden_states=True, use_cache=False).hidden_states, ref, strict=True):
         assert torch.equal(a, b)
+
+
+def odd_sparse_model(dtype=torch.float32, device=DEVICE, **sizes):
+    """A one-layer Qwen3NextForCausalLM built in memory with odd MoE sizes (the routed and shared intermediate sizes
+    differ), weights N(0, std), so that the shared expert's gate is far from 1/2."""
+    from transformers import Qwen3NextForCausalLM
+    from eagle_trainer.targets.tiny import tiny_qwen3_next_config
+    std = sizes.pop("std", 0.1)
+    config = tiny_qwen3_next_config(vocab_size=64, **{"hidden_size": 72, "num_layers": 1, "num_experts": 6,
+                                                      "top_k": 2, "moe_intermediate_size": 40,
+                                                      "shared_expert_intermediate_size": 56, **sizes})
+    torch.manual_seed(0)
+    model = Qwen3NextForCausalLM(config).eval().requires_grad_(False)
+    for p in model.model.layers[0].mlp.parameters():
+        p.normal_(0.0, std)
+    return model.to(device, dtype)
+
+
+def test_shared_expert_block_bound_equals_hf_eager_and_the_reference():
+    """One sparse block at odd sizes, fp32: our block forward (router, shared expert, routed experts, one fp32 sum)
+    gives HF eager's output and the fp64 block reference's; the shared expert's weights are read at every call, so a
+    parameter replaced by a new tensor (as a sharded target's gathers give) is what the next call uses."""
+    from torch import nn
+    from eagle_trainer.kernels.moe import SharedExpert
+    from eagle_trainer.kernels.moe.reference import moe_block_reference
+    model = odd_sparse_model()
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 37, 72, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    ref = block(x)
+
+    def reference():
+        mlp = block.shared_expert
+        shared = SharedExpert(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                              block.shared_expert_gate.weight)
+        return moe_block_reference(x.view(-1, 72), block.gate.weight, block.experts.gate_up_proj,
+                                   block.experts.down_proj, 2, True, shared=shared).view(x.shape)
+
+    gate = torch.sigmoid(block.shared_expert_gate(x))
+    assert 0.05 < gate.std().item() and rel_err(block.shared_expert(x) * gate, ref) > 0.1  # both terms matter
+    assert bind_qwen3_next(model, TargetConfig(path="-", moe_impl="triton"))["moe"] == "triton"
+    out = block(x)
+    assert rel_err(out, ref) < 1e-5 and rel_err(out, reference()) < 1e-5
+    block.shared_expert.up_proj.weight = nn.Parameter(torch.randn_like(block.shared_expert.up_proj.weight) * 0.1,
+                                                      requires_grad=False)
+    with torch.no_grad():
+        block.shared_expert_gate.weight.neg_()
+    new = block(x)
+    assert rel_err(new, out) > 1e-2 and rel_err(new, reference()) < 1e-5
+    bind_qwen3_next(model, TargetConfig(path="-", moe_impl="hf"))
+    assert "forward" not in block.__dict__ and rel_err(block(x), new) < 1e-5
 
 
 @pytest.mark.parametrize("option", ["moe_impl", "norm_impl"])
@@ -240,6 +293,42 @@ def test_moe_and_norm_cores_bound_in_bf16_on_gpu_track_the_fp32_truth(tiny_qwen3
     ours, theirs = capture("auto", "auto", "bfloat16"), capture("grouped_mm", "hf", "bfloat16")
     err = lambda x: float((x - truth).norm() / truth.norm())
     assert err(ours) <= 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_real_shape_block_in_bf16_is_no_further_from_the_truth_than_hf():
+    """Qwen3-Next-80B-A3B's sparse block (H 2048, 512 experts, top-10, I 512, shared I 512; weights N(0, 0.02)) on
+    2999 tokens in bf16: our block (router, shared expert, routed experts, one fp32 sum) is no further from the
+    truth than HF's bf16 eager block. The truth for that is the fp64 block on the same bf16 weights with the
+    experts chosen from bf16 logits, as both bf16 paths choose them (with 512 near-uniform logits a near-tie may
+    flip either way against fp32 logits, which would judge the flips, not the arithmetic); against HF's fp32
+    block ours is within 1.5x of HF's bf16 error."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+    from eagle_trainer.kernels.moe import SharedExpert, moe_forward
+    from eagle_trainer.kernels.moe.reference import moe_block_reference
+    dev = torch.device("cuda")
+    config = Qwen3NextConfig(**REAL_80B)
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    with dev:
+        block32 = Qwen3NextSparseMoeBlock(config)
+        for p in block32.parameters():
+            p.normal_(0.0, 0.02)
+        x = torch.randn(1, 2999, 2048, dtype=torch.bfloat16)
+    block = Qwen3NextSparseMoeBlock(config).to(dev, torch.bfloat16)
+    block.load_state_dict({k: v.to(torch.bfloat16) for k, v in block32.state_dict().items()})
+    block32.load_state_dict({k: v.float() for k, v in block.state_dict().items()})  # the same (bf16) values
+    hf = block(x)[0]
+    fp32_truth = block32(x.float())[0]
+    mlp = block.shared_expert
+    shared = SharedExpert(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                          block.shared_expert_gate.weight)
+    args = (block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj, 10, True)
+    ours = moe_forward(x[0], *args, shared=shared)
+    truth = moe_block_reference(x[0], *args, shared=shared)
+    assert rel_err(ours, truth) <= rel_err(hf, truth), (rel_err(ours, truth), rel_err(hf, truth))
+    assert rel_err(ours, fp32_truth) <= 1.5 * rel_err(hf, fp32_truth) + 1e-3
 
 
 def test_registry_entry_and_demo_config():

@@ -1,10 +1,13 @@
-"""Plain-torch reference of the MoE forward (routing and routed experts), the ground truth for the kernels.
+"""Plain-torch reference of the MoE forward (routing, routed experts, the gated shared expert, the whole block), the
+ground truth for the kernels.
 
-Shapes: T tokens, H hidden, E experts, I expert intermediate size, k experts per token.
+Shapes: T tokens, H hidden, E experts, I expert intermediate size, k experts per token, Is shared intermediate size.
     hidden         [T, H]
     router_weight  [E, H]
     gate_up        [E, 2I, H]  (gate rows, then up rows: HF's fused `mlp.experts.gate_up_proj`)
     down           [E, H, I]   (HF's `mlp.experts.down_proj`)
+    shared         (gate_proj [Is, H], up_proj [Is, H], down_proj [H, Is], gate [1, H]): a shared.SharedExpert,
+                   HF's `mlp.shared_expert.{gate,up,down}_proj.weight` and `mlp.shared_expert_gate.weight`
 Computed in fp64 by default so kernel results can be compared at any precision.
 """
 
@@ -42,6 +45,24 @@ def moe_experts_reference(hidden: torch.Tensor, ids: torch.Tensor, weights: torc
         gate, up = (x[token] @ gate_up[e].to(dtype).T).split(two_i // 2, dim=-1)
         y = (F.silu(gate) * up) @ down[e].to(dtype).T  # [n, H]
         out.index_add_(0, token, y * weights[token, slot].to(dtype)[:, None])
+    return out
+
+
+def moe_shared_expert_reference(hidden: torch.Tensor, shared, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """sigmoid(x @ gate^T) * down_proj @ (silu(gate_proj @ x) * (up_proj @ x)); -> [T,H] in `dtype`."""
+    x = hidden.to(dtype)
+    gate_proj, up_proj, down_proj, gate = (w.to(dtype) for w in shared)
+    return torch.sigmoid(x @ gate.T) * ((F.silu(x @ gate_proj.T) * (x @ up_proj.T)) @ down_proj.T)
+
+
+def moe_block_reference(hidden: torch.Tensor, router_weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                        top_k: int, norm_topk_prob: bool, shared=None, dtype: torch.dtype = torch.float64):
+    """A whole sparse MoE block (HF's Qwen3NextSparseMoeBlock with `shared`, Qwen3MoeSparseMoeBlock without):
+    routing (experts chosen from model-dtype logits), the routed experts and the gated shared expert; -> [T,H]."""
+    _, weights, ids = moe_route_reference(hidden, router_weight, top_k, norm_topk_prob)
+    out = moe_experts_reference(hidden, ids, weights, gate_up, down, dtype)
+    if shared is not None:
+        out = out + moe_shared_expert_reference(hidden, shared, dtype)
     return out
 
 

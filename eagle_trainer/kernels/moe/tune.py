@@ -77,7 +77,8 @@ def tune_bucket(shape: tuple[int, int, int, int], num_tokens: int, block_ms=(64,
         def gemm1(c):
             grid = (num_blocks * triton.cdiv(inter, c["BN1"]),)
             return lambda: moe_gate_up_fwd_kernel[grid](
-                x, gate_up, y, pairs, block_expert, num_pairs, num_blocks, hidden, inter, E=num_experts, TOPK=top_k,
+                x, gate_up, gate_up[:, inter:], y, pairs, block_expert, num_pairs, num_blocks, hidden, inter,
+                2 * inter * hidden, E=num_experts, TOPK=top_k,
                 BM=block_m, BN=c["BN1"], BK=c["BK1"], GM=group_m, EVEN_K=hidden % c["BK1"] == 0, PREC="tf32", TMA=False, WS=False,
                 num_warps=c["W1"], num_stages=c["S1"])
 
