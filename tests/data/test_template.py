@@ -13,18 +13,12 @@ from eagle_trainer.data.chat import BadLineError
 from eagle_trainer.data.dataset import build_dataset
 from eagle_trainer.data.template import load_chat_template, render, tokenize_conversation
 from eagle_trainer.targets.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
+from test_chat import TWO_TURNS  # pytest puts tests/data/ on sys.path
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 LLAMA3 = FIXTURES / "llama3_chat_template.jinja"
 QWEN3 = FIXTURES / "qwen3_chat_template.jinja"
 
-TWO_TURNS = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Kalo mi ne?"},
-    {"role": "assistant", "content": "Suta ri po."},
-    {"role": "user", "content": "Ve da zu?"},
-    {"role": "assistant", "content": "Zu chi mo!"},
-]
 WEATHER = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Kalo"}}}
 CALL_TEXT = '<tool_call>\n{"name": "weather", "arguments": {"city": "Kalo"}}\n</tool_call>'
 # A tool loop (the user's question, a call, the tool's answer, the reply), then a second question.

@@ -83,13 +83,18 @@ def test_save_load_round_trip_and_uint8(tmp_path):
         load_vocab_map(tmp_path / "bad.safetensors")
 
 
-def test_cli_vocab(tmp_path, capsys):
-    tokenizer = save_tiny_tokenizer(tmp_path / "tok")
-    lines = synthetic_corpus(40, seed=3)
-    with open(tmp_path / "d.jsonl", "w") as f:
-        for i in range(20):
+def write_pairs(path, n: int) -> None:
+    """n conversations of one user line and one assistant line (synthetic_corpus, seed 3)."""
+    lines = synthetic_corpus(2 * n, seed=3)
+    with open(path, "w") as f:
+        for i in range(n):
             messages = [{"role": "user", "content": lines[2 * i]}, {"role": "assistant", "content": lines[2 * i + 1]}]
             f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def test_cli_vocab(tmp_path, capsys):
+    tokenizer = save_tiny_tokenizer(tmp_path / "tok")
+    write_pairs(tmp_path / "d.jsonl", 20)
     out = tmp_path / "run" / "vocab.safetensors"
     main(["vocab", "--tokenizer", str(tmp_path / "tok"), "--data", str(tmp_path / "d.jsonl"),
           "--draft-vocab-size", "64", "--out", str(out)])
@@ -111,11 +116,7 @@ def test_cli_vocab_renders_the_data_as_training_does(tmp_path, capsys):
     from eagle_trainer.data.dataset import build_dataset
 
     tokenizer = save_tiny_tokenizer(tmp_path / "tok")
-    lines = synthetic_corpus(12, seed=3)
-    with open(tmp_path / "d.jsonl", "w") as f:
-        for i in range(6):
-            messages = [{"role": "user", "content": lines[2 * i]}, {"role": "assistant", "content": lines[2 * i + 1]}]
-            f.write(json.dumps({"messages": messages}) + "\n")
+    write_pairs(tmp_path / "d.jsonl", 6)
     qwen3 = str(Path(__file__).parents[1] / "fixtures" / "qwen3_chat_template.jinja")
     counts = {}
     for policy in ("auto", "train"):
