@@ -13,7 +13,7 @@ from eagle_trainer.data.chat import BadLineError
 from eagle_trainer.data.dataset import build_dataset
 from eagle_trainer.data.template import load_chat_template, render, tokenize_conversation
 from eagle_trainer.targets.tiny_tokenizer import build_tiny_tokenizer, save_tiny_tokenizer
-from test_chat import TWO_TURNS  # pytest puts tests/data/ on sys.path
+from test_chat import TWO_TURNS, masked_segments  # pytest puts tests/data/ on sys.path
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 LLAMA3 = FIXTURES / "llama3_chat_template.jinja"
@@ -58,14 +58,7 @@ def qwen3(tmp_path_factory):
 
 def trained(tokenizer, tok) -> list[str]:
     """The text of each maximal run of loss tokens."""
-    runs, run = [], []
-    for token, m in zip(tok.input_ids + [None], tok.loss_mask + [False]):
-        if m:
-            run.append(token)
-        elif run:
-            runs.append(tokenizer.decode(run, skip_special_tokens=False))
-            run = []
-    return runs
+    return masked_segments(tokenizer, tok.input_ids, tok.loss_mask)
 
 
 def untrained(tokenizer, tok) -> str:
