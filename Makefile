@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/eagle-train
 
+# two workers (CI has 2 cores), each test file on one of them so a file's module fixtures are built once; one
+# thread each (the multi-rank tests set their own)
+JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 clean:
 	rm -rf runs/demo runs/demo.old-*
