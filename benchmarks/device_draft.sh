@@ -4,11 +4,7 @@
 # Usage (on the device machine, repo root; .whl/ holds the wheels of the dependencies and of specforge):
 #   bash benchmarks/device_draft.sh [tests|bench|online|profile|all]      (default all; profile is not in all)
 # Logs and the RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls .whl/*.whl | grep -v -e fla_core -e flash_linear_attention) || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 what=${1:-all}
 if [ "$what" = tests ] || [ "$what" = all ]; then
     timeout ${TEST_S:-420} python3 -m pytest -q -p no:cacheprovider -m gpu tests --ignore tests/test_metrics.py \

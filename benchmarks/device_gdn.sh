@@ -4,16 +4,10 @@
 #   bash benchmarks/device_gdn.sh [sweep]
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the
 # benchmarks add it. Logs land in $OUT.
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls .whl/*.whl | grep -v -e fla_core -e flash_linear_attention) || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/fla_core-*.whl \
-    .whl/flash_linear_attention-*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 timeout ${TEST_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gdn_chunk.py tests/kernels/test_gdn_ops.py \
     tests/kernels/test_rmsnorm.py tests/targets/test_qwen3_next.py tests/targets/test_packing.py 2>&1 | tee "$OUT/tests.log" | tail -3
-export PYTHONPATH=/tmp/peers:/tmp/site:$PWD
+export PYTHONPATH=$PEERS_PATH
 [ "${1:-}" = sweep ] && timeout 240 python3 benchmarks/gdn.py --sweep 2>&1 | tee "$OUT/sweep.log" | grep "best"
 timeout 100 python3 benchmarks/gdn.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/gdn.log" | tail -2
 timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" | tail -7

@@ -10,22 +10,16 @@
 #                                            # packed in a row (the peer reads one document of that length)
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the peer
 # benchmarks add it. Logs and RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls .whl/*.whl | grep -v -e fla_core -e flash_linear_attention) || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/peers .whl/fla_core-*.whl \
-    .whl/flash_linear_attention-*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py tests/kernels/test_moe.py \
            tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" | grep -e "peak" -e passed -e failed -e FAILED ;;
 verify) timeout 560 python3 benchmarks/verify_next.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/verify.log" | tail -4 ;;
-moe) export PYTHONPATH=/tmp/peers:/tmp/site:$PWD
+moe) export PYTHONPATH=$PEERS_PATH
      timeout 250 python3 benchmarks/moe.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/moe.log" | tail -6
      timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" | tail -7 ;;
-full) export PYTHONPATH=/tmp/peers:/tmp/site:$PWD
+full) export PYTHONPATH=$PEERS_PATH
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
           --seqs 4096 --steps 12 --pack "${PACK:-1}" --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/full.log" | tail -8 ;;
 *) echo "unknown phase $1 (tests, verify, moe or full)"; exit 2 ;;

@@ -16,11 +16,7 @@
 # prepare, EVAL_ARGS to eval (e.g. "--num-prompts 32 --max-new-tokens 128"). Logs, the RESULTS.md rows, quality.png
 # and the runs' small logs (prepare.json, train.json, eval results: quality_logs.tar.gz) land in $OUT (merge the rows
 # into benchmarks/RESULTS.md, copy quality.png to benchmarks/).
-set -o pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(ls .whl/*.whl | grep -v -e fla_core -e flash_linear_attention) || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 STEPS=${STEPS:-1000}
 WORK=${WORK:-runs/quality}
 phase=${1:?usage: bash benchmarks/device_quality.sh gguf|prep|ours|sf|peer|eagle1|eval [SEED]}
