@@ -97,9 +97,9 @@ class RecurrentStates:
                     states run on through them and are committed at once
         tree        begin(parents), then a forward of n nodes, parents first (parents[i] the node index of node i's
                     parent, -1 for the committed sequence): node i's conv window is its own ancestors' inputs (then
-                    the committed ones) and its recurrent state its parent's, advanced by its own token. Every node's state is kept until commit(rows) names the nodes
-                    accepted (a root-first chain): the committed state becomes the last one's, without running the
-                    accepted tokens again.
+                    the committed ones) and its recurrent state its parent's, advanced by its own token. Every
+                    node's state is kept until commit(rows) names the nodes accepted (a root-first chain): the
+                    committed state becomes the last one's, without running the accepted tokens again.
 
     The update is HF's token-by-token gated delta rule (l2-normalised q and k, q scaled by Dk^-0.5, state decayed by
     exp(g), delta rule with beta), in fp32 or the inputs' wider dtype: on a GPU one Triton launch per layer walks the
@@ -175,13 +175,12 @@ class RecurrentStates:
         """Causal depthwise conv of `inputs` [n, C] over each token's own history -> [n, C] (before the SiLU)."""
         weight, bias = module.conv1d.weight[:, 0, :], module.conv1d.bias  # [C, K]
         sources = torch.cat([self.conv[index], inputs]).to(weight.dtype)  # [K-1+n, C]: committed, then the new
-        if self.parents is None:
+        if self.parents is None:  # a chain: committed at once
             out = F.conv1d(sources.T[None], weight[:, None, :], bias, groups=weight.shape[0])[0].T
+            self.conv[index] = sources[-(width - 1):].to(inputs.dtype)
         else:
             gathered = sources[self._conv_window(inputs.shape[0], width, inputs.device)]  # [n, K, C]
             out = (gathered * weight.T[None]).sum(1) + (0 if bias is None else bias)
-        if self.parents is None:
-            self.conv[index] = sources[-(width - 1):].to(inputs.dtype)
         return out.to(inputs.dtype)
 
     def _conv_window(self, n: int, width: int, device: torch.device) -> torch.Tensor:
@@ -217,9 +216,11 @@ class RecurrentStates:
             self.state[index] = after[0]
             return out.to(dtype), None
         from eagle_trainer.kernels.gdn import tree_gated_delta_rule, tree_gated_delta_rule_reference
+        from eagle_trainer.kernels.gdn.reference import l2norm_reference
         compute = torch.promote_types(dtype, torch.float32)
         group = value.shape[2] // key.shape[2]
-        q, k = (_l2norm(x[0].to(compute)).repeat_interleave(group, dim=1) for x in (query, key))  # [n, Hv, Dk]
+        # [n, Hv, Dk]: normalised, heads expanded
+        q, k = (l2norm_reference(x[0].to(compute)).repeat_interleave(group, dim=1) for x in (query, key))
         q = q * module.head_k_dim ** -0.5
         committed = self.state[index]
         if committed is None:
@@ -237,7 +238,3 @@ class RecurrentStates:
             parents = self.parents if self.parents is not None else list(range(-1, n - 1))
             self._parents_tensor = torch.tensor(parents, device=device)
         return self._parents_tensor
-
-
-def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)

@@ -55,6 +55,7 @@ def test_reference_follows_each_path_as_plain_decoding_does():
         state = s0.clone()
         for t in reversed(path):
             state = state * g[t].exp()[:, None, None]
-            state = state + k[t, :, :, None] * (beta[t, :, None] * (v[t] - torch.einsum("hk,hkv->hv", k[t], state)))[:, None]
+            delta = beta[t, :, None] * (v[t] - torch.einsum("hk,hkv->hv", k[t], state))
+            state = state + k[t, :, :, None] * delta[:, None]
         assert torch.allclose(states[node], state, atol=1e-12)
         assert torch.allclose(out[node], torch.einsum("hk,hkv->hv", q[node], state), atol=1e-12)
