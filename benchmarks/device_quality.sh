@@ -7,20 +7,26 @@
 #   bash benchmarks/device_quality.sh gguf        # carry .smol/gguf.part00: kept in /tmp for the next call
 #   bash benchmarks/device_quality.sh prep        # carry .smol/gguf.part01: join, convert (benchmarks/smollm2.py),
 #                                                 # prepare (H100: conversion 30 s, synthesize 45 s, regenerate 115 s)
-#   bash benchmarks/device_quality.sh ours SEED   # ours EAGLE-3 at STEPS (H100: 1000 steps in 224 s)
-#   bash benchmarks/device_quality.sh sf SEED     # SpecForge at STEPS (H100: more than 200 s for 1000 steps)
-#   bash benchmarks/device_quality.sh peer SEED   # ours EAGLE-3 for SpecForge's time of that seed
-#   bash benchmarks/device_quality.sh eagle1      # ours EAGLE-1 at STEPS, seed 0
-#   bash benchmarks/device_quality.sh eval        # eagle-eval on every trained draft, then the report
+#   bash benchmarks/device_quality.sh start [S] # the rest in the background (one process session, which outlives
+#                                                 # the call), waiting S seconds (default 560) for it; the stages:
+#       ours EAGLE-3 seed 0, SpecForge seed 0, ours for SpecForge's time (each alone on the GPU: timed), then side by
+#       side on the GPU (--shared-gpu: their drafts count, their times do not) ours and SpecForge seed 1, ours
+#       EAGLE-1 and eagle-eval of the seed-0 drafts, then eagle-eval of the rest and the report
+#   bash benchmarks/device_quality.sh wait [S]  # wait up to S seconds (default 560) more; each call prints the
+#                                                 # stages' progress and brings back what is done so far
+# (H100, 1000 steps: ours EAGLE-3 224 s.) Or one stage a call, each alone on the GPU:
+#   bash benchmarks/device_quality.sh ours|sf|peer SEED     # ours EAGLE-3, SpecForge, ours for SpecForge's time
+#   bash benchmarks/device_quality.sh eagle1 | eval         # ours EAGLE-1 at seed 0; eagle-eval and the report
 # STEPS (default 1000) goes to every train and to report, WORK (default runs/quality) to every stage, PREPARE_ARGS to
-# prepare, EVAL_ARGS to eval (e.g. "--num-prompts 32 --max-new-tokens 128"). Logs, the RESULTS.md rows, quality.png
-# and the runs' small logs (prepare.json, train.json, eval results: quality_logs.tar.gz) land in $OUT (merge the rows
-# into benchmarks/RESULTS.md, copy quality.png to benchmarks/).
+# prepare, EVAL_ARGS to eval (e.g. "--num-prompts 32 --max-new-tokens 128"). The RESULTS.md rows, quality.png and
+# a tarball of the runs' small logs (prepare.json, train.json, eval results, each stage's log: quality_logs.tar.gz)
+# land in $OUT (merge the rows into benchmarks/RESULTS.md, copy quality.png to benchmarks/).
 source "$(dirname "$0")/device_env.sh"
 STEPS=${STEPS:-1000}
 WORK=${WORK:-runs/quality}
-phase=${1:?usage: bash benchmarks/device_quality.sh gguf|prep|ours|sf|peer|eagle1|eval [SEED]}
+phase=${1:?usage: bash benchmarks/device_quality.sh gguf|prep|start|wait|ours|sf|peer|eagle1|eval [SEED|SECONDS]}
 seed=${2:-0}
+LOGS=/tmp/quality_logs  # the background stages' logs: outlive a call, not the machine
 quality() {  # one stage; its whole output appended to $OUT/quality_<phase>.log, the gist printed
     local log rc
     log=$(mktemp)
@@ -44,7 +50,46 @@ peer) train ours-eagle3 --seed "$seed" --seconds peer ;;
 eagle1) train ours-eagle1 --seed 0 ;;
 eval) quality eval $EVAL_ARGS
       quality report --steps "$STEPS" --results "$OUT/RESULTS.md" --png "$OUT/quality.png" ;;
-*) echo "unknown phase $phase (gguf, prep, ours, sf, peer, eagle1 or eval)"; exit 2 ;;
+start|wait)
+    mkdir -p "$LOGS"
+    if [ $phase = start ]; then
+        rm -f "$LOGS"/*
+        STEPS=$STEPS WORK=$WORK EVAL_ARGS=$EVAL_ARGS LOGS=$LOGS setsid nohup bash "$0" _pipeline \
+            > "$LOGS/pipeline.log" 2>&1 < /dev/null &
+    fi
+    waited=0; limit=${2:-560}; shown=0
+    while [ $waited -lt $limit ] && [ ! -f "$LOGS/finished" ]; do
+        sleep 5; waited=$((waited + 5))
+        lines=$(wc -l < "$LOGS/pipeline.log"); [ "$lines" -gt $shown ] && sed -n "$((shown + 1)),${lines}p" "$LOGS/pipeline.log"
+        shown=$lines
+    done
+    lines=$(wc -l < "$LOGS/pipeline.log"); [ "$lines" -gt $shown ] && sed -n "$((shown + 1)),${lines}p" "$LOGS/pipeline.log"
+    [ -f "$LOGS/finished" ] && echo "pipeline finished" || echo "pipeline still running after ${waited} s: call wait again"
+    cp "$LOGS"/RESULTS.md "$LOGS"/quality.png "$OUT" 2>/dev/null
+    cp "$LOGS"/*.log "$WORK" 2>/dev/null ;;
+_pipeline)  # the stages `start` runs in the background; each stage's output in $LOGS/<stage>.log
+    stage() {
+        local name=$1; shift
+        echo "$(date +%T) $name: started"
+        if python3 benchmarks/quality.py "$@" --work "$WORK" > "$LOGS/$name.log" 2>&1; then
+            echo "$(date +%T) $name: done"; grep -e "^train .*steps, the last" -e "^  chain\|^  tree" "$LOGS/$name.log"
+        else
+            echo "$(date +%T) $name: FAILED"; tail -15 "$LOGS/$name.log"
+        fi
+    }
+    stage ours0 train --steps "$STEPS" --side ours-eagle3 --seed 0
+    stage sf0 train --steps "$STEPS" --side specforge --seed 0
+    stage peer0 train --steps "$STEPS" --side ours-eagle3 --seed 0 --seconds peer
+    stage eval0 eval $EVAL_ARGS &
+    stage ours1 train --steps "$STEPS" --side ours-eagle3 --seed 1 --shared-gpu &
+    stage sf1 train --steps "$STEPS" --side specforge --seed 1 --shared-gpu &
+    stage eagle1 train --steps "$STEPS" --side ours-eagle1 --seed 0 --shared-gpu &
+    wait
+    stage eval eval $EVAL_ARGS
+    stage report report --steps "$STEPS" --results "$LOGS/RESULTS.md" --png "$LOGS/quality.png"
+    touch "$LOGS/finished"
+    exit 0 ;;
+*) echo "unknown phase $phase (gguf, prep, start, wait, ours, sf, peer, eagle1 or eval)"; exit 2 ;;
 esac
-(cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json eval 2>/dev/null)
+(cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json eval *.log 2>/dev/null)
 exit 0

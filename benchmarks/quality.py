@@ -202,7 +202,9 @@ def prepare(args, sizes: Sizes) -> dict:
                              f"{target}) or pass --target")
     from eagle_trainer.targets.loading import target_fingerprint
     fingerprint = target_fingerprint(target)
-    common = {"target": fingerprint, "device": device}
+    # the steps' keys leave the device out: data made on one machine (the CPU) serves a run on another (the GPU),
+    # where `prepare` then only records that device for the stages after it
+    common = {"target": fingerprint}
 
     he_train, he_eval = humaneval_prompts(sizes)
     synth = data / "synth.jsonl"
@@ -236,6 +238,7 @@ def prepare(args, sizes: Sizes) -> dict:
                    "--max-new-tokens", str(sizes.response_tokens), "--batch-size", str(sizes.batch_size),
                    "--device", device, "--no-progress", *resume)
         steps.mark("regenerate", key)
+        steps.mark("generated_on", {"device": device})
     answered = read_jsonl(chat)
     assert len(answered) == len(train_prompts) + len(held), (len(answered), len(train_prompts), len(held))
     train_path, eval_path = data / "train.jsonl", data / "eval.jsonl"
@@ -260,6 +263,7 @@ def prepare(args, sizes: Sizes) -> dict:
     keys = ("num_examples", "num_tokens", "num_loss_tokens", "truncated", "skipped", "dropped", "fingerprint")
     prep = {
         "target": str(target), "target_fingerprint": fingerprint, "tiny": args.tiny, "device": device,
+        "generated_on": steps.done.get("generated_on", {}).get("device", device),
         "max_length": sizes.max_length, "draft_vocab_size": sizes.draft_vocab_size, "sizes": vars(sizes),
         "files": {"train": str(train_path), "eval": str(eval_path), "vocab": str(vocab), "cache": str(cache)},
         "sources": {"train": {"humaneval": len(he_train), "synthesized": len(synth_train)},
@@ -297,6 +301,8 @@ def timed_run(args, work: Path) -> Run:
             if matched not in done:
                 raise ValueError(f"--seconds peer needs SpecForge's run {matched}: train it first (train --side "
                                  f"specforge --seed {args.seed} --steps {args.steps})")
+            if done[matched].get("shared_gpu"):
+                raise ValueError(f"{matched} shared the GPU (--shared-gpu): its time is no measure; train it alone")
             seconds = done[matched]["timed_s"]
         else:
             seconds = float(args.seconds)
@@ -305,11 +311,13 @@ def timed_run(args, work: Path) -> Run:
             raise ValueError(f"--seconds sizes the schedule from our step rate: train {ours} first (train --side "
                              f"{args.side} --seed {args.seed} --steps {args.steps})")
         log = done[ours]
+        if log.get("shared_gpu"):
+            raise ValueError(f"{ours} shared the GPU (--shared-gpu): its step rate is no measure; train it alone")
         per_step = log["timed_s"] / (log["steps"] - log["untimed_steps"])
         steps = args.untimed_steps + max(1, round(seconds / per_step))
     run = Run(side=args.side, seed=args.seed, steps=steps, lr=args.lr, batch_size=args.batch_size,
               warmup_ratio=args.warmup_ratio, log_every=args.log_every, untimed=args.untimed_steps, seconds=seconds,
-              matched=matched)
+              matched=matched, shared_gpu=args.shared_gpu)
     run.name = run_name(args.side, args.seed, args.steps, seconds, matched)
     return run
 
@@ -378,6 +386,8 @@ def main(argv=None) -> None:
                         "SpecForge's --steps run of the same seed took")
     parser.add_argument("--lr", type=float, default=None,
                         help="learning rate, both sides (default 1e-4, SpecForge's default; --tiny 3e-3)")
+    parser.add_argument("--shared-gpu", action="store_true", help="train: the run shares the GPU with others on "
+                        "purpose (equal-step runs of further seeds): its draft is measured, its times are not reported")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (both sides)")
     parser.add_argument("--warmup-ratio", type=float, default=0.015, help="SpecForge's default warm-up fraction")
     parser.add_argument("--log-every", type=int, default=None, help="train: steps between logged losses (default "

@@ -46,18 +46,21 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
 
 def metrics(runs: list[tuple[dict, dict]]) -> dict:
     """Per-seed lists of the numbers the rows show, for runs [(train log, eval result)] of one group."""
+    alone = [t for t, _ in runs if not t.get("shared_gpu")]
     return {
         "chain": [e["modes"]["chain"]["accept_len"] for _, e in runs],
         "tree": [e["modes"]["tree"]["accept_len"] for _, e in runs],
         "sim": [e["simulated"]["sim_accept_len"] for _, e in runs],
         "acc": [e["simulated"]["acc"] for _, e in runs],
         "steps": [t["steps"] for t, _ in runs],
-        "timed": [t["timed_s"] for t, _ in runs],
-        "wall": [t["wall_s"] for t, _ in runs],
         "untimed": runs[0][0]["untimed_steps"],
-        "median_ms": [1e3 * t["median_step_s"] for t, _ in runs],
-        "mean_ms": [1e3 * t["mean_step_s"] for t, _ in runs],
-        "peak": [t["peak_gib"] for t, _ in runs if t.get("peak_gib") is not None],
+        # times from the runs that had the GPU to themselves (--shared-gpu runs count for quality alone)
+        "timed": [t["timed_s"] for t in alone],
+        "wall": [t["wall_s"] for t in alone],
+        "median_ms": [1e3 * t["median_step_s"] for t in alone],
+        "mean_ms": [1e3 * t["mean_step_s"] for t in alone],
+        "peak": [t["peak_gib"] for t in alone if t.get("peak_gib") is not None],
+        "timed_seeds": [t["settings"]["seed"] for t in alone],
     }
 
 
@@ -83,10 +86,16 @@ def quality_rows(case: str, ours: dict, peer: dict, peer_name: str) -> list[str]
 def cost_rows(case: str, ours: dict, peer: dict, peer_name: str) -> list[str]:
     """Steps with their training time, and time per step (with peak memory on the GPU) of one comparison."""
     mean = statistics.fmean
+    seeds = lambda m: "" if len(m["timed_seeds"]) == len(m["steps"]) else (
+        f" [times: seed {', '.join(map(str, m['timed_seeds']))} alone on the GPU]")
     steps = lambda m: (f"{spread(m['steps'], '{:.0f}')} steps, {spread(m['timed'], '{:.1f}')} s after step "
-                       f"{m['untimed']} (all: {spread(m['wall'], '{:.1f}')} s)")
+                       f"{m['untimed']} (all: {spread(m['wall'], '{:.1f}')} s)" + seeds(m) if m["timed"] else
+                       f"{spread(m['steps'], '{:.0f}')} steps (shared GPU: not timed)")
     per_step = lambda m: (f"{spread(m['median_ms'], '{:.1f}')} ms ({spread(m['mean_ms'], '{:.1f}')} ms"
-                          + (f"; peak {max(m['peak']):.2f} GiB)" if m["peak"] else ")"))
+                          + (f"; peak {max(m['peak']):.2f} GiB)" if m["peak"] else ")") + seeds(m))
+    if not ours["timed"] or not peer["timed"]:
+        return [row(f"{case}: steps (ratio: steps)", steps(ours), steps(peer), peer_name,
+                    mean(ours["steps"]) / mean(peer["steps"]))]
     return [
         row(f"{case}: steps, timed training time (all but the first steps, which compile) and the whole loop's "
             f"wall-clock (ratio: steps)", steps(ours), steps(peer), peer_name,
@@ -198,17 +207,23 @@ def report(prep: dict, runs: dict[str, tuple[dict, dict]], steps: int, results: 
             f"{ev['num_prompts']} prompts x {ev['decode']['max_new_tokens']} tokens")
     peer_name = "SpecForge 0.2.0 (OnlineEagle3Model + Eagle3TrainStrategy + BF16Optimizer, " + (
         "flex_attention, FSDP1 1 rank)" if prep["device"] == "cuda" else "sdpa)")
-    peer, rows = metrics(groups[peer_group]), []
+    rows = []
+
+    def sides(group: str) -> tuple[dict, dict]:
+        """(ours, peer) metrics of a group and of SpecForge's runs of the same seeds."""
+        seeds_of = {log["settings"]["seed"] for log, _ in groups[group]}
+        return metrics(groups[group]), metrics([v for v in groups[peer_group] if v[0]["settings"]["seed"] in seeds_of])
+
     if f"ours EAGLE-3, {steps} steps" in groups:
-        ours = metrics(groups[f"ours EAGLE-3, {steps} steps"])
+        ours, peer = sides(f"ours EAGLE-3, {steps} steps")
         rows += quality_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name)
         rows += cost_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name)
     if "ours EAGLE-3, SpecForge's time" in groups:
-        ours = metrics(groups["ours EAGLE-3, SpecForge's time"])
+        ours, peer = sides("ours EAGLE-3, SpecForge's time")
         rows += quality_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name)
         rows += cost_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name)[:1]
     if f"ours EAGLE-1, {steps} steps" in groups:
-        ours = metrics(groups[f"ours EAGLE-1, {steps} steps"])
+        ours, peer = sides(f"ours EAGLE-1, {steps} steps")
         rows += quality_rows(f"{case}; ours EAGLE-1 vs SpecForge EAGLE-3, equal steps ({steps})", ours, peer,
                              peer_name)[:2]
     trained_on = {log["device"] for g in groups.values() for log, _ in g}

@@ -79,6 +79,7 @@ class Run:
     seconds: float | None = None  # stop once the timed training time reaches this (equal-time runs)
     matched: str = ""  # the run whose timed training time `seconds` is (equal-time runs)
     name: str = ""
+    shared_gpu: bool = False  # trained beside other runs on one GPU on purpose: its result counts, its times do not
 
     def settings(self, prep: dict) -> dict:
         """What the run's result depends on: compared with a finished run's to skip it."""
@@ -420,6 +421,9 @@ def train(prep: dict, run: Run, work: Path) -> dict:
     device = pick_device(prep["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if run.shared_gpu and run.seconds is not None:
+        raise ValueError("--shared-gpu is for runs compared at equal steps: a run trained for a time needs the GPU "
+                         "to itself")
     print(f"train {run.name}: {run.side}, seed {run.seed}, {run.steps} steps"
           + (f" or until {run.seconds:.1f} s after step {run.untimed} ({run.matched or 'given'})" if run.seconds
              else "") + f", lr {run.lr}, "
@@ -429,7 +433,8 @@ def train(prep: dict, run: Run, work: Path) -> dict:
     log = {"name": run.name, "settings": settings, **trained,
            "median_step_s": statistics.median(timed), "mean_step_s": statistics.fmean(timed),
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "shared_gpu": run.shared_gpu}
     log_path.write_text(json.dumps(log) + "\n")
     last = log["records"][-1]
     print(f"train {run.name}: {log['steps']} steps, the last {log['steps'] - log['untimed_steps']} in "

@@ -101,12 +101,12 @@ def short_float(x: float) -> float:
 
 
 def config_dict(gguf_config, dtype: str) -> dict:
-    import transformers
+    """config.json's fields. No transformers_version: the same GGUF gives the same files (and the same
+    target fingerprint) under any transformers version, so data prepared on one machine serves the other."""
     fields = {key: getattr(gguf_config, key) for key in CONFIG_KEYS}
     fields["rms_norm_eps"] = short_float(fields["rms_norm_eps"])
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **fields,
-            "rope_theta": fields["rope_parameters"]["rope_theta"], "dtype": dtype, "torch_dtype": dtype,
-            "transformers_version": transformers.__version__}
+            "rope_theta": fields["rope_parameters"]["rope_theta"], "dtype": dtype, "torch_dtype": dtype}
 
 
 def write_checkpoint(model, tokenizer, out: Path, dtype: str) -> None:
