@@ -102,9 +102,10 @@ def logs(work: Path) -> dict[str, dict]:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """As every command picks it (app/runtime.py): on a GPU torch's SDPA then never picks cuDNN, for both sides
+    (the target forward both read is ours; SpecForge's draft attention is flex_attention)."""
+    from eagle_trainer.app.runtime import pick_device as command_device
+    return command_device(name, "device")
 
 
 def cpu_dry_run_settings() -> None:

@@ -1,6 +1,8 @@
 """How a command runs as a process, decided once here for every console script.
 
-    pick_device(name)            auto | cpu | cuda | cuda:N; plain cuda under torchrun is this rank's GPU
+    pick_device(name)            auto | cpu | cuda | cuda:N; plain cuda under torchrun is this rank's GPU; on a GPU
+                                 also `sdpa_without_cudnn()`
+    sdpa_without_cudnn()         torch's scaled_dot_product_attention never picks cuDNN in this process (below)
     process_group(device)        torchrun's process group for the body of a command (joined, then left)
     rank_zero_first(fn, ...)     fn on rank 0, then on the others (which find what rank 0 cached)
     rank_logs(run_dir, ...)      each rank's output into <run_dir>/logs/rank_N.log; rank 0's also to the console
@@ -49,9 +51,28 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
         raise ValueError(f"{option}={name!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{option}={name} but no CUDA device is visible; use {option}=cpu")
+    if device.type == "cuda":
+        sdpa_without_cudnn()
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", launched_world()[2])
     return device
+
+
+CUDNN_SDPA_ENV = "EAGLE_CUDNN_SDPA"  # =1: leave torch's SDPA backend order as torch sets it
+
+
+def sdpa_without_cudnn() -> None:
+    """Take cuDNN out of the backends torch's scaled_dot_product_attention picks from, for this process (the
+    others stay in torch's order: flash, then memory-efficient for calls with a mask, then math).
+
+    Why: on Hopper and Blackwell recent torch builds try cuDNN attention first, and cuDNN builds an execution graph
+    on the host for every new problem shape (batch, query and key lengths) before its kernel runs. Our shapes change
+    at nearly every call: each training batch has its own length (unpacked batches are padded to their longest row
+    only), and each speculative-decoding round in eagle-eval verifies against a longer KV cache. Flash and
+    memory-efficient attention run any shape without a per-shape step. Packed batches go through flex_attention
+    (targets/packed_attention.py) and are not affected. EAGLE_CUDNN_SDPA=1 keeps torch's own order."""
+    if os.environ.get(CUDNN_SDPA_ENV) != "1":
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 @contextlib.contextmanager
