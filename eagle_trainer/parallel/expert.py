@@ -5,9 +5,12 @@ weights [T, k]) -> [T, H]`, with its experts stacked on dim 0 of its parameters 
 `down_proj` [E, H, I]) and their count in `num_experts`. Whatever implementation is bound to the module (our
 Triton core, HF's own loop or its grouped_mm) computes the local experts; two hooks move the tokens:
 
-    dispatch (pre-hook)   each (token, slot) pair p = t*k + j goes to the rank holding expert ids[t, j], with its
-                          hidden row, its expert id (local to that rank) and its routing weight; all-to-all
-    local experts         the module's own forward over the pairs it received, one slot each: [R, H]
+    dispatch (pre-hook)   each token's hidden row goes once to every rank that holds one of its k experts (a unit:
+                          token t, rank r); each (token, slot) pair p = t*k + j goes to the rank holding expert
+                          ids[t, j] as metadata only: the index of its unit's row there, its expert id (local to
+                          that rank) and its routing weight; two all-to-alls (rows, metadata)
+    local experts         the receiver expands the rows it got to its pairs (a local gather) and runs the module's
+                          own forward over them, one slot each: [R, H]
     combine (hook)        the weighted outputs go back (all-to-all), are put in pair order, and each token's k
                           outputs are summed in fp32 in slot order j = 0..k-1, as the MoE core sums them; then the
                           call's `shared_out` [T, H], if it passed one (a shared expert's gated output, computed by
@@ -15,10 +18,15 @@ Triton core, HF's own loop or its grouped_mm) computes the local experts; two ho
                           last term, as the core adds it
 
 A pair's output is its expert's output times its weight, rounded to the model dtype, whichever rank computes it;
-the sum over slots is the MoE core's fixed-order fp32 sum. So with the core's batch-invariant configs the tokens of
-a rank get the same bits under any ep. The split sizes are read on the host: one sync per layer.
+the sum over slots is the MoE core's fixed-order fp32 sum. The module sees the same pairs in the same order as if
+every pair had carried its own row, so with the core's batch-invariant configs the tokens of a rank get the same
+bits under any ep. The split sizes are read on the host: one sync per layer.
 
-Shapes: T tokens, k experts per token, P = T*k pairs sent, R pairs received, H hidden, E experts.
+Rows sent per layer: U = sum over tokens of the ranks its experts sit on, at most min(k, ep) * T (was P = k * T);
+with k = 8 experts spread evenly, U ~ ep * (1 - (1 - 1/ep)^k) * T: 1.99 T at ep 2, 3.6 T at ep 4, 5.3 T at ep 8.
+The combine still returns one row per pair (the core's sum needs every term).
+
+Shapes: T tokens, k experts per token, P = T*k pairs, U units (rows) sent, R pairs received, H hidden, E experts.
 """
 
 from __future__ import annotations
@@ -48,26 +56,41 @@ class ExpertAllToAll:
     def __init__(self, group, ep: int, num_local: int):
         self.group, self.ep, self.num_local = group, ep, num_local
         self.state = None
+        self.rows_sent = (0, 0)  # the last call's (hidden rows dispatched, pairs routed): the traffic, for tests
 
     def dispatch(self, module: nn.Module, args: tuple, kwargs: dict):
         hidden, ids, weights = _bound_args(args, kwargs)
         shared_out = kwargs.get("shared_out")  # stays here: the local experts see only the pairs they received
         num_tokens, top_k = ids.shape
-        dest = ids.reshape(-1).long() // self.num_local  # [P] the rank that holds each pair's expert
-        order = torch.argsort(dest, stable=True)  # pairs grouped by destination, in pair order within each
-        send_counts = torch.bincount(dest, minlength=self.ep)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        # expert id (local to the receiver) and weight travel together: the id's int32 bits as a float32
-        local_ids = (ids.reshape(-1).long()[order] - dest[order] * self.num_local).to(torch.int32)
-        meta = torch.stack([local_ids.view(torch.float32), weights.reshape(-1)[order].to(torch.float32)], dim=1)
-        x = _all_to_all(hidden[order // top_k], send, recv, self.group)  # [R, H]
-        meta = _all_to_all(meta, send, recv, self.group)  # [R, 2]
-        ids_r = meta[:, 0].contiguous().view(torch.int32).to(ids.dtype)[:, None]
-        weights_r = meta[:, 1:].to(weights.dtype)
+        device, group = ids.device, self.group
+        dest = ids.long() // self.num_local  # [T, k] the rank that holds each pair's expert
+        hit = torch.zeros(self.ep, num_tokens, dtype=torch.bool, device=device)  # [ep, T] units (rank, token)
+        hit[dest, torch.arange(num_tokens, device=device)[:, None].expand_as(dest)] = True
+        unit_counts = hit.sum(1)  # [ep] rows for each rank
+        unit_start = unit_counts.cumsum(0) - unit_counts
+        unit_pos = hit.reshape(-1).cumsum(0).view(self.ep, num_tokens) - 1  # each unit's row in the send buffer
+        flat_dest = dest.reshape(-1)
+        order = torch.argsort(flat_dest, stable=True)  # pairs grouped by destination, in pair order within each
+        counts = torch.stack([unit_counts, torch.bincount(flat_dest, minlength=self.ep)], dim=1)  # [ep, 2]
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        (send_units, send), (recv_units, recv) = counts.t().tolist(), recv_counts.t().tolist()  # the host sync
+        pair_dest, pair_token = flat_dest[order], order // top_k
+        unit_of_pair = (unit_pos[pair_dest, pair_token] - unit_start[pair_dest]).to(torch.int32)  # in its rank's rows
+        local_ids = (ids.reshape(-1).long()[order] - pair_dest * self.num_local).to(torch.int32)
+        # each pair's unit row and expert id (their int32 bits as float32) travel with its weight
+        meta = torch.stack([unit_of_pair.view(torch.float32), local_ids.view(torch.float32),
+                            weights.reshape(-1)[order].to(torch.float32)], dim=1)
+        rows = _all_to_all(hidden[hit.nonzero()[:, 1]], send_units, recv_units, group)  # [U received, H]
+        meta = _all_to_all(meta, send, recv, group)  # [R, 3], grouped by the rank that sent them
+        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(recv, device=device))
+        recv_start = torch.tensor(recv_units, device=device).cumsum(0) - torch.tensor(recv_units, device=device)
+        unit = meta[:, 0].contiguous().view(torch.int32).long() + recv_start[source]
+        ids_r = meta[:, 1].contiguous().view(torch.int32).to(ids.dtype)[:, None]
+        weights_r = meta[:, 2:].to(weights.dtype)
         self.state = (order, send, recv, num_tokens, top_k, hidden.dtype, shared_out)
-        return (x, ids_r, weights_r), {}
+        self.rows_sent = (sum(send_units), sum(send))
+        return (rows[unit], ids_r, weights_r), {}
 
     def combine(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         order, send, recv, num_tokens, top_k, dtype, shared_out = self.state

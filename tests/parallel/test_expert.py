@@ -1,0 +1,70 @@
+"""Expert parallelism's dispatch and combine (parallel/expert.py) around a plain experts module, on 2 and 4 gloo
+ranks: the sharded call returns the unsharded module's bits, and each token's row travels once per rank that
+holds one of its experts, not once per (token, slot) pair."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ranks import run_ranks
+
+E, H, K = 8, 16, 4
+
+
+class Experts(nn.Module):
+    """The experts interface (HF's): forward(hidden [T, H], ids [T, k], weights [T, k]) -> [T, H]; expert e scales
+    its rows by a matrix of its own, each pair's output rounded to the model dtype, summed over slots in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_experts = E
+        self.gate_up_proj = nn.Parameter(torch.randn(E, H, H, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, hidden, ids, weights):
+        out = torch.zeros(hidden.shape, dtype=torch.float32)
+        for j in range(ids.shape[1]):
+            w = self.gate_up_proj[ids[:, j]]  # [T, H, H]
+            out += (torch.einsum("th,tgh->tg", hidden, w) * weights[:, j:j + 1]).to(hidden.dtype).float()
+        return out.to(hidden.dtype)
+
+
+def routing(rank: int, tokens: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    hidden = torch.randn(tokens, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(tokens)])
+    return hidden, ids, torch.rand(tokens, K, generator=g)
+
+
+def shard_and_call(rank: int, ep: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from eagle_trainer.parallel.expert import apply_expert_parallel
+    dist.init_process_group("gloo")
+    experts = Experts()
+    whole = experts.gate_up_proj.detach().clone()
+    experts.gate_up_proj = nn.Parameter(whole.to("meta"))
+    hooks = apply_expert_parallel(experts, init_device_mesh("cpu", (dist.get_world_size(),)))
+    first, count, _ = experts.expert_range
+    experts.gate_up_proj = nn.Parameter(whole[first:first + count])
+    hidden, ids, weights = routing(rank, 5 + 3 * rank)
+    got = experts(hidden, ids, weights)
+    units = len({(t, e // count) for t in range(len(ids)) for e in ids[t].tolist()})
+    torch.save({"out": got, "rows_sent": hooks.rows_sent, "units": units, "pairs": ids.numel()},
+               Path(out) / f"rank_{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dispatch_sends_a_row_once_per_rank_and_combines_to_the_same_bits(tmp_path, world):
+    run_ranks(world, shard_and_call, world, str(tmp_path))
+    for rank in range(world):
+        got = torch.load(tmp_path / f"rank_{rank}.pt")
+        hidden, ids, weights = routing(rank, 5 + 3 * rank)
+        assert torch.equal(got["out"], Experts()(hidden, ids, weights))
+        assert got["rows_sent"] == (got["units"], got["pairs"])
+        assert got["units"] < got["pairs"]  # K = 4 experts of 8 over 2 or 4 ranks: rows shared by a token's slots
