@@ -188,6 +188,9 @@ class ParallelConfig:
     # (all-to-all); 1: none (experts are sharded with their block); 0: every rank (ep = world size).
     # ep must divide the world size and the expert count
     ep: int = 1
+    # each MoE layer's tokens in this many chunks under expert parallelism: with NCCL one chunk's all-to-alls run
+    # while another's experts compute (parallel/expert.py); 1: the whole layer at once
+    ep_chunks: int = 1
     forward_prefetch: bool = True  # gather the next block's weights while this one computes
     backend: str = "auto"  # process-group backend: auto (nccl on GPUs, gloo on the CPU) | nccl | gloo
 

@@ -3,33 +3,44 @@
 Works on any experts module in HF transformers' experts interface: `forward(hidden [T, H], ids [T, k],
 weights [T, k]) -> [T, H]`, with its experts stacked on dim 0 of its parameters (`gate_up_proj` [E, 2I, H],
 `down_proj` [E, H, I]) and their count in `num_experts`. Whatever implementation is bound to the module (our
-Triton core, HF's own loop or its grouped_mm) computes the local experts; two hooks move the tokens:
+Triton core, HF's own loop or its grouped_mm) computes the local experts; `ExpertAllToAll` takes the module's
+forward over and moves the tokens around it:
 
-    dispatch (pre-hook)   each token's hidden row goes once to every rank that holds one of its k experts (a unit:
-                          token t, rank r); each (token, slot) pair p = t*k + j goes to the rank holding expert
-                          ids[t, j] as metadata only: the index of its unit's row there, its expert id (local to
-                          that rank) and its routing weight; two all-to-alls (rows, metadata)
-    local experts         the receiver expands the rows it got to its pairs (a local gather) and runs the module's
-                          own forward over them, one slot each: [R, H]
-    combine (hook)        the weighted outputs go back (all-to-all), are put in pair order, and each token's k
-                          outputs are summed in fp32 in slot order j = 0..k-1, as the MoE core sums them; then the
-                          call's `shared_out` [T, H], if it passed one (a shared expert's gated output, computed by
-                          the caller on its own tokens: a shared expert is dense and whole on every rank), as the
-                          last term, as the core adds it
+    dispatch    each token's hidden row goes once to every rank that holds one of its k experts (a unit: token t,
+                rank r); each (token, slot) pair p = t*k + j goes to the rank holding expert ids[t, j] as metadata
+                only: the index of its unit's row there, its expert id (local to that rank) and its routing
+                weight; two all-to-alls (rows, metadata)
+    experts     the receiver expands the rows it got to its pairs (a local gather) and runs the module's own
+                forward over them, one slot each: [R, H]
+    combine     the weighted outputs go back (all-to-all), are put in pair order, and each token's k outputs are
+                summed in fp32 in slot order j = 0..k-1, as the MoE core sums them; then the call's `shared_out`
+                [T, H], if it passed one (a shared expert's gated output, computed by the caller on its own
+                tokens: a shared expert is dense and whole on every rank), as the last term, as the core adds it
 
 A pair's output is its expert's output times its weight, rounded to the model dtype, whichever rank computes it;
 the sum over slots is the MoE core's fixed-order fp32 sum. The module sees the same pairs in the same order as if
 every pair had carried its own row, so with the core's batch-invariant configs the tokens of a rank get the same
-bits under any ep. The split sizes are read on the host: one sync per layer.
+bits under any ep.
+
+Chunks (`parallel.ep_chunks`): a layer's tokens are cut into that many runs, each dispatched, computed and
+combined on its own. With NCCL every chunk's all-to-alls are issued without waiting (async, on NCCL's stream), so
+the exchange of one chunk runs while the experts of another compute (gloo runs them one after another). The chunks' split sizes are exchanged together and read on the
+host once: one sync per layer, whatever the chunk count. Chunking changes no bits where the module's outputs do
+not depend on which pairs share a GEMM (the core's batch-invariant configs).
 
 Rows sent per layer: U = sum over tokens of the ranks its experts sit on, at most min(k, ep) * T (was P = k * T);
 with k = 8 experts spread evenly, U ~ ep * (1 - (1 - 1/ep)^k) * T: 1.99 T at ep 2, 3.6 T at ep 4, 5.3 T at ep 8.
 The combine still returns one row per pair (the core's sum needs every term).
 
-Shapes: T tokens, k experts per token, P = T*k pairs, U units (rows) sent, R pairs received, H hidden, E experts.
+Shapes: T tokens, k experts per token, P = T*k pairs, U units (rows) sent, R pairs received, H hidden, E experts,
+C chunks.
 """
 
 from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -38,10 +49,19 @@ from torch import nn
 ARG_NAMES = ("hidden_states", "top_k_index", "top_k_weights")
 
 
-def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group, overlap: bool):
+    """An all-to-all of x's rows (send[r] to rank r, recv[r] from it) -> (output, work to wait on or None).
+    overlap: started without waiting (NCCL: it runs on its own stream); otherwise done before this returns (gloo,
+    whose concurrent all-to-alls on one group are not safe, and on the CPU there is nothing to overlap)."""
     out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
-    return out
+    work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group,
+                                  async_op=overlap)
+    return out, work
+
+
+def _wait(work) -> None:
+    if work is not None:
+        work.wait()
 
 
 def _bound_args(args: tuple, kwargs: dict) -> list:
@@ -50,19 +70,37 @@ def _bound_args(args: tuple, kwargs: dict) -> list:
     return values[:3]
 
 
-class ExpertAllToAll:
-    """The dispatch and combine hooks of one experts module; `state` holds one call's routing between them."""
+@dataclass
+class _Chunk:
+    """One run of a layer's tokens on its way through dispatch, experts and combine."""
 
-    def __init__(self, group, ep: int, num_local: int):
-        self.group, self.ep, self.num_local = group, ep, num_local
-        self.state = None
+    num_tokens: int
+    order: torch.Tensor  # [P] pairs grouped by destination rank, pair order within each
+    counts: torch.Tensor  # [ep, 2] rows and pairs for each destination
+    rows: torch.Tensor  # [U, H] the rows to send, grouped by destination, token order within
+    meta: torch.Tensor  # [P, 3] each pair's unit row (in its destination's rows), local expert id, weight
+    send: list[int] | None = None  # pairs for each rank; recv: from each
+    recv: list[int] | None = None
+    pending: tuple = ()  # the chunk's all-to-alls in flight: (output, work) ...
+
+
+class ExpertAllToAll:
+    """The token exchange of one experts module: `forward(module, ...)` replaces the module's forward and calls
+    `compute(module, ...)` (its class's forward) on the pairs this rank received. Nothing here holds the module: a
+    reference cycle through its forward would keep it, and the process group, alive until the interpreter's exit
+    (where gloo's teardown aborts)."""
+
+    def __init__(self, group, ep: int, num_local: int, compute: Callable, chunks: int = 1):
+        if chunks < 1:
+            raise ValueError(f"parallel.ep_chunks={chunks} must be at least 1")
+        self.group, self.ep, self.num_local, self.compute, self.chunks = group, ep, num_local, compute, chunks
+        self.overlap = dist.get_backend(group) == "nccl"  # async all-to-alls (module docstring)
         self.rows_sent = (0, 0)  # the last call's (hidden rows dispatched, pairs routed): the traffic, for tests
 
-    def dispatch(self, module: nn.Module, args: tuple, kwargs: dict):
-        hidden, ids, weights = _bound_args(args, kwargs)
-        shared_out = kwargs.get("shared_out")  # stays here: the local experts see only the pairs they received
+    def _plan(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _Chunk:
+        """What one chunk sends, built on the device (no host sync)."""
         num_tokens, top_k = ids.shape
-        device, group = ids.device, self.group
+        device = ids.device
         dest = ids.long() // self.num_local  # [T, k] the rank that holds each pair's expert
         hit = torch.zeros(self.ep, num_tokens, dtype=torch.bool, device=device)  # [ep, T] units (rank, token)
         hit[dest, torch.arange(num_tokens, device=device)[:, None].expand_as(dest)] = True
@@ -70,41 +108,72 @@ class ExpertAllToAll:
         unit_start = unit_counts.cumsum(0) - unit_counts
         unit_pos = hit.reshape(-1).cumsum(0).view(self.ep, num_tokens) - 1  # each unit's row in the send buffer
         flat_dest = dest.reshape(-1)
-        order = torch.argsort(flat_dest, stable=True)  # pairs grouped by destination, in pair order within each
-        counts = torch.stack([unit_counts, torch.bincount(flat_dest, minlength=self.ep)], dim=1)  # [ep, 2]
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=group)
-        (send_units, send), (recv_units, recv) = counts.t().tolist(), recv_counts.t().tolist()  # the host sync
+        order = torch.argsort(flat_dest, stable=True)
         pair_dest, pair_token = flat_dest[order], order // top_k
-        unit_of_pair = (unit_pos[pair_dest, pair_token] - unit_start[pair_dest]).to(torch.int32)  # in its rank's rows
+        unit_of_pair = (unit_pos[pair_dest, pair_token] - unit_start[pair_dest]).to(torch.int32)
         local_ids = (ids.reshape(-1).long()[order] - pair_dest * self.num_local).to(torch.int32)
         # each pair's unit row and expert id (their int32 bits as float32) travel with its weight
         meta = torch.stack([unit_of_pair.view(torch.float32), local_ids.view(torch.float32),
                             weights.reshape(-1)[order].to(torch.float32)], dim=1)
-        rows = _all_to_all(hidden[hit.nonzero()[:, 1]], send_units, recv_units, group)  # [U received, H]
-        meta = _all_to_all(meta, send, recv, group)  # [R, 3], grouped by the rank that sent them
-        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(recv, device=device))
-        recv_start = torch.tensor(recv_units, device=device).cumsum(0) - torch.tensor(recv_units, device=device)
-        unit = meta[:, 0].contiguous().view(torch.int32).long() + recv_start[source]
-        ids_r = meta[:, 1].contiguous().view(torch.int32).to(ids.dtype)[:, None]
-        weights_r = meta[:, 2:].to(weights.dtype)
-        self.state = (order, send, recv, num_tokens, top_k, hidden.dtype, shared_out)
-        self.rows_sent = (sum(send_units), sum(send))
-        return (rows[unit], ids_r, weights_r), {}
+        counts = torch.stack([unit_counts, torch.bincount(flat_dest, minlength=self.ep)], dim=1)
+        return _Chunk(num_tokens, order, counts, hidden[hit.nonzero()[:, 1]], meta)
 
-    def combine(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        order, send, recv, num_tokens, top_k, dtype, shared_out = self.state
-        self.state = None
-        back = _all_to_all(output, recv, send, self.group)  # [P, H], pairs grouped by the rank that computed them
+    def _exchange_counts(self, chunks: list[_Chunk]) -> None:
+        """Every chunk's split sizes to and from every rank, in one all-to-all and one host read."""
+        counts = torch.stack([c.counts for c in chunks], dim=1)  # [ep, C, 2]: what each destination gets
+        recv = torch.empty_like(counts)
+        dist.all_to_all_single(recv, counts, group=self.group)
+        sent, got = counts.tolist(), recv.tolist()  # the host sync
+        for i, chunk in enumerate(chunks):
+            units_out, units_in = [r[i][0] for r in sent], [r[i][0] for r in got]
+            chunk.send, chunk.recv = [r[i][1] for r in sent], [r[i][1] for r in got]
+            chunk.pending = (_all_to_all(chunk.rows, units_out, units_in, self.group, self.overlap),
+                             _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group, self.overlap), units_in)
+        self.rows_sent = (sum(r[i][0] for r in sent for i in range(len(chunks))),
+                          sum(r[i][1] for r in sent for i in range(len(chunks))))
+
+    def _experts(self, module: nn.Module, chunk: _Chunk, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
+        """Wait for a chunk's rows, run the local experts on its pairs, start sending their outputs back."""
+        (rows, rows_work), (meta, meta_work), units_in = chunk.pending
+        _wait(rows_work)
+        _wait(meta_work)
+        device = meta.device
+        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(chunk.recv, device=device))
+        units_in = torch.tensor(units_in, device=device)
+        unit = meta[:, 0].contiguous().view(torch.int32).long() + (units_in.cumsum(0) - units_in)[source]
+        ids_r = meta[:, 1].contiguous().view(torch.int32).to(dtypes[0])[:, None]
+        weights_r = meta[:, 2:].to(dtypes[1])
+        out = self.compute(module, rows[unit], ids_r, weights_r)  # [R, H]
+        chunk.pending = (_all_to_all(out, chunk.recv, chunk.send, self.group, self.overlap),)
+
+    def _combine(self, chunk: _Chunk, top_k: int) -> torch.Tensor:
+        """A chunk's pair outputs back in pair order, summed over each token's slots in order, fp32: [T, H]."""
+        ((back, work),) = chunk.pending
+        _wait(work)
         pairs = torch.empty_like(back)
-        pairs[order] = back
-        pairs = pairs.view(num_tokens, top_k, -1)
+        pairs[chunk.order] = back
+        pairs = pairs.view(chunk.num_tokens, top_k, -1)
         total = pairs[:, 0].float()
         for j in range(1, top_k):  # fixed order, fp32: the MoE core's top-k sum
             total += pairs[:, j].float()
+        return total
+
+    def forward(self, module: nn.Module, *args, **kwargs) -> torch.Tensor:
+        """The experts module's forward under expert parallelism (the module docstring)."""
+        hidden, ids, weights = _bound_args(args, kwargs)
+        shared_out = kwargs.get("shared_out")  # stays here: the local experts see only the pairs they received
+        top_k = ids.shape[1]
+        num = ids.shape[0]
+        parts = max(1, min(self.chunks, num))
+        sizes = [num // parts + (i < num % parts) for i in range(parts)]  # as even as can be, the longer first
+        chunks = [self._plan(*piece) for piece in zip(hidden.split(sizes), ids.split(sizes), weights.split(sizes))]
+        self._exchange_counts(chunks)
+        for chunk in chunks:  # chunk i's experts run while the exchanges of the others are in flight
+            self._experts(module, chunk, (ids.dtype, weights.dtype))
+        total = torch.cat([self._combine(chunk, top_k) for chunk in chunks])
         if shared_out is not None:
             total += shared_out.float()
-        return total.to(dtype)
+        return total.to(hidden.dtype)
 
 
 def expert_params(experts: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -127,11 +196,12 @@ def shard_experts(experts: nn.Module, ep_rank: int, ep: int) -> None:
     experts.expert_range = (ep_rank * local, local, total)
 
 
-def apply_expert_parallel(experts: nn.Module, ep_mesh) -> ExpertAllToAll:
-    """Split `experts` over the ranks of `ep_mesh` and route its calls through them (all-to-all hooks)."""
+def apply_expert_parallel(experts: nn.Module, ep_mesh, chunks: int = 1) -> ExpertAllToAll:
+    """Split `experts` over the ranks of `ep_mesh` and route its calls through them: its forward becomes
+    `ExpertAllToAll.forward` around its own (an instance attribute; the class and its implementation switch stay)."""
     ep, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     shard_experts(experts, ep_rank, ep)
-    hooks = ExpertAllToAll(ep_mesh.get_group(), ep, experts.num_experts)
-    experts.register_forward_pre_hook(hooks.dispatch, with_kwargs=True)
-    experts.register_forward_hook(hooks.combine, with_kwargs=True)
-    return hooks
+    exchange = ExpertAllToAll(ep_mesh.get_group(), ep, experts.num_experts, type(experts).forward, chunks)
+    module = weakref.ref(experts)  # no cycle module -> forward -> module: the module (and the group) go when let go
+    experts.forward = lambda *args, **kwargs: exchange.forward(module(), *args, **kwargs)
+    return exchange

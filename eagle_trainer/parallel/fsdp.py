@@ -42,7 +42,7 @@ def apply_fsdp(backbone: nn.Module, layers: nn.ModuleList, experts_path: str | N
         units[block] = [block]
         ignored = set()
         if experts is not None:
-            apply_expert_parallel(experts, dims.ep_mesh)
+            apply_expert_parallel(experts, dims.ep_mesh, dims.ep_chunks)
             if dims.efsdp > 1:
                 fully_shard(experts, mesh=dims.efsdp_mesh, reshard_after_forward=True)
                 units[block].append(experts)

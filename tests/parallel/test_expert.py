@@ -1,6 +1,6 @@
 """Expert parallelism's dispatch and combine (parallel/expert.py) around a plain experts module, on 2 and 4 gloo
-ranks: the sharded call returns the unsharded module's bits, and each token's row travels once per rank that
-holds one of its experts, not once per (token, slot) pair."""
+ranks: the sharded call returns the unsharded module's bits, in one piece or in chunks, and each token's row travels
+once per rank that holds one of its experts, not once per (token, slot) pair."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def routing(rank: int, tokens: int):
     return hidden, ids, torch.rand(tokens, K, generator=g)
 
 
-def shard_and_call(rank: int, ep: int, out: str) -> None:
+def shard_and_call(rank: int, ep: int, out: str, chunks: int = 1) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     from eagle_trainer.parallel.expert import apply_expert_parallel
@@ -48,20 +48,21 @@ def shard_and_call(rank: int, ep: int, out: str) -> None:
     experts = Experts()
     whole = experts.gate_up_proj.detach().clone()
     experts.gate_up_proj = nn.Parameter(whole.to("meta"))
-    hooks = apply_expert_parallel(experts, init_device_mesh("cpu", (dist.get_world_size(),)))
+    exchange = apply_expert_parallel(experts, init_device_mesh("cpu", (dist.get_world_size(),)), chunks)
     first, count, _ = experts.expert_range
     experts.gate_up_proj = nn.Parameter(whole[first:first + count])
     hidden, ids, weights = routing(rank, 5 + 3 * rank)
     got = experts(hidden, ids, weights)
     units = len({(t, e // count) for t in range(len(ids)) for e in ids[t].tolist()})
-    torch.save({"out": got, "rows_sent": hooks.rows_sent, "units": units, "pairs": ids.numel()},
+    torch.save({"out": got, "rows_sent": exchange.rows_sent, "units": units, "pairs": ids.numel()},
                Path(out) / f"rank_{rank}.pt")
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_sends_a_row_once_per_rank_and_combines_to_the_same_bits(tmp_path, world):
-    run_ranks(world, shard_and_call, world, str(tmp_path))
+@pytest.mark.parametrize("world, chunks", [(2, 1), (4, 1), (2, 3)])
+def test_dispatch_sends_a_row_once_per_rank_and_combines_to_the_same_bits(tmp_path, world, chunks):
+    """chunks 3: rank 0's 5 tokens as 2 + 2 + 1, rank 1's 8 as 3 + 3 + 2, each chunk exchanged on its own."""
+    run_ranks(world, shard_and_call, world, str(tmp_path), chunks)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank_{rank}.pt")
         hidden, ids, weights = routing(rank, 5 + 3 * rank)

@@ -38,12 +38,12 @@ def frozen(model, spec) -> FrozenTarget:
 
 
 def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32",
-                    moe_impl: str = "auto") -> None:
+                    moe_impl: str = "auto", ep_chunks: int = 1) -> None:
     from eagle_trainer.parallel import init_parallel, whole
     from eagle_trainer.app.runtime import pick_device
     from eagle_trainer.targets.sharded import load_sharded_target
     device = pick_device(device_type)
-    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
+    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep, ep_chunks=ep_chunks), device)
     model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype, moe_impl=moe_impl), device,
                                                        dims)
     states = frozen(model, spec).capture(rank_batch(rank).to(device))
@@ -78,13 +78,14 @@ def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_pat
         assert got["local"] <= total / world * 1.05, (got["local"], total)
 
 
-def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, tmp_path):
+@pytest.mark.parametrize("ep_chunks", [1, 2])
+def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, tmp_path, ep_chunks):
     """Qwen3-Next with our MoE core (moe_impl=triton) at ep 2: each rank computes the shared expert on its own tokens
-    and the combine hook adds it after the routed terms, in fp32, as the core's sum does. The expert outputs do not
+    and the combine adds it after the routed terms, in fp32, as the core's sum does. The expert outputs do not
     depend on which tokens share a GEMM and the order of the sum is the unsharded core's, so the captured states
-    are the unsharded core's bits."""
+    are the unsharded core's bits, with each layer's tokens at once or in two chunks."""
     path = str(tiny_qwen3_next_path)
-    run_ranks(2, capture_on_rank, path, 2, str(tmp_path), "cpu", "float32", "triton")
+    run_ranks(2, capture_on_rank, path, 2, str(tmp_path), "cpu", "float32", "triton", ep_chunks)
     model, _, spec, _ = load_target(TargetConfig(path=path, dtype="float32", moe_impl="triton"), torch.device("cpu"))
     whole = frozen(model, spec)
     for rank in range(2):
@@ -95,14 +96,15 @@ def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("ep, checkpoint", [(1, "tiny_qwen3_moe_path"), (2, "tiny_qwen3_moe_path"),
-                                            (2, "tiny_qwen3_next_path")])
-def test_sharded_target_on_gpus_captures_the_same_bits(request, tmp_path, ep, checkpoint):
+@pytest.mark.parametrize("ep, checkpoint, ep_chunks", [(1, "tiny_qwen3_moe_path", 1), (2, "tiny_qwen3_moe_path", 1),
+                                                       (2, "tiny_qwen3_moe_path", 2), (2, "tiny_qwen3_next_path", 1)])
+def test_sharded_target_on_gpus_captures_the_same_bits(request, tmp_path, ep, checkpoint, ep_chunks):
     """bf16 on 2 GPUs (NCCL), our MoE core, router and RMSNorm: with batch-invariant tile configs a pair's expert output
     does not depend on which tokens share its GEMM, and the all-to-all combine sums in the core's order (Qwen3-Next's
-    shared expert last), so the sharded target gives the unsharded one's bits."""
+    shared expert last), so the sharded target gives the unsharded one's bits; in two chunks too, their all-to-alls
+    in flight on NCCL's stream while the other chunk's experts compute."""
     path = request.getfixturevalue(checkpoint)
-    run_ranks(2, capture_on_rank, str(path), ep, str(tmp_path), "cuda", "bfloat16")
+    run_ranks(2, capture_on_rank, str(path), ep, str(tmp_path), "cuda", "bfloat16", "auto", ep_chunks)
     model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="bfloat16"), torch.device("cuda"))
     whole = frozen(model, spec)
     for rank in range(2):
