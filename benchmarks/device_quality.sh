@@ -10,7 +10,8 @@
 #                                                 # prepare (H100: conversion 30 s, synthesize 45 s, regenerate 115 s)
 #   bash benchmarks/device_quality.sh start [S] # the rest in the background (one process session, which outlives
 #                                                 # the call), waiting S seconds (default 560) for it; the stages:
-#       the GPU test of app/runtime.py and benchmarks/sdpa_lengths.py (SDPA at new shapes), ours EAGLE-3 seed 0,
+#       the GPU test of app/runtime.py and benchmarks/sdpa_lengths.py (SDPA at new shapes), a profile of 20 of our
+#       steps (train --profile: train/<run>/profile.txt), ours EAGLE-3 seed 0,
 #       SpecForge seed 0, ours for SpecForge's time (each alone on the GPU: timed), then side by
 #       side on the GPU (--shared-gpu: their drafts count, their times do not) ours and SpecForge seed 1, ours
 #       EAGLE-1 and eagle-eval of the seed-0 drafts, then eagle-eval of the rest and the report
@@ -89,6 +90,7 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
     python3 -m pytest -q -p no:cacheprovider -m gpu tests/app/test_runtime.py > "$LOGS/sdpa.log" 2>&1
     python3 benchmarks/sdpa_lengths.py --results "$LOGS/RESULTS.md" >> "$LOGS/sdpa.log" 2>&1
     echo "$(date +%T) sdpa: done"; grep -e passed -e failed -e "^|" "$LOGS/sdpa.log" | cut -c1-400
+    stage profile train --steps 120 --side ours-eagle3 --seed 0 --profile 20  # where a step's time goes (untimed)
     stage ours0 train --steps "$STEPS" --side ours-eagle3 --seed 0
     stage sf0 train --steps "$STEPS" --side specforge --seed 0
     stage peer0 train --steps "$STEPS" --side ours-eagle3 --seed 0 --seconds peer
@@ -103,7 +105,8 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
     exit 0 ;;
 *) echo "unknown phase $phase (gguf, prep, start, wait, ours, sf, peer, eagle1 or eval)"; exit 2 ;;
 esac
-(cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json eval *.log 2>/dev/null)
+(cd "$WORK" && tar czf "$OUT/quality_logs.tar.gz" prepare.json train/*/train.json train/*/profile.txt eval *.log \
+    2>/dev/null)
 # the prepared data (prompts, responses, vocab map: a few MB) comes back too: unpacked here into runs/quality and
 # carried (runs/quality/data) to a later session's `prep`, it skips synthesize and regenerate (same target files)
 (cd "$WORK" && tar czf "$OUT/quality_data.tar.gz" data 2>/dev/null)

@@ -317,8 +317,11 @@ def timed_run(args, work: Path) -> Run:
         steps = args.untimed_steps + max(1, round(seconds / per_step))
     run = Run(side=args.side, seed=args.seed, steps=steps, lr=args.lr, batch_size=args.batch_size,
               warmup_ratio=args.warmup_ratio, log_every=args.log_every, untimed=args.untimed_steps, seconds=seconds,
-              matched=matched, shared_gpu=args.shared_gpu)
-    run.name = run_name(args.side, args.seed, args.steps, seconds, matched)
+              matched=matched, shared_gpu=args.shared_gpu, profile=args.profile)
+    run.name = run_name(args.side, args.seed, args.steps, seconds, matched) + (
+        f"-profile{args.profile}" if args.profile else "")
+    if args.profile and (args.side == "specforge" or not 0 < args.profile < steps):
+        raise ValueError(f"--profile {args.profile}: profiles the last steps of one of our runs (fewer than --steps)")
     return run
 
 
@@ -388,6 +391,8 @@ def main(argv=None) -> None:
                         help="learning rate, both sides (default 1e-4, SpecForge's default; --tiny 3e-3)")
     parser.add_argument("--shared-gpu", action="store_true", help="train: the run shares the GPU with others on "
                         "purpose (equal-step runs of further seeds): its draft is measured, its times are not reported")
+    parser.add_argument("--profile", type=int, default=0, help="train (ours): the last N steps under torch.profiler, "
+                        "tables in <run>/profile.txt (a diagnosis run: in no comparison)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step (both sides)")
     parser.add_argument("--warmup-ratio", type=float, default=0.015, help="SpecForge's default warm-up fraction")
     parser.add_argument("--log-every", type=int, default=None, help="train: steps between logged losses (default "

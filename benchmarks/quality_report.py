@@ -30,6 +30,8 @@ TREE = {"topk": 8, "depth": 5, "total_tokens": 31}
 def group_of(settings: dict, steps: int) -> str | None:
     """The group (module docstring) a run with these settings belongs to in a report at `steps`, or None."""
     side = settings["side"]
+    if settings.get("profile"):  # a diagnosis run
+        return None
     if settings["seconds"] is None and settings["steps"] == steps:
         return {"specforge": f"SpecForge EAGLE-3, {steps} steps", "ours-eagle3": f"ours EAGLE-3, {steps} steps",
                 "ours-eagle1": f"ours EAGLE-1, {steps} steps"}[side]

@@ -80,19 +80,21 @@ class Run:
     matched: str = ""  # the run whose timed training time `seconds` is (equal-time runs)
     name: str = ""
     shared_gpu: bool = False  # trained beside other runs on one GPU on purpose: its result counts, its times do not
+    profile: int = 0  # ours: the last `profile` steps under torch.profiler (a diagnosis run, in no comparison)
 
     def settings(self, prep: dict) -> dict:
         """What the run's result depends on: compared with a finished run's to skip it."""
         return {"side": self.side, "seed": self.seed, "steps": self.steps, "seconds": self.seconds,
                 "matched": self.matched, "untimed": self.untimed, "lr": self.lr, "batch_size": self.batch_size,
                 "warmup_ratio": self.warmup_ratio, "ttt_steps": TTT_STEPS, "data": prep["dataset"]["fingerprint"],
-                "vocab": prep["vocab"]["sha256"], "target": prep["target_fingerprint"], "device": prep["device"]}
+                "vocab": prep["vocab"]["sha256"], "target": prep["target_fingerprint"], "device": prep["device"],
+                **({"profile": self.profile} if self.profile else {})}
 
 
 def run_name(side: str, seed: int, steps: int, seconds: float | None = None, matched: str = "") -> str:
     """A run's directory name under <work>/train: side, seed, and its length (steps, or the run it matched in time)."""
     if seconds is None:
-        return f"{side}-s{seed}-{steps}steps"
+        return f"{side}-s{seed}-{steps}steps"  # a profiled run's name ends in -profileN (timed_run)
     return f"{side}-s{seed}-time-of-{matched}" if matched else f"{side}-s{seed}-{seconds:.0f}s"
 
 
@@ -177,6 +179,49 @@ class StepClock:
         return step_times(self.start, self.ends, self.untimed)
 
 
+class StepProfiler:
+    """torch.profiler over the steps [first, last) of a loop that asks for its batches (steps counted by the
+    batches handed out); the profile ends when step `last` asks (or the loop ends), and its tables go to `path`:
+    operators by device time and by host time, with the kernel launches per step."""
+
+    def __init__(self, first: int, last: int, path: Path, device: torch.device):
+        self.first, self.last, self.path, self.device = first, last, path, device
+        self.handed, self.prof = 0, None
+
+    def wrap(self, batches):
+        try:
+            for batch in batches:
+                if self.handed == self.first:
+                    self.start()
+                elif self.handed == self.last:
+                    self.stop()
+                self.handed += 1
+                yield batch
+        finally:
+            self.stop()
+
+    def start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.prof = profile(activities=activities)
+        self.prof.__enter__()
+
+    def stop(self) -> None:
+        if self.prof is None:
+            return
+        sync(self.device)
+        self.prof.__exit__(None, None, None)
+        steps = min(self.handed, self.last) - self.first
+        events = self.prof.key_averages()
+        device_key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        kernels = sum(e.count for e in events if e.device_type.name == "CUDA") if self.device.type == "cuda" else 0
+        self.path.write_text(
+            f"{steps} steps profiled; CUDA kernels launched: {kernels / max(steps, 1):.0f} a step\n\n"
+            f"by device time:\n{events.table(sort_by=device_key, row_limit=30)}\n\n"
+            f"by host time:\n{events.table(sort_by='cpu_time_total', row_limit=30)}\n")
+        self.prof = None
+
+
 def step_times(start: float, ends: list[float], untimed: int) -> dict:
     """wall_s (the whole loop), timed_s (the steps after the first `untimed`) and each step's seconds, from the
     loop's start and the steps' end times."""
@@ -225,8 +270,10 @@ def train_ours(prep: dict, run: Run, run_dir: Path, device: torch.device) -> dic
                             seed=run.seed, device=device.type, log_every=run.log_every, save_every=0, eval_batches=0,
                             progress=False, export_formats=[FORMATS[run.side]], keep_last=1)
     clock = StepClock(run.untimed, run.seconds)
+    profiler = StepProfiler(run.steps - run.profile, run.steps, run_dir / "profile.txt", device) if run.profile else None
     trainer = Trainer(spec, target, draft, draft_cfg, optim, train_cfg,
-                      lambda epoch, start: clock.wrap(epoch_batches(data, run.batch_size, run.seed, epoch, start)),
+                      lambda epoch, start: (profiler.wrap if profiler else iter)(
+                          clock.wrap(epoch_batches(data, run.batch_size, run.seed, epoch, start))),
                       [], device, data_fingerprint=prep["dataset"]["fingerprint"],
                       run_config={"benchmark": "quality", **run.settings(prep)})
     summary = trainer.fit()
