@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.targets.frozen import FrozenTarget
@@ -112,3 +113,58 @@ def test_sharded_target_on_gpus_captures_the_same_bits(request, tmp_path, ep, ch
         want = whole.capture(rank_batch(rank).to("cuda"))
         assert torch.equal(got["aux"], want.aux_hidden.cpu())
         assert torch.equal(got["final"], want.final_hidden.cpu())
+
+
+class GatheredBytes(TorchDispatchMode):
+    """Bytes every all-gather of the calls made under it brought to this rank (its output tensors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes, self.calls = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "allgather" in str(func):
+            outputs = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            self.bytes += sum(t.numel() * t.element_size() for t in outputs)
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def gather_volume_on_rank(rank: int, path: str, ep: int, out: str) -> None:
+    from eagle_trainer.app.runtime import pick_device
+    from eagle_trainer.parallel import init_parallel
+    from eagle_trainer.parallel.expert import expert_params
+    from eagle_trainer.targets.sharded import load_sharded_target
+    device = pick_device("cpu")
+    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
+    model, _, spec, _, _ = load_sharded_target(TargetConfig(path=path, dtype="float32"), device, dims)
+    world = dims.world_size
+    # what FSDP2 gathers: each sharded parameter's dim 0 padded to a multiple of the world size, every rank's shard
+    sharded = [p for p in model.get_submodule(spec.layers).parameters() if isinstance(p, DTensor)]
+    expected = sum(-(-p.shape[0] // world) * world * p[0].numel() * p.element_size() for p in sharded)
+    experts = sum(p.numel() * p.element_size() for block in model.get_submodule(spec.layers)
+                  for m in block.modules() if hasattr(m, "gate_up_proj") for _, p in expert_params(m))
+    counted = []
+    for _ in range(2):  # the second forward: prefetching set up by the first
+        with GatheredBytes() as mode:
+            frozen(model, spec).capture(rank_batch(rank))
+        counted.append((mode.bytes, mode.calls))
+    torch.save({"counted": counted, "expected": expected, "experts": experts,
+                "blocks": len(model.get_submodule(spec.layers))}, Path(out) / f"rank_{rank}.pt")
+    del model
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ep", [1, 2])
+def test_a_forward_gathers_each_blocks_weights_once(tiny_qwen3_moe_path, tmp_path, ep):
+    """FSDP2 moves each decoder block's shards once a forward, prefetching or not: the bytes all-gathered equal the
+    blocks' sharded weights (dim 0 padded to the world size). Under expert parallelism the routed experts stay put:
+    nothing of them is gathered."""
+    run_ranks(2, gather_volume_on_rank, str(tiny_qwen3_moe_path), ep, str(tmp_path))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)
+        for volume, calls in got["counted"]:
+            assert volume == got["expected"], (volume, got["expected"])
+            assert calls == got["blocks"]  # one all-gather a block
+        if ep == 2:
+            assert got["experts"] > 0  # they exist, are local, and are not in `expected` (not DTensors)
