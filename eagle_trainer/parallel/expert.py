@@ -77,7 +77,8 @@ class _Chunk:
     num_tokens: int
     order: torch.Tensor  # [P] pairs grouped by destination rank, pair order within each
     counts: torch.Tensor  # [ep, 2] rows and pairs for each destination
-    rows: torch.Tensor  # [U, H] the rows to send, grouped by destination, token order within
+    hidden: torch.Tensor  # [T, H] the chunk's rows
+    row_token: torch.Tensor  # [>= U] the token of each row to send, grouped by destination, token order within
     meta: torch.Tensor  # [P, 3] each pair's unit row (in its destination's rows), local expert id, weight
     send: list[int] | None = None  # pairs for each rank; recv: from each
     recv: list[int] | None = None
@@ -98,7 +99,8 @@ class ExpertAllToAll:
         self.rows_sent = (0, 0)  # the last call's (hidden rows dispatched, pairs routed): the traffic, for tests
 
     def _plan(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _Chunk:
-        """What one chunk sends, built on the device (no host sync)."""
+        """What one chunk sends, built on the device with no op whose output size depends on the data (nonzero,
+        bincount, boolean masks): none of them waits for the GPU."""
         num_tokens, top_k = ids.shape
         device = ids.device
         dest = ids.long() // self.num_local  # [T, k] the rank that holds each pair's expert
@@ -107,6 +109,10 @@ class ExpertAllToAll:
         unit_counts = hit.sum(1)  # [ep] rows for each rank
         unit_start = unit_counts.cumsum(0) - unit_counts
         unit_pos = hit.reshape(-1).cumsum(0).view(self.ep, num_tokens) - 1  # each unit's row in the send buffer
+        # the token of each row to send: units scattered to their rows, the rest to one spare slot at the end
+        slot = torch.where(hit, unit_pos, self.ep * num_tokens).reshape(-1)
+        tokens = torch.arange(num_tokens, device=device).expand(self.ep, num_tokens).reshape(-1)
+        row_token = torch.zeros(self.ep * num_tokens + 1, dtype=torch.long, device=device).scatter_(0, slot, tokens)
         flat_dest = dest.reshape(-1)
         order = torch.argsort(flat_dest, stable=True)
         pair_dest, pair_token = flat_dest[order], order // top_k
@@ -115,8 +121,9 @@ class ExpertAllToAll:
         # each pair's unit row and expert id (their int32 bits as float32) travel with its weight
         meta = torch.stack([unit_of_pair.view(torch.float32), local_ids.view(torch.float32),
                             weights.reshape(-1)[order].to(torch.float32)], dim=1)
-        counts = torch.stack([unit_counts, torch.bincount(flat_dest, minlength=self.ep)], dim=1)
-        return _Chunk(num_tokens, order, counts, hidden[hit.nonzero()[:, 1]], meta)
+        pair_counts = torch.zeros(self.ep, dtype=torch.long, device=device).scatter_add_(
+            0, flat_dest, torch.ones_like(flat_dest))
+        return _Chunk(num_tokens, order, torch.stack([unit_counts, pair_counts], dim=1), hidden, row_token, meta)
 
     def _exchange_counts(self, chunks: list[_Chunk]) -> None:
         """Every chunk's split sizes to and from every rank, in one all-to-all and one host read."""
@@ -127,7 +134,8 @@ class ExpertAllToAll:
         for i, chunk in enumerate(chunks):
             units_out, units_in = [r[i][0] for r in sent], [r[i][0] for r in got]
             chunk.send, chunk.recv = [r[i][1] for r in sent], [r[i][1] for r in got]
-            chunk.pending = (_all_to_all(chunk.rows, units_out, units_in, self.group, self.overlap),
+            rows = chunk.hidden[chunk.row_token[:sum(units_out)]]  # [U, H]
+            chunk.pending = (_all_to_all(rows, units_out, units_in, self.group, self.overlap),
                              _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group, self.overlap), units_in)
         self.rows_sent = (sum(r[i][0] for r in sent for i in range(len(chunks))),
                           sum(r[i][1] for r in sent for i in range(len(chunks))))
@@ -138,7 +146,8 @@ class ExpertAllToAll:
         _wait(rows_work)
         _wait(meta_work)
         device = meta.device
-        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(chunk.recv, device=device))
+        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(chunk.recv, device=device),
+                                         output_size=sum(chunk.recv))
         units_in = torch.tensor(units_in, device=device)
         unit = meta[:, 0].contiguous().view(torch.int32).long() + (units_in.cumsum(0) - units_in)[source]
         ids_r = meta[:, 1].contiguous().view(torch.int32).to(dtypes[0])[:, None]

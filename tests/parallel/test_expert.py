@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ranks import run_ranks
 
@@ -33,6 +34,29 @@ class Experts(nn.Module):
         return out.to(hidden.dtype)
 
 
+class DataDependentOps(TorchDispatchMode):
+    """The ops called under it whose output size depends on tensor values: on a GPU each waits for the device to
+    catch up (a host sync)."""
+
+    NAMES = ("nonzero", "bincount", "unique", "masked_select", "_local_scalar_dense")
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if any(n in name for n in self.NAMES):
+            self.found.append(name)
+        if name == "repeat_interleave" and kwargs.get("output_size") is None:
+            self.found.append("repeat_interleave without output_size")
+        if name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            self.found.append(f"{name} by a boolean mask")
+        return func(*args, **kwargs)
+
+
 def routing(rank: int, tokens: int):
     g = torch.Generator().manual_seed(100 + rank)
     hidden = torch.randn(tokens, H, generator=g)
@@ -52,9 +76,10 @@ def shard_and_call(rank: int, ep: int, out: str, chunks: int = 1) -> None:
     first, count, _ = experts.expert_range
     experts.gate_up_proj = nn.Parameter(whole[first:first + count])
     hidden, ids, weights = routing(rank, 5 + 3 * rank)
-    got = experts(hidden, ids, weights)
+    with DataDependentOps() as ops:
+        got = experts(hidden, ids, weights)
     units = len({(t, e // count) for t in range(len(ids)) for e in ids[t].tolist()})
-    torch.save({"out": got, "rows_sent": exchange.rows_sent, "units": units, "pairs": ids.numel()},
+    torch.save({"out": got, "rows_sent": exchange.rows_sent, "syncing_ops": ops.found, "units": units, "pairs": ids.numel()},
                Path(out) / f"rank_{rank}.pt")
     dist.destroy_process_group()
 
@@ -69,3 +94,5 @@ def test_dispatch_sends_a_row_once_per_rank_and_combines_to_the_same_bits(tmp_pa
         assert torch.equal(got["out"], Experts()(hidden, ids, weights))
         assert got["rows_sent"] == (got["units"], got["pairs"])
         assert got["units"] < got["pairs"]  # K = 4 experts of 8 over 2 or 4 ranks: rows shared by a token's slots
+        # one host read of the split sizes a call (tolist, not an op); nothing else waits for the device
+        assert got["syncing_ops"] == [], got["syncing_ops"]
