@@ -17,7 +17,8 @@ the weights one rank holds. The peer of each multi-GPU row is the 1-GPU run: rat
 1-GPU tokens/s (weak-scaling efficiency; goal >= 0.85 at 4 GPUs).
 
     python benchmarks/train_parallel.py [--runs 1:1 2:2 2:1] [--layers 48] [--seq 4096] [--steps 60]
-    python benchmarks/train_parallel.py --runs 1:1 4:4 4:4:2 4:1     # GPUS:EP[:CHUNKS] (parallel.ep_chunks)
+    python benchmarks/train_parallel.py --runs 1:1 4:4 4:4:2 4:1 4:1:1:2
+        # GPUS:EP[:CHUNKS[:PREFETCH]]: parallel.ep_chunks, parallel.prefetch_blocks (default 1 each)
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def worker(args) -> None:
     torch.cuda.set_device(device)
     world = int(os.environ.get("WORLD_SIZE", 1))
     dims = init_parallel(ParallelConfig(target="fsdp" if world > 1 else "replicate", ep=args.ep,
-                                        ep_chunks=args.ep_chunks), device)
+                                        ep_chunks=args.ep_chunks, prefetch_blocks=args.prefetch_blocks), device)
     target_cfg = TargetConfig(path=str(args.ckpt), moe_impl="triton", norm_impl="triton")
     start = time.perf_counter()
     if dims.distributed:
@@ -164,15 +165,15 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def launch(gpus: int, ep: int, chunks: int, args, out: Path) -> dict:
+def launch(gpus: int, ep: int, chunks: int, prefetch: int, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", __file__, "--worker",
-           f"--ep={ep}", f"--ep-chunks={chunks}", f"--ckpt={args.ckpt}", f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}",
+           f"--ep={ep}", f"--ep-chunks={chunks}", f"--prefetch-blocks={prefetch}", f"--ckpt={args.ckpt}", f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}",
            *(["--profile"] if args.profile else [])]
     log = out.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    print(f"{gpus} GPU(s), ep={ep}, ep_chunks={chunks}: exit {done.returncode} after {time.perf_counter() - t0:.0f} s; log {log}",
+    print(f"{gpus} GPU(s), ep={ep}, ep_chunks={chunks}, prefetch_blocks={prefetch}: exit {done.returncode} after {time.perf_counter() - t0:.0f} s; log {log}",
           flush=True)
     if done.returncode != 0:
         print(log.read_text()[-4000:], flush=True)
@@ -183,7 +184,8 @@ def launch(gpus: int, ep: int, chunks: int, args, out: Path) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=["1:1", "2:2", "2:1"],
-                        help="GPUS:EP[:CHUNKS] per job (CHUNKS: parallel.ep_chunks, default 1)")
+                        help="GPUS:EP[:CHUNKS[:PREFETCH]] per job (parallel.ep_chunks, parallel.prefetch_blocks; "
+                        "default 1 each)")
     parser.add_argument("--layers", type=int, default=48)
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=60)
@@ -192,6 +194,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--ep-chunks", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--prefetch-blocks", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="each job under torch.profiler: "
@@ -208,22 +211,24 @@ def main(argv=None) -> None:
         print(f"checkpoint: {args.layers} layers written in {time.perf_counter() - t0:.0f} s", flush=True)
     results = {}
     for spec in args.runs:
-        gpus, ep, chunks = (list(map(int, spec.split(":"))) + [1])[:3]
-        results[(gpus, ep, chunks)] = launch(gpus, ep, chunks, args, args.work / f"gpus{gpus}_ep{ep}_c{chunks}.json")
-    base = results.get((1, 1, 1))
+        gpus, ep, chunks, prefetch = (list(map(int, spec.split(":"))) + [1, 1])[:4]
+        results[(gpus, ep, chunks, prefetch)] = launch(gpus, ep, chunks, prefetch, args,
+                                                       args.work / f"gpus{gpus}_ep{ep}_c{chunks}_p{prefetch}.json")
+    base = results.get((1, 1, 1, 1))
     case = f"online EAGLE-3, Qwen3-30B-A3B-shaped target {args.layers}L, B=1 T={args.seq} per GPU"
     lines, rows = [], []
-    for (gpus, ep, chunks), res in results.items():
+    for (gpus, ep, chunks, prefetch), res in results.items():
         if not res:
-            lines.append(f"| {gpus} | {ep} | {chunks} | failed |")
+            lines.append(f"| {gpus} | {ep} | {chunks} | {prefetch} | failed |")
             continue
         eff = res["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
-        lines.append(f"| {gpus} | {ep} | {chunks} | {res['tokens_per_s_per_gpu']:,.0f} | {eff if eff else float('nan'):.3f} | "
+        lines.append(f"| {gpus} | {ep} | {chunks} | {prefetch} | {res['tokens_per_s_per_gpu']:,.0f} | {eff if eff else float('nan'):.3f} | "
                      f"{res['peak_gib']:.1f} | {res['held_gib']:.1f} | {res['load_s']:.0f} | {res['peak_rss_gib']:.1f} |")
         if gpus == 1 or base is None:
             continue
         mode = (f"FSDP2 + EP={ep}" + (f", {chunks} chunks a layer" if chunks > 1 else "")) if ep > 1 else \
             "FSDP2 only (EP=1)"
+        mode += f", prefetch {prefetch} blocks ahead" if prefetch > 1 else ""
         rows.append(row(
             f"{case}, {gpus} GPUs {mode}: tokens/s per GPU (peak GPU mem {res['peak_gib']:.1f} GiB, weights held "
             f"{res['held_gib']:.1f} GiB/rank, load {res['load_s']:.0f} s, peak host RSS {res['peak_rss_gib']:.1f} "
@@ -231,8 +236,9 @@ def main(argv=None) -> None:
             f"{res['tokens_per_s_per_gpu']:,.0f} tok/s/GPU", f"{base['tokens_per_s_per_gpu']:,.0f} tok/s "
             f"(peak {base['peak_gib']:.1f} GiB, load {base['load_s']:.0f} s)", "eagle_trainer on 1 GPU, unsharded",
             eff))
-    print("\n| GPUs | EP | chunks | tok/s/GPU | vs 1 GPU | peak GPU GiB | weights GiB/rank | load s | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| GPUs | EP | chunks | prefetch | tok/s/GPU | vs 1 GPU | peak GPU GiB | weights GiB/rank | load s | "
+          "peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
     note = ("`python benchmarks/train_parallel.py`: the whole training step (sharded target forward, teacher, draft "
             "forward/backward under DDP, AdamW), each configuration a torchrun job; peer = the same job on 1 GPU.")

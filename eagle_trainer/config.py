@@ -192,6 +192,7 @@ class ParallelConfig:
     # while another's experts compute (parallel/expert.py); 1: the whole layer at once
     ep_chunks: int = 1
     forward_prefetch: bool = True  # gather the next block's weights while this one computes
+    prefetch_blocks: int = 1  # with forward_prefetch: how many blocks ahead are gathered (each held while it waits)
     backend: str = "auto"  # process-group backend: auto (nccl on GPUs, gloo on the CPU) | nccl | gloo
 
 

@@ -6,7 +6,7 @@ Order, on a target built on the meta device (weights are loaded after, shard by 
   3. each decoder block sharded over `dp` (all ranks), its expert-parallel experts left to steps 1-2;
   4. the backbone as the FSDP root, its own parameters (embedding, final norm) left whole on every rank.
 Blocks are gathered for their forward and freed after it (reshard_after_forward); with forward_prefetch the next
-block's gather is issued while this one computes. The target is frozen: no gradients, no optimizer state.
+block's gather (the next `prefetch_blocks` blocks') is issued while this one computes. The target is frozen: no gradients, no optimizer state.
 
 The embedding, final norm and lm_head stay whole on every rank: the draft holds the target's embedding itself,
 and the teacher reads the lm_head rows of the draft vocab and scans all V rows for the argmax every batch.
@@ -53,5 +53,7 @@ def apply_fsdp(backbone: nn.Module, layers: nn.ModuleList, experts_path: str | N
     whole = {p for p in backbone.parameters() if not isinstance(p, DTensor)}
     fully_shard(backbone, mesh=dims.dp_mesh, reshard_after_forward=True, ignored_params=whole or None)
     if dims.forward_prefetch:
-        for here, after in itertools.pairwise(layers):
-            here.set_modules_to_forward_prefetch(units[after])
+        blocks = list(layers)
+        for i, here in enumerate(blocks[:-1]):
+            ahead = blocks[i + 1:i + 1 + dims.prefetch_blocks]
+            here.set_modules_to_forward_prefetch(list(itertools.chain.from_iterable(units[b] for b in ahead)))

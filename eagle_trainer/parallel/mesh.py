@@ -35,6 +35,7 @@ class ParallelDims:
     ep: int = 1
     target: str = "fsdp"
     forward_prefetch: bool = True
+    prefetch_blocks: int = 1
     ep_chunks: int = 1
     dp_mesh: DeviceMesh | None = None
     ep_mesh: DeviceMesh | None = None
@@ -60,6 +61,9 @@ def resolve_ep(cfg: ParallelConfig, world_size: int) -> int:
                          f"(1 for no expert parallelism, 0 for ep = world size)")
     if cfg.target not in TARGET_MODES:
         raise ValueError(f"parallel.target={cfg.target!r} is not one of {TARGET_MODES}")
+    if cfg.prefetch_blocks < 1:
+        raise ValueError(f"parallel.prefetch_blocks={cfg.prefetch_blocks} must be at least 1 (turn prefetching off "
+                         "with parallel.forward_prefetch=false)")
     if cfg.ep_chunks < 1:
         raise ValueError(f"parallel.ep_chunks={cfg.ep_chunks} must be at least 1 (1: each MoE layer's tokens at once)")
     if ep > 1 and cfg.target != "fsdp":
@@ -111,7 +115,7 @@ def build_dims(cfg: ParallelConfig, device: torch.device, ep: int) -> ParallelDi
     dp = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     grid = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
     return ParallelDims(world_size=world, rank=rank, ep=ep, target=cfg.target, forward_prefetch=cfg.forward_prefetch,
-                        ep_chunks=cfg.ep_chunks, dp_mesh=dp, ep_mesh=grid["ep"], efsdp_mesh=grid["efsdp"])
+                        prefetch_blocks=cfg.prefetch_blocks, ep_chunks=cfg.ep_chunks, dp_mesh=dp, ep_mesh=grid["ep"], efsdp_mesh=grid["efsdp"])
 
 
 def all_ranks_sum(x: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

@@ -17,6 +17,8 @@ def test_ep_resolves_against_the_world_size():
         resolve_ep(ParallelConfig(ep=2, target="replicate"), 4)
     with pytest.raises(ValueError, match=r"parallel.target='tp' is not one of"):
         resolve_ep(ParallelConfig(target="tp"), 4)
+    with pytest.raises(ValueError, match=r"parallel.prefetch_blocks=0 must be at least 1"):
+        resolve_ep(ParallelConfig(prefetch_blocks=0), 4)
     with pytest.raises(ValueError, match=r"parallel.ep_chunks=0 must be at least 1"):
         resolve_ep(ParallelConfig(ep=2, ep_chunks=0), 4)
 

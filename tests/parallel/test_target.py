@@ -130,13 +130,13 @@ class GatheredBytes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def gather_volume_on_rank(rank: int, path: str, ep: int, out: str) -> None:
+def gather_volume_on_rank(rank: int, path: str, ep: int, out: str, prefetch_blocks: int = 1) -> None:
     from eagle_trainer.app.runtime import pick_device
     from eagle_trainer.parallel import init_parallel
     from eagle_trainer.parallel.expert import expert_params
     from eagle_trainer.targets.sharded import load_sharded_target
     device = pick_device("cpu")
-    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep), device)
+    dims = init_parallel(ParallelConfig(target="fsdp", ep=ep, prefetch_blocks=prefetch_blocks), device)
     model, _, spec, _, _ = load_sharded_target(TargetConfig(path=path, dtype="float32"), device, dims)
     world = dims.world_size
     # what FSDP2 gathers: each sharded parameter's dim 0 padded to a multiple of the world size, every rank's shard
@@ -147,20 +147,23 @@ def gather_volume_on_rank(rank: int, path: str, ep: int, out: str) -> None:
     counted = []
     for _ in range(2):  # the second forward: prefetching set up by the first
         with GatheredBytes() as mode:
-            frozen(model, spec).capture(rank_batch(rank))
+            states = frozen(model, spec).capture(rank_batch(rank))
         counted.append((mode.bytes, mode.calls))
+    whole_model, _, _, _ = load_target(TargetConfig(path=path, dtype="float32"), device)
+    want = frozen(whole_model, spec).capture(rank_batch(rank))
+    torch.testing.assert_close(states.final_hidden, want.final_hidden, rtol=1e-5, atol=1e-5)
     torch.save({"counted": counted, "expected": expected, "experts": experts,
                 "blocks": len(model.get_submodule(spec.layers))}, Path(out) / f"rank_{rank}.pt")
     del model
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_a_forward_gathers_each_blocks_weights_once(tiny_qwen3_moe_path, tmp_path, ep):
-    """FSDP2 moves each decoder block's shards once a forward, prefetching or not: the bytes all-gathered equal the
-    blocks' sharded weights (dim 0 padded to the world size). Under expert parallelism the routed experts stay put:
-    nothing of them is gathered."""
-    run_ranks(2, gather_volume_on_rank, str(tiny_qwen3_moe_path), ep, str(tmp_path))
+@pytest.mark.parametrize("ep, prefetch_blocks", [(1, 1), (2, 1), (1, 2)])
+def test_a_forward_gathers_each_blocks_weights_once(tiny_qwen3_moe_path, tmp_path, ep, prefetch_blocks):
+    """FSDP2 moves each decoder block's shards once a forward, prefetching one block ahead or two: the bytes
+    all-gathered equal the blocks' sharded weights (dim 0 padded to the world size), and the states are the whole
+    target's. Under expert parallelism the routed experts stay put: nothing of them is gathered."""
+    run_ranks(2, gather_volume_on_rank, str(tiny_qwen3_moe_path), ep, str(tmp_path), prefetch_blocks)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank_{rank}.pt", weights_only=False)
         for volume, calls in got["counted"]:
