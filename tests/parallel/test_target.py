@@ -58,11 +58,13 @@ def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, ep, checkpoint", [(2, 2, "tiny_qwen3_moe_path"), (2, 1, "tiny_qwen3_moe_path"),
-                                                   (4, 2, "tiny_qwen3_moe_fused_path"), (2, 2, "tiny_qwen3_next_path")])
-def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, checkpoint):
+@pytest.mark.parametrize("world, ep, checkpoint, ep_chunks", [
+    (2, 2, "tiny_qwen3_moe_path", 2), (2, 1, "tiny_qwen3_moe_path", 1), (4, 2, "tiny_qwen3_moe_fused_path", 1),
+    (2, 2, "tiny_qwen3_next_path", 1)])
+def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, checkpoint, ep_chunks):
+    """ep_chunks 2: each MoE layer's tokens exchanged and computed in two chunks (parallel/expert.py)."""
     path = request.getfixturevalue(checkpoint)
-    run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path))
+    run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path), "cpu", "float32", "auto", ep_chunks)
     model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="float32"), torch.device("cpu"))
     whole = frozen(model, spec)
     total = sum(p.numel() for p in model.get_submodule(spec.layers).parameters())
@@ -79,14 +81,13 @@ def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_pat
         assert got["local"] <= total / world * 1.05, (got["local"], total)
 
 
-@pytest.mark.parametrize("ep_chunks", [1, 2])
-def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, tmp_path, ep_chunks):
+def test_expert_parallel_core_adds_the_shared_expert_last(tiny_qwen3_next_path, tmp_path):
     """Qwen3-Next with our MoE core (moe_impl=triton) at ep 2: each rank computes the shared expert on its own tokens
     and the combine adds it after the routed terms, in fp32, as the core's sum does. The expert outputs do not
     depend on which tokens share a GEMM and the order of the sum is the unsharded core's, so the captured states
-    are the unsharded core's bits, with each layer's tokens at once or in two chunks."""
+    are the unsharded core's bits."""
     path = str(tiny_qwen3_next_path)
-    run_ranks(2, capture_on_rank, path, 2, str(tmp_path), "cpu", "float32", "triton", ep_chunks)
+    run_ranks(2, capture_on_rank, path, 2, str(tmp_path), "cpu", "float32", "triton")
     model, _, spec, _ = load_target(TargetConfig(path=path, dtype="float32", moe_impl="triton"), torch.device("cpu"))
     whole = frozen(model, spec)
     for rank in range(2):
