@@ -23,8 +23,8 @@ every pair had carried its own row, so with the core's batch-invariant configs t
 bits under any ep.
 
 Chunks (`parallel.ep_chunks`): a layer's tokens are cut into that many runs, each dispatched, computed and
-combined on its own. With NCCL every chunk's all-to-alls are issued without waiting (async, on NCCL's stream), so
-the exchange of one chunk runs while the experts of another compute (gloo runs them one after another). The chunks' split sizes are exchanged together and read on the
+combined on its own. Every all-to-all is started without waiting (async; NCCL runs it on its own stream) and waited
+for only where its output is read, so the exchange of one chunk runs while the experts of another compute. The chunks' split sizes are exchanged together and read on the
 host once: one sync per layer, whatever the chunk count. Chunking changes no bits where the module's outputs do
 not depend on which pairs share a GEMM (the core's batch-invariant configs).
 
@@ -49,19 +49,13 @@ from torch import nn
 ARG_NAMES = ("hidden_states", "top_k_index", "top_k_weights")
 
 
-def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group, overlap: bool):
-    """An all-to-all of x's rows (send[r] to rank r, recv[r] from it) -> (output, work to wait on or None).
-    overlap: started without waiting (NCCL: it runs on its own stream); otherwise done before this returns (gloo,
-    whose concurrent all-to-alls on one group are not safe, and on the CPU there is nothing to overlap)."""
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], group):
+    """Start an all-to-all of x's rows (send[r] to rank r, recv[r] from it) without waiting for it (NCCL runs it on
+    its own stream) -> (output, work: wait() before reading the output)."""
     out = x.new_empty((sum(recv), *x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group,
-                                  async_op=overlap)
+                                  async_op=True)
     return out, work
-
-
-def _wait(work) -> None:
-    if work is not None:
-        work.wait()
 
 
 def _bound_args(args: tuple, kwargs: dict) -> list:
@@ -89,13 +83,12 @@ class ExpertAllToAll:
     """The token exchange of one experts module: `forward(module, ...)` replaces the module's forward and calls
     `compute(module, ...)` (its class's forward) on the pairs this rank received. Nothing here holds the module: a
     reference cycle through its forward would keep it, and the process group, alive until the interpreter's exit
-    (where gloo's teardown aborts)."""
+    (where gloo's teardown aborts the process)."""
 
     def __init__(self, group, ep: int, num_local: int, compute: Callable, chunks: int = 1):
         if chunks < 1:
             raise ValueError(f"parallel.ep_chunks={chunks} must be at least 1")
         self.group, self.ep, self.num_local, self.compute, self.chunks = group, ep, num_local, compute, chunks
-        self.overlap = dist.get_backend(group) == "nccl"  # async all-to-alls (module docstring)
         self.rows_sent = (0, 0)  # the last call's (hidden rows dispatched, pairs routed): the traffic, for tests
 
     def _plan(self, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> _Chunk:
@@ -135,16 +128,16 @@ class ExpertAllToAll:
             units_out, units_in = [r[i][0] for r in sent], [r[i][0] for r in got]
             chunk.send, chunk.recv = [r[i][1] for r in sent], [r[i][1] for r in got]
             rows = chunk.hidden[chunk.row_token[:sum(units_out)]]  # [U, H]
-            chunk.pending = (_all_to_all(rows, units_out, units_in, self.group, self.overlap),
-                             _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group, self.overlap), units_in)
+            chunk.pending = (_all_to_all(rows, units_out, units_in, self.group),
+                             _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group), units_in)
         self.rows_sent = (sum(r[i][0] for r in sent for i in range(len(chunks))),
                           sum(r[i][1] for r in sent for i in range(len(chunks))))
 
     def _experts(self, module: nn.Module, chunk: _Chunk, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
         """Wait for a chunk's rows, run the local experts on its pairs, start sending their outputs back."""
         (rows, rows_work), (meta, meta_work), units_in = chunk.pending
-        _wait(rows_work)
-        _wait(meta_work)
+        rows_work.wait()
+        meta_work.wait()
         device = meta.device
         source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(chunk.recv, device=device),
                                          output_size=sum(chunk.recv))
@@ -153,12 +146,12 @@ class ExpertAllToAll:
         ids_r = meta[:, 1].contiguous().view(torch.int32).to(dtypes[0])[:, None]
         weights_r = meta[:, 2:].to(dtypes[1])
         out = self.compute(module, rows[unit], ids_r, weights_r)  # [R, H]
-        chunk.pending = (_all_to_all(out, chunk.recv, chunk.send, self.group, self.overlap),)
+        chunk.pending = (_all_to_all(out, chunk.recv, chunk.send, self.group),)
 
     def _combine(self, chunk: _Chunk, top_k: int) -> torch.Tensor:
         """A chunk's pair outputs back in pair order, summed over each token's slots in order, fp32: [T, H]."""
         ((back, work),) = chunk.pending
-        _wait(work)
+        work.wait()
         pairs = torch.empty_like(back)
         pairs[chunk.order] = back
         pairs = pairs.view(chunk.num_tokens, top_k, -1)
