@@ -39,6 +39,12 @@ quality() {  # one stage; its whole output appended to $OUT/quality_<phase>.log,
     [ $rc = 0 ] || { echo "failed ($rc): quality.py $*"; tail -30 "$log"; exit $rc; }
 }
 train() { quality train --steps "$STEPS" --side "$@"; }
+show_new() {  # the pipeline log's lines after the first $1 to stderr (the output); echoes the count shown so far
+    local lines
+    lines=$(wc -l < "$LOGS/pipeline.log")
+    [ "$lines" -gt "$1" ] && sed -n "$(($1 + 1)),${lines}p" "$LOGS/pipeline.log" >&2
+    echo "$lines"
+}
 case $phase in
 gguf) cp .smol/gguf.part00 /tmp/gguf.part00 && ls -l /tmp/gguf.part00 || exit 1
       # an earlier session's prepared data (its quality_data.tar.gz), if carried as .smol/quality_data.tar.gz
@@ -49,7 +55,8 @@ prep) if [ -f /tmp/quality_data.tar.gz ] && [ ! -d "$WORK/data" ]; then
       fi
       if [ ! -f runs/smollm2/conversion.json ]; then
           cat /tmp/gguf.part00 .smol/gguf.part01 > /tmp/smollm2.gguf || exit 1
-          python3 benchmarks/smollm2.py --out runs/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tee "$OUT/smollm2.log" | tail -12
+          python3 benchmarks/smollm2.py --out runs/smollm2 --gguf /tmp/smollm2.gguf 2>&1 | tee "$OUT/smollm2.log" |
+              tail -12
           [ -f runs/smollm2/conversion.json ] || { echo "conversion failed"; exit 1; }
       fi
       quality prepare $PREPARE_ARGS ;;
@@ -69,11 +76,11 @@ start|wait)
     waited=0; limit=${2:-560}; shown=0
     while [ $waited -lt $limit ] && [ ! -f "$LOGS/finished" ]; do
         sleep 5; waited=$((waited + 5))
-        lines=$(wc -l < "$LOGS/pipeline.log"); [ "$lines" -gt $shown ] && sed -n "$((shown + 1)),${lines}p" "$LOGS/pipeline.log"
-        shown=$lines
+        shown=$(show_new "$shown")
     done
-    lines=$(wc -l < "$LOGS/pipeline.log"); [ "$lines" -gt $shown ] && sed -n "$((shown + 1)),${lines}p" "$LOGS/pipeline.log"
-    [ -f "$LOGS/finished" ] && echo "pipeline finished" || echo "pipeline still running after ${waited} s: call wait again"
+    show_new "$shown" > /dev/null
+    [ -f "$LOGS/finished" ] && echo "pipeline finished" ||
+        echo "pipeline still running after ${waited} s: call wait again"
     cp "$LOGS"/RESULTS.md "$LOGS"/quality.png "$OUT" 2>/dev/null
     cp "$LOGS"/*.log "$WORK" 2>/dev/null ;;
 _pipeline)  # the stages `start` runs in the background; each stage's output in $LOGS/<stage>.log

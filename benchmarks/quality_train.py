@@ -270,7 +270,8 @@ def train_ours(prep: dict, run: Run, run_dir: Path, device: torch.device) -> dic
                             seed=run.seed, device=device.type, log_every=run.log_every, save_every=0, eval_batches=0,
                             progress=False, export_formats=[FORMATS[run.side]], keep_last=1)
     clock = StepClock(run.untimed, run.seconds)
-    profiler = StepProfiler(run.steps - run.profile, run.steps, run_dir / "profile.txt", device) if run.profile else None
+    profiler = (StepProfiler(run.steps - run.profile, run.steps, run_dir / "profile.txt", device) if run.profile
+                else None)
     trainer = Trainer(spec, target, draft, draft_cfg, optim, train_cfg,
                       lambda epoch, start: (profiler.wrap if profiler else iter)(
                           clock.wrap(epoch_batches(data, run.batch_size, run.seed, epoch, start))),

@@ -167,14 +167,15 @@ def worker(args) -> None:
 
 def launch(gpus: int, ep: int, chunks: int, prefetch: int, args, out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={gpus}", __file__, "--worker",
-           f"--ep={ep}", f"--ep-chunks={chunks}", f"--prefetch-blocks={prefetch}", f"--ckpt={args.ckpt}", f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}",
+           f"--ep={ep}", f"--ep-chunks={chunks}", f"--prefetch-blocks={prefetch}", f"--ckpt={args.ckpt}",
+           f"--seq={args.seq}", f"--steps={args.steps}", f"--out={out}",
            *(["--profile"] if args.profile else [])]
     log = out.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
-    print(f"{gpus} GPU(s), ep={ep}, ep_chunks={chunks}, prefetch_blocks={prefetch}: exit {done.returncode} after {time.perf_counter() - t0:.0f} s; log {log}",
-          flush=True)
+    print(f"{gpus} GPU(s), ep={ep}, ep_chunks={chunks}, prefetch_blocks={prefetch}: exit {done.returncode} after "
+          f"{time.perf_counter() - t0:.0f} s; log {log}", flush=True)
     if done.returncode != 0:
         print(log.read_text()[-4000:], flush=True)
         return {}
@@ -222,8 +223,9 @@ def main(argv=None) -> None:
             lines.append(f"| {gpus} | {ep} | {chunks} | {prefetch} | failed |")
             continue
         eff = res["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
-        lines.append(f"| {gpus} | {ep} | {chunks} | {prefetch} | {res['tokens_per_s_per_gpu']:,.0f} | {eff if eff else float('nan'):.3f} | "
-                     f"{res['peak_gib']:.1f} | {res['held_gib']:.1f} | {res['load_s']:.0f} | {res['peak_rss_gib']:.1f} |")
+        lines.append(f"| {gpus} | {ep} | {chunks} | {prefetch} | {res['tokens_per_s_per_gpu']:,.0f} | "
+                     f"{eff if eff else float('nan'):.3f} | {res['peak_gib']:.1f} | {res['held_gib']:.1f} | "
+                     f"{res['load_s']:.0f} | {res['peak_rss_gib']:.1f} |")
         if gpus == 1 or base is None:
             continue
         mode = (f"FSDP2 + EP={ep}" + (f", {chunks} chunks a layer" if chunks > 1 else "")) if ep > 1 else \

@@ -53,8 +53,8 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
         raise ValueError(f"{option}={name} but no CUDA device is visible; use {option}=cpu")
     if device.type == "cuda":
         sdpa_without_cudnn()
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", launched_world()[2])
+        if device.index is None:
+            return torch.device("cuda", launched_world()[2])
     return device
 
 

@@ -24,8 +24,9 @@ bits under any ep.
 
 Chunks (`parallel.ep_chunks`): a layer's tokens are cut into that many runs, each dispatched, computed and
 combined on its own. Every all-to-all is started without waiting (async; NCCL runs it on its own stream) and waited
-for only where its output is read, so the exchange of one chunk runs while the experts of another compute. The chunks' split sizes are exchanged together and read on the
-host once: one sync per layer, whatever the chunk count. Chunking changes no bits where the module's outputs do
+for only where its output is read, so the exchange of one chunk runs while the experts of another compute. The
+chunks' split sizes are exchanged together and read on the host once: one sync per layer, whatever the chunk
+count. Chunking changes no bits where the module's outputs do
 not depend on which pairs share a GEMM (the core's batch-invariant configs).
 
 Rows sent per layer: U = sum over tokens of the ranks its experts sit on, at most min(k, ep) * T (was P = k * T);
@@ -76,6 +77,7 @@ class _Chunk:
     meta: torch.Tensor  # [P, 3] each pair's unit row (in its destination's rows), local expert id, weight
     send: list[int] | None = None  # pairs for each rank; recv: from each
     recv: list[int] | None = None
+    received: torch.Tensor | None = None  # [ep, 2] rows and pairs from each rank, on the device
     pending: tuple = ()  # the chunk's all-to-alls in flight: (output, work) ...
 
 
@@ -86,8 +88,6 @@ class ExpertAllToAll:
     (where gloo's teardown aborts the process)."""
 
     def __init__(self, group, ep: int, num_local: int, compute: Callable, chunks: int = 1):
-        if chunks < 1:
-            raise ValueError(f"parallel.ep_chunks={chunks} must be at least 1")
         self.group, self.ep, self.num_local, self.compute, self.chunks = group, ep, num_local, compute, chunks
         self.rows_sent = (0, 0)  # the last call's (hidden rows dispatched, pairs routed): the traffic, for tests
 
@@ -126,23 +126,23 @@ class ExpertAllToAll:
         sent, got = counts.tolist(), recv.tolist()  # the host sync
         for i, chunk in enumerate(chunks):
             units_out, units_in = [r[i][0] for r in sent], [r[i][0] for r in got]
-            chunk.send, chunk.recv = [r[i][1] for r in sent], [r[i][1] for r in got]
+            chunk.send, chunk.recv, chunk.received = [r[i][1] for r in sent], [r[i][1] for r in got], recv[:, i]
             rows = chunk.hidden[chunk.row_token[:sum(units_out)]]  # [U, H]
             chunk.pending = (_all_to_all(rows, units_out, units_in, self.group),
-                             _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group), units_in)
+                             _all_to_all(chunk.meta, chunk.send, chunk.recv, self.group))
         self.rows_sent = (sum(r[i][0] for r in sent for i in range(len(chunks))),
                           sum(r[i][1] for r in sent for i in range(len(chunks))))
 
     def _experts(self, module: nn.Module, chunk: _Chunk, dtypes: tuple[torch.dtype, torch.dtype]) -> None:
         """Wait for a chunk's rows, run the local experts on its pairs, start sending their outputs back."""
-        (rows, rows_work), (meta, meta_work), units_in = chunk.pending
+        (rows, rows_work), (meta, meta_work) = chunk.pending
         rows_work.wait()
         meta_work.wait()
-        device = meta.device
-        source = torch.repeat_interleave(torch.arange(self.ep, device=device), torch.tensor(chunk.recv, device=device),
-                                         output_size=sum(chunk.recv))
-        units_in = torch.tensor(units_in, device=device)
-        unit = meta[:, 0].contiguous().view(torch.int32).long() + (units_in.cumsum(0) - units_in)[source]
+        # a pair's unit index counts within the rows its sender sent: offset by where that sender's rows start here.
+        # From the counts already on the device (a tensor made from the host's lists would be a blocking copy)
+        units, pairs = chunk.received.unbind(1)
+        offset = torch.repeat_interleave(units.cumsum(0) - units, pairs, output_size=sum(chunk.recv))
+        unit = meta[:, 0].contiguous().view(torch.int32).long() + offset
         ids_r = meta[:, 1].contiguous().view(torch.int32).to(dtypes[0])[:, None]
         weights_r = meta[:, 2:].to(dtypes[1])
         out = self.compute(module, rows[unit], ids_r, weights_r)  # [R, H]

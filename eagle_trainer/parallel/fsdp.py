@@ -5,8 +5,9 @@ Order, on a target built on the meta device (weights are loaded after, shard by 
   2. with ep < world size, those experts sharded once more over `efsdp` (the ranks holding the same experts);
   3. each decoder block sharded over `dp` (all ranks), its expert-parallel experts left to steps 1-2;
   4. the backbone as the FSDP root, its own parameters (embedding, final norm) left whole on every rank.
-Blocks are gathered for their forward and freed after it (reshard_after_forward); with forward_prefetch the next
-block's gather (the next `prefetch_blocks` blocks') is issued while this one computes. The target is frozen: no gradients, no optimizer state.
+Blocks are gathered for their forward and freed after it (reshard_after_forward); with forward_prefetch the gathers
+of the next `prefetch_blocks` blocks are issued while this one computes. The target is frozen: no gradients, no
+optimizer state.
 
 The embedding, final norm and lm_head stay whole on every rank: the draft holds the target's embedding itself,
 and the teacher reads the lm_head rows of the draft vocab and scans all V rows for the argmax every batch.

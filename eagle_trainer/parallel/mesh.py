@@ -115,7 +115,8 @@ def build_dims(cfg: ParallelConfig, device: torch.device, ep: int) -> ParallelDi
     dp = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     grid = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
     return ParallelDims(world_size=world, rank=rank, ep=ep, target=cfg.target, forward_prefetch=cfg.forward_prefetch,
-                        prefetch_blocks=cfg.prefetch_blocks, ep_chunks=cfg.ep_chunks, dp_mesh=dp, ep_mesh=grid["ep"], efsdp_mesh=grid["efsdp"])
+                        prefetch_blocks=cfg.prefetch_blocks, ep_chunks=cfg.ep_chunks, dp_mesh=dp,
+                        ep_mesh=grid["ep"], efsdp_mesh=grid["efsdp"])
 
 
 def all_ranks_sum(x: torch.Tensor, dims: ParallelDims) -> torch.Tensor:

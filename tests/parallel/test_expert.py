@@ -79,7 +79,8 @@ def shard_and_call(rank: int, ep: int, out: str, chunks: int = 1) -> None:
     with DataDependentOps() as ops:
         got = experts(hidden, ids, weights)
     units = len({(t, e // count) for t in range(len(ids)) for e in ids[t].tolist()})
-    torch.save({"out": got, "rows_sent": exchange.rows_sent, "syncing_ops": ops.found, "units": units, "pairs": ids.numel()},
+    torch.save({"out": got, "rows_sent": exchange.rows_sent, "syncing_ops": ops.found, "units": units,
+                "pairs": ids.numel()},
                Path(out) / f"rank_{rank}.pt")
     dist.destroy_process_group()
 
