@@ -10,11 +10,12 @@
 #                                                 # prepare (H100: conversion 30 s, synthesize 45 s, regenerate 115 s)
 #   bash benchmarks/device_quality.sh start [S] # the rest in the background (one process session, which outlives
 #                                                 # the call), waiting S seconds (default 560) for it; the stages:
-#       the GPU test of app/runtime.py and benchmarks/sdpa_lengths.py (SDPA at new shapes), a profile of 20 of our
-#       steps (train --profile: train/<run>/profile.txt), ours EAGLE-3 seed 0,
-#       SpecForge seed 0, ours for SpecForge's time (each alone on the GPU: timed), then side by
-#       side on the GPU (--shared-gpu: their drafts count, their times do not) ours and SpecForge seed 1, ours
-#       EAGLE-1 and eagle-eval of the seed-0 drafts, then eagle-eval of the rest and the report
+#       the GPU tests of app/runtime.py and of the draft's attention, benchmarks/sdpa_lengths.py (SDPA and the
+#       draft's step-0 attention at new shapes), a profile of 20 of our steps (train --profile:
+#       train/<run>/profile.txt), ours EAGLE-3 seed 0, SpecForge seed 0, ours for SpecForge's time (each alone on
+#       the GPU: timed), then side by side on the GPU (--shared-gpu: their drafts count, their times do not) ours
+#       and SpecForge seed 1, ours EAGLE-1 and eagle-eval of the seed-0 drafts, then eagle-eval of the rest and
+#       the report
 #   bash benchmarks/device_quality.sh wait [S]  # wait up to S seconds (default 560) more; each call prints the
 #                                                 # stages' progress and brings back what is done so far
 # (H100, 1000 steps: ours EAGLE-3 224 s.) Or one stage a call, each alone on the GPU:
@@ -94,7 +95,8 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
         fi
     }
     echo "$(date +%T) sdpa: started"  # SDPA at new shapes (what every command on a GPU sets), before the runs
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/app/test_runtime.py > "$LOGS/sdpa.log" 2>&1
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/app/test_runtime.py tests/drafts/test_attention.py \
+        > "$LOGS/sdpa.log" 2>&1
     python3 benchmarks/sdpa_lengths.py --results "$LOGS/RESULTS.md" >> "$LOGS/sdpa.log" 2>&1
     echo "$(date +%T) sdpa: done"; grep -e passed -e failed -e "^|" "$LOGS/sdpa.log" | cut -c1-400
     stage profile train --steps 120 --side ours-eagle3 --seed 0 --profile 20  # where a step's time goes (untimed)

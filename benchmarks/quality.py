@@ -349,6 +349,9 @@ def evaluate(args, work: Path) -> None:
     prep = load_prep(work)
     todo = []
     for name, log in logs(work).items():
+        if log["settings"].get("profile"):
+            print(f"eval {name}: a profiled run (a diagnosis, in no comparison); not evaluated")
+            continue
         out, key_path = work / "eval" / f"{name}.json", work / "eval" / f"{name}.settings.json"
         key = eval_settings(args, prep, log)
         if out.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == key:

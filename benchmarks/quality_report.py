@@ -21,7 +21,7 @@ import statistics
 from pathlib import Path
 
 from quality_train import TTT_STEPS, run_name
-from results import append_rows, device_name, row
+from results import append_rows, row
 
 CHAIN = {"steps": 5}
 TREE = {"topk": 8, "depth": 5, "total_tokens": 31}
@@ -71,21 +71,21 @@ def accuracy_cell(m: dict) -> str:
     return " / ".join(f"{a:.3f}" for a in acc) + f" (sim tau {spread(m['sim'], '{:.2f}')})"
 
 
-def quality_rows(case: str, ours: dict, peer: dict, peer_name: str) -> list[str]:
+def quality_rows(case: str, ours: dict, peer: dict, peer_name: str, device: str) -> list[str]:
     """Acceptance (chain, tree) and held-out TTT accuracy rows of one comparison."""
     mean = statistics.fmean
     return [
         row(f"{case}: acceptance length, chain ({CHAIN['steps']} draft tokens)", spread(ours["chain"]),
-            spread(peer["chain"]), peer_name, mean(ours["chain"]) / mean(peer["chain"])),
+            spread(peer["chain"]), peer_name, mean(ours["chain"]) / mean(peer["chain"]), device),
         row(f"{case}: acceptance length, EAGLE-2 tree (top-{TREE['topk']}, depth {TREE['depth']}, "
             f"{TREE['total_tokens']} tokens)", spread(ours["tree"]), spread(peer["tree"]), peer_name,
-            mean(ours["tree"]) / mean(peer["tree"])),
+            mean(ours["tree"]) / mean(peer["tree"]), device),
         row(f"{case}: held-out TTT accuracy, steps 0-{TTT_STEPS - 1} (ratio: simulated tau)", accuracy_cell(ours),
-            accuracy_cell(peer), peer_name, mean(ours["sim"]) / mean(peer["sim"])),
+            accuracy_cell(peer), peer_name, mean(ours["sim"]) / mean(peer["sim"]), device),
     ]
 
 
-def cost_rows(case: str, ours: dict, peer: dict, peer_name: str) -> list[str]:
+def cost_rows(case: str, ours: dict, peer: dict, peer_name: str, device: str) -> list[str]:
     """Steps with their training time, and time per step (with peak memory on the GPU) of one comparison."""
     mean = statistics.fmean
     seeds = lambda m: "" if len(m["timed_seeds"]) == len(m["steps"]) else (
@@ -97,13 +97,13 @@ def cost_rows(case: str, ours: dict, peer: dict, peer_name: str) -> list[str]:
                           + (f"; peak {max(m['peak']):.2f} GiB)" if m["peak"] else ")") + seeds(m))
     if not ours["timed"] or not peer["timed"]:
         return [row(f"{case}: steps (ratio: steps)", steps(ours), steps(peer), peer_name,
-                    mean(ours["steps"]) / mean(peer["steps"]))]
+                    mean(ours["steps"]) / mean(peer["steps"]), device)]
     return [
         row(f"{case}: steps, timed training time (all but the first steps, which compile) and the whole loop's "
             f"wall-clock (ratio: steps)", steps(ours), steps(peer), peer_name,
-            mean(ours["steps"]) / mean(peer["steps"])),
+            mean(ours["steps"]) / mean(peer["steps"]), device),
         row(f"{case}: time per step on the same batches, median (mean) over the timed steps (peak GPU memory)",
-            per_step(ours), per_step(peer), peer_name, mean(peer["median_ms"]) / mean(ours["median_ms"])),
+            per_step(ours), per_step(peer), peer_name, mean(peer["median_ms"]) / mean(ours["median_ms"]), device),
     ]
 
 
@@ -207,6 +207,10 @@ def report(prep: dict, runs: dict[str, tuple[dict, dict]], steps: int, results: 
     target = "tiny random Llama (dry run)" if prep["tiny"] else "SmolLM2-135M-Instruct"
     case = (f"{target}, B={s['batch_size']}, lr {s['lr']:g}, seeds {', '.join(map(str, seeds))}, held-out "
             f"{ev['num_prompts']} prompts x {ev['decode']['max_new_tokens']} tokens")
+    trained_on = sorted({log["device"] for g in groups.values() for log, _ in g})
+    if len(trained_on) > 1:
+        raise ValueError(f"the runs were trained on different devices {trained_on}: train them again on one")
+    device = trained_on[0]  # the rows name the machine that trained the runs (the report may run elsewhere)
     peer_name = "SpecForge 0.2.0 (OnlineEagle3Model + Eagle3TrainStrategy + BF16Optimizer, " + (
         "flex_attention, FSDP1 1 rank)" if prep["device"] == "cuda" else "sdpa)")
     rows = []
@@ -218,24 +222,20 @@ def report(prep: dict, runs: dict[str, tuple[dict, dict]], steps: int, results: 
 
     if f"ours EAGLE-3, {steps} steps" in groups:
         ours, peer = sides(f"ours EAGLE-3, {steps} steps")
-        rows += quality_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name)
-        rows += cost_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name)
+        rows += quality_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name, device)
+        rows += cost_rows(f"{case}; equal steps ({steps})", ours, peer, peer_name, device)
     if "ours EAGLE-3, SpecForge's time" in groups:
         ours, peer = sides("ours EAGLE-3, SpecForge's time")
-        rows += quality_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name)
-        rows += cost_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name)[:1]
+        rows += quality_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name, device)
+        rows += cost_rows(f"{case}; equal GPU time (SpecForge's training time)", ours, peer, peer_name, device)[:1]
     if f"ours EAGLE-1, {steps} steps" in groups:
         ours, peer = sides(f"ours EAGLE-1, {steps} steps")
         rows += quality_rows(f"{case}; ours EAGLE-1 vs SpecForge EAGLE-3, equal steps ({steps})", ours, peer,
-                             peer_name)[:2]
-    trained_on = {log["device"] for g in groups.values() for log, _ in g}
-    if trained_on != {device_name()}:
-        print(f"warning: the runs were trained on {sorted(trained_on)}, the rows name {device_name()}: report on the "
-              "machine that trained them")
+                             peer_name, device)[:2]
     plot_curves(groups, png)
     if results is not None:
         append_rows("quality", rows, note(prep, s), results)
-    print(f"\npeer = {peer_name}; device {device_name()}\n")
+    print(f"\npeer = {peer_name}; trained on {device}\n")
     for line in rows:
         print(line.rstrip())
     print(f"\ncurves: {png}" + (f"; rows appended to {results}" if results else "; no RESULTS.md written"))

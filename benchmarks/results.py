@@ -15,10 +15,11 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def row(case: str, ours: str, peer: str, peer_name: str, ratio: float | None) -> str:
-    """One table row; ratio None where the peer has no number (it failed, e.g. out of memory)."""
+def row(case: str, ours: str, peer: str, peer_name: str, ratio: float | None, device: str | None = None) -> str:
+    """One table row; ratio None where the peer has no number (it failed, e.g. out of memory); device: the machine
+    that measured it (default this one's GPU)."""
     cell = "—" if ratio is None else f"{ratio:.2f}"
-    return f"| {case} | {ours} | {peer} | {peer_name} | {cell} | {device_name()} | {datetime.date.today()} |\n"
+    return f"| {case} | {ours} | {peer} | {peer_name} | {cell} | {device or device_name()} | {datetime.date.today()} |\n"
 
 
 def add_run_args(parser, cpu_help: str, profile_help: str) -> None:

@@ -11,6 +11,9 @@ lives in the process), on the same inputs:
                       each one new to the process; then the same lengths again (shapes seen before)
     verification      prefill 200 ids, then --rounds forwards of 6 ids against the growing KV cache (a chain round
                       of eagle-eval: every KV length new)
+    TTT step 0        the EAGLE-3 draft's step-0 attention as one training unroll calls it (7 forwards, then 7
+                      backwards, 9/3 heads of 64) at --lengths other new lengths: ours kernels/ttt_attention's
+                      FlashCausal (FlashAttention-2), the peer the cuDNN fused attention it replaced (below)
 
 Times: wall time per call, the GPU synchronised after each (host work included: that is the point), mean over the
 calls; tokens/s over the whole stream. Agreement: the last call's logits of both sides (bf16: ~1e-2).
@@ -47,6 +50,32 @@ SIDES = {"ours": "cuDNN out of SDPA's backends (app/runtime.py sdpa_without_cudn
          "peer": "torch's SDPA backend order (cuDNN first on sm90)"}
 
 
+class CudnnStep0:
+    """The peer of the TTT step-0 stream: cuDNN's fused causal attention with its log-sum-exp, as
+    kernels/ttt_attention/step0.py called it for unpacked batches before FlashCausal."""
+
+    def forward(self, q, k, v, scale):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+        return res[0], res[1].reshape(q.shape[:3]).contiguous(), res[2:8]
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse[..., None], seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale)
+
+
+def step0_unroll(step0, q, k, v, dout, steps: int = 7):
+    """What one EAGLE-3 training unroll asks of its step-0 attention at one length: `steps` forwards, then as many
+    backwards (each handed its forward's out and lse) -> the last (out, dq)."""
+    scale = q.shape[-1] ** -0.5
+    saved = [step0.forward(q, k, v, scale) for _ in range(steps)]
+    if dout.stride() != saved[0][0].stride():  # the libraries read dout in out's layout (as attention.py hands it)
+        dout = torch.empty_like(saved[0][0]).copy_(dout)
+    grads = [step0.backward(dout, q, k, v, out, lse, rest, scale) for out, lse, rest in saved]
+    return saved[-1][0], grads[-1][0]
+
+
 def timed(device: torch.device, fn) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -65,6 +94,7 @@ def worker(args) -> None:
 
     from eagle_trainer.app.runtime import sdpa_without_cudnn
     from eagle_trainer.data.regenerate import cache_argument
+    from eagle_trainer.kernels.ttt_attention import step0_kernel
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -95,8 +125,24 @@ def worker(args) -> None:
             out = model(input_ids=chunk, use_cache=True, **kv).logits
         rounds.append(timed(device, step))
     torch.save(out.float().cpu(), args.out + ".logits")
+    # on the CPU both sides run aten's CPU flash attention (a dry run of the stream)
+    step0 = CudnnStep0() if args.worker == "peer" and device.type == "cuda" else step0_kernel(device)
+    step0_lengths = rng.sample(sorted(set(range(64, 1025)) - set(lengths)), args.lengths)  # new to cuDNN too
+    unrolls, last = [], None
+    for t in [48] + step0_lengths:  # the first a warm-up
+        gen = torch.Generator(device).manual_seed(t)
+        q, dout = (torch.randn(1, t, 9, 64, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+                   for _ in range(2))  # [B, nh, T, D] strided as the draft makes them
+        k, v = (torch.randn(1, t, 3, 64, device=device, dtype=dtype, generator=gen).transpose(1, 2)
+                for _ in range(2))
+
+        def unroll(q=q, k=k, v=v, dout=dout):
+            nonlocal last
+            last = step0_unroll(step0, q, k, v, dout)
+        unrolls.append(timed(device, unroll))
+    torch.save([x.float().cpu() for x in last], args.out + ".step0")
     Path(args.out).write_text(json.dumps({"first": first, "again": again, "rounds": rounds, "lengths": lengths,
-                                          "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled()}))
+                                          "step0": unrolls[1:], "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled()}))
 
 
 def run_side(side: str, args, tmp: str) -> dict:
@@ -106,6 +152,7 @@ def run_side(side: str, args, tmp: str) -> dict:
     subprocess.run(cmd, check=True)
     result = json.loads(Path(out).read_text())
     result["logits"] = torch.load(out + ".logits")
+    result["step0_last"] = torch.load(out + ".step0")
     return result
 
 
@@ -144,6 +191,16 @@ def main() -> None:
         cell = lambda ms, xs: f"{ms:.2f} ms ({what / sum(xs):,.0f} tok/s)"  # noqa: E731
         rows.append(row(f"{shape}; {name}; last logits agree to {diff:.2g}", cell(o, ours[key]), cell(p, peer[key]),
                         peer_name, p / o))
+    step0_diff = max((a - b).abs().max().item() / max(b.abs().max().item(), 1.0)
+                     for a, b in zip(ours["step0_last"], peer["step0_last"]))
+    assert step0_diff <= 2e-2, f"the step-0 attentions disagree: out/dq max |diff| {step0_diff:.3g} (relative)"
+    o, p = mean(ours["step0"]), mean(peer["step0"])
+    cudnn = "cuDNN fused attention (the torch op, as step0.py called it before)"
+    rows.append(row(f"{shape}; the EAGLE-3 draft's TTT step-0 attention, one training unroll at a length (7 forwards, "
+                    f"then 7 backwards; 9/3 heads of 64) at {args.lengths} other new lengths 64..1024: ms per unroll, "
+                    "mean; ours kernels/ttt_attention step0_kernel (FlashCausal, FlashAttention-2, on a GPU); last out and dq agree to "
+                    f"{step0_diff:.2g} (relative)", f"{o:.2f} ms", f"{p:.2f} ms",
+                    cudnn if args.device == "cuda" else "aten CPU flash attention (dry run)", p / o))
     for line in rows:
         print(line.rstrip())
     if device != "cpu" or args.results:

@@ -1,7 +1,7 @@
 """How a command runs as a process, decided once here for every console script.
 
     pick_device(name)            auto | cpu | cuda | cuda:N; plain cuda under torchrun is this rank's GPU; on a GPU
-                                 also `sdpa_without_cudnn()`
+                                 that GPU made current, and `sdpa_without_cudnn()`
     sdpa_without_cudnn()         torch's scaled_dot_product_attention never picks cuDNN in this process (below)
     process_group(device)        torchrun's process group for the body of a command (joined, then left)
     rank_zero_first(fn, ...)     fn on rank 0, then on the others (which find what rank 0 cached)
@@ -54,7 +54,14 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
     if device.type == "cuda":
         sdpa_without_cudnn()
         if device.index is None:
-            return torch.device("cuda", launched_world()[2])
+            device = torch.device("cuda", launched_world()[2])
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option}={name} is {device} but this process sees {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES and "
+                             "torchrun's --nproc-per-node")
+        # current from here on, and CUDA initialised (torch.cuda's calls that take an explicit index, e.g.
+        # reset_peak_memory_stats, do not initialise it themselves)
+        torch.cuda.set_device(device)
     return device
 
 

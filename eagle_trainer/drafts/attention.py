@@ -7,7 +7,7 @@ k+1 tokens after prefix t (tests/drafts/test_unroll.py checks the unroll against
 - `naive`: scores against all step-0 keys [B, nh, T, T] plus k diagonal scores; the reference.
 - `flex`:  a causal flex_attention over the step-0 block (compiled on the GPU: never holds [T, T]) that
            returns its log-sum-exp, merged with the k diagonal terms in torch; memory is O(T).
-- `fused`: the step-0 block through cuDNN's attention (FlashAttention-2 varlen for packed rows) with its
+- `fused`: the step-0 block through FlashAttention-2 (its varlen form for packed rows) with its
            log-sum-exp, the diagonal terms merged by Triton kernels, and a backward that hands the library the
            merged output and log-sum-exp (kernels/ttt_attention); O(T) memory, the default on a GPU.
 
@@ -101,8 +101,8 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.T
 
 def fused_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.Tensor | None = None,
                         step0=None, store: DiagonalStore | None = None) -> torch.Tensor:
-    """Same function again, with a library attention kernel for the step-0 block (cuDNN, or FlashAttention-2 varlen
-    for packed rows; kernels/ttt_attention) and Triton kernels merging the diagonal terms, forward and backward.
+    """Same function again, with a library attention kernel for the step-0 block (FlashAttention-2, varlen for
+    packed rows; kernels/ttt_attention) and Triton kernels merging the diagonal terms, forward and backward.
     `step0`: `step0_kernel(device, documents)` and `store`: a `DiagonalStore`, both built once per unroll. fp32 on a
     GPU (no library kernel takes it) goes to the flex path."""
     if q.device.type == "cuda" and q.dtype == torch.float32:

@@ -47,6 +47,10 @@ def test_a_gpu_command_runs_attention_of_new_lengths_without_cudnn(cudnn_sdpa_fl
     monkeypatch.delenv(CUDNN_SDPA_ENV, raising=False)
     torch.backends.cuda.enable_cudnn_sdp(True)
     device = pick_device("cuda")
+    assert torch.cuda.current_device() == device.index
+    torch.cuda.reset_peak_memory_stats(device)  # CUDA initialised: an explicit index is accepted
+    with pytest.raises(ValueError, match=r"--device=cuda:99 is cuda:99 but this process sees \d+ GPU"):
+        pick_device("cuda:99", "--device")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for t in (97, 130, 257, 511):
             q, k, v = (torch.randn(1, 8, t, 64, device=device, dtype=torch.bfloat16, requires_grad=True)

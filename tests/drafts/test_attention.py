@@ -135,8 +135,8 @@ def test_fused_attention_equals_naive_forward_and_backward(t, num_prev, packed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,packed", [(300, False), (2048, False), (1000, True)])
 def test_fused_path_matches_naive_on_gpu_bf16(t, packed):
-    """cuDNN (FlashAttention-2 varlen when packed) step 0 + the merge kernels in bf16, against the naive reference in
-    fp32 on the same values: output and every gradient within bf16 rounding (norm-relative 1e-2)."""
+    """FlashAttention-2 (its varlen form when packed) step 0 + the merge kernels in bf16, against the naive reference
+    in fp32 on the same values: output and every gradient within bf16 rounding (norm-relative 1e-2)."""
     import functools
 
     from eagle_trainer.drafts.attention import fused_ttt_attention

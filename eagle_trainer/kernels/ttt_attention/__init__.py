@@ -8,7 +8,7 @@ diagonal terms join it in Triton kernels through the log-sum-exp, forward and ba
                   step0=step0_kernel(device, documents), store=DiagonalStore(K - 1)) -> [B, nh, T, D]
 
     attention.py   ttt_attention, its autograd Function and the unroll's DiagonalStore
-    step0.py       the step-0 attention: cuDNN, FlashAttention-2 varlen or aten's CPU flash attention
+    step0.py       the step-0 attention: FlashAttention-2 (varlen when packed) or aten's CPU flash attention
     merge.py       the Triton merge kernels (forward, backward) and their launchers
     reference.py   the merge kernels in plain torch
 """

@@ -1,7 +1,7 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-cuDNN's fused attention (unpacked batches, the fastest on Hopper), FlashAttention-2 varlen (packed batches: each
-document is one sequence) or aten's CPU flash attention (CPU, tests). Grouped-query heads are read as they are.
+FlashAttention-2 (unpacked batches), FlashAttention-2 varlen (packed batches: each document is one sequence) or
+aten's CPU flash attention (CPU, tests). Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
 backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
 (see attention.py).
@@ -12,19 +12,20 @@ from __future__ import annotations
 import torch
 
 
-class CudnnCausal:
-    """Step 0 of an unpacked batch: cuDNN's fused causal attention (grouped-query heads native)."""
+class FlashCausal:
+    """Step 0 of an unpacked batch: FlashAttention-2, causal (grouped-query heads native). Not cuDNN's fused
+    attention, although at one fixed shape it is faster on Hopper: cuDNN builds an execution graph on the host for
+    every new (batch, length), about 7 ms a call on an H100, and unpacked batches come at a new length nearly every
+    step (padded to their longest row)."""
 
     def forward(self, q, k, v, scale):
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
-        out, lse = res[0], res[1]  # lse [B, nh, T, 1]
-        return out, lse.reshape(q.shape[:3]).contiguous(), res[2:8]
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        return res[0], res[1], res[2:8]  # out [B, nh, T, D]; lse [B, nh, T]; cum_q, cum_k, max_q, max_k, rng, unused
 
     def backward(self, dout, q, k, v, out, lse, saved, scale):
-        cum_q, cum_k, max_q, max_k, seed, offset = saved
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse[..., None], seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
-            scale=scale)
+        cum_q, cum_k, max_q, max_k, rng, unused = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, rng, unused, scale=scale)
 
 
 class FlashVarlenCausal:
@@ -75,7 +76,7 @@ class CpuFlash:
 
 
 def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
-    """The step-0 attention for a batch: CudnnCausal / FlashVarlenCausal (packed, from `documents` [1, T]) on a
+    """The step-0 attention for a batch: FlashCausal / FlashVarlenCausal (packed, from `documents` [1, T]) on a
     GPU, CpuFlash on the CPU. Built once per unroll (a packed row's document bounds cost one host sync)."""
     if device.type != "cuda":
         if documents is None:
@@ -84,7 +85,7 @@ def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
         causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
         return CpuFlash((causal & (documents[:, :, None] == documents[:, None, :]))[:, None])
     if documents is None:
-        return CudnnCausal()
+        return FlashCausal()
     if documents.shape[0] != 1:
         raise ValueError(f"packed TTT attention takes one row of documents, got documents {tuple(documents.shape)}")
     starts = torch.nonzero(documents[0, 1:] != documents[0, :-1]).flatten() + 1
