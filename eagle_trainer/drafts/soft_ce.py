@@ -28,18 +28,21 @@ import torch
 from eagle_trainer.drafts.loss import GlobalCounts, TTTLoss, step_counts, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
-# logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: at least two per step). The
+# logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: at least two per large step). The
 # head runs at the end of the unroll, when every step's activations are held, so the chunk adds to the step's peak;
 # but each chunk also reads and writes the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048; 0.17 ms on an H100):
 # at T=8192, 2^26 cost 4% of the step. At Vd 32000: two chunks a step up to T=16384, then 8192-row chunks.
 MAX_ELEMS = 1 << 28
+# a step of at most this many logits is one chunk (64 MiB bf16: T <= 1024 at Vd 32000); larger steps at least two
+SPLIT_FROM = 1 << 25
 
 
-def _chunk_rows(rows: int, vocab: int, max_elems: int) -> int:
-    """Rows per logits chunk: balanced chunks of at most `max_elems` logits, and at least two per step. The head runs
-    at the step's peak, so its chunk adds to it; at short T one chunk would be a whole step's logits (250 MiB at
-    T=4096), and two halve that for one more read-modify-write of the fp32 dW per step."""
-    chunks = max(2, -(-rows * vocab // max_elems))
+def _chunk_rows(rows: int, vocab: int, max_elems: int, split_from: int = SPLIT_FROM) -> int:
+    """Rows per logits chunk: balanced chunks of at most `max_elems` logits, and at least two per step above
+    `split_from` logits. The head runs at the step's peak, so its chunk adds to it: one chunk would be a whole
+    step's logits (250 MiB at T=4096), and two halve that for one more read-modify-write of the fp32 dW per step.
+    A small step is one chunk: a dozen host-side ops fewer per step, where a short batch is launch-bound."""
+    chunks = max(2 if rows * vocab > split_from else 1, -(-rows * vocab // max_elems))
     return max(1, -(-rows // chunks))
 
 

@@ -102,13 +102,15 @@ def test_gradients_are_written_over_the_hidden_states():
         fused_ttt_loss(kept, weight, teacher, valid, 0.8).loss.backward()
 
 
-def test_chunks_are_balanced_and_at_least_two_per_step():
+def test_chunks_are_balanced_and_at_least_two_per_large_step():
     """At the 30B-A3B draft vocab (32000) and the default budget: T=4096 in two chunks (one would be the whole step's
-    250 MiB), T=8192 and 16384 in two, T=32768 in four; never more logits than the budget, never an empty chunk."""
+    250 MiB), T=8192 and 16384 in two, T=32768 in four; T=1024 and shorter in one (64 MiB of logits at most); never
+    more logits than the budget, never an empty chunk."""
     from eagle_trainer.drafts.soft_ce import MAX_ELEMS
     assert [_chunk_rows(t - 1, 32000, MAX_ELEMS) for t in (4096, 8192, 16384, 32768)] == [2048, 4096, 8192, 8192]
     assert _chunk_rows(16383, 32000, 1 << 27) == 4096
+    assert [_chunk_rows(t - 1, 32000, MAX_ELEMS) for t in (2, 400, 1024, 1050)] == [1, 399, 1023, 525]
     for rows, vocab, budget in ((1, 7, 5), (3, 1000, 10), (37, 50, 999)):
-        n = _chunk_rows(rows, vocab, budget)
+        n = _chunk_rows(rows, vocab, budget, split_from=0)
         assert n >= 1 and (n * vocab <= budget or n == 1)
         assert n <= max(1, -(-rows // 2))
