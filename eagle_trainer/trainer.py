@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from eagle_trainer.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
@@ -161,9 +162,10 @@ class Trainer:
 
     def _loss(self, batch: Batch, train: bool = False):
         """The batch's loss (through DDP when `train`); its metrics summed over ranks when they are read."""
-        outputs = self.target.forward(batch)
+        with record_function("target forward"):  # the labels name a step's parts in a profile (quality.py --profile)
+            outputs = self.target.forward(batch)
         module = self.replicated if train else self.step_loss
-        with self.autocast or contextlib.nullcontext():
+        with self.autocast or contextlib.nullcontext(), record_function("draft forward and loss"):
             out = module(batch, outputs)
         if self.parallel.distributed:
             out.reduce_metrics = lambda values: all_ranks_sum(values, self.parallel)
@@ -297,7 +299,8 @@ class Trainer:
                     # read waits for the forward pass alone, and the GPU runs forward into backward without a wait.
                     # A non-finite loss makes non-finite gradients; the update is skipped below either way.
                     out.start_host_copy()
-                    (out.loss * self.world_size / accum).backward()
+                    with record_function("draft backward"):
+                        (out.loss * self.world_size / accum).backward()
                 loss = out.host_loss
                 self._settle(pending)  # the last update: done before this forward pass
                 pending = None
@@ -308,7 +311,8 @@ class Trainer:
                 window_tokens += n_tok
                 if micro % accum:
                     continue
-                norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
+                with record_function("clip grad norm"):
+                    norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.optim_cfg.max_grad_norm)
                 if finite and skips_on_device(self.optimizer):
                     guarded_step(self.optimizer, norm)  # no host sync
                     pending = (self.step + 1, loss, HostCopy(norm))  # read later without draining the stream
