@@ -13,9 +13,9 @@
 #       the GPU tests of app/runtime.py and of the draft's attention, benchmarks/sdpa_lengths.py (SDPA and the
 #       draft's step-0 attention at new shapes), a profile of 20 of our steps (train --profile:
 #       train/<run>/profile.txt), ours EAGLE-3 seed 0, SpecForge seed 0, ours for SpecForge's time (each alone on
-#       the GPU: timed), then side by side on the GPU (--shared-gpu: their drafts count, their times do not) ours
-#       and SpecForge seed 1, ours EAGLE-1 and eagle-eval of the seed-0 drafts, then eagle-eval of the rest and
-#       the report
+#       the GPU: timed), then side by side on the GPU (--shared-gpu: their drafts count, their times do not)
+#       eagle-eval of the seed-0 drafts, and ours and SpecForge seed 1 and ours EAGLE-1, each evaluated as soon as
+#       it is trained; then eagle-eval of anything left and the report
 #   bash benchmarks/device_quality.sh wait [S]  # wait up to S seconds (default 560) more; each call prints the
 #                                                 # stages' progress and brings back what is done so far
 # (H100, 1000 steps: ours EAGLE-3 224 s.) Or one stage a call, each alone on the GPU:
@@ -91,7 +91,7 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
         if python3 benchmarks/quality.py "$@" --work "$WORK" > "$LOGS/$name.log" 2>&1; then
             echo "$(date +%T) $name: done"; grep -e "^train .*steps, the last" -e "^  chain\|^  tree" "$LOGS/$name.log"
         else
-            echo "$(date +%T) $name: FAILED"; tail -15 "$LOGS/$name.log"
+            echo "$(date +%T) $name: FAILED"; tail -15 "$LOGS/$name.log"; return 1
         fi
     }
     echo "$(date +%T) sdpa: started"  # SDPA at new shapes (what every command on a GPU sets), before the runs
@@ -103,10 +103,13 @@ _pipeline)  # the stages `start` runs in the background; each stage's output in 
     stage ours0 train --steps "$STEPS" --side ours-eagle3 --seed 0
     stage sf0 train --steps "$STEPS" --side specforge --seed 0
     stage peer0 train --steps "$STEPS" --side ours-eagle3 --seed 0 --seconds peer
-    stage eval0 eval $EVAL_ARGS &
-    stage ours1 train --steps "$STEPS" --side ours-eagle3 --seed 1 --shared-gpu &
-    stage sf1 train --steps "$STEPS" --side specforge --seed 1 --shared-gpu &
-    stage eagle1 train --steps "$STEPS" --side ours-eagle1 --seed 0 --shared-gpu &
+    stage eval0 eval $EVAL_ARGS &  # the seed-0 runs; each shared run's eval follows its training
+    { stage ours1 train --steps "$STEPS" --side ours-eagle3 --seed 1 --shared-gpu &&
+        stage eval_ours1 eval $EVAL_ARGS --runs "ours-eagle3-s1-${STEPS}steps"; } &
+    { stage sf1 train --steps "$STEPS" --side specforge --seed 1 --shared-gpu &&
+        stage eval_sf1 eval $EVAL_ARGS --runs "specforge-s1-${STEPS}steps"; } &
+    { stage eagle1 train --steps "$STEPS" --side ours-eagle1 --seed 0 --shared-gpu &&
+        stage eval_eagle1 eval $EVAL_ARGS --runs "ours-eagle1-s0-${STEPS}steps"; } &
     wait
     stage eval eval $EVAL_ARGS
     stage report report --steps "$STEPS" --results "$LOGS/RESULTS.md" --png "$LOGS/quality.png"

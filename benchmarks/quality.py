@@ -347,8 +347,15 @@ def eval_one(args, prep: dict, name: str, log: dict, out: Path) -> None:
 
 def evaluate(args, work: Path) -> None:
     prep = load_prep(work)
+    trained = logs(work)
+    missing = sorted(set(args.runs or ()) - set(trained))
+    if missing:
+        raise ValueError(f"--runs {' '.join(missing)}: no finished run of that name in {work / 'train'} (finished: "
+                         f"{', '.join(sorted(trained)) or 'none'})")
     todo = []
-    for name, log in logs(work).items():
+    for name, log in trained.items():
+        if args.runs and name not in args.runs:
+            continue
         if log["settings"].get("profile"):
             print(f"eval {name}: a profiled run (a diagnosis, in no comparison); not evaluated")
             continue
@@ -405,6 +412,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num-prompts", type=int, default=None, help="eval: held-out prompts (default 40; --tiny 2)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="eval: per prompt (default 256; --tiny 16)")
     parser.add_argument("--jobs", type=int, default=None, help="eval: drafts measured at once (default 8; CPU 1)")
+    parser.add_argument("--runs", nargs="+", default=None, help="eval: only these trained runs (names as in "
+                        "<work>/train; default every one not evaluated yet)")
     parser.add_argument("--results", type=Path, default=None, help=f"report: RESULTS.md to append to (default "
                         f"{RESULTS.name}; a --tiny run appends only where this says)")
     parser.add_argument("--png", type=Path, default=None, help="report: curves (default benchmarks/quality.png)")
