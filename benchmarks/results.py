@@ -19,7 +19,8 @@ def row(case: str, ours: str, peer: str, peer_name: str, ratio: float | None, de
     """One table row; ratio None where the peer has no number (it failed, e.g. out of memory); device: the machine
     that measured it (default this one's GPU)."""
     cell = "—" if ratio is None else f"{ratio:.2f}"
-    return f"| {case} | {ours} | {peer} | {peer_name} | {cell} | {device or device_name()} | {datetime.date.today()} |\n"
+    device = device or device_name()
+    return f"| {case} | {ours} | {peer} | {peer_name} | {cell} | {device} | {datetime.date.today()} |\n"
 
 
 def add_run_args(parser, cpu_help: str, profile_help: str) -> None:

@@ -198,8 +198,8 @@ def main() -> None:
     cudnn = "cuDNN fused attention (the torch op, as step0.py called it before)"
     rows.append(row(f"{shape}; the EAGLE-3 draft's TTT step-0 attention, one training unroll at a length (7 forwards, "
                     f"then 7 backwards; 9/3 heads of 64) at {args.lengths} other new lengths 64..1024: ms per unroll, "
-                    "mean; ours kernels/ttt_attention step0_kernel (FlashCausal, FlashAttention-2, on a GPU); last out and dq agree to "
-                    f"{step0_diff:.2g} (relative)", f"{o:.2f} ms", f"{p:.2f} ms",
+                    "mean; ours kernels/ttt_attention step0_kernel (FlashCausal, FlashAttention-2, on a GPU); last out "
+                    f"and dq agree to {step0_diff:.2g} (relative)", f"{o:.2f} ms", f"{p:.2f} ms",
                     cudnn if args.device == "cuda" else "aten CPU flash attention (dry run)", p / o))
     for line in rows:
         print(line.rstrip())

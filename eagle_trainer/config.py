@@ -41,8 +41,9 @@ class DraftConfig:
     ttt_steps: int = 7  # K: training-time-test unroll length
     step_weight: float = 0.8  # loss weight of step k is step_weight**k
     mask_teacher_argmax: bool = True  # drop positions whose full-vocab target argmax is outside the draft vocab
-    attention: str = "auto"  # naive (materialises [T,T]; reference), flex or fused (O(T) memory; fused: a FlashAttention-2
-    # step-0 kernel + Triton merge, drafts/attention.py), auto: fused on a GPU, naive on the CPU
+    attention: str = "auto"  # naive (materialises [T,T]; reference), flex or fused (O(T) memory; fused: a
+    # FlashAttention-2 step-0 kernel + Triton merge, drafts/attention.py), auto: fused on a GPU (flex below compute
+    # capability 8.0), naive on the CPU
     fused_head: bool = True  # EAGLE-3: lm_head + soft-CE fused, no step's [T, Vd] logits kept (false: reference)
     # EAGLE-3: backward forms each step's elementwise work again (norms, rotary, SwiGLU product) and keeps only its
     # inputs and matrix products (drafts/policy.py apply_recompute); false keeps them: faster, more memory

@@ -114,10 +114,19 @@ ATTENTION = {"naive": naive_ttt_attention, "flex": flex_ttt_attention, "fused": 
 
 
 def pick_attention(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "fused" if device.type == "cuda" else "naive"
-    if name not in ATTENTION:
+    """draft.attention -> the path: auto is fused on a GPU that runs FlashAttention-2 (compute capability 8.0 and
+    up: Ampere, Hopper, Blackwell), flex on an older one, naive on the CPU."""
+    if name not in ("auto", *ATTENTION):
         raise ValueError(f"draft.attention={name!r} is not one of auto, {', '.join(ATTENTION)}")
+    if device.type != "cuda":
+        return "naive" if name == "auto" else name
+    flash = torch.cuda.get_device_capability(device) >= (8, 0)
+    if name == "auto":
+        return "fused" if flash else "flex"
+    if name == "fused" and not flash:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"draft.attention=fused needs FlashAttention-2, which needs a GPU of compute capability 8.0 "
+                         f"or newer; {device} is {major}.{minor}: use draft.attention=flex (or auto)")
     return name
 
 

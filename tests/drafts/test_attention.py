@@ -159,3 +159,20 @@ def test_fused_path_matches_naive_on_gpu_bf16(t, packed):
     for name, a, b in zip(["out", "dq", "dk0", "dv0"] + [f"diag{j}" for j in range(6)], got, want):
         err = float((a.float() - b).norm() / b.norm())
         assert err < 1e-2, (name, err)
+
+
+def test_pick_attention(monkeypatch):
+    """auto: naive on the CPU, fused on a GPU that runs FlashAttention-2 (8.0 and up), flex below; fused asked for
+    on an older GPU is refused with the fix; a bad name is refused."""
+    from eagle_trainer.drafts.attention import pick_attention
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert pick_attention("auto", cpu) == "naive" and pick_attention("flex", cpu) == "flex"
+    with pytest.raises(ValueError, match=r"draft.attention='sdpa' is not one of auto, naive, flex, fused"):
+        pick_attention("sdpa", cpu)
+    for capability, auto in (((9, 0), "fused"), ((8, 0), "fused"), ((7, 5), "flex")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert pick_attention("auto", gpu) == auto
+        assert pick_attention("flex", gpu) == "flex"
+    with pytest.raises(ValueError, match=r"fused needs FlashAttention-2.*cuda:0 is 7.5: use draft.attention=flex"):
+        pick_attention("fused", gpu)
