@@ -28,10 +28,11 @@ import torch
 from eagle_trainer.drafts.loss import GlobalCounts, TTTLoss, step_counts, ttt_loss
 from eagle_trainer.kernels.soft_ce import soft_ce_rows, soft_ce_rows_reference, teacher_stats
 
-# logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: two or more a large step). The
-# head runs at the end of the unroll, when every step's activations are held, so the chunk adds to the step's peak;
-# but each chunk also reads and writes the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048; 0.17 ms on an H100):
-# at T=8192, 2^26 cost 4% of the step. At Vd 32000: two chunks a step up to T=16384, then 8192-row chunks.
+# logits per chunk at most: 2^28 bf16 = 512 MiB, one chunk alive at a time (`_chunk_rows`: two or more a large
+# step). The head runs at the end of the unroll, when every step's activations are held, so the chunk adds to the
+# step's peak; but each chunk also reads and writes the [Vd, H] fp32 dW once (262 MB at Vd 32000, H 2048; 0.17 ms on
+# an H100): at T=8192, 2^26 cost 4% of the step. At Vd 32000: one chunk a step up to T=1024, two up to T=16384, then
+# 8192-row chunks.
 MAX_ELEMS = 1 << 28
 # a step of at most this many logits is one chunk (64 MiB bf16: T <= 1024 at Vd 32000); larger steps at least two
 SPLIT_FROM = 1 << 25
