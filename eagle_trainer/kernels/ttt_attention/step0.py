@@ -36,22 +36,22 @@ class FlashVarlenCausal:
 
     @staticmethod
     def _tokens(x):  # [1, n, T, D] -> [T, n, D] with unit stride in D
-        x = x[0].transpose(0, 1)
+        x = x.squeeze(0).transpose(0, 1)  # views (not x[0]: tests/kernels/test_ttt_attention_step0.py fakes them)
         return x if x.stride(-1) == 1 else x.contiguous()
 
     def forward(self, q, k, v, scale):
         q3, k3, v3 = (self._tokens(x) for x in (q, k, v))
         out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
             q3, k3, v3, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, False, scale=scale)
-        return out.transpose(0, 1)[None], lse[None], (rng, unused)  # out [1, nh, T, D]; lse [1, nh, T]
+        return out.transpose(0, 1).unsqueeze(0), lse.unsqueeze(0), (rng, unused)  # out [1, nh, T, D]; lse [1, nh, T]
 
     def backward(self, dout, q, k, v, out, lse, saved, scale):
         rng, unused = saved
         q3, k3, v3, o3, do3 = (self._tokens(x) for x in (q, k, v, out, dout))
         grads = torch.ops.aten._flash_attention_backward(
-            do3, q3, k3, v3, o3, lse[0], self.cu, self.cu, self.max_len, self.max_len, 0.0, True, rng, unused,
+            do3, q3, k3, v3, o3, lse.squeeze(0), self.cu, self.cu, self.max_len, self.max_len, 0.0, True, rng, unused,
             scale=scale)
-        return tuple(g.transpose(0, 1)[None] for g in grads)
+        return tuple(g.transpose(0, 1).unsqueeze(0) for g in grads)
 
 
 class CpuFlash:

@@ -1,0 +1,45 @@
+"""The GPU step-0 kernels' calls into torch's attention ops, checked on any machine with fake CUDA tensors.
+
+The ops (FlashAttention-2, dense and varlen) run on a GPU only, and their Python signatures are private to torch:
+under FakeTensorMode the calls go through torch's own shape functions, so a changed argument order, result tuple or
+log-sum-exp layout in a torch release shows here, on the CPU, rather than on the device. What the kernels compute
+is checked on a GPU (tests/drafts/test_attention.py, gpu-marked).
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from eagle_trainer.kernels.ttt_attention.step0 import FlashCausal, FlashVarlenCausal, step0_kernel
+
+
+def draft_layout(b, t, heads, d):
+    """[B, heads, T, D] strided as the draft makes them (token-major, heads transposed in)."""
+    return torch.empty(b, t, heads, d, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+
+
+@pytest.mark.parametrize("b,t,heads,kv_heads,d", [(2, 301, 32, 4, 128), (1, 77, 9, 3, 64)])
+def test_flash_causal_calls_take_grouped_heads(b, t, heads, kv_heads, d):
+    with FakeTensorMode():
+        q, dout = draft_layout(b, t, heads, d), draft_layout(b, t, heads, d)
+        k, v = draft_layout(b, t, kv_heads, d), draft_layout(b, t, kv_heads, d)
+        step0 = step0_kernel(torch.device("cuda", 0))
+        assert isinstance(step0, FlashCausal)
+        out, lse, saved = step0.forward(q, k, v, d ** -0.5)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+        assert lse.shape == (b, heads, t) and lse.dtype == torch.float32 and lse.is_contiguous()
+        dq, dk, dv = step0.backward(dout, q, k, v, out, lse, saved, d ** -0.5)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_flash_varlen_calls_take_a_packed_row():
+    t, heads, kv_heads, d = 250, 16, 4, 64
+    with FakeTensorMode():
+        q, dout = draft_layout(1, t, heads, d), draft_layout(1, t, heads, d)
+        k, v = draft_layout(1, t, kv_heads, d), draft_layout(1, t, kv_heads, d)
+        cu = torch.empty(4, dtype=torch.int64, device="cuda")  # three documents; the values are the kernel's
+        step0 = FlashVarlenCausal(cu, max_len=120)
+        out, lse, saved = step0.forward(q, k, v, d ** -0.5)
+        assert out.shape == q.shape and lse.shape == (1, heads, t) and lse.dtype == torch.float32
+        dq, dk, dv = step0.backward(dout, q, k, v, out, lse, saved, d ** -0.5)
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
