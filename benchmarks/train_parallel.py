@@ -103,8 +103,7 @@ def worker(args) -> None:
     from eagle_trainer.targets.sharded import load_sharded_target, peak_rss_gib
     from eagle_trainer.trainer import Trainer
 
-    device = pick_device("cuda")
-    torch.cuda.set_device(device)
+    device = pick_device("cuda")  # this rank's GPU, made current
     world = int(os.environ.get("WORLD_SIZE", 1))
     dims = init_parallel(ParallelConfig(target="fsdp" if world > 1 else "replicate", ep=args.ep,
                                         ep_chunks=args.ep_chunks, prefetch_blocks=args.prefetch_blocks), device)
