@@ -280,7 +280,7 @@ def speculative_generate(model, spec: TargetSpec, draft: Draft, prompt: list[int
 def _speculative_generate(target: TargetCache, draft: Draft, prompt: list[int], cfg: DecodeConfig,
                           stop_ids: tuple[int, ...]) -> Generation:
     device = next(target.model.parameters()).device
-    draft_dtype = next(draft.parameters()).dtype
+    draft_dtype = draft.compute_dtype()  # not the first parameter's: the trainer holds the frozen embedding in bf16
     dcache = registry.algorithm_of(draft.config).cache_class(draft)
     topk, depth, total = cfg.tree_shape()
 

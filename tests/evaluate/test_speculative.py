@@ -13,6 +13,7 @@ from eagle_trainer.app.evaluate import main as eagle_eval
 from eagle_trainer.config import TargetConfig
 from eagle_trainer.data.chat import read_chat_jsonl
 from eagle_trainer.data.regenerate import stop_token_ids
+from eagle_trainer.drafts import frozen_weights_to
 from eagle_trainer.drafts.io import load_draft
 from eagle_trainer.evaluate.acceptance import measure_acceptance, prompt_from_example, prompts_from_conversations
 from eagle_trainer.export import read_draft
@@ -95,6 +96,22 @@ def test_random_draft_gets_nothing_accepted_but_output_is_still_greedy(demo_run)
     report = measure_acceptance(model, spec, draft, prompts[:2], DecodeConfig(mode="tree", max_new_tokens=16),
                                 tuple(stop_token_ids(tokenizer)))
     assert report["accept_len"] < 1.2 and sum(report["histogram"].values()) == report["num_rounds"]
+
+
+@pytest.mark.parametrize("which", ["demo_run", "demo_eagle1_run"])
+def test_a_draft_held_as_in_training_decodes(which, request):
+    """The trainer's in-loop acceptance decodes with the draft as training holds it on a GPU: the frozen target
+    embedding in bf16 (frozen_weights_to), the trained weights in fp32, no autocast."""
+    fixture = request.getfixturevalue(which)
+    model, spec, draft, tokenizer, prompts = run_target_and_draft(fixture[0], fixture[-1].checkpoint)
+    model, draft = model.float(), draft.float()
+    frozen_weights_to(draft, torch.bfloat16)
+    assert draft.embed_tokens.weight.dtype == torch.bfloat16 and draft.compute_dtype() == torch.float32
+    stop = tuple(stop_token_ids(tokenizer))
+    for cfg in (DecodeConfig(mode="chain", steps=4, max_new_tokens=12),
+                DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=15, max_new_tokens=12)):
+        gen = speculative_generate(model, spec, draft, prompts[0], cfg, stop)
+        assert gen.tokens == greedy_generate(model, prompts[0], 12, stop), cfg.mode
 
 
 def test_eagle_eval_on_an_export(demo_run, tmp_path):
