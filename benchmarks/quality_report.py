@@ -129,10 +129,11 @@ def plot_curves(groups: dict[str, list[tuple[dict, dict]]], path: Path) -> None:
                          marker="o" if len(recs) < 30 else None, markersize=3,
                          label=f"{label} (seed {log['settings']['seed']})")
             axes[0, 0].plot(steps, acc0, **style)
-            axes[0, 1].plot(secs, acc0, **style)
+            if not log.get("shared_gpu"):  # a run beside others on the GPU: its times say nothing
+                axes[0, 1].plot(secs, acc0, **style)
             axes[1, 0].plot(steps, loss, **style)
     axes[0, 0].set(xlabel="step", ylabel="training accuracy, TTT step 0 (smoothed)")
-    axes[0, 1].set(xlabel="training wall-clock (s)", ylabel="training accuracy, TTT step 0 (smoothed)")
+    axes[0, 1].set(xlabel="training wall-clock (s), runs alone on the GPU", ylabel="training accuracy, TTT step 0 (smoothed)")
     axes[1, 0].set(xlabel="step", ylabel="training loss, each side's own (smoothed)", yscale="log")
     axes[0, 0].legend(fontsize=7)
     ax, labels = axes[1, 1], list(groups)
