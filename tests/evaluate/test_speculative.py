@@ -68,12 +68,13 @@ def test_speculative_equals_greedy_for_chain_and_tree(which, request):
     stop = tuple(stop_token_ids(tokenizer))
     modes = [DecodeConfig(mode="chain", steps=4, max_new_tokens=24),
              DecodeConfig(mode="tree", topk=4, depth=4, total_tokens=15, max_new_tokens=24)]
+    greedy = [greedy_generate(model, prompt, 24, stop) for prompt in prompts]  # the same for both modes
     accepted = {}
     for cfg in modes:
         lengths = []
-        for prompt in prompts:
+        for prompt, want in zip(prompts, greedy):
             gen = speculative_generate(model, spec, draft, prompt, cfg, stop)
-            assert gen.tokens == greedy_generate(model, prompt, 24, stop), (cfg.mode, prompt)
+            assert gen.tokens == want, (cfg.mode, prompt)
             lengths += gen.accept_lengths
             # token-by-token verification with the target's own forward and cache accepts exactly what one tree
             # forward does
