@@ -6,8 +6,9 @@
 #   bash benchmarks/device_next.sh moe       # the routed MoE kernels after the gate/up-pointer change, and the
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096
-#                                            # (EXPERTS, default 128 a layer, so that it fits one GPU); PACK=4: 4 x 4096
-#                                            # packed in a row (the peer reads one document of that length)
+#                                            # (EXPERTS, default 128 a layer, so that it fits one GPU); PACK (default
+#                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
+#                                            # of that length), on the one loaded target
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the peer
 # benchmarks add it. Logs and RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 source "$(dirname "$0")/device_env.sh"
@@ -21,6 +22,6 @@ moe) export PYTHONPATH=$PEERS_PATH
      timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" | tail -7 ;;
 full) export PYTHONPATH=$PEERS_PATH
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
-          --seqs 4096 --steps 12 --pack "${PACK:-1}" --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/full.log" | tail -8 ;;
+          --seqs 4096 --steps 12 --pack ${PACK:-1 4} --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/full.log" | tail -8 ;;
 *) echo "unknown phase $1 (tests, verify, moe or full)"; exit 2 ;;
 esac

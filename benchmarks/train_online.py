@@ -32,12 +32,13 @@ memory: torch.cuda.max_memory_allocated over each side's run, target weights inc
 draft init and one batch order: without --pack their step losses must agree to bf16 precision (checked).
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
-    python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 4]
+    python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
@@ -132,8 +133,9 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", choices=sorted(ARCHS), default="qwen3_30b_a3b")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=None, help="routed experts a layer (default: the model's)")
-    parser.add_argument("--pack", type=int, default=1, help="sequences packed into one row a step (ours; the peer "
-                        "gets one document of the same length on a Qwen3-Next target)")
+    parser.add_argument("--pack", type=int, nargs="+", default=[1], help="sequences packed into one row a step "
+                        "(ours; the peer gets one document of the same length on a Qwen3-Next target); several: each "
+                        "in turn on the one loaded target")
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer")
@@ -159,19 +161,19 @@ def main(argv=None) -> None:
     rows = []
     name = ARCHS[args.arch][3]
     peer_name = NEXT_PEER_NAME if args.arch == "qwen3_next" else PEER_NAME
-    for seq in args.seqs:
-        dataset = synthetic_dataset(args.steps * args.pack, seq, info.vocab_size)
+    for pack, seq in itertools.product(args.pack, args.seqs):
+        dataset = synthetic_dataset(args.steps * pack, seq, info.vocab_size)
         d2t, t2d = build_vocab_map(dataset, info.vocab_size, VD)
         # HF's GDN cannot restart its state inside a row: its side reads one document of the packed row's length
-        peer_whole = args.pack > 1 and args.arch == "qwen3_next"
-        data = {side: (synthetic_dataset(args.steps, seq * args.pack, info.vocab_size), 1)
-                if side == "peer" and peer_whole else (dataset, args.pack) for side in sides}
+        peer_whole = pack > 1 and args.arch == "qwen3_next"
+        data = {side: (synthetic_dataset(args.steps, seq * pack, info.vocab_size), 1)
+                if side == "peer" and peer_whole else (dataset, pack) for side in sides}
         for side in sides:
-            shutil.rmtree(args.work / f"run_{side}_{seq}", ignore_errors=True)
+            shutil.rmtree(args.work / f"run_{side}_{pack}x{seq}", ignore_errors=True)
         res = {side: run_side(side, model, target_spec, info, data[side][0], d2t, t2d, args.steps,
-                              args.work / f"run_{side}_{seq}", pack=data[side][1]) for side in sides}
+                              args.work / f"run_{side}_{pack}x{seq}", pack=data[side][1]) for side in sides}
         ours, peer = res.get("ours"), res.get("peer")
-        shape = (f"{args.pack} x T={seq} packed in one row" if args.pack > 1 else f"B=1 T={seq}")
+        shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
         experts = f", {args.experts} experts a layer" if args.experts else ""
         case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
                 f"{' (peer: one document of that length)' if peer_whole else ''}, median step of "
