@@ -16,7 +16,8 @@ case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py tests/kernels/test_moe.py \
            tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" | grep -e "peak" -e passed -e failed -e FAILED ;;
-verify) timeout 560 python3 benchmarks/verify_next.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/verify.log" | tail -4 ;;
+verify) export PYTHONPATH=$PEERS_PATH  # walk verification with fla, the best HF path
+        timeout 560 python3 benchmarks/verify_next.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/verify.log" | tail -4 ;;
 moe) export PYTHONPATH=$PEERS_PATH
      timeout 250 python3 benchmarks/moe.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/moe.log" | tail -6
      timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" | tail -7 ;;
