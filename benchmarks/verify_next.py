@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import tempfile
 import time
@@ -26,10 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import RESULTS, append_rows, row  # noqa: E402
 
+from eagle_trainer.app.demo import build_target  # noqa: E402
 from eagle_trainer.app.train import RECIPES, run, to_config  # noqa: E402
 from eagle_trainer.config import TargetConfig  # noqa: E402
 from eagle_trainer.data.chat import read_chat_jsonl  # noqa: E402
@@ -40,13 +43,31 @@ from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generat
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 
 
-def train_demo(run_dir: Path, steps: int, device: str, extra: list[str] = ()):
+def train_demo(run_dir: Path, steps: int, device: str, extra: list[str] = (), layer_scale: float = 1.0):
     from hydra import compose, initialize_config_dir
     overrides = [*extra, f"train.run_dir={run_dir}", "demo.architecture=qwen3_next", f"train.max_steps={steps}",
                  f"train.save_every={steps}", "train.progress=false", "accept.enabled=false", f"train.device={device}",
                  "train.export_formats=[]"]
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.3"):
-        return run(to_config(compose("config", overrides=overrides)))
+        cfg = to_config(compose("config", overrides=overrides))
+    if layer_scale != 1.0:  # the demo reuses a target already in its run dir: build it here, scaled
+        scale_layer_outputs(build_target(cfg.demo, run_dir / "target"), layer_scale)
+    return run(cfg)
+
+
+def scale_layer_outputs(target_dir: Path, scale: float) -> None:
+    """Multiply every decoder layer's output projections (attention o_proj, GDN out_proj, expert and shared-expert
+    down_proj) by `scale`: below 1 the residual stream stays close to the current token's embedding, so the
+    target's greedy next token depends mostly on the current token. An easy target for a draft (a high acceptance
+    length) with the same shapes and compute."""
+    path = target_dir / "model.safetensors"
+    state = load_file(path)
+    hits = [k for k in state if re.search(r"\.(o_proj|out_proj|down_proj)(\.weight)?$", k)]
+    if not hits:
+        raise ValueError(f"{path}: no output projections to scale")
+    for k in hits:
+        state[k] = state[k] * scale
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def decode_all(model, spec, draft, prompts, cfg, stop):
@@ -73,6 +94,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--demo", nargs="*", default=[], help="overrides of the demo recipe (e.g. demo.num_prompts=2000 "
                         "demo.max_new_tokens=96: more and longer regenerated replies to train on)")
+    parser.add_argument("--layer-scale", type=float, default=1.0, help="scale the target's layer output projections "
+                        "(below 1: an easy target whose next token follows mostly from the current one, so that the "
+                        "draft's acceptance length is high; said in the rows)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run: few steps and prompts, no RESULTS rows")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -82,7 +106,7 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)
-        summary = train_demo(run_dir, args.steps, args.device, args.demo)
+        summary = train_demo(run_dir, args.steps, args.device, args.demo, args.layer_scale)
         model, tokenizer, spec, _ = load_target(TargetConfig(path=str(run_dir / "target"), dtype="float32"), device)
         draft = load_draft(summary.checkpoint, model.get_input_embeddings().weight,
                            model.get_output_embeddings().weight).to(device)
@@ -105,7 +129,9 @@ def main() -> None:
         generated = sum(len(t) for t in tokens)
         tau = sum(lengths) / len(lengths)
         shape = "chain 5" if cfg.mode == "chain" else "tree 8x5, 31 tokens"
-        case = f"Qwen3-Next demo target ({args.steps}-step draft, tau {tau:.2f}), {shape}, {len(prompts)} prompts"
+        target = "Qwen3-Next demo target" + (f", layer outputs x{args.layer_scale:g}" if args.layer_scale != 1 else "")
+        trained = " ".join([f"{args.steps}-step draft", *args.demo])
+        case = f"{target} ({trained}, tau {tau:.2f}), {shape}, {len(prompts)} prompts"
         rows.append(row(f"{case}: target forwards", str(forwards), str(w_forwards), walk_name,
                         w_forwards / forwards))
         rows.append(row(f"{case}: ms per generated token", f"{1e3 * secs / generated:.2f}",
