@@ -156,7 +156,10 @@ class Draft(nn.Module):
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the draft's products run in: autocast's where it is on, else its trained parameters'."""
-        weight = next(p for p in self.parameters() if p.requires_grad)  # not the frozen target embedding
+        # not the frozen target embedding (frozen_weights_to may hold it narrower); a draft frozen whole (none
+        # trained) has one dtype
+        weight = next((p for p in self.parameters() if p.requires_grad), None)
+        weight = next(self.parameters()) if weight is None else weight
         device = weight.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 

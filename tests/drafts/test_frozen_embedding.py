@@ -38,3 +38,17 @@ def test_eagle1_shares_the_embedding_too():
 def test_a_wrong_shape_names_both():
     with pytest.raises(ValueError, match=r"target embedding is \(51, 32\), the draft's is \(50, 32\)"):
         tiny_eagle3().set_target_weights(torch.zeros(51, 32, dtype=torch.float64), share=True)
+
+
+@pytest.mark.parametrize("make", [tiny_eagle3, tiny_eagle1])
+def test_compute_dtype_is_the_trained_weights_not_the_narrower_frozen_ones(make):
+    """As the trainer holds a draft on a GPU: frozen weights in bf16 (frozen_weights_to), the trained ones wider.
+    A draft frozen whole is cast whole, so it has one dtype."""
+    from eagle_trainer.drafts import frozen_weights_to
+    draft = make()
+    frozen_weights_to(draft, torch.bfloat16)
+    assert draft.embed_tokens.weight.dtype == torch.bfloat16
+    assert draft.compute_dtype() == torch.float64
+    draft.requires_grad_(False)
+    frozen_weights_to(draft, torch.bfloat16)
+    assert draft.compute_dtype() == torch.bfloat16
