@@ -133,7 +133,8 @@ def plot_curves(groups: dict[str, list[tuple[dict, dict]]], path: Path) -> None:
                 axes[0, 1].plot(secs, acc0, **style)
             axes[1, 0].plot(steps, loss, **style)
     axes[0, 0].set(xlabel="step", ylabel="training accuracy, TTT step 0 (smoothed)")
-    axes[0, 1].set(xlabel="training wall-clock (s), runs alone on the GPU", ylabel="training accuracy, TTT step 0 (smoothed)")
+    axes[0, 1].set(xlabel="training wall-clock (s), runs alone on the GPU",
+                   ylabel="training accuracy, TTT step 0 (smoothed)")
     axes[1, 0].set(xlabel="step", ylabel="training loss, each side's own (smoothed)", yscale="log")
     axes[0, 0].legend(fontsize=7)
     ax, labels = axes[1, 1], list(groups)

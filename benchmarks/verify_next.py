@@ -98,8 +98,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000, help="draft training steps on the demo's data")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--demo", nargs="*", default=list(BETTER_DRAFT), help="overrides of the demo recipe (default: "
-                        "more and longer regenerated replies, every target id in the draft vocab; none: the demo's own)")
+    parser.add_argument("--demo", nargs="*", default=list(BETTER_DRAFT), help="overrides of the demo recipe "
+                        "(default: more and longer regenerated replies, every target id in the draft vocab; none: the "
+                        "demo's own)")
     parser.add_argument("--layer-scale", type=float, default=1.0, help="scale the target's layer output projections "
                         "(below 1: an easy target whose next token follows mostly from the current one, so that the "
                         "draft's acceptance length is high; said in the rows)")
