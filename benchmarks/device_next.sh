@@ -3,28 +3,33 @@
 #   bash benchmarks/device_next.sh tests     # GPU tests: GDN tree kernel, hybrid tree verification, packed attention
 #                                            # (32k peak memory, no recompile), MoE core with the shared expert
 #   bash benchmarks/device_next.sh verify    # benchmarks/verify_next.py: tree vs walk verification on Qwen3-Next
-#                                            # (VERIFY_ARGS to it, e.g. "--layer-scale 0.25": an easy target)
+#                                            # (VERIFY_ARGS to it, e.g. "--layer-scale 0.25": an easy target;
+#                                            # "--run-dir runs/verify_next" with that run carried: decode only)
 #   bash benchmarks/device_next.sh moe       # the routed MoE kernels after the gate/up-pointer change, and the
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096
 #                                            # (EXPERTS, default 128 a layer, so that it fits one GPU); PACK (default
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
-#                                            # of that length), on the one loaded target
+#                                            # of that length), on the one loaded target; SIDES (default
+#                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the peer
 # benchmarks add it. Logs and RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 source "$(dirname "$0")/device_env.sh"
 case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py tests/kernels/test_moe.py \
-           tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" | grep -e "peak" -e passed -e failed -e FAILED ;;
+           tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
+           grep -e "peak" -e passed -e failed -e FAILED ;;
 verify) export PYTHONPATH=$PEERS_PATH  # walk verification with fla, the best HF path
         timeout 560 python3 benchmarks/verify_next.py $VERIFY_ARGS --results "$OUT/RESULTS.md" 2>&1 |
             tee "$OUT/verify.log" | tail -4 ;;
 moe) export PYTHONPATH=$PEERS_PATH
      timeout 250 python3 benchmarks/moe.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/moe.log" | tail -6
-     timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" | tail -7 ;;
+     timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" |
+         tail -7 ;;
 full) export PYTHONPATH=$PEERS_PATH
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
-          --seqs 4096 --steps 12 --pack ${PACK:-1 4} --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/full.log" | tail -8 ;;
+          --seqs 4096 --steps 12 --pack ${PACK:-1 4} --sides "${SIDES:-ours,peer}" --results "$OUT/RESULTS.md" 2>&1 |
+          tee "$OUT/full.log" | tail -8 ;;
 *) echo "unknown phase $1 (tests, verify, moe or full)"; exit 2 ;;
 esac

@@ -22,7 +22,9 @@ Sides (the loaded model is rebound between them with the target entry's bind fun
   `gdn_impl=hf` (HF's linear attention, which calls flash-linear-attention's kernels when fla is importable: carry it),
   `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does). HF's GDN
   cannot reset its state at packed document starts, so with --pack the peer runs B=1 rows of N*T tokens of one
-  document each instead (the same tokens a step; said in the row).
+  document each instead (the same tokens a step; said in the row);
+- hf_target: the peer's target kernels with our fused TTT attention (the naive one's [T, T] scores do not fit a
+  16k-token row beside a full-depth target): the target's share of the difference alone.
 Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss read and logging) is shared.
 
 Tokens/s: the median of the per-step windows after WARMUP_STEPS (each window spans data, the target's forward, the
@@ -69,9 +71,14 @@ VD = 32000
 SIDES = {  # side -> (target config fields, draft attention)
     "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton", "packed_attention": "flex"}, "fused"),
     "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}, "naive"),
+    "hf_target": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}, "fused"),
 }
-PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention"
-NEXT_PEER_NAME = "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels) + naive TTT attention"
+PEER_NAMES = {  # side -> (name on a Qwen3-MoE target, name on a Qwen3-Next one)
+    "peer": ("same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention",
+             "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels) + naive TTT attention"),
+    "hf_target": ("same trainer, HF grouped_mm experts + HF RMSNorm, our fused TTT attention",
+                  "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels), our fused TTT attention"),
+}
 
 
 def build_checkpoint(path: Path, arch: str, layers: int, experts: int | None) -> None:
@@ -138,13 +145,16 @@ def main(argv=None) -> None:
                         "in turn on the one loaded target")
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours, peer")
+    parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours first, then peers "
+                        f"({', '.join(s for s in SIDES if s != 'ours')})")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_online"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     sides = args.sides.split(",")
     if unknown := set(sides) - set(SIDES):
         raise ValueError(f"--sides has {sorted(unknown)}; known: {sorted(SIDES)}")
+    if sides[0] != "ours":
+        raise ValueError(f"--sides {args.sides}: 'ours' comes first (every other side is compared with it)")
     if args.steps <= WARMUP_STEPS:
         raise ValueError(f"--steps {args.steps} leaves no timed step after the {WARMUP_STEPS} warm-up steps")
     ckpt = args.work / "target"
@@ -160,37 +170,41 @@ def main(argv=None) -> None:
     print(f"target: {args.layers} layers, built and loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     name = ARCHS[args.arch][3]
-    peer_name = NEXT_PEER_NAME if args.arch == "qwen3_next" else PEER_NAME
     for pack, seq in itertools.product(args.pack, args.seqs):
         dataset = synthetic_dataset(args.steps * pack, seq, info.vocab_size)
         d2t, t2d = build_vocab_map(dataset, info.vocab_size, VD)
-        # HF's GDN cannot restart its state inside a row: its side reads one document of the packed row's length
+        # HF's GDN cannot restart its state inside a row: its sides read one document of the packed row's length
         peer_whole = pack > 1 and args.arch == "qwen3_next"
         data = {side: (synthetic_dataset(args.steps, seq * pack, info.vocab_size), 1)
-                if side == "peer" and peer_whole else (dataset, pack) for side in sides}
+                if side != "ours" and peer_whole else (dataset, pack) for side in sides}
         for side in sides:
             shutil.rmtree(args.work / f"run_{side}_{pack}x{seq}", ignore_errors=True)
         res = {side: run_side(side, model, target_spec, info, data[side][0], d2t, t2d, args.steps,
                               args.work / f"run_{side}_{pack}x{seq}", pack=data[side][1]) for side in sides}
-        ours, peer = res.get("ours"), res.get("peer")
-        shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
-        experts = f", {args.experts} experts a layer" if args.experts else ""
-        case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
-                f"{' (peer: one document of that length)' if peer_whole else ''}, median step of "
-                f"{args.steps - WARMUP_STEPS}")
+        ours = res.get("ours")
         if ours is None or "oom" in ours:
             continue
+        shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
+        experts = f", {args.experts} experts a layer" if args.experts else ""
         ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
-        if peer is not None and "oom" not in peer:
+        for side in sides[1:]:
+            peer, peer_name = res[side], PEER_NAMES[side][args.arch == "qwen3_next"]
+            case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
+                    f"{f' ({side}: one document of that length)' if peer_whole else ''}, median step of "
+                    f"{args.steps - WARMUP_STEPS}")
+            if "oom" in peer:  # the peer cannot run this length on this GPU at all
+                rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
+                                f"out of memory ({peer['oom'][:80]})", peer_name, None))
+                continue
             agree = ""
             if not peer_whole:  # the same batches: the losses must agree
                 n = min(len(ours["losses"]), len(peer["losses"]))
                 diff = max(abs(a - b) / abs(b) for a, b in zip(ours["losses"][:n], peer["losses"][:n]))
-                print(f"T={seq}: max relative loss difference {diff:.2g}", flush=True)
+                print(f"T={seq}: max relative loss difference ({side}) {diff:.2g}", flush=True)
                 if not diff < 2e-2:
-                    raise AssertionError(f"T={seq}: the two sides' losses differ by {diff:.3g} relative")
+                    raise AssertionError(f"T={seq}: ours and {side} losses differ by {diff:.3g} relative")
                 agree = f" (losses agree within {diff:.1g})"
-            print(f"T={seq}: ours / peer {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s", flush=True)
+            print(f"T={seq}: ours / {side} {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x tokens/s", flush=True)
             rows += [
                 row(f"{case}{agree}: tokens/s", ours_cell,
                     f"{peer['tokens_per_s']:,.0f} tok/s, MFU {peer['mfu']:.1%}", peer_name,
@@ -199,9 +213,6 @@ def main(argv=None) -> None:
                     f"{ours['peak_gib']:.2f} GiB", f"{peer['peak_gib']:.2f} GiB", peer_name,
                     peer["peak_gib"] / ours["peak_gib"]),
             ]
-        elif peer is not None:  # the peer cannot run this length on this GPU at all
-            rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
-                            f"out of memory ({peer['oom'][:80]})", peer_name, None))
     note = ("`python benchmarks/train_online.py`: the whole training step of `Trainer.fit` (target forward, teacher, "
             "draft forward/backward, AdamW), ours vs the same trainer with HF's grouped_mm experts, HF RMSNorm and "
             "the naive TTT attention. MFU by eagle_trainer/flops.py against the bf16 dense peak (H100: 989 TFLOP/s).")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import re
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from results import RESULTS, append_rows, row  # noqa: E402
 
 from eagle_trainer.app.demo import build_target  # noqa: E402
 from eagle_trainer.app.train import RECIPES, run, to_config  # noqa: E402
+from eagle_trainer.checkpoint import latest_checkpoint  # noqa: E402
 from eagle_trainer.config import TargetConfig  # noqa: E402
 from eagle_trainer.data.chat import read_chat_jsonl  # noqa: E402
 from eagle_trainer.data.regenerate import stop_token_ids  # noqa: E402
@@ -93,6 +95,43 @@ def decode_all(model, spec, draft, prompts, cfg, stop):
     return [g.tokens for g in gens], [n for g in gens for n in g.accept_lengths], calls[0], seconds
 
 
+def phase_breakdown(model, spec, draft, prompts, cfg, stop) -> str:
+    """Where a decode's time goes: drafting (draft_tree) and the target's forwards (prefills included), each call
+    CUDA-synchronised, in ms per round. A separate pass (its syncs slow it down); for the log, not the rows."""
+    from eagle_trainer.evaluate import speculative
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    totals, calls = {"draft": 0.0, "target forward": 0.0}, {"draft": 0, "target forward": 0}
+
+    def timed(name, fn):
+        def inner(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            totals[name] += time.perf_counter() - start
+            calls[name] += 1
+            return out
+        return inner
+
+    saved = speculative.draft_tree, speculative.TargetCache.forward
+    speculative.draft_tree = timed("draft", saved[0])
+    speculative.TargetCache.forward = timed("target forward", saved[1])
+    try:
+        _, lengths, _, seconds = decode_all(model, spec, draft, prompts, cfg, stop)
+    finally:
+        speculative.draft_tree, speculative.TargetCache.forward = saved
+    rounds = len(lengths)
+    rest = seconds - sum(totals.values())
+    return (f"{cfg.mode} {cfg.verify}: {rounds} rounds, per round {1e3 * seconds / rounds:.2f} ms = draft "
+            f"{1e3 * totals['draft'] / rounds:.2f} + target forwards {1e3 * totals['target forward'] / rounds:.2f} "
+            f"({calls['target forward']} calls, {1e3 * totals['target forward'] / calls['target forward']:.2f} ms "
+            f"each) + the rest {1e3 * rest / rounds:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3000, help="draft training steps on the demo's data")
@@ -106,16 +145,26 @@ def main() -> None:
                         "draft's acceptance length is high; said in the rows)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a CPU dry run: few steps and prompts, no RESULTS rows")
+    parser.add_argument("--run-dir", type=Path, default=None, help="keep the demo run here; a run dir with a "
+                        "checkpoint already is reused as it is (no training: e.g. a draft trained on the CPU, decoded "
+                        "on the GPU; its steps and demo overrides must be passed again for the rows)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.prompts, args.max_new_tokens, args.demo = 20, 2, 16, []
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp)
-        summary = train_demo(run_dir, args.steps, args.device, args.demo, args.layer_scale)
+        run_dir = args.run_dir or Path(tmp)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints")
+        if checkpoint is None:
+            start = time.perf_counter()
+            checkpoint = train_demo(run_dir, args.steps, args.device, args.demo, args.layer_scale).checkpoint
+            print(f"demo run (regeneration + {args.steps} draft steps): {time.perf_counter() - start:.0f} s",
+                  flush=True)
+        else:
+            print(f"reusing {checkpoint}", flush=True)
         model, tokenizer, spec, _ = load_target(TargetConfig(path=str(run_dir / "target"), dtype="float32"), device)
-        draft = load_draft(summary.checkpoint, model.get_input_embeddings().weight,
+        draft = load_draft(checkpoint, model.get_input_embeddings().weight,
                            model.get_output_embeddings().weight).to(device)
         convs, _ = read_chat_jsonl(run_dir / "data/eval.jsonl")
     prompts = prompts_from_conversations(tokenizer, convs[:args.prompts])
@@ -124,12 +173,19 @@ def main() -> None:
     # walk verification runs HF's own forward with its cache, one token at a time: fla's kernels where importable
     walk_name = "walk verification (HF's cache, " + (
         "fla kernels)" if importlib.util.find_spec("fla") else "HF's torch GDN fallback: no fla importable)")
-    for cfg in (DecodeConfig(mode="chain", steps=5, max_new_tokens=args.max_new_tokens),
-                DecodeConfig(mode="tree", topk=8, depth=5, total_tokens=31, max_new_tokens=args.max_new_tokens)):
+    configs = (DecodeConfig(mode="chain", steps=5, max_new_tokens=args.max_new_tokens),
+               DecodeConfig(mode="tree", topk=8, depth=5, total_tokens=31, max_new_tokens=args.max_new_tokens))
+    # warm-up: every prompt's prefill and a few rounds of each shape, so that the timed runs compile nothing (the
+    # kernels are compiled per token-count bucket: the prompts' lengths pick new ones)
+    for cfg, verify in itertools.product(configs, ("tree", "walk")):
+        start = time.perf_counter()
+        decode_all(model, spec, draft, prompts, replace(cfg, verify=verify, max_new_tokens=12), stop)
+        print(f"warm-up {cfg.mode} {verify}: {time.perf_counter() - start:.1f} s", flush=True)
+    for cfg in configs:
         result = {}
         for verify in ("tree", "walk"):
-            decode_all(model, spec, draft, prompts[:1], replace(cfg, verify=verify), stop)  # warm-up
             result[verify] = decode_all(model, spec, draft, prompts, replace(cfg, verify=verify), stop)
+            print(f"{cfg.mode} {verify}: {len(prompts)} prompts {result[verify][3]:.1f} s", flush=True)
         (tokens, lengths, forwards, secs), (w_tokens, w_lengths, w_forwards, w_secs) = result["tree"], result["walk"]
         if tokens != w_tokens or lengths != w_lengths:
             raise SystemExit(f"{cfg.mode}: tree and walk verification committed different tokens")
@@ -153,6 +209,8 @@ def main() -> None:
             "forward per committed token, HF's cache); the same tokens committed (checked). fp32 target. Ratio = "
             "walk / ours (> 1: ours needs fewer forwards, less time)."), path=args.results)
     print("\n".join(table))
+    for verify in ("tree", "walk"):
+        print(phase_breakdown(model, spec, draft, prompts, replace(configs[1], verify=verify), stop))
 
 
 if __name__ == "__main__":

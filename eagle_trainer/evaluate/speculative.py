@@ -117,7 +117,7 @@ class TargetCache:
             mask = mask[None, None]
         if self.recurrent is not None:
             # rows: the root continues the committed tokens (-1), node j's parent row is its parent's + 1
-            self.recurrent.begin(None if tree is None else [-1] + [p + 1 for p in tree.parents.tolist()])
+            self.recurrent.begin(None if tree is None else [-1] + [p + 1 for p in tree.parents])
             if mask is not None:
                 mask = self.recurrent.attention_mask(mask)
         self.hooks.clear()
@@ -131,18 +131,19 @@ class TargetCache:
         states = CapturedStates(aux_hidden=aux, final_hidden=final, argmax_valid=None)
         return out.logits[0], self.features(states)[0]
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def keep(self, rows: list[int], device: torch.device) -> None:
         """After a tree forward: keep the committed entries and those of its rows `rows` (ascending, root first: the
         accepted path), dropping the rest; recurrent layers take the last accepted row's state."""
         committed = self.length - self._last_rows
-        index = torch.cat([torch.arange(committed, device=rows.device), committed + rows])
+        index = torch.cat([torch.arange(committed, device=device),
+                           torch.tensor([committed + r for r in rows], device=device)])
         for layer in self.cache.layers:
             if getattr(layer, "keys", None) is None:  # a layer without KV entries (recurrent: kept by self.recurrent)
                 continue
             layer.keys = layer.keys.index_select(-2, index)
             layer.values = layer.values.index_select(-2, index)
         if self.recurrent is not None:
-            self.recurrent.commit(rows.tolist())
+            self.recurrent.commit(rows)
         self.length = index.numel()
 
     def close(self) -> None:
@@ -153,20 +154,21 @@ class TargetCache:
 
 @dataclass
 class Tree:
-    """Draft nodes in verification order (parents before children); the root (pending token) is implicit."""
+    """Draft nodes in verification order (parents before children); the root (pending token) is implicit.
+    The shape lives on the host (the decode loop reads it every round; a device copy would cost a sync each)."""
 
-    tokens: torch.Tensor  # [N] target ids
-    parents: torch.Tensor  # [N] index into the nodes, -1 for a child of the root
-    depths: torch.Tensor  # [N] 1-based
+    tokens: torch.Tensor  # [N] target ids, on the model's device
+    parents: list[int]  # [N] index into the nodes, -1 for a child of the root
+    depths: list[int]  # [N] 1-based
 
     def ancestor_mask(self) -> torch.Tensor:
         """[N+1, N+1] bool with the root first: entry (i, j) says node j is i itself or one of its ancestors."""
-        num = self.tokens.numel() + 1
-        mask = torch.eye(num, dtype=torch.bool)
-        mask[:, 0] = True
-        for i, parent in enumerate(self.parents.tolist()):
-            mask[i + 1] |= mask[parent + 1]
-        return mask.to(self.tokens.device)
+        rows = [[True] + [False] * len(self.parents)]
+        for i, parent in enumerate(self.parents):
+            row = list(rows[parent + 1])
+            row[i + 1] = True
+            rows.append(row)
+        return torch.tensor(rows, device=self.tokens.device)
 
 
 @torch.no_grad()
@@ -192,17 +194,20 @@ def draft_tree(draft: Draft, cache: KVCache, g_root: torch.Tensor, position: int
         n = len(frontier)
         for node in frontier:
             slot[node] = committed + len(slot)
-        # each frontier node sees the committed cache, its fed ancestors and itself
-        allowed = torch.zeros(n, committed + len(slot), dtype=torch.bool)
-        allowed[:, :committed] = True
-        for row, node in enumerate(frontier):
+        # each frontier node sees the committed cache, its fed ancestors and itself (built on the host, one copy)
+        fed = []
+        for node in frontier:
+            row = [False] * len(slot)
             while node >= 0:
-                allowed[row, slot[node]] = True
+                row[slot[node] - committed] = True
                 node = parents[node]
+            fed.append(row)
+        allowed = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=device),
+                             torch.tensor(fed, device=device)], 1)
         front = torch.tensor(frontier, device=device)
         tokens = draft.draft_to_target(all_tok[front])
         pos = torch.full((n,), position + d, device=device)
-        g = cache.extend(tokens[None], frontier_g[None], pos[None], allowed.to(device))[0]  # [n, H]
+        g = cache.extend(tokens[None], frontier_g[None], pos[None], allowed)[0]  # [n, H]
         logp = torch.log_softmax(draft.logits(g[None]).float()[0], -1)  # [n, Vd]
         child_score, child_id = logp.topk(min(topk, logp.shape[-1]), dim=-1)  # [n, k]
         child_score = child_score + all_score[front, None]
@@ -228,15 +233,15 @@ def draft_tree(draft: Draft, cache: KVCache, g_root: torch.Tensor, position: int
     index = {c: j for j, c in enumerate(picked)}
     sel = torch.tensor(picked, device=device)
     return Tree(tokens=draft.draft_to_target(tok[sel]),
-                parents=torch.tensor([index[parents[c]] if parents[c] >= 0 else -1 for c in picked], device=device),
-                depths=torch.tensor([depths[c] for c in picked], device=device))
+                parents=[index[parents[c]] if parents[c] >= 0 else -1 for c in picked],
+                depths=[depths[c] for c in picked])
 
 
-def accept(tree: Tree, target_next: torch.Tensor) -> list[int]:
-    """Greedy walk: node indices accepted in order, given the target's argmax at [root] + nodes ([N+1])."""
+def accept(tree: Tree, target_next: list[int], tokens: list[int]) -> list[int]:
+    """Greedy walk: node indices accepted in order, given the target's argmax at [root] + nodes ([N+1]) and the
+    nodes' tokens, both read to the host."""
     path, current = [], -1
-    next_tok = target_next.tolist()
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    next_tok, parents = target_next, tree.parents
     while True:
         want = next_tok[current + 1]
         child = next((j for j in range(len(tokens)) if parents[j] == current and tokens[j] == want), None)
@@ -251,7 +256,7 @@ def walk_verify(target: TargetCache, tree: Tree, pending: int, committed: int):
     child whose token is the target's argmax at its parent. The target's cache then holds exactly the
     committed tokens (no rollback needed). -> (path, new tokens incl. the bonus, features [len(path)+1, F])."""
     device = tree.tokens.device
-    tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+    tokens, parents = tree.tokens.tolist(), tree.parents
     path, feats, token, current = [], [], pending, -1
     while True:
         logits, f = target.forward(torch.tensor([token], device=device),
@@ -299,15 +304,17 @@ def _speculative_generate(target: TargetCache, draft: Draft, prompt: list[int], 
             path, new_tokens, feats = walk_verify(target, tree, pending, committed)
         else:
             verify_ids = torch.cat([ids.new_tensor([pending]), tree.tokens])
-            positions = committed + torch.cat([tree.depths.new_zeros(1), tree.depths])
+            positions = torch.tensor([committed] + [committed + d for d in tree.depths], device=device)
             logits, feats = target.forward(verify_ids, positions, tree)
-            target_next = logits.argmax(-1)  # [N+1]
-            path = accept(tree, target_next)
+            # one read to the host: the target's argmax at [root] + nodes, then the nodes' tokens
+            read = torch.cat([logits.argmax(-1), tree.tokens]).tolist()
+            target_next, tokens = read[:len(tree.parents) + 1], read[len(tree.parents) + 1:]
+            path = accept(tree, target_next, tokens)
             last = path[-1] + 1 if path else 0
-            new_tokens = [int(tree.tokens[j]) for j in path] + [int(target_next[last])]
-            rows = torch.tensor([0] + [j + 1 for j in path], device=device)  # verify rows now committed
-            target.keep(rows)
-            feats = feats[rows]
+            new_tokens = [tokens[j] for j in path] + [target_next[last]]
+            rows = [0] + [j + 1 for j in path]  # verify rows now committed
+            target.keep(rows, device)
+            feats = feats[torch.tensor(rows, device=device)]
         out.accept_lengths.append(len(new_tokens))
         dcache.truncate(committed)
         g = dcache.extend(torch.tensor(new_tokens, device=device)[None], draft.project(feats.to(draft_dtype))[None],

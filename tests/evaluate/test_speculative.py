@@ -24,15 +24,19 @@ from eagle_trainer.targets.loading import load_target
 
 def test_tree_ancestor_mask_and_greedy_walk():
     # root -> a(5) -> c(7); root -> b(6) -> d(8) -> e(9)
-    tree = Tree(tokens=torch.tensor([5, 6, 7, 8, 9]), parents=torch.tensor([-1, -1, 0, 1, 3]),
-                depths=torch.tensor([1, 1, 2, 2, 3]))
+    tokens = [5, 6, 7, 8, 9]
+    tree = Tree(tokens=torch.tensor(tokens), parents=[-1, -1, 0, 1, 3], depths=[1, 1, 2, 2, 3])
     mask = tree.ancestor_mask()
-    assert mask[5].tolist() == [True, False, True, False, True, True]  # e sees root, b, d, itself
-    assert mask[3].tolist() == [True, True, False, True, False, False]  # c sees root, a, itself
+    assert mask.tolist() == [[True, False, False, False, False, False],  # root: itself
+                             [True, True, False, False, False, False],  # a: root, itself
+                             [True, False, True, False, False, False],  # b
+                             [True, True, False, True, False, False],  # c sees root, a, itself
+                             [True, False, True, False, True, False],  # d: root, b, itself
+                             [True, False, True, False, True, True]]  # e sees root, b, d, itself
     # target argmax at [root, a, b, c, d, e]
-    assert accept(tree, torch.tensor([6, 0, 8, 0, 9, 4])) == [1, 3, 4]  # b, d, e: all accepted
-    assert accept(tree, torch.tensor([5, 1, 0, 0, 0, 0])) == [0]  # a, then its child c (7) != 1
-    assert accept(tree, torch.tensor([3, 0, 0, 0, 0, 0])) == []
+    assert accept(tree, [6, 0, 8, 0, 9, 4], tokens) == [1, 3, 4]  # b, d, e: all accepted
+    assert accept(tree, [5, 1, 0, 0, 0, 0], tokens) == [0]  # a, then its child c (7) != 1
+    assert accept(tree, [3, 0, 0, 0, 0, 0], tokens) == []
 
 
 def test_decode_config_checks_its_values():
