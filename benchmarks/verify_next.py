@@ -12,8 +12,12 @@ quality, not the verification, decides it. Rows: forwards and ms per generated t
 (ratio = walk / tree).
 
     python benchmarks/verify_next.py [--steps 3000] [--prompts 16] [--max-new-tokens 96] [--demo KEY=VALUE ...]
-        [--layer-scale 0.25]
+        [--layer-scale 0.25] [--run-dir runs/verify_next]
     python benchmarks/verify_next.py --device cpu --tiny
+
+A run dir with a checkpoint is decoded as it is: train the draft on one machine (`--device cpu --run-dir DIR`),
+carry DIR, and decode it on the GPU with the same flags. After its rows the script prints each mode's split of a
+round: drafting, target forwards and the rest, timed with CUDA syncs in a separate pass.
 """
 
 from __future__ import annotations
