@@ -102,9 +102,11 @@ class RecurrentStates:
                     committed state becomes the last one's, without running the accepted tokens again.
 
     The update is HF's token-by-token gated delta rule (l2-normalised q and k, q scaled by Dk^-0.5, state decayed by
-    exp(g), delta rule with beta), in fp32 or the inputs' wider dtype: on a GPU one Triton launch per layer walks the
-    nodes (kernels/gdn/tree.py), on the CPU its plain-torch reference; a long chain (the prefill) uses the module's
-    own chunked form when its modeling code has one. Shapes: n tokens of a forward, C conv channels, K conv width.
+    exp(g), delta rule with beta), in fp32 or the inputs' wider dtype. A module bound to our GDN core
+    (gdn_impl=triton: the GPU default) decodes with our kernels: g/beta gating, one launch per layer that normalises
+    q and k and walks the nodes (kernels/gdn/tree.py), the gated RMSNorm. Otherwise HF's element-wise ops and the
+    rule's plain-torch reference run. A long chain (the prefill) uses the module's own chunked form when its modeling
+    code has one. Shapes: n tokens of a forward, C conv channels, K conv width.
     """
 
     CHUNKED_FROM = 16  # a chain this long (the prefill) runs the chunked form
@@ -119,6 +121,9 @@ class RecurrentStates:
         self.parents: list[int] | None = None
         self._parents_tensor = self._window = None  # made by a forward's first layer, for all of them
         self._saved = [m.__dict__.get("forward") for m in self.modules]
+        # a module bound to our GDN core (gdn_impl=triton) decodes with our kernels too, else with HF's element-wise
+        # ops and the torch reference of the tree rule
+        self.kernels = [getattr(saved, "__func__", None) is _gdn_forward for saved in self._saved]
         for index, module in enumerate(self.modules):
             module.forward = functools.partial(self._forward, index, module)
 
@@ -163,12 +168,19 @@ class RecurrentStates:
         query = query.reshape(1, n, -1, module.head_k_dim)  # [1, n, Hk, Dk]
         key = key.reshape(1, n, -1, module.head_k_dim)
         value = value.reshape(1, n, -1, module.head_v_dim)  # [1, n, Hv, Dv]
-        beta = beta_in.sigmoid()  # [1, n, Hv]
-        g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
+        if self.kernels[index]:
+            from eagle_trainer.kernels.gdn import gated_rms_norm, gdn_gating
+            g, beta = gdn_gating(a, beta_in, module.A_log, module.dt_bias)  # [1, n, Hv]
+        else:
+            beta = beta_in.sigmoid()  # [1, n, Hv]
+            g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
         core, states = self._recurrence(index, module, query, key, value, g, beta)  # [1, n, Hv, Dv]
         if self.parents is not None:  # kept until commit() names the accepted nodes
             self.pending[index] = (inputs, states)
-        core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
+        if self.kernels[index]:
+            core = gated_rms_norm(core, z, module.norm.weight, module.norm.variance_epsilon)
+        else:
+            core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
         return module.out_proj(core.reshape(1, n, -1))
 
     def _conv(self, index: int, module: nn.Module, inputs: torch.Tensor, width: int) -> torch.Tensor:
@@ -216,17 +228,13 @@ class RecurrentStates:
             self.state[index] = after[0]
             return out.to(dtype), None
         from eagle_trainer.kernels.gdn import tree_gated_delta_rule, tree_gated_delta_rule_reference
-        from eagle_trainer.kernels.gdn.reference import l2norm_reference
-        compute = torch.promote_types(dtype, torch.float32)
-        group = value.shape[2] // key.shape[2]
-        # [n, Hv, Dk]: normalised, heads expanded
-        q, k = (l2norm_reference(x[0].to(compute)).repeat_interleave(group, dim=1) for x in (query, key))
-        q = q * module.head_k_dim ** -0.5
         committed = self.state[index]
         if committed is None:
-            committed = q.new_zeros(q.shape[1], q.shape[2], value.shape[-1])
-        rule = tree_gated_delta_rule if q.is_cuda else tree_gated_delta_rule_reference  # kernel on a GPU
-        out, states = rule(q, k, value[0], g[0], beta[0], self._parent_index(n, q.device), committed)
+            committed = value.new_zeros(value.shape[2], key.shape[-1], value.shape[-1],
+                                        dtype=torch.promote_types(dtype, torch.float32))
+        rule = tree_gated_delta_rule if self.kernels[index] else tree_gated_delta_rule_reference
+        # q and k as projected: the rule normalises them, scales q by Dk^-0.5 and groups the value heads
+        out, states = rule(query[0], key[0], value[0], g[0], beta[0], self._parent_index(n, value.device), committed)
         if self.parents is None:
             self.state[index] = states[-1]
         return out[None].to(dtype), states

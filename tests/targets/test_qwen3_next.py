@@ -377,6 +377,41 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
     torch.testing.assert_close(out.logits, expect.logits)
 
 
+def test_tree_decoding_on_the_gdn_core_equals_hf_ops_and_the_reference(tiny_qwen3_next_path):
+    """A module bound to our GDN core decodes a draft tree with our kernels (g/beta gating, the tree rule that
+    normalises q and k itself, the gated norm; interpreted on the CPU): the same logits and features as HF's ops
+    with the rule's torch reference, through a prefill, a tree, the acceptance of one path and the next tree."""
+    from eagle_trainer.evaluate.speculative import TargetCache, Tree
+    kinds = {"moe_impl": "hf", "norm_impl": "hf", "dtype": "float32"}  # only the GDN differs
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 1024, (21,), generator=gen).to(DEVICE)
+    first = Tree(tokens=torch.randint(0, 1024, (6,), generator=gen).to(DEVICE), parents=[-1, -1, 0, 0, 2, 4],
+                 depths=[1, 1, 2, 2, 3, 4])
+    second = Tree(tokens=torch.randint(0, 1024, (4,), generator=gen).to(DEVICE), parents=[-1, 0, 0, 1],
+                  depths=[1, 2, 2, 3])
+    sides = {}
+    for impl in ("hf", "triton"):
+        model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl, **kinds),
+                                           DEVICE)
+        target = TargetCache(model, spec, tuple(spec.aux_layers(info.num_layers)), lambda s: s.aux_hidden)
+        try:
+            assert target.recurrent.kernels == [impl == "triton"] * 6
+            outs = [target.forward(prompt, torch.arange(21, device=DEVICE), last_logits_only=True)]
+            committed = 21
+            for tree, rows in ((first, [0, 1, 3, 5]), (second, [0, 2])):  # root, nodes 0, 2, 4; then root, node 1
+                ids = torch.cat([prompt[-1:], tree.tokens])
+                positions = torch.tensor([committed] + [committed + d for d in tree.depths], device=DEVICE)
+                outs.append(target.forward(ids, positions, tree))
+                target.keep(rows, DEVICE)
+                committed += len(rows)
+        finally:
+            target.close()
+        sides[impl] = outs
+    for (logits, feats), (ref_logits, ref_feats) in zip(sides["triton"], sides["hf"]):
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(feats, ref_feats, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_path):
     """On the GPU in bf16, the captured states and the teacher with our GDN core are about as close to HF's fp32

@@ -5,8 +5,9 @@
     chunk.py       the chunked gated delta rule (chunk 64, WY form): a parallel prepare kernel (T = (I + A)^-1,
                    Aqk, q/k norms) and a recurrent kernel that keeps the state on chip; grouped value heads
     norm.py        gated RMSNorm * silu(z) epilogue
-    tree.py        the delta rule over a draft tree (each node from its parent's state; every node's state kept),
-                   one launch per layer, for verifying speculative drafts on Qwen3-Next (targets/gdn.py)
+    tree.py        the delta rule over a draft tree (each node from its parent's state; every node's state kept;
+                   q and k normalised and grouped inside), one launch per layer, for verifying speculative drafts
+                   on Qwen3-Next (targets/gdn.py)
     reference.py   plain-torch references of all four (the delta rule token by token in fp64)
 
 Bound into the Qwen3-Next target by targets/gdn.py (gdn_impl auto = these kernels on a GPU). Tested in fp32

@@ -102,13 +102,17 @@ def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def tree_gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                                    beta: torch.Tensor, parents: torch.Tensor,
-                                    s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta rule over a tree, node by node (tree.py's shapes: q, k [n, Hv, Dk] normalised, scaled and expanded
-    to the value heads, v [n, Hv, Dv], g, beta [n, Hv], parents [n] with -1 for s0 [Hv, Dk, Dv]); each node
-    advances its parent's state. -> (o [n, Hv, Dv], states [n, Hv, Dk, Dv]) in fp32 or the inputs' wider dtype."""
+                                    beta: torch.Tensor, parents: torch.Tensor, s0: torch.Tensor,
+                                    scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule over a tree, node by node (tree.py's shapes: q, k [n, Hk, Dk] as projected, v [n, Hv, Dv],
+    g, beta [n, Hv], parents [n] with -1 for s0 [Hv, Dk, Dv]); q and k are l2-normalised, q scaled (default
+    Dk^-0.5) and both expanded to the value heads, then each node advances its parent's state.
+    -> (o [n, Hv, Dv], states [n, Hv, Dk, Dv]) in fp32 or the inputs' wider dtype."""
     dtype = torch.promote_types(v.dtype, torch.float32)
-    q, k, v, g, beta, s0 = (x.to(dtype) for x in (q, k, v, g, beta, s0))
+    group = v.shape[1] // k.shape[1]
+    q, k = (l2norm_reference(x.to(dtype)).repeat_interleave(group, dim=1) for x in (q, k))
+    q = q * (k.shape[-1] ** -0.5 if scale is None else scale)
+    v, g, beta, s0 = (x.to(dtype) for x in (v, g, beta, s0))
     states = v.new_empty(k.shape[0], *s0.shape)
     out = torch.empty_like(v)
     for i, parent in enumerate(parents.tolist()):
