@@ -3,8 +3,13 @@
 #   bash benchmarks/device_next.sh tests     # GPU tests: GDN tree kernel, hybrid tree verification, packed attention
 #                                            # (32k peak memory, no recompile), MoE core with the shared expert
 #   bash benchmarks/device_next.sh verify    # benchmarks/verify_next.py: tree vs walk verification on Qwen3-Next
-#                                            # (VERIFY_ARGS to it, e.g. "--layer-scale 0.25": an easy target;
-#                                            # "--run-dir runs/verify_next" with that run carried: decode only)
+#                                            # (VERIFY_ARGS to it). Its defaults regenerate data and train 3000
+#                                            # steps here, which took over the 10-minute limit on an H100: train on
+#                                            # the CPU first (verify_next.py --device cpu --layer-scale 0.25 --steps
+#                                            # 800 --run-dir runs/verify_next), carry runs/verify_next and pass
+#                                            # VERIFY_ARGS="--layer-scale 0.25 --steps 800 --run-dir runs/verify_next"
+#                                            # (decode only: 2.5 minutes on an H100 before the warm-up
+#                                            # covered every prompt)
 #   bash benchmarks/device_next.sh moe       # the routed MoE kernels after the gate/up-pointer change, and the
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096

@@ -68,10 +68,11 @@ ARCHS = {  # --arch -> (fixture config, HF config class, architecture, name in t
     "qwen3_next": ("qwen3_next_80b_a3b_config.json", "Qwen3NextConfig", "Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B"),
 }
 VD = 32000
+HF_TARGET = {"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}
 SIDES = {  # side -> (target config fields, draft attention)
     "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton", "packed_attention": "flex"}, "fused"),
-    "peer": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}, "naive"),
-    "hf_target": ({"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}, "fused"),
+    "peer": (HF_TARGET, "naive"),
+    "hf_target": (HF_TARGET, "fused"),
 }
 PEER_NAMES = {  # side -> (name on a Qwen3-MoE target, name on a Qwen3-Next one)
     "peer": ("same trainer, HF grouped_mm experts + HF RMSNorm + naive TTT attention",

@@ -168,8 +168,8 @@ class RecurrentStates:
         query = query.reshape(1, n, -1, module.head_k_dim)  # [1, n, Hk, Dk]
         key = key.reshape(1, n, -1, module.head_k_dim)
         value = value.reshape(1, n, -1, module.head_v_dim)  # [1, n, Hv, Dv]
+        from eagle_trainer.kernels.gdn import gated_rms_norm, gdn_gating
         if self.kernels[index]:
-            from eagle_trainer.kernels.gdn import gated_rms_norm, gdn_gating
             g, beta = gdn_gating(a, beta_in, module.A_log, module.dt_bias)  # [1, n, Hv]
         else:
             beta = beta_in.sigmoid()  # [1, n, Hv]

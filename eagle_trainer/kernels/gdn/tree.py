@@ -45,19 +45,18 @@ def tree_delta_rule_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, parents_ptr, s_
     for i in range(N):
         parent_slot = tl.load(parents_ptr + i).to(tl.int64) + 1
         b_s = tl.load(s_ptr + parent_slot * slot + state_offsets, mask=m_s, other=0.0)
-        node = i
-        b_k = tl.load(k_ptr + node * stride_kn + key_head * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_q = tl.load(q_ptr + node * stride_qn + key_head * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k_ptr + i * stride_kn + key_head * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_q = tl.load(q_ptr + i * stride_qn + key_head * DK + o_k, mask=m_k, other=0.0).to(tl.float32)
         b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 0) + eps)
         b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 0) + eps) * scale
-        b_v = tl.load(v_ptr + node * stride_vn + head * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
-        row = node * HV + head
+        b_v = tl.load(v_ptr + i * stride_vn + head * DV + o_v, mask=m_v, other=0.0).to(tl.float32)
+        row = i * HV + head
         b_g = tl.load(g_ptr + row).to(tl.float32)
         b_beta = tl.load(beta_ptr + row).to(tl.float32)
         b_s = b_s * tl.exp(b_g)
         delta = b_beta * (b_v - tl.sum(b_k[:, None] * b_s, 0))  # [BV]
         b_s = b_s + b_k[:, None] * delta[None, :]
-        tl.store(s_ptr + (node + 1) * slot + state_offsets, b_s, mask=m_s)
+        tl.store(s_ptr + (i + 1) * slot + state_offsets, b_s, mask=m_s)
         tl.store(o_ptr + row * DV + o_v, tl.sum(b_q[:, None] * b_s, 0), mask=m_v)
         tl.debug_barrier()  # node i's state is in memory before a child reads it
 
