@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 25 on the device (one H100/H200), one phase per call (a call runs at most 10 minutes):
-#   bash benchmarks/device_next.sh tests     # GPU tests: GDN tree kernel, hybrid tree verification, packed attention
-#                                            # (32k peak memory, no recompile), MoE core with the shared expert
+#   bash benchmarks/device_next.sh tests     # GPU tests: GDN tree kernel, graphed draft steps, hybrid tree
+#                                            # verification, packed attention (32k peak memory, no recompile), MoE
+#                                            # core with the shared expert
 #   bash benchmarks/device_next.sh verify    # benchmarks/verify_next.py: tree vs walk verification on Qwen3-Next
 #                                            # (VERIFY_ARGS to it). Its defaults regenerate data and train 3000
 #                                            # steps here, which took over the 10-minute limit on an H100: train on
@@ -22,8 +23,8 @@
 source "$(dirname "$0")/device_env.sh"
 case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
-           tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py tests/kernels/test_moe.py \
-           tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
+           tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
+           tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
            grep -e "peak" -e passed -e failed -e FAILED ;;
 verify) export PYTHONPATH=$PEERS_PATH  # walk verification with fla, the best HF path
         timeout 560 python3 benchmarks/verify_next.py $VERIFY_ARGS --results "$OUT/RESULTS.md" 2>&1 |

@@ -47,7 +47,7 @@ from eagle_trainer.data.chat import read_chat_jsonl  # noqa: E402
 from eagle_trainer.data.regenerate import stop_token_ids  # noqa: E402
 from eagle_trainer.drafts.io import load_draft  # noqa: E402
 from eagle_trainer.evaluate.acceptance import prompts_from_conversations  # noqa: E402
-from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generate  # noqa: E402
+from eagle_trainer.evaluate.speculative import DecodeConfig, draft_cache, speculative_generate  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 
 # the demo's data (320 replies of 40 tokens) and draft vocab (256 of 1024 ids) cap a draft's acceptance length near
@@ -83,15 +83,16 @@ def scale_layer_outputs(target_dir: Path, scale: float) -> None:
     save_file(state, path, metadata={"format": "pt"})
 
 
-def decode_all(model, spec, draft, prompts, cfg, stop):
-    """-> (outputs, accept lengths, target forwards, seconds)."""
+def decode_all(model, spec, draft, prompts, cfg, stop, dcache):
+    """-> (outputs, accept lengths, target forwards, seconds); `dcache`: the draft KV cache every prompt reuses
+    (as measure_acceptance does), kept from the warm-up so that the timed passes capture no CUDA graph."""
     calls = [0]
     hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        gens = [speculative_generate(model, spec, draft, p, cfg, stop) for p in prompts]
+        gens = [speculative_generate(model, spec, draft, p, cfg, stop, dcache) for p in prompts]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -100,7 +101,7 @@ def decode_all(model, spec, draft, prompts, cfg, stop):
     return [g.tokens for g in gens], [n for g in gens for n in g.accept_lengths], calls[0], seconds
 
 
-def phase_breakdown(model, spec, draft, prompts, cfg, stop) -> str:
+def phase_breakdown(model, spec, draft, prompts, cfg, stop, dcache) -> str:
     """Where a decode's time goes: drafting (draft_tree) and the target's forwards (prefills included), each call
     CUDA-synchronised, in ms per round. A separate pass (its syncs slow it down); for the log, not the rows."""
     from eagle_trainer.evaluate import speculative
@@ -126,7 +127,7 @@ def phase_breakdown(model, spec, draft, prompts, cfg, stop) -> str:
     speculative.draft_tree = timed("draft", saved[0])
     speculative.TargetCache.forward = timed("target forward", saved[1])
     try:
-        _, lengths, _, seconds = decode_all(model, spec, draft, prompts, cfg, stop)
+        _, lengths, _, seconds = decode_all(model, spec, draft, prompts, cfg, stop, dcache)
     finally:
         speculative.draft_tree, speculative.TargetCache.forward = saved
     rounds = len(lengths)
@@ -184,16 +185,18 @@ def main() -> None:
     configs = (DecodeConfig(mode="chain", steps=depth, max_new_tokens=args.max_new_tokens),
                DecodeConfig(mode="tree", topk=topk, depth=depth, total_tokens=total,
                             max_new_tokens=args.max_new_tokens))
+    # one draft cache for both shapes (the larger capacity)
+    dcache = max((draft_cache(draft, prompts, cfg) for cfg in configs), key=lambda cache: cache.capacity)
     # warm-up: every prompt's prefill and a few rounds of each shape, so that the timed runs compile nothing (the
-    # kernels are compiled per token-count bucket: the prompts' lengths pick new ones)
+    # kernels are compiled per token-count bucket: the prompts' lengths pick new ones) and capture no draft graph
     for cfg, verify in itertools.product(configs, ("tree", "walk")):
         start = time.perf_counter()
-        decode_all(model, spec, draft, prompts, replace(cfg, verify=verify, max_new_tokens=12), stop)
+        decode_all(model, spec, draft, prompts, replace(cfg, verify=verify, max_new_tokens=12), stop, dcache)
         print(f"warm-up {cfg.mode} {verify}: {time.perf_counter() - start:.1f} s", flush=True)
     for cfg in configs:
         result = {}
         for verify in ("tree", "walk"):
-            result[verify] = decode_all(model, spec, draft, prompts, replace(cfg, verify=verify), stop)
+            result[verify] = decode_all(model, spec, draft, prompts, replace(cfg, verify=verify), stop, dcache)
             print(f"{cfg.mode} {verify}: {len(prompts)} prompts {result[verify][3]:.1f} s", flush=True)
         (tokens, lengths, forwards, secs), (w_tokens, w_lengths, w_forwards, w_secs) = result["tree"], result["walk"]
         if tokens != w_tokens or lengths != w_lengths:
@@ -219,7 +222,7 @@ def main() -> None:
             "walk / ours (> 1: ours needs fewer forwards, less time)."), path=args.results)
     print("\n".join(table))
     for verify in ("tree", "walk"):
-        print(phase_breakdown(model, spec, draft, prompts, replace(configs[1], verify=verify), stop))
+        print(phase_breakdown(model, spec, draft, prompts, replace(configs[1], verify=verify), stop, dcache))
 
 
 if __name__ == "__main__":

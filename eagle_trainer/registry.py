@@ -117,7 +117,9 @@ class AlgorithmSpec:
     # global_counts (drafts/loss.py GlobalCounts) gives the per-step token counts the losses are normalised by under
     # data parallelism
     loss: Callable[..., Any]
-    cache_class: type  # the serving-style KV cache the evaluator drafts with: (draft) -> .extend / .truncate / len
+    # the serving-style KV cache the evaluator drafts with: (draft, capacity=None, graphs=True) -> .extend /
+    # .truncate / .reset / len (drafts.llama.KVCache: growing, or preallocated to `capacity` and CUDA-graphed)
+    cache_class: type
     kind: str = ""  # what messages call it, e.g. "EAGLE-3"
     feature: str = "aux_hidden"  # the captured target state the draft reads: "aux_hidden" or "final_hidden"
     needs_target_head: bool = False  # the draft decodes with the target's lm_head [V, H] (EAGLE-1/2)

@@ -191,11 +191,22 @@ class KVCache:
 
     New tokens attend to every cached key plus, causally, to each other, exactly as an engine's draft worker
     extends its cache. Used as the oracle of the TTT unroll and by the evaluator.
+
+    With `capacity` the keys/values are preallocated to that many positions instead of grown: a new entry is
+    written at its index, the unused tail is masked out. Every extend of n tokens then has the same shapes whatever
+    the cache length, so that on a GPU (no autograd, no autocast) a step of n tokens seen a second time is captured
+    as a CUDA graph and replayed from then on: a draft step is dozens of small kernels, each launched from Python,
+    and a replay launches them at once. The evaluator uses one such cache for all its prompts (`reset`).
     """
 
-    def __init__(self, draft: Draft):
+    def __init__(self, draft: Draft, capacity: int | None = None, graphs: bool = True):
         self.draft = draft
+        self.capacity = capacity
+        self.graphs = graphs
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * draft.config.num_layers  # [B, nkv, S, D]
+        self.length = 0
+        self._seen: dict[tuple, int] = {}  # static step shapes -> times run eagerly
+        self._captured: dict[tuple, tuple] = {}  # -> (graph, static inputs, static output)
 
     def extend(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,6 +215,24 @@ class KVCache:
         `allowed` [n, S] (S = cache length after appending) says which cached keys each new token sees;
         by default every earlier key and, causally, the new ones (a tree decoder passes its ancestor mask).
         """
+        n, start = tokens.shape[1], self.length
+        self.length += n
+        if self.capacity is None:
+            return self.draft.step(tokens, hidden, positions, self._growing_attend(allowed))
+        if self.length > self.capacity:
+            raise ValueError(f"the draft KV cache holds {self.capacity} positions; extending {start} by {n} "
+                             "overflows it: build it with a larger capacity")
+        device = tokens.device
+        index = torch.arange(start, self.length, device=device)
+        keys = torch.arange(self.capacity, device=device)
+        if allowed is None:  # every earlier key and, causally, the new ones
+            mask = keys <= index[:, None]
+        else:
+            mask = torch.zeros(n, self.capacity, dtype=torch.bool, device=device)
+            mask[:, :self.length] = allowed
+        return self._static_step(tokens, hidden, positions, index, mask)
+
+    def _growing_attend(self, allowed: torch.Tensor | None):
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if self.kv[i] is not None:
                 k, v = torch.cat([self.kv[i][0], k], dim=2), torch.cat([self.kv[i][1], v], dim=2)
@@ -213,11 +242,61 @@ class KVCache:
             if mask is None:
                 mask = torch.ones(n, s, dtype=torch.bool, device=q.device).tril(diagonal=s - n)  # [n, S]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return attend
 
+    def _run_static(self, tokens, hidden, positions, index, mask) -> torch.Tensor:
+        """One step on the preallocated cache: new keys/values written at `index` [n], attention under `mask`
+        [n, capacity]. Buffers are allocated on the first call (the k/v dtype is the step's)."""
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.kv[i] is None:
+                shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+                self.kv[i] = (k.new_zeros(shape), v.new_zeros(shape))
+            keys, values = self.kv[i]
+            keys.index_copy_(2, index, k)
+            values.index_copy_(2, index, v)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         return self.draft.step(tokens, hidden, positions, attend)
 
+    def _static_step(self, tokens, hidden, positions, index, mask) -> torch.Tensor:
+        inputs = (tokens, hidden, positions, index, mask)
+        graphable = (self.graphs and tokens.is_cuda and not torch.is_grad_enabled()
+                     and not torch.is_autocast_enabled("cuda"))
+        if not graphable:
+            return self._run_static(*inputs)
+        key = tuple((x.shape, x.dtype) for x in inputs)
+        if key not in self._captured:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < 2:  # a shape seen once (a prompt's prefill) is not worth a graph
+                return self._run_static(*inputs)
+            self._captured[key] = self._capture(inputs)
+        graph, static_inputs, static_output = self._captured[key]
+        for dst, src in zip(static_inputs, inputs):
+            dst.copy_(src)
+        graph.replay()
+        return static_output.clone()  # the next replay overwrites the static output
+
+    def _capture(self, inputs: tuple) -> tuple:
+        static_inputs = tuple(x.clone() for x in inputs)
+        side = torch.cuda.Stream()  # warm-up off the capturing stream, as CUDA graph capture asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._run_static(*static_inputs)  # writes the same k/v the replay below writes
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = self._run_static(*static_inputs)
+        return graph, static_inputs, static_output
+
     def __len__(self) -> int:
-        return 0 if self.kv[0] is None else self.kv[0][0].shape[2]
+        return self.length
 
     def truncate(self, length: int) -> None:
-        self.kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
+        """Keep the first `length` positions (a preallocated cache masks the rest and writes over them later)."""
+        self.length = length
+        if self.capacity is None:
+            self.kv = [None if kv is None or length == 0 else (kv[0][:, :, :length], kv[1][:, :, :length])
+                       for kv in self.kv]
+
+    def reset(self) -> None:
+        """Empty, for the next sequence (a preallocated cache keeps its buffers and graphs)."""
+        self.truncate(0)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from eagle_trainer.data.chat import Conversation, template_messages
-from eagle_trainer.evaluate.speculative import DecodeConfig, speculative_generate
+from eagle_trainer.evaluate.speculative import DecodeConfig, draft_cache, speculative_generate
 from eagle_trainer.registry import TargetSpec
 from eagle_trainer.targets.sharded import target_lock_step
 
@@ -84,9 +84,10 @@ def measure_acceptance(model, spec: TargetSpec, draft, prompts: list[list[int]],
     start = time.perf_counter()
     done = {}  # prompt index -> (accept lengths, new tokens)
     mine = range(rank, len(prompts), world)
+    dcache = draft_cache(draft, prompts, cfg)  # one for every prompt: its CUDA graphs are captured once
     with target_lock_step(model, spec):
         for i in tqdm(mine, desc=f"accept ({cfg.mode})", disable=not progress or rank != 0, leave=False):
-            gen = speculative_generate(model, spec, draft, prompts[i], cfg, stop_ids)
+            gen = speculative_generate(model, spec, draft, prompts[i], cfg, stop_ids, dcache)
             done[i] = (gen.accept_lengths, len(gen.tokens))
     if world > 1:  # outside the lock step: a gather is a collective of its own
         parts = [None] * world

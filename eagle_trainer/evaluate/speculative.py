@@ -270,23 +270,35 @@ def walk_verify(target: TargetCache, tree: Tree, pending: int, committed: int):
         token, current = want, child
 
 
+def draft_cache(draft: Draft, prompts: list[list[int]], cfg: DecodeConfig) -> KVCache:
+    """One draft KV cache for decoding every one of `prompts` with `cfg` (pass it to each speculative_generate):
+    preallocated for the longest, so that its step shapes repeat from prompt to prompt and, on a GPU, each is
+    captured as a CUDA graph once (llama.KVCache)."""
+    topk, depth, _ = cfg.tree_shape()
+    # committed tokens overshoot max_new_tokens by at most a round (depth + 1); a round drafts topk * depth more
+    capacity = max(map(len, prompts)) + cfg.max_new_tokens + (depth + 1) + topk * depth
+    return registry.algorithm_of(draft.config).cache_class(draft, capacity=capacity)
+
+
 @torch.no_grad()
 def speculative_generate(model, spec: TargetSpec, draft: Draft, prompt: list[int], cfg: DecodeConfig,
-                         stop_ids: tuple[int, ...] = ()) -> Generation:
+                         stop_ids: tuple[int, ...] = (), dcache: KVCache | None = None) -> Generation:
     """Greedy speculative decoding of `prompt` (target ids) with the target `model` (its registry entry `spec`);
-    the output equals plain greedy decoding."""
+    the output equals plain greedy decoding. `dcache`: the draft's KV cache (`draft_cache`) reused from an
+    earlier prompt; by default one for this prompt."""
+    dcache = draft_cache(draft, [prompt], cfg) if dcache is None else dcache
+    dcache.reset()
     target = TargetCache(model, spec, draft.aux_layer_ids, draft.target_features, cfg.verify)
     try:
-        return _speculative_generate(target, draft, prompt, cfg, stop_ids)
+        return _speculative_generate(target, draft, dcache, prompt, cfg, stop_ids)
     finally:
         target.close()
 
 
-def _speculative_generate(target: TargetCache, draft: Draft, prompt: list[int], cfg: DecodeConfig,
+def _speculative_generate(target: TargetCache, draft: Draft, dcache: KVCache, prompt: list[int], cfg: DecodeConfig,
                           stop_ids: tuple[int, ...]) -> Generation:
     device = next(target.model.parameters()).device
     draft_dtype = draft.compute_dtype()  # not the first parameter's: the trainer holds the frozen embedding in bf16
-    dcache = registry.algorithm_of(draft.config).cache_class(draft)
     topk, depth, total = cfg.tree_shape()
 
     ids = torch.tensor(prompt, device=device)
