@@ -9,8 +9,13 @@
 #                                            # the CPU first (verify_next.py --device cpu --layer-scale 0.25 --steps
 #                                            # 800 --run-dir runs/verify_next), carry runs/verify_next and pass
 #                                            # VERIFY_ARGS="--layer-scale 0.25 --steps 800 --run-dir runs/verify_next"
-#                                            # (decode only: 2.5 minutes on an H100 before the warm-up
-#                                            # covered every prompt)
+#                                            # (decode only: about 3.5 minutes on an H100). At the real
+#                                            # depth: train with --layer-scale 0.1 --demo
+#                                            # demo.num_prompts=4000 demo.max_new_tokens=96
+#                                            # draft.draft_vocab_size=1024 demo.num_layers=48 (31 minutes on 2
+#                                            # cores), carry only target/, the checkpoint's draft files and
+#                                            # data/eval.jsonl (the carry limit is 64 MiB) and decode --prompts 8
+#                                            # (6 minutes)
 #   bash benchmarks/device_next.sh moe       # the routed MoE kernels after the gate/up-pointer change, and the
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096
