@@ -283,9 +283,15 @@ class KVCache:
             self._run_static(*static_inputs)  # writes the same k/v the replay below writes
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: CUDA calls of other threads (a background checkpoint writer, NCCL's watchdog) may go on
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_output = self._run_static(*static_inputs)
         return graph, static_inputs, static_output
+
+    @property
+    def num_graphs(self) -> int:
+        """Step shapes captured as CUDA graphs so far."""
+        return len(self._captured)
 
     def __len__(self) -> int:
         return self.length

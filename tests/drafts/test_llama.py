@@ -109,7 +109,7 @@ def test_graphed_steps_equal_eager_steps_on_the_gpu(name):
             eager = drive(spec.cache_class(draft, capacity=13, graphs=False), draft, width, "cuda")
             cache = spec.cache_class(draft, capacity=13)
             runs = [drive(cache, draft, width, "cuda") for _ in range(3)]
-        assert len(cache._captured) == 4, "each of the four step shapes, seen twice, is captured"
+        assert cache.num_graphs == 4, "each of the four step shapes, seen twice, is captured"
         for outs in runs:
             for a, b in zip(eager, outs):
                 assert torch.equal(a, b), (dtype, (a - b).abs().max())
