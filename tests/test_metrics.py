@@ -115,6 +115,11 @@ def test_wandb_offline(tmp_path, monkeypatch):
     logger.log(train_record(2, loss=2.0))
     logger.log(ACCEPT)
     logger.close()
+    # finish() hands the records to wandb-core, which writes the .wandb log on its own; under load (a CI run with
+    # both cores busy) the log was once read back still empty. Shutting the service down, as a process's exit
+    # does, waits for it to write everything.
+    import wandb
+    wandb.teardown()
 
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     records = read_wandb_records(run_file)
