@@ -16,6 +16,8 @@ quality, not the verification, decides it. Rows: forwards and ms per generated t
         [--layer-scale 0.25] [--run-dir runs/verify_next] [--tree 8 5 31]
     python benchmarks/verify_next.py --device cpu --tiny
 
+Rows go to RESULTS.md from GPU runs only (a CPU run prints its table).
+
 A run dir with a checkpoint is decoded as it is: train the draft on one machine (`--device cpu --run-dir DIR`),
 carry DIR, and decode it on the GPU with the same flags. After its rows the script prints each mode's split of a
 round: drafting, target forwards and the rest, timed with CUDA syncs in a separate pass.
@@ -214,7 +216,9 @@ def main() -> None:
         table.append(f"{cfg.mode:6s} tau {tau:.2f}  forwards {forwards} vs {w_forwards} ({w_forwards / forwards:.2f}x)"
                      f"  ms/token {1e3 * secs / generated:.2f} vs {1e3 * w_secs / generated:.2f} "
                      f"({w_secs / secs:.2f}x)  tokens {generated}")
-    if not args.tiny:
+    if args.tiny or device.type != "cuda":  # the rows are GPU results: a CPU run's times are not
+        print(f"no rows written to {args.results} ({'--tiny' if args.tiny else 'a CPU run'})")
+    else:
         append_rows("Qwen3-Next verification", rows, note=(
             "benchmarks/verify_next.py: real acceptance measurement on a Qwen3-Next target, tree verification (one "
             "target forward per round, the gated delta net keeping a state per tree node) vs walk verification (one "
