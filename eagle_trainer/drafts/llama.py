@@ -216,17 +216,16 @@ class KVCache:
         by default every earlier key and, causally, the new ones (a tree decoder passes its ancestor mask).
         """
         n, start = tokens.shape[1], self.length
+        if self.capacity is not None and start + n > self.capacity:
+            raise ValueError(f"the draft KV cache holds {self.capacity} positions; extending {start} by {n} "
+                             "overflows it: build it with a larger capacity")
         self.length += n
         if self.capacity is None:
             return self.draft.step(tokens, hidden, positions, self._growing_attend(allowed))
-        if self.length > self.capacity:
-            raise ValueError(f"the draft KV cache holds {self.capacity} positions; extending {start} by {n} "
-                             "overflows it: build it with a larger capacity")
         device = tokens.device
         index = torch.arange(start, self.length, device=device)
-        keys = torch.arange(self.capacity, device=device)
         if allowed is None:  # every earlier key and, causally, the new ones
-            mask = keys <= index[:, None]
+            mask = torch.arange(self.capacity, device=device) <= index[:, None]
         else:
             mask = torch.zeros(n, self.capacity, dtype=torch.bool, device=device)
             mask[:, :self.length] = allowed

@@ -57,8 +57,8 @@ def test_every_kind_round_trips_its_checkpoint(name, tmp_path):
 
 
 def drive(cache, draft, width: int, device="cpu"):
-    """A decode-like sequence on `cache`, reset first: a prefill of 6, a tree step of 4 nodes under an ancestor mask, truncation
-    back, an accepted run of 2, a reset and a second prefill -> every step's output."""
+    """A decode-like sequence on `cache`, reset first: a prefill of 6, a tree step of 4 nodes under an ancestor
+    mask, truncation back, an accepted run of 2, a reset and a second prefill -> every step's output."""
     torch.manual_seed(1)
     cache.reset()
     dtype = next(p for p in draft.parameters() if p.requires_grad).dtype
