@@ -41,11 +41,13 @@ def _refuse_packed(module: nn.Module, args) -> None:
                      "set target.gdn_impl=triton (on the CPU with TRITON_INTERPRET=1)")
 
 
-def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs):
-    if cache_params is not None or attention_mask is not None:
+HF_FORWARD_ARGUMENTS = ("cache_params", "cache", "attention_mask")  # (transformers 5 renamed cache_params to cache)
+
+
+def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+    if any(a is not None for a in args) or any(kwargs.get(name) is not None for name in HF_FORWARD_ARGUMENTS):
         _refuse_packed(self, ())
-        return type(self).forward(self, hidden_states, cache_params=cache_params, attention_mask=attention_mask,
-                                  **kwargs)
+        return type(self).forward(self, hidden_states, *args, **kwargs)
     from eagle_trainer.kernels.gdn import causal_conv1d_silu, chunk_gated_delta_rule, gated_rms_norm, gdn_gating
     cu_seqlens = current_documents()  # [D+1] of a packed batch (B = 1): conv and state restart per document
     b, t, _ = hidden_states.shape

@@ -369,12 +369,14 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
     ref = FrozenTarget(ref_model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
     torch.testing.assert_close(ours.aux_hidden, ref.aux_hidden, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ours.final_hidden, ref.final_hidden, rtol=1e-4, atol=1e-4)
-    # incremental decoding with a cache takes HF's path: same logits as the reference model
+    # incremental decoding with a cache takes HF's path (whichever name this transformers gives the cache): the same
+    # logits as the reference model for the prefill and for the tokens decoded from the states it left in the cache
     from transformers import DynamicCache
-    out = model(batch.input_ids[:1, :5], **{cache_argument(model): DynamicCache(config=model.config)}, use_cache=True)
-    expect = ref_model(batch.input_ids[:1, :5], **{cache_argument(ref_model): DynamicCache(config=ref_model.config)},
-                       use_cache=True)
-    torch.testing.assert_close(out.logits, expect.logits)
+    caches = {m: DynamicCache(config=m.config) for m in (model, ref_model)}
+    for start, end in ((0, 5), (5, 6), (6, 8)):
+        out, expect = (m(batch.input_ids[:1, start:end], **{cache_argument(m): caches[m]}, use_cache=True)
+                       for m in (model, ref_model))
+        torch.testing.assert_close(out.logits, expect.logits)
 
 
 def test_tree_decoding_on_the_gdn_core_equals_hf_ops_and_the_reference(tiny_qwen3_next_path):
