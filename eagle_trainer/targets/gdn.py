@@ -1,11 +1,16 @@
 """Binding the Triton GDN core (kernels/gdn) into HF's Qwen3-Next linear-attention modules, per instance.
 
 HF's `Qwen3NextGatedDeltaNet.forward` stays the model definition: our forward reuses the module's own
-projections, `fix_query_key_value_ordering`, conv weight, A_log, dt_bias, gated-norm weight and out_proj, and
-swaps the four steps between them for our kernels (conv1d + SiLU, g/beta gating, the chunked gated delta rule,
-the gated RMSNorm). The frozen target's training forward has no cache and no attention mask (batches are
-right-padded: the causal conv and the delta rule never carry padding into earlier tokens); any call with a
-cache (evaluation's incremental decoding) or a mask goes to HF's original forward.
+projections, conv weight, A_log, dt_bias, gated-norm weight and out_proj, and swaps the four steps between them
+for our kernels (conv1d + SiLU, g/beta gating, the chunked gated delta rule, the gated RMSNorm). HF's
+`fix_query_key_value_ordering` splits the in_proj_qkvz output into q, k, v and z and copies v and z into head
+order, and the conv input is their concatenation, another copy: instead, that method is run once on column
+numbers (`ProjectionLayout`), and the conv reads its channels and the gated norm its z straight out of the
+projection's output, the delta rule q, k and v out of the conv's (about 10 ms of copies a step at 48 layers and
+T=4096 on an H100). A layout that is not runs and strides falls back to HF's method and the copies.
+The frozen target's training forward has no cache and no attention mask (batches are right-padded: the causal
+conv and the delta rule never carry padding into earlier tokens); any call with a cache (evaluation's incremental
+decoding) or a mask goes to HF's original forward.
 
 Packed batches (data.pack): FrozenTarget sets the documents' starts (targets/packing.py) around the forward,
 and our forward hands them to the conv and the delta rule as cu_seqlens, so both restart at each document.
@@ -20,8 +25,10 @@ Shapes: B batch, T tokens, C conv channels (2*Hk*Dk + Hv*Dv), Hk/Hv key/value he
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,10 +58,17 @@ def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     from eagle_trainer.kernels.gdn import causal_conv1d_silu, chunk_gated_delta_rule, gated_rms_norm, gdn_gating
     cu_seqlens = current_documents()  # [D+1] of a packed batch (B = 1): conv and state restart per document
     b, t, _ = hidden_states.shape
-    query, key, value, z, beta_in, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
-                                                                         self.in_proj_ba(hidden_states))
-    mixed = torch.cat([x.reshape(b, t, -1) for x in (query, key, value)], dim=-1)  # [B, T, C]
-    mixed = causal_conv1d_silu(mixed, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens)
+    qkvz, ba = self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
+    layout = projection_layout(self, qkvz.device)
+    if layout is not None and qkvz.is_contiguous():  # q, k, v and z read where the projection wrote them
+        beta_in, a = (ba.index_select(-1, index) for index in (layout.beta_columns, layout.a_columns))
+        mixed = causal_conv1d_silu(qkvz, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens,
+                                   column_starts=layout.conv_starts, column_align=layout.conv_align)  # [B, T, C]
+        z = layout.gate(qkvz)  # [B, T, Hk, G, Dv], a view
+    else:
+        query, key, value, z, beta_in, a = self.fix_query_key_value_ordering(qkvz, ba)
+        mixed = torch.cat([x.reshape(b, t, -1) for x in (query, key, value)], dim=-1)  # [B, T, C]
+        mixed = causal_conv1d_silu(mixed, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens)
     query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
     query = query.reshape(b, t, -1, self.head_k_dim)  # [B, T, Hk, Dk]
     key = key.reshape(b, t, -1, self.head_k_dim)
@@ -63,6 +77,79 @@ def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     core = chunk_gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens, l2norm_qk=True)  # [B, T, Hv, Dv]
     core = gated_rms_norm(core, z, self.norm.weight, self.norm.variance_epsilon)
     return self.out_proj(core.reshape(b, t, -1))
+
+
+@dataclass(frozen=True)
+class ProjectionLayout:
+    """Where HF's `fix_query_key_value_ordering` takes q, k, v, z, b and a from the two input projections' columns,
+    in the forms our kernels read without copies: the conv channels (q, k, v flattened, in HF's concatenation
+    order) as runs of consecutive columns of in_proj_qkvz's output, z as a strided view of it, b and a as column
+    indices of in_proj_ba's output."""
+
+    conv_starts: torch.Tensor  # [C / S] int32: the first column of each run of S conv channels
+    conv_align: int  # the largest power of two up to 16 dividing every start
+    gate_offset: int  # z: column of (key head 0, group member 0, dim 0)
+    gate_shape: tuple[int, int, int]  # (Hk, G, Dv)
+    gate_strides: tuple[int, int]  # columns from one key head to the next, and between a group's members
+    beta_columns: torch.Tensor  # [Hv] int64
+    a_columns: torch.Tensor  # [Hv] int64
+
+    def gate(self, qkvz: torch.Tensor) -> torch.Tensor:
+        """z [B, T, Hk, G, Dv] as a view of the contiguous in_proj_qkvz output [B, T, W]."""
+        b, t, width = qkvz.shape
+        return qkvz.as_strided((b, t, *self.gate_shape), (t * width, width, *self.gate_strides, 1),
+                               qkvz.storage_offset() + self.gate_offset)
+
+
+def _runs(columns: torch.Tensor, longest: int = 128) -> tuple[torch.Tensor, int] | None:
+    """`columns` [C] as runs of S consecutive columns (the longest power of two up to `longest` that divides C and
+    holds), -> (their starts, S); None if no run of 16 or more does."""
+    run = longest
+    while run >= 16:
+        if columns.numel() % run == 0:
+            grid = columns.view(-1, run)
+            if torch.equal(grid - grid[:, :1], torch.arange(run).expand_as(grid)):
+                return grid[:, 0], run
+        run //= 2
+    return None
+
+
+def _derive_layout(module: nn.Module) -> ProjectionLayout | None:
+    """Run the module's own `fix_query_key_value_ordering` on column numbers: whatever HF's layout, the tensors it
+    returns say which column each element comes from. None when that is not expressible as runs and strides."""
+    hk, hv, dv = module.num_k_heads, module.num_v_heads, module.head_v_dim
+    group = hv // hk
+    qkvz_cols = torch.arange(module.in_proj_qkvz.out_features).view(1, 1, -1)
+    ba_cols = torch.arange(module.in_proj_ba.out_features).view(1, 1, -1)
+    query, key, value, z, beta_cols, a_cols = module.fix_query_key_value_ordering(qkvz_cols, ba_cols)
+    conv = _runs(torch.cat([x.reshape(-1) for x in (query, key, value)]))
+    z = z.reshape(hk, group, dv)
+    offset = int(z[0, 0, 0])
+    step_head = int(z[1, 0, 0]) - offset if hk > 1 else 0
+    step_member = int(z[0, 1, 0]) - offset if group > 1 else 0
+    expect = (offset + torch.arange(hk)[:, None, None] * step_head + torch.arange(group)[None, :, None] * step_member
+              + torch.arange(dv)[None, None, :])
+    if conv is None or step_head < 0 or step_member < 0 or not torch.equal(z, expect):
+        return None
+    align = 16
+    while align > 1 and bool((conv[0] % align).any()):
+        align //= 2
+    return ProjectionLayout(conv_starts=conv[0].to(torch.int32), conv_align=align, gate_offset=offset,
+                            gate_shape=(hk, group, dv),
+                            gate_strides=(step_head, step_member), beta_columns=beta_cols.reshape(-1),
+                            a_columns=a_cols.reshape(-1))
+
+
+def projection_layout(module: nn.Module, device: torch.device) -> ProjectionLayout | None:
+    """The module's ProjectionLayout on `device`, derived once and kept on the module."""
+    cached = module.__dict__.get("_eagle_projection_layout")
+    if cached is None or cached[0] != device:
+        layout = _derive_layout(module)
+        if layout is not None:
+            layout = dataclasses.replace(layout, **{name: getattr(layout, name).to(device)
+                                                    for name in ("conv_starts", "beta_columns", "a_columns")})
+        cached = module._eagle_projection_layout = (device, layout)
+    return cached[1]
 
 
 def resolve_gdn_impl(impl: str, device: torch.device) -> str:

@@ -73,6 +73,19 @@ def test_chunk_matches_reference(poisoned, batch, num_tokens, num_k_heads, num_v
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("batch,num_tokens", [(2, 67), (1, 130)])
+def test_chunk_reads_q_k_v_where_they_lie(poisoned, batch, num_tokens):
+    """q, k, v split out of one [B, T, C] tensor (the conv's output) are read through their row stride, not
+    copied: the same bits as contiguous copies."""
+    q, k, v, g, beta = random_inputs(batch, num_tokens, 2, 4, 16, 24, seed=num_tokens)
+    mixed = torch.cat([x.flatten(2) for x in (q, k, v)], dim=-1)  # [B, T, 2 * 32 + 96]
+    views = [x.unflatten(-1, (-1, dim)) for x, dim in zip(mixed.split([32, 32, 96], dim=-1), (16, 16, 24))]
+    assert not any(x.is_contiguous() for x in views)
+    out = chunk_gated_delta_rule(*views, g, beta)
+    assert not out.isnan().any()
+    assert torch.equal(out, chunk_gated_delta_rule(q, k, v, g, beta))
+
+
 def test_packed_documents_do_not_share_state(poisoned):
     lengths = [1, 70, 5, 64]
     cu_seqlens = torch.tensor([0, 1, 71, 76, 140], device=DEVICE, dtype=torch.int32)

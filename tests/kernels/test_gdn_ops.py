@@ -93,6 +93,25 @@ def test_conv_packed_documents_do_not_leak(poisoned, lengths):
                                            rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("run,runs,width,seq_len,packed,align", [
+    (16, 5, 120, 67, False, 1), (24, 3, 100, 9, True, 1), (128, 2, 300, 3, False, 1), (32, 4, 304, 20, True, 16)])
+def test_conv_reads_scattered_column_runs(poisoned, run, runs, width, seq_len, packed, align):
+    """column_starts: channel j*S + i is x's column starts[j] + i (runs in any order, x wider than C, starts
+    multiples of `align` where that is promised): the same result as gathering those columns first; a run of 24
+    splits into blocks of 8 channels."""
+    channels = run * runs
+    starts = torch.randperm((width - run) // align + 1, generator=torch.Generator().manual_seed(run))[:runs] * align
+    columns = (starts[:, None] + torch.arange(run)).reshape(-1).to(DEVICE)
+    x = randn(1 if packed else 2, seq_len, width, seed=run)
+    w, bias = randn(channels, 4, seed=1, scale=0.5), randn(channels, seed=2)
+    cu_seqlens = torch.tensor([0, 4, seq_len], dtype=torch.int32, device=DEVICE) if packed else None
+    out = causal_conv1d_silu(x, w, bias, cu_seqlens=cu_seqlens, column_starts=starts.to(DEVICE), column_align=align)
+    assert out.shape == (*x.shape[:2], channels) and not out.isnan().any()
+    assert torch.equal(out, causal_conv1d_silu(x[..., columns], w, bias, cu_seqlens=cu_seqlens))
+    torch.testing.assert_close(out, causal_conv1d_silu_reference(x[..., columns], w, bias, cu_seqlens),
+                               rtol=1e-5, atol=1e-6)
+
+
 def hf_gating(a, b, a_log, dt_bias):
     """HF's expressions in Qwen3NextGatedDeltaNet.forward."""
     beta = b.sigmoid()
@@ -127,6 +146,21 @@ def test_gated_norm_matches_reference_and_hf(poisoned, rows, dim):
     assert out.dtype == torch.float32 and not out.isnan().any()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, gated_rms_norm_reference(x, z, module.weight, 1e-6), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,seq_len,key_heads,group,dim", [(1, 1, 1, 1, 20), (2, 5, 3, 2, 24), (1, 67, 2, 3, 7)])
+def test_gated_norm_reads_a_grouped_strided_gate(poisoned, batch, seq_len, key_heads, group, dim):
+    """z [B, T, Hk, G, D] as a view into a wider row (Qwen3-Next's z inside the in_proj_qkvz output): the same
+    bits as the gate copied into [B, T, Hk * G, D]."""
+    heads, row = key_heads * group, key_heads * (group * dim + 5)  # 5 other columns after each key head's gate
+    wide = randn(batch, seq_len, row, seed=dim, scale=2)
+    z = wide.view(batch, seq_len, key_heads, group * dim + 5)[..., :group * dim].unflatten(-1, (group, dim))
+    x, weight = randn(batch, seq_len, heads, dim, seed=dim + 1, scale=3), randn(dim, seed=3)
+    out = gated_rms_norm(x, z, weight, 1e-6)
+    assert out.shape == x.shape and not out.isnan().any()
+    flat = z.reshape(batch, seq_len, heads, dim)  # a copy
+    assert torch.equal(out, gated_rms_norm(x, flat, weight, 1e-6))
+    torch.testing.assert_close(out, gated_rms_norm_reference(x, flat, weight, 1e-6), rtol=1e-5, atol=1e-6)
 
 
 def test_ops_inside_hf_gated_delta_net(poisoned):
@@ -164,6 +198,11 @@ def test_bad_shapes_raise():
         gdn_gating(x, x, torch.zeros(7, device=DEVICE), torch.zeros(8, device=DEVICE))
     with pytest.raises(ValueError, match="do not fit"):
         gated_rms_norm(x, x[..., :4], torch.zeros(8, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match=r"column_starts \(3,\) does not split the conv's 8 channels"):
+        causal_conv1d_silu(x, torch.zeros(8, 4, device=DEVICE), column_starts=torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="column_align=12 must be a power of two"):
+        causal_conv1d_silu(x, torch.zeros(8, 4, device=DEVICE), column_starts=torch.zeros(2, dtype=torch.int32),
+                           column_align=12)
 
 
 def test_empty_inputs():

@@ -354,13 +354,14 @@ def test_fused_expert_layout_loads_the_same_model(loaded, tmp_path):
 def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
     """gdn_impl=triton (the Triton GDN core, fp32: compiled on a GPU, interpreted on the CPU) captures what HF's torch path does;
     a cached (decoding) call still goes through HF's forward."""
-    from eagle_trainer.targets.gdn import LINEAR_ATTENTION_CLASS
+    from eagle_trainer.targets.gdn import LINEAR_ATTENTION_CLASS, projection_layout
     kinds = {"moe_impl": "hf", "norm_impl": "hf", "dtype": "float32"}  # only the GDN differs
     ref_model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="hf", **kinds),
                                            DEVICE)
     model, _, _, _ = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl="triton", **kinds), DEVICE)
     gdn = [m for m in model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS]
     assert gdn and all("forward" in m.__dict__ for m in gdn)
+    assert all(projection_layout(m, DEVICE) is not None for m in gdn)  # the copy-free path runs
     assert not any("forward" in m.__dict__ for m in ref_model.modules() if type(m).__name__ == LINEAR_ATTENTION_CLASS)
     ids, t2d = draft_vocab(info.vocab_size, 200)
     aux_ids = spec.aux_layers(info.num_layers)
@@ -377,6 +378,33 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
         out, expect = (m(batch.input_ids[:1, start:end], **{cache_argument(m): caches[m]}, use_cache=True)
                        for m in (model, ref_model))
         torch.testing.assert_close(out.logits, expect.logits)
+
+
+@pytest.mark.parametrize("key_dim,value_dim,layout", [(16, 32, True), (32, 16, True), (12, 20, False)])
+def test_projection_layout_reads_what_hf_splits(key_dim, value_dim, layout):
+    """The conv channels, z, b and a that HF's fix_query_key_value_ordering makes of the two projections are where
+    ProjectionLayout says; heads of 12 make runs shorter than 16, so no layout (HF's method and copies then)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from eagle_trainer.targets.gdn import projection_layout
+    config = tiny_qwen3_next_config(vocab_size=64, hidden_size=40, linear_num_key_heads=2, linear_num_value_heads=6,
+                                    linear_key_head_dim=key_dim, linear_value_head_dim=value_dim)
+    module = Qwen3NextGatedDeltaNet(config, layer_idx=0)
+    found = projection_layout(module, torch.device("cpu"))
+    assert (found is not None) == layout
+    if not layout:
+        return
+    assert found.conv_align == 16 and not bool((found.conv_starts % 16).any())  # heads of 16 and 32: 16-aligned
+    g = torch.Generator().manual_seed(0)
+    qkvz = torch.randn(2, 3, module.in_proj_qkvz.out_features, generator=g)
+    ba = torch.randn(2, 3, module.in_proj_ba.out_features, generator=g)
+    query, key, value, z, b, a = module.fix_query_key_value_ordering(qkvz, ba)
+    conv_in = torch.cat([x.reshape(2, 3, -1) for x in (query, key, value)], dim=-1)
+    run = conv_in.shape[-1] // found.conv_starts.numel()
+    columns = (found.conv_starts[:, None].long() + torch.arange(run)).reshape(-1)
+    assert torch.equal(qkvz[..., columns], conv_in)
+    assert torch.equal(found.gate(qkvz).reshape(z.shape), z)
+    assert torch.equal(ba[..., found.beta_columns], b) and torch.equal(ba[..., found.a_columns], a)
 
 
 def test_tree_decoding_on_the_gdn_core_equals_hf_ops_and_the_reference(tiny_qwen3_next_path):

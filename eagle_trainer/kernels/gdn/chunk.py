@@ -149,7 +149,8 @@ def _block_products(a_ptr, b_ptr, r0, r1, r2, r3, m0, m1, m2, m3, STRIDE: tl.con
 
 @triton.jit
 def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, aqk_ptr, cu_seqlens_ptr,
-                         cu_chunks_ptr, scale, num_seqs, num_steps, HK: tl.constexpr, HV: tl.constexpr,
+                         cu_chunks_ptr, scale, num_seqs, num_steps, stride_qk: tl.constexpr, HK: tl.constexpr,
+                         HV: tl.constexpr,
                          K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
                          L2NORM: tl.constexpr, PREC: tl.constexpr):
     """One (chunk, value head): T = (I + A)^-1 and Aqk in 16 x 16 blocks (rows i, columns j <= i), from raw q, k
@@ -164,8 +165,8 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
     t0 = (i_c - tl.load(cu_chunks_ptr + i_n)).to(tl.int32) * BT  # chunk start within the document
     i_hk = i_h // (HV // HK)
     # scalar 64-bit bases at this document's first row; offsets inside the document stay 32-bit
-    q_ptr += (bos * HK + i_hk) * K
-    k_ptr += (bos * HK + i_hk) * K
+    q_ptr += bos * stride_qk + i_hk * K
+    k_ptr += bos * stride_qk + i_hk * K
     rq_ptr += bos * HK + i_hk
     rk_ptr += bos * HK + i_hk
     g_ptr += bos * HV + i_h
@@ -194,7 +195,7 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
 
     # Pass 1 over Dk: k_i.k_j and 1 / |k_i|
     kk00, kk10, kk11, kk20, kk21, kk22, kk30, kk31, kk32, kk33, rk0, rk1, rk2, rk3 = _block_products(
-        k_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, HK * K, K, BK, BS, True, L2NORM, PREC)
+        k_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, stride_qk, K, BK, BS, True, L2NORM, PREC)
     bk0 = rk0 * tl.load(beta_ptr + r0 * HV, mask=m0, other=0.0).to(tl.float32)
     bk1 = rk1 * tl.load(beta_ptr + r1 * HV, mask=m1, other=0.0).to(tl.float32)
     bk2 = rk2 * tl.load(beta_ptr + r2 * HV, mask=m2, other=0.0).to(tl.float32)
@@ -228,7 +229,7 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
 
     # Pass 2 over Dk: q_i.k_j and 1 / |q_i| -> Aqk = q^_i.k^_j exp(gc_i - gc_j), j <= i, the scale on q
     qk00, qk10, qk11, qk20, qk21, qk22, qk30, qk31, qk32, qk33, rq0, rq1, rq2, rq3 = _block_products(
-        q_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, HK * K, K, BK, BS, False, L2NORM, PREC)
+        q_ptr, k_ptr, r0, r1, r2, r3, m0, m1, m2, m3, stride_qk, K, BK, BS, False, L2NORM, PREC)
     if i_h % (HV // HK) == 0:  # the first value head of a group stores its key head's reciprocal norms
         tl.store(rk_ptr + r0 * HK, rk0, mask=m0)
         tl.store(rk_ptr + r1 * HK, rk1, mask=m1)
@@ -251,7 +252,8 @@ def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, a
 
 @triton.jit
 def _head_step(b_S, b_q, b_k, b_rq, b_rk, g_ptr, beta_ptr, v_ptr, o_ptr, t_ptr, aqk_ptr, o_t, m_t, o_v, m_v, o_i,
-               m_blocks, HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr):
+               m_blocks, stride_v: tl.constexpr, HV: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+               PREC: tl.constexpr):
     """One chunk of one value head (pointers at the head's first row): writes o, returns the next state."""
     dot_ty = t_ptr.dtype.element_ty
     b_g = tl.load(g_ptr + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
@@ -260,7 +262,8 @@ def _head_step(b_S, b_q, b_k, b_rq, b_rk, g_ptr, beta_ptr, v_ptr, o_ptr, t_ptr, 
     b_gl = tl.sum(b_g, axis=0)  # padding rows add 0
     m_tv = m_t[:, None] & m_v[None, :]
     o_tv = (o_t * (HV * V))[:, None] + o_v[None, :]
-    b_v = tl.load(v_ptr + o_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+    o_vv = (o_t * stride_v)[:, None] + o_v[None, :]
+    b_v = tl.load(v_ptr + o_vv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
     o_tt = (o_t * (HV * BT))[:, None] + o_i[None, :]
     m_tt = m_t[:, None] & m_blocks  # blocks above the diagonal are never written
     b_T = tl.load(t_ptr + o_tt, mask=m_tt, other=0.0)  # [BT, BT]
@@ -280,7 +283,9 @@ def _head_step(b_S, b_q, b_k, b_rq, b_rk, g_ptr, beta_ptr, v_ptr, o_ptr, t_ptr, 
 
 @triton.jit
 def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, aqk_ptr, o_ptr,
-                           cu_seqlens_ptr, scale, HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                           cu_seqlens_ptr, scale, stride_qk: tl.constexpr, stride_v: tl.constexpr,
+                           HK: tl.constexpr, HV: tl.constexpr,
+                           K: tl.constexpr,
                            V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, HPP: tl.constexpr, PREC: tl.constexpr):
     """Raw q, k rows are the matmul operands; their l2 norms (rq, rk: reciprocals from the prepare kernel), the
@@ -299,11 +304,11 @@ def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr,
     m_k = o_k < K
     m_v = o_v < V
     # scalar 64-bit bases at this document's first row; offsets inside the document stay 32-bit
-    k_ptr += (bos * HK + i_hk) * K
-    q_ptr += (bos * HK + i_hk) * K
+    k_ptr += bos * stride_qk + i_hk * K
+    q_ptr += bos * stride_qk + i_hk * K
     rk_ptr += bos * HK + i_hk
     rq_ptr += bos * HK + i_hk
-    v_ptr += (bos * HV + i_h) * V
+    v_ptr += bos * stride_v + i_h * V
     o_ptr += (bos * HV + i_h) * V
     t_ptr += (bos * HV + i_h) * BT
     aqk_ptr += (bos * HV + i_h) * BT
@@ -316,16 +321,17 @@ def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr,
         o_t = i_c * BT + o_i
         m_t = o_t < seq_len
         m_qk = m_t[:, None] & m_k[None, :]
-        o_qk = (o_t * (HK * K))[:, None] + o_k[None, :]
+        o_qk = (o_t * stride_qk)[:, None] + o_k[None, :]
         b_k = tl.load(k_ptr + o_qk, mask=m_qk, other=0.0).to(dot_ty)  # [BT, BK]
         b_q = tl.load(q_ptr + o_qk, mask=m_qk, other=0.0).to(dot_ty)
         b_rk = tl.load(rk_ptr + o_t * HK, mask=m_t, other=0.0)
         b_rq = tl.load(rq_ptr + o_t * HK, mask=m_t, other=0.0) * scale
         b_S0 = _head_step(b_S0, b_q, b_k, b_rq, b_rk, g_ptr, beta_ptr, v_ptr, o_ptr, t_ptr, aqk_ptr, o_t, m_t, o_v,
-                          m_v, o_i, m_blocks, HV, V, BT, PREC)
+                          m_v, o_i, m_blocks, stride_v, HV, V, BT, PREC)
         if HPP == 2:
             b_S1 = _head_step(b_S1, b_q, b_k, b_rq, b_rk, g_ptr + 1, beta_ptr + 1, v_ptr + V, o_ptr + V,
-                              t_ptr + BT, aqk_ptr + BT, o_t, m_t, o_v, m_v, o_i, m_blocks, HV, V, BT, PREC)
+                              t_ptr + BT, aqk_ptr + BT, o_t, m_t, o_v, m_v, o_i, m_blocks, stride_v, HV, V, BT,
+                              PREC)
 
 
 def _recurrent_launch(head_v_dim: int, programs_per_block: int, device: torch.device) -> tuple[int, int]:
@@ -342,7 +348,9 @@ def _recurrent_launch(head_v_dim: int, programs_per_block: int, device: torch.de
 
 def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                          cu_seqlens: torch.Tensor, scale: float, l2norm_qk: bool) -> torch.Tensor:
-    """Packed, contiguous inputs: q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, beta [T, Hv]; cu_seqlens [N+1] int32."""
+    """Packed inputs: q, k [T, Hk, Dk] and v [T, Hv, Dv], each row contiguous (q and k with one row stride, v with
+    its own: views of the conv output are read where they lie); g, beta [T, Hv] and cu_seqlens [N+1] int32
+    contiguous."""
     _, num_k_heads, head_k_dim = k.shape
     total, num_v_heads, head_v_dim = v.shape
     num_seqs = cu_seqlens.numel() - 1
@@ -366,16 +374,31 @@ def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     launch = INTERPRET if interpret else PREPARE_GPU
     chunk_prepare_kernel[(triton.cdiv(total, BT) + num_seqs, num_v_heads)](
         q, k, g, beta, recip_q, recip_k, t_inv, aqk, cu_seqlens, cu_chunks, scale, num_seqs,
-        max(num_seqs - 1, 0).bit_length(), HK=num_k_heads, HV=num_v_heads, K=head_k_dim,
+        max(num_seqs - 1, 0).bit_length(), k.stride(0), HK=num_k_heads, HV=num_v_heads, K=head_k_dim,
         BK=min(launch["BK"], block_k), BT=BT, BS=BS, L2NORM=l2norm_qk, PREC=prec,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     o = new_buffer((total, num_v_heads, head_v_dim), v)
     launch = recurrent
     chunk_recurrent_kernel[(triton.cdiv(head_v_dim, block_v), num_seqs * num_v_heads // heads_per_program)](
-        q, k, v, g, beta, recip_q, recip_k, t_inv, aqk, o, cu_seqlens, scale, HK=num_k_heads, HV=num_v_heads,
+        q, k, v, g, beta, recip_q, recip_k, t_inv, aqk, o, cu_seqlens, scale, k.stride(0), v.stride(0),
+        HK=num_k_heads, HV=num_v_heads,
         K=head_k_dim, V=head_v_dim, BT=BT, BS=BS, BK=block_k, BV=block_v, HPP=heads_per_program, PREC=prec,
         num_warps=launch["num_warps"], num_stages=stages)
     return o
+
+
+def _token_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v [B, T, H, D] -> [B*T, H, D] with contiguous rows: views where they already are (e.g. split out of
+    the conv output's [B, T, C]), copies otherwise; q and k share one row stride; every row offset stays within
+    32 bits (the kernels' row arithmetic)."""
+    def rows(x):
+        x = x.reshape(-1, *x.shape[2:])  # a view when B and T merge
+        dense = x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.stride(0) >= x.shape[1] * x.shape[2]
+        return x if dense and x.shape[0] * x.stride(0) < 2**31 else x.contiguous()
+    q, k, v = rows(q), rows(k), rows(v)
+    if q.stride(0) != k.stride(0):
+        q, k = q.contiguous(), k.contiguous()
+    return q, k, v
 
 
 def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -405,6 +428,8 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, batch + 1, device=v.device, dtype=torch.int32) * num_tokens
     scale = head_k_dim ** -0.5 if scale is None else scale
-    flat = [x.reshape(batch * num_tokens, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
-    o = gated_delta_rule_fwd(*flat, cu_seqlens.to(torch.int32).contiguous(), scale, l2norm_qk)
-    return o.view(v.shape)
+    shape = v.shape
+    q, k, v = _token_rows(q, k, v)
+    g, beta = (x.reshape(batch * num_tokens, -1).contiguous() for x in (g, beta))
+    o = gated_delta_rule_fwd(q, k, v, g, beta, cu_seqlens.to(torch.int32).contiguous(), scale, l2norm_qk)
+    return o.view(shape)
