@@ -110,7 +110,7 @@ def test_align_pairs_blocks_hold_one_expert_each(num_tokens, num_experts, top_k,
 
 
 @pytest.mark.parametrize("num_tokens,num_experts,top_k,block_m", [
-    (1, 4, 1, 16), (37, 6, 2, 16), (300, 9, 3, 64), (200, 128, 8, 64), (150, 512, 10, 128)])
+    (1, 4, 1, 16), (37, 6, 2, 16), (300, 9, 3, 64), (200, 128, 8, 64), (150, 512, 10, 128), (1100, 128, 8, 64)])
 def test_counting_sort_equals_a_stable_sort(num_tokens, num_experts, top_k, block_m):
     g = torch.Generator().manual_seed(num_tokens)
     ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)]).to(DEVICE)
