@@ -23,10 +23,14 @@
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
 #                                            # of that length), on the one loaded target; SIDES (default
 #                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
+#   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
+#                                            # teacher (train_online.py --profile, 48 layers, ours only), one
+#                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
+#                                            # and the draft step alone (profile_draft.py --gaps)
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the peer
 # benchmarks add it. Logs and RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 source "$(dirname "$0")/device_env.sh"
-case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full} in
+case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full|profile} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
@@ -42,5 +46,10 @@ full) export PYTHONPATH=$PEERS_PATH
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
           --seqs 4096 --steps 12 --pack ${PACK:-1 4} --sides "${SIDES:-ours,peer}" --results "$OUT/RESULTS.md" 2>&1 |
           tee "$OUT/full.log" | tail -8 ;;
-*) echo "unknown phase $1 (tests, verify, moe or full)"; exit 2 ;;
+profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
+             --seqs 4096 --steps 8 --pack 1 --sides ours --profile 2>&1 | tee "$OUT/profile_full.log" | tail -3
+         timeout 90 python3 benchmarks/profile_moe.py --shape qwen3_next --tokens 4096 --experts "${EXPERTS:-128}" \
+             > "$OUT/profile_moe.log" 2>&1
+         timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps > "$OUT/profile_draft.log" 2>&1 ;;
+*) echo "unknown phase $1 (tests, verify, moe, full or profile)"; exit 2 ;;
 esac

@@ -81,9 +81,10 @@ GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNCS = ("Synchronize", "cudaMemcpy", "cuMemcpy", "cudaFree", "cudaMalloc")
 
 
-def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
-    """Two steps back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training loop runs
-    them; the GPU's idle stretches within the second (the kernels its host calls launched)."""
+def _traced(step):
+    """Two runs of `step` back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training
+    loop runs them -> (the trace's complete events, kernel launches by correlation id, host ops and Python frames,
+    the GPU work the second run's host calls launched, in time order)."""
     with tempfile.TemporaryDirectory() as tmp:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
                      record_shapes=True) as prof:
@@ -104,6 +105,38 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
         return launch is not None and lo <= launch["ts"] <= hi
     gpu = sorted((e for e in events if e.get("cat") in GPU_CATS and in_second(e)), key=lambda e: e["ts"])
     host = [e for e in events if e.get("cat") in ("cpu_op", "python_function")]
+    return events, launches, host, gpu
+
+
+def _launched_in(kernel, launches, host, code=("eagle_trainer", "benchmarks")):
+    """The host ops around a kernel's launch, innermost first, and the innermost frame of `code`."""
+    launch = launches.get(kernel.get("args", {}).get("correlation"))
+    at = launch["ts"] if launch else kernel["ts"]
+    around = sorted((h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]), key=lambda h: h["dur"])
+    ours = [h["name"] for h in around if any(c in h["name"] for c in code)]
+    return around, (ours[0] if ours else "?")
+
+
+def kernel_sites(step, rows: int) -> str:
+    """The second of two runs' device time by (kernel, the aten op that launched it, the innermost line of ours or
+    of transformers' modeling code around it), largest first."""
+    _, launches, host, gpu = _traced(step)
+    sites: dict[str, list[float]] = {}
+    for e in gpu:
+        around, site = _launched_in(e, launches, host, ("eagle_trainer", "benchmarks", "modeling_"))
+        op = next((h["name"] for h in around if h["name"].startswith("aten::")), "")
+        key = f"{e['name'][:44]:44s} {op[:24]:24s} {site[-64:]}"
+        sites.setdefault(key, []).append(e["dur"])
+    lines = [f"device time by launch site ({sum(map(sum, sites.values())) / 1e3:.2f} ms):"]
+    lines += [f"  {sum(d) / 1e3:6.2f} ms {len(d):4d} x  {key}"
+              for key, d in sorted(sites.items(), key=lambda kv: -sum(kv[1]))[:rows]]
+    return "\n".join(lines)
+
+
+def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
+    """Two steps back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training loop runs
+    them; the GPU's idle stretches within the second (the kernels its host calls launched)."""
+    events, launches, host, gpu = _traced(step)
     syncs = [e for e in events
              if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]
     gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]
@@ -117,26 +150,19 @@ def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
     lines = [(f"GPU span of the step {span / 1e3:.2f} ms, kernels {busy / 1e3:.2f} ms; {len(gaps)} idle stretches "
               f"over {min_us:.0f} us, {idle / 1e3:.2f} ms in all")]
     for gap, start, kernel in sorted(gaps, key=lambda g: -g[0])[:rows]:
-        launch = launches.get(kernel.get("args", {}).get("correlation"))
-        at = launch["ts"] if launch else kernel["ts"]
-        around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
-        ours = [h["name"] for h in around if "eagle_trainer" in h["name"] or "benchmarks" in h["name"]]
-        inner = sorted(around, key=lambda h: h["dur"])[:2]
+        around, site = _launched_in(kernel, launches, host)
         waited = sorted({s["name"] for s in syncs if start <= s["ts"] + s["dur"] and s["ts"] <= kernel["ts"]})
         lines.append(f"  {gap / 1e3:6.2f} ms before {kernel['name'][:50]!r}; launched in "
-                     f"{(ours[-1] if ours else '?')[-60:]} / {' < '.join(h['name'][:40] for h in inner)}"
+                     f"{site[-60:]} / {' < '.join(h['name'][:40] for h in around[:2])}"
                      f"{'; host waited in ' + ', '.join(waited) if waited else ''}")
     copies: dict[str, list[float]] = {}  # copy kernels by the host code that launched them
     for e in gpu:
         if e["name"].startswith("triton_") or not any(w in e["name"] for w in ("Memcpy", "copy_kernel", "CatArray")):
             continue  # (Inductor's fused kernels are named after their ops, "_to_copy" among them)
-        launch = launches.get(e.get("args", {}).get("correlation"))
-        at = launch["ts"] if launch else e["ts"]
-        around = [h for h in host if h["ts"] <= at <= h["ts"] + h["dur"]]
-        ours = [h["name"] for h in around if "eagle_trainer" in h["name"] or "benchmarks" in h["name"]]
-        ops = [h for h in sorted(around, key=lambda h: h["dur"]) if h["name"].startswith("aten::")][:2]
+        around, site = _launched_in(e, launches, host)
+        ops = [h for h in around if h["name"].startswith("aten::")][:2]
         dims = ops[0].get("args", {}).get("Input Dims", "") if ops else ""
-        key = (f"{(ours[-1] if ours else '(backward)')[-60:]} / {' < '.join(h['name'] for h in ops)} {dims} "
+        key = (f"{(site if site != '?' else '(backward)')[-60:]} / {' < '.join(h['name'] for h in ops)} {dims} "
                f"[{e['name'][:40]}]")
         copies.setdefault(key, []).append(e["dur"])
     lines.append(f"copy kernels: {sum(map(sum, copies.values())) / 1e3:.2f} ms")
@@ -151,15 +177,16 @@ FAMILIES = (("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")), ("attention
             ("copy/memset", ("Memcpy", "Memset", "copy_kernel", "CatArray")))
 
 
-def kernel_families(prof) -> str:
-    """Device time of one profiled step summed by kernel family, then the remainder by kernel name."""
+def kernel_families(prof, families=FAMILIES) -> str:
+    """Device time of one profiled step summed by kernel family (the first whose keys name the kernel), then the
+    remainder by kernel name."""
     totals: dict[str, float] = {}
     other: dict[str, float] = {}
     for e in prof.key_averages():
         us = e.self_device_time_total
         if us <= 0:
             continue
-        family = next((f for f, keys in FAMILIES if any(k in e.key for k in keys)), None)
+        family = next((f for f, keys in families if any(k in e.key for k in keys)), None)
         if family is None:
             other[e.key[:70]] = other.get(e.key[:70], 0.0) + us
             family = "other"

@@ -1,6 +1,6 @@
 """Where the time of one MoE layer goes: per-kernel CUDA times of our forward, and config variants.
 
-    python benchmarks/profile_moe.py [--shape qwen3_30b_a3b] [--tokens 16384]
+    python benchmarks/profile_moe.py [--shape qwen3_30b_a3b] [--tokens 16384] [--experts E]
 Prints the profiler's kernel table for `moe_forward`, then the median time of each variant of the tuned
 config (group size, TMA weight loads), then the routing/sort/sum overhead alone.
 """
@@ -23,8 +23,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="qwen3_30b_a3b", choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--experts", type=int, default=None, help="routed experts (default: the shape's)")
     args = parser.parse_args(argv)
     num_experts, top_k, inter, hidden = SHAPES[args.shape]
+    num_experts = args.experts or num_experts
     dev = torch.device("cuda")
     x = torch.randn(args.tokens, hidden, device=dev, dtype=torch.bfloat16)
     router = torch.randn(num_experts, hidden, device=dev, dtype=torch.bfloat16) * 0.02

@@ -35,6 +35,7 @@ draft init and one batch order: without --pack their step losses must agree to b
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
     python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4]
+With --profile, ours' target forward + teacher is also profiled (kernel families, kernel table, idle stretches).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
+from profile_draft import idle_gaps, kernel_families, kernel_sites  # noqa: E402
 from offline import WARMUP_STEPS, save_random_checkpoint, synthetic_dataset, train  # noqa: E402
 from results import RESULTS, append_rows, row  # noqa: E402
 
@@ -80,6 +83,30 @@ PEER_NAMES = {  # side -> (name on a Qwen3-MoE target, name on a Qwen3-Next one)
     "hf_target": ("same trainer, HF grouped_mm experts + HF RMSNorm, our fused TTT attention",
                   "same trainer, HF grouped_mm experts + HF RMSNorm + HF GDN (fla kernels), our fused TTT attention"),
 }
+TARGET_FAMILIES = (  # --profile: the target forward's kernels by family (ours named for their Triton kernels)
+    ("MoE experts (ours)", ("moe_gate_up", "moe_down", "moe_sum", "moe_shared")),
+    ("MoE routing (ours)", ("moe_route", "moe_count", "moe_align")),
+    ("GDN core (ours)", ("chunk_prepare", "chunk_recurrent", "causal_conv1d", "gdn_gating", "gated_rms_norm")),
+    ("RMSNorm (ours)", ("rms_norm_fwd",)),
+    ("attention (flex/cuDNN/flash)", ("flex", "triton_tem", "sdpa", "flash", "fmha", "cudnn")),
+    ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
+    ("argmax, reductions", ("argmax", "reduce_kernel")),
+    ("elementwise (torch)", ("elementwise", "vectorized")),
+    ("copy/memset", ("Memcpy", "Memset", "copy_kernel", "CatArray")),
+)
+
+
+def profile_target(forward, rows: int = 25) -> str:
+    """One target forward (with the teacher) under the profiler: device time by kernel family, the kernel table,
+    device time by launch site, and where the GPU waits on the host."""
+    forward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+    return "\n".join([kernel_families(prof, TARGET_FAMILIES), table, kernel_sites(forward, rows + 15),
+                      idle_gaps(forward, rows // 2)])
 
 
 def build_checkpoint(path: Path, arch: str, layers: int, experts: int | None) -> None:
@@ -103,7 +130,7 @@ def aux_layers(target_spec, layers: int) -> tuple[int, ...]:
 
 
 def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path,
-             pack: int = 1) -> dict:
+             pack: int = 1, profile_forward: bool = False) -> dict:
     fields, attention = SIDES[side]
     cfg = TargetConfig(path="", **fields)
     bind_packed_attention(model, cfg)
@@ -112,6 +139,9 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
     target = FrozenTarget(model, target_spec, aux, draft_ids_from_d2t(d2t), t2d)
     first = next(batches(dataset, pack, seed=0, epoch=0, shuffle=False, pack=pack > 1)).to("cuda")
     target_ms = do_bench(lambda: target.forward(first), warmup=25, rep=200, return_mode="median")
+    if profile_forward:
+        print(f"=== {side}: the target forward + teacher of one step\n{profile_target(lambda: target.forward(first))}",
+              flush=True)
     first = None  # freed before the run, so its peak is the trainer's
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -148,6 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours first, then peers "
                         f"({', '.join(s for s in SIDES if s != 'ours')})")
+    parser.add_argument("--profile", action="store_true", help="also profile ours' target forward + teacher")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_online"))
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -181,7 +212,8 @@ def main(argv=None) -> None:
         for side in sides:
             shutil.rmtree(args.work / f"run_{side}_{pack}x{seq}", ignore_errors=True)
         res = {side: run_side(side, model, target_spec, info, data[side][0], d2t, t2d, args.steps,
-                              args.work / f"run_{side}_{pack}x{seq}", pack=data[side][1]) for side in sides}
+                              args.work / f"run_{side}_{pack}x{seq}", pack=data[side][1],
+                              profile_forward=args.profile and side == "ours") for side in sides}
         ours = res.get("ours")
         if ours is None or "oom" in ours:
             continue
