@@ -135,9 +135,8 @@ def _derive_layout(module: nn.Module) -> ProjectionLayout | None:
     while align > 1 and bool((conv[0] % align).any()):
         align //= 2
     return ProjectionLayout(conv_starts=conv[0].to(torch.int32), conv_align=align, gate_offset=offset,
-                            gate_shape=(hk, group, dv),
-                            gate_strides=(step_head, step_member), beta_columns=beta_cols.reshape(-1),
-                            a_columns=a_cols.reshape(-1))
+                            gate_shape=(hk, group, dv), gate_strides=(step_head, step_member),
+                            beta_columns=beta_cols.reshape(-1), a_columns=a_cols.reshape(-1))
 
 
 def projection_layout(module: nn.Module, device: torch.device) -> ProjectionLayout | None:
