@@ -86,6 +86,13 @@ def test_chunk_reads_q_k_v_where_they_lie(poisoned, batch, num_tokens):
     assert torch.equal(out, chunk_gated_delta_rule(q, k, v, g, beta))
 
 
+@pytest.mark.parametrize("lengths", [[5], [0, 64, 65, 1, 0, 130], [1] * 37, [3] * 8193])  # the last: torch's ops
+def test_chunk_offsets_count_each_documents_chunks(poisoned, lengths):
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    expect = [0, *torch.tensor([-(-n // chunk_mod.BT) for n in lengths]).cumsum(0).tolist()]
+    assert chunk_mod.chunk_offsets(cu_seqlens).tolist() == expect
+
+
 def test_packed_documents_do_not_share_state(poisoned):
     lengths = [1, 70, 5, 64]
     cu_seqlens = torch.tensor([0, 1, 71, 76, 140], device=DEVICE, dtype=torch.int32)

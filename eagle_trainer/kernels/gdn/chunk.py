@@ -334,6 +334,31 @@ def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr,
                               PREC)
 
 
+@triton.jit
+def chunk_offsets_kernel(cu_seqlens_ptr, cu_chunks_ptr, num_seqs, BT: tl.constexpr, BN: tl.constexpr):
+    """cu_chunks[n] = the number of BT-token chunks of the documents before n (n = 0..N), in one program."""
+    o_n = tl.arange(0, BN)
+    m_n = o_n < num_seqs
+    b_len = tl.load(cu_seqlens_ptr + o_n + 1, mask=m_n, other=0) - tl.load(cu_seqlens_ptr + o_n, mask=m_n, other=0)
+    tl.store(cu_chunks_ptr + 1 + o_n, tl.cumsum((b_len + BT - 1) // BT, axis=0), mask=m_n)
+    tl.store(cu_chunks_ptr + o_n, tl.zeros_like(o_n), mask=o_n == 0)
+
+
+def chunk_offsets(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N+1] int32 document starts -> [N+1] int32 chunk starts: one launch where torch's arithmetic took seven (a
+    forward runs this once per gated-delta-net layer); torch's own ops past 8192 documents."""
+    num_seqs = cu_seqlens.numel() - 1
+    if num_seqs > 8192:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        cu_chunks = torch.zeros(num_seqs + 1, device=cu_seqlens.device, dtype=torch.int32)
+        cu_chunks[1:] = torch.cumsum(torch.div(lengths + BT - 1, BT, rounding_mode="floor"), 0)
+        return cu_chunks
+    cu_chunks = new_buffer((num_seqs + 1,), cu_seqlens)
+    chunk_offsets_kernel[(1,)](cu_seqlens, cu_chunks, num_seqs, BT=BT,
+                               BN=max(16, triton.next_power_of_2(num_seqs)), num_warps=1 if interpreting() else 4)
+    return cu_chunks
+
+
 def _recurrent_launch(head_v_dim: int, programs_per_block: int, device: torch.device) -> tuple[int, int]:
     """(BV, num_stages) from the H100 sweep (benchmarks/gdn.py --sweep): BV = 32 unless that leaves fewer than
     two programs per SM with 64; a deeper load pipeline (3 stages) pays only when every program has an SM to
@@ -364,9 +389,7 @@ def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     # 16-bit inputs multiply as bf16 (fp32 accumulation); fp32 inputs in full fp32
     dot_dtype = torch.float32 if v.dtype == torch.float32 else torch.bfloat16
     prec = dot_precision(dot_dtype)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    cu_chunks = torch.zeros(num_seqs + 1, device=v.device, dtype=torch.int32)
-    cu_chunks[1:] = torch.cumsum(torch.div(lengths + BT - 1, BT, rounding_mode="floor"), 0)
+    cu_chunks = chunk_offsets(cu_seqlens)
     recip_q = new_buffer(q.shape[:2], q, torch.float32)  # [T, Hk] 1 / |q|, 1 / |k| (1 without the l2 norm)
     recip_k = new_buffer(k.shape[:2], k, torch.float32)
     t_inv = new_buffer((total, num_v_heads, BT), v, dot_dtype)
@@ -426,7 +449,7 @@ def chunk_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g:
     if batch * num_tokens == 0:
         return v.new_empty(v.shape)
     if cu_seqlens is None:
-        cu_seqlens = torch.arange(0, batch + 1, device=v.device, dtype=torch.int32) * num_tokens
+        cu_seqlens = torch.arange(0, (batch + 1) * num_tokens, num_tokens, device=v.device, dtype=torch.int32)
     scale = head_k_dim ** -0.5 if scale is None else scale
     shape = v.shape
     q, k, v = _token_rows(q, k, v)
