@@ -46,6 +46,9 @@ import json
 import shutil
 import sys
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -96,9 +99,35 @@ TARGET_FAMILIES = (  # --profile: the target forward's kernels by family (ours n
 )
 
 
+def host_syncs(forward) -> str:
+    """The places in one forward that make the host wait for the GPU (torch's sync debug mode), each as its three
+    innermost frames of ours or of transformers: after each, the GPU idles until the host launches work again."""
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(c in f.filename for c in ("eagle_trainer", "transformers", "benchmarks"))]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-3:]))
+        sites[where or f"{filename}:{lineno}"] += 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            forward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    lines = [f"host syncs in one forward: {sum(sites.values())}"]
+    lines += [f"  {n:4d} x  {site}" for site, n in sites.most_common()]
+    return "\n".join(lines)
+
+
 def profile_target(forward, rows: int = 25) -> str:
     """One target forward (with the teacher) under the profiler: device time by kernel family, the kernel table,
-    device time by launch site, and where the GPU waits on the host."""
+    device time by launch site, where the GPU waits on the host, and which lines make the host wait."""
     forward()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -106,7 +135,7 @@ def profile_target(forward, rows: int = 25) -> str:
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
     return "\n".join([kernel_families(prof, TARGET_FAMILIES), table, kernel_sites(forward, rows + 15),
-                      idle_gaps(forward, rows // 2)])
+                      idle_gaps(forward, rows // 2), host_syncs(forward)])
 
 
 def build_checkpoint(path: Path, arch: str, layers: int, experts: int | None) -> None:
