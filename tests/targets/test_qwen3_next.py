@@ -407,6 +407,20 @@ def test_projection_layout_reads_what_hf_splits(key_dim, value_dim, layout):
     assert torch.equal(ba[..., found.beta_columns], b) and torch.equal(ba[..., found.a_columns], a)
 
 
+def test_projection_layout_of_the_real_80b_layer():
+    """The real model's linear attention (16 key heads, 32 value heads, dims 128) takes the copy-free path: runs of
+    128 columns, 16-aligned (the weights are never read: built on the meta device)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
+
+    from eagle_trainer.targets.gdn import projection_layout
+    with torch.device("meta"):
+        module = Qwen3NextGatedDeltaNet(Qwen3NextConfig(**REAL_80B), layer_idx=0)
+    found = projection_layout(module, torch.device("cpu"))
+    assert found is not None and found.conv_align == 16
+    assert found.conv_starts.numel() == module.conv_dim // 128 == 64
+    assert found.gate_shape == (16, 2, 128) and found.gate_strides == (768, 128)
+
+
 def test_tree_decoding_on_the_gdn_core_equals_hf_ops_and_the_reference(tiny_qwen3_next_path):
     """A module bound to our GDN core decodes a draft tree with our kernels (g/beta gating, the tree rule that
     normalises q and k itself, the gated norm; interpreted on the CPU): the same logits and features as HF's ops
