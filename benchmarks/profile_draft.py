@@ -81,7 +81,7 @@ GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNCS = ("Synchronize", "cudaMemcpy", "cuMemcpy", "cudaFree", "cudaMalloc")
 
 
-def _traced(step):
+def trace_steps(step):
     """Two runs of `step` back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training
     loop runs them -> (the trace's complete events, kernel launches by correlation id, host ops and Python frames,
     the GPU work the second run's host calls launched, in time order)."""
@@ -117,10 +117,10 @@ def _launched_in(kernel, launches, host, code=("eagle_trainer", "benchmarks")):
     return around, (ours[0] if ours else "?")
 
 
-def kernel_sites(step, rows: int) -> str:
-    """The second of two runs' device time by (kernel, the aten op that launched it, the innermost line of ours or
-    of transformers' modeling code around it), largest first."""
-    _, launches, host, gpu = _traced(step)
+def kernel_sites(trace, rows: int) -> str:
+    """The second traced run's device time (`trace_steps`) by (kernel, the aten op that launched it, the innermost
+    line of ours or of transformers' modeling code around it), largest first."""
+    _, launches, host, gpu = trace
     sites: dict[str, list[float]] = {}
     for e in gpu:
         around, site = _launched_in(e, launches, host, ("eagle_trainer", "benchmarks", "modeling_"))
@@ -133,10 +133,10 @@ def kernel_sites(step, rows: int) -> str:
     return "\n".join(lines)
 
 
-def idle_gaps(step, rows: int, min_us: float = 20.0) -> str:
-    """Two steps back to back under the profiler (CPU ops with Python frames, CUDA kernels), as a training loop runs
-    them; the GPU's idle stretches within the second (the kernels its host calls launched)."""
-    events, launches, host, gpu = _traced(step)
+def idle_gaps(trace, rows: int, min_us: float = 20.0) -> str:
+    """The GPU's idle stretches within the second of two traced steps (`trace_steps`: the kernels its host calls
+    launched), and the copy kernels it ran."""
+    events, launches, host, gpu = trace
     syncs = [e for e in events
              if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(s in e["name"] for s in SYNCS)]
     gaps, end = [], gpu[0]["ts"] + gpu[0]["dur"]
@@ -218,7 +218,7 @@ def main(argv=None) -> None:
         if args.snapshot:
             print(live_at_peak(step, args.rows), flush=True)
         if args.gaps:
-            print(idle_gaps(step, args.rows), flush=True)
+            print(idle_gaps(trace_steps(step), args.rows), flush=True)
         step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

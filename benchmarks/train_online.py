@@ -35,7 +35,8 @@ draft init and one batch order: without --pack their step losses must agree to b
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
     python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4]
-With --profile, ours' target forward + teacher is also profiled (kernel families, kernel table, idle stretches).
+With --profile, ours' target forward + teacher is also profiled (kernel families, kernel table, device time by
+launch site, idle stretches, the lines that make the host wait for the GPU).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_draft import idle_gaps, kernel_families, kernel_sites  # noqa: E402
+from profile_draft import idle_gaps, kernel_families, kernel_sites, trace_steps  # noqa: E402
 from offline import WARMUP_STEPS, save_random_checkpoint, synthetic_dataset, train  # noqa: E402
 from results import RESULTS, append_rows, row  # noqa: E402
 
@@ -134,8 +135,9 @@ def profile_target(forward, rows: int = 25) -> str:
         forward()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
-    return "\n".join([kernel_families(prof, TARGET_FAMILIES), table, kernel_sites(forward, rows + 15),
-                      idle_gaps(forward, rows // 2), host_syncs(forward)])
+    trace = trace_steps(forward)  # one trace for both tables
+    return "\n".join([kernel_families(prof, TARGET_FAMILIES), table, kernel_sites(trace, rows + 15),
+                      idle_gaps(trace, rows // 2), host_syncs(forward)])
 
 
 def build_checkpoint(path: Path, arch: str, layers: int, experts: int | None) -> None:

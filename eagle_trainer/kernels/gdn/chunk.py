@@ -150,8 +150,7 @@ def _block_products(a_ptr, b_ptr, r0, r1, r2, r3, m0, m1, m2, m3, STRIDE: tl.con
 @triton.jit
 def chunk_prepare_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, aqk_ptr, cu_seqlens_ptr,
                          cu_chunks_ptr, scale, num_seqs, num_steps, stride_qk: tl.constexpr, HK: tl.constexpr,
-                         HV: tl.constexpr,
-                         K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+                         HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
                          L2NORM: tl.constexpr, PREC: tl.constexpr):
     """One (chunk, value head): T = (I + A)^-1 and Aqk in 16 x 16 blocks (rows i, columns j <= i), from raw q, k
     dot products over Dk in BK slices; the l2 norms are row scales applied afterwards (k^_i.k^_j =
@@ -284,10 +283,9 @@ def _head_step(b_S, b_q, b_k, b_rq, b_rk, g_ptr, beta_ptr, v_ptr, o_ptr, t_ptr, 
 @triton.jit
 def chunk_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, rq_ptr, rk_ptr, t_ptr, aqk_ptr, o_ptr,
                            cu_seqlens_ptr, scale, stride_qk: tl.constexpr, stride_v: tl.constexpr,
-                           HK: tl.constexpr, HV: tl.constexpr,
-                           K: tl.constexpr,
-                           V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, HPP: tl.constexpr, PREC: tl.constexpr):
+                           HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                           BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HPP: tl.constexpr,
+                           PREC: tl.constexpr):
     """Raw q, k rows are the matmul operands; their l2 norms (rq, rk: reciprocals from the prepare kernel), the
     scale and the decays scale rows of the [BT, BV] products instead: (exp(gc) k^) S = exp(gc) rk (k S),
     k^^T (exp(gl - gc) vn) = k^T (rk exp(gl - gc) vn). HPP (1 or 2) value heads of one key head per program:
@@ -404,8 +402,8 @@ def gated_delta_rule_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     launch = recurrent
     chunk_recurrent_kernel[(triton.cdiv(head_v_dim, block_v), num_seqs * num_v_heads // heads_per_program)](
         q, k, v, g, beta, recip_q, recip_k, t_inv, aqk, o, cu_seqlens, scale, k.stride(0), v.stride(0),
-        HK=num_k_heads, HV=num_v_heads,
-        K=head_k_dim, V=head_v_dim, BT=BT, BS=BS, BK=block_k, BV=block_v, HPP=heads_per_program, PREC=prec,
+        HK=num_k_heads, HV=num_v_heads, K=head_k_dim, V=head_v_dim, BT=BT, BS=BS, BK=block_k, BV=block_v,
+        HPP=heads_per_program, PREC=prec,
         num_warps=launch["num_warps"], num_stages=stages)
     return o
 
