@@ -56,7 +56,7 @@ VARIANTS = {
     "moe+gdn+norm": ("triton", "triton", "triton"),
 }
 LABELS = {"moe": "our MoE core; HF GDN and RMSNorm", "moe+gdn": "our MoE + GDN cores; HF RMSNorm",
-          "moe+gdn+norm": "our MoE + GDN cores + zero-centred fused RMSNorm (all ours)"}
+          "moe+gdn+norm": "our MoE + GDN cores + zero-centred fused RMSNorm and attention glue (all ours)"}
 # HF's GDN functions that look for an optimised package at import (use_kernel_func_from_hub_with_fallback)
 HF_GDN_FUNCTIONS = ("torch_chunk_gated_delta_rule", "causal_conv1d_fn")
 
@@ -120,7 +120,8 @@ def fp32_truth(model, ids: torch.Tensor) -> torch.Tensor:
 
     from eagle_trainer.targets import bind_qwen3_next
     ref = copy.deepcopy(model).float()
-    bind_qwen3_next(ref, SimpleNamespace(moe_impl="hf", moe_batch_invariant=True, norm_impl="hf", gdn_impl="hf"))
+    bind_qwen3_next(ref, SimpleNamespace(moe_impl="hf", moe_batch_invariant=True, norm_impl="hf", gdn_impl="hf",
+                                         attn_layer_impl="hf"))
     out = ref.model(input_ids=ids, use_cache=False).last_hidden_state.float()
     del ref
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -192,9 +193,10 @@ def main(argv=None) -> None:
     fn = lambda: model.model(input_ids=ids, use_cache=False).last_hidden_state
     results = {}
     for name, (moe_impl, norm_impl, gdn_impl) in VARIANTS.items():
-        cfg = SimpleNamespace(moe_impl=moe_impl, moe_batch_invariant=True, norm_impl=norm_impl, gdn_impl=gdn_impl)
+        cfg = SimpleNamespace(moe_impl=moe_impl, moe_batch_invariant=True, norm_impl=norm_impl, gdn_impl=gdn_impl,
+                              attn_layer_impl=norm_impl)  # the attention layers' q/k norms go with the norms
         bound = bind_qwen3_next(model, cfg)
-        assert bound == {"moe": moe_impl, "norm": norm_impl, "gdn": gdn_impl}, bound
+        assert bound == {"moe": moe_impl, "norm": norm_impl, "gdn": gdn_impl, "attn": norm_impl}, bound
         out = fn()
         ms = bench(fn, device)
         results[name] = (out, ms)

@@ -17,9 +17,11 @@ state restart per sequence), else B=1. The vocab map is built from them (train.p
 
 Sides (the loaded model is rebound between them with the target entry's bind function, as load_target does):
 - ours: `target.moe_impl=triton` (our batch-invariant MoE core), `norm_impl=triton` (fused RMSNorm), Qwen3-Next:
-  `gdn_impl=triton` (our GDN core); `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton merge);
+  `gdn_impl=triton` (our GDN core) and `attn_layer_impl=triton` (q/k norm + RoPE and the output gate fused);
+  `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton merge);
 - peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`, Qwen3-Next:
-  `gdn_impl=hf` (HF's linear attention, which calls flash-linear-attention's kernels when fla is importable: carry it),
+  `gdn_impl=hf` (HF's linear attention, which calls flash-linear-attention's kernels when fla is importable: carry it)
+  and `attn_layer_impl=hf`,
   `draft.attention=naive` (the [T, T] score matrices of every TTT step, as HF-attention-based TTT does). HF's GDN
   cannot reset its state at packed document starts, so with --pack the peer runs B=1 rows of N*T tokens of one
   document each instead (the same tokens a step; said in the row);
@@ -75,9 +77,11 @@ ARCHS = {  # --arch -> (fixture config, HF config class, architecture, name in t
     "qwen3_next": ("qwen3_next_80b_a3b_config.json", "Qwen3NextConfig", "Qwen3NextForCausalLM", "Qwen3-Next-80B-A3B"),
 }
 VD = 32000
-HF_TARGET = {"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "packed_attention": "hf"}
+HF_TARGET = {"moe_impl": "grouped_mm", "norm_impl": "hf", "gdn_impl": "hf", "attn_layer_impl": "hf",
+             "packed_attention": "hf"}
 SIDES = {  # side -> (target config fields, draft attention)
-    "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton", "packed_attention": "flex"}, "fused"),
+    "ours": ({"moe_impl": "triton", "norm_impl": "triton", "gdn_impl": "triton", "attn_layer_impl": "triton",
+              "packed_attention": "flex"}, "fused"),
     "peer": (HF_TARGET, "naive"),
     "hf_target": (HF_TARGET, "fused"),
 }
@@ -92,6 +96,7 @@ TARGET_FAMILIES = (  # --profile: the target forward's kernels by family (ours n
     ("MoE routing (ours)", ("moe_route", "moe_count", "moe_align")),
     ("GDN core (ours)", ("chunk_prepare", "chunk_recurrent", "causal_conv1d", "gdn_gating", "gated_rms_norm")),
     ("RMSNorm (ours)", ("rms_norm_fwd",)),
+    ("attention glue (ours)", ("qk_norm_rope", "sigmoid_gate")),
     ("attention (flex/cuDNN/flash)", ("flex", "triton_tem", "sdpa", "flash", "fmha", "cudnn")),
     ("GEMM (cuBLAS)", ("nvjet", "gemm", "cutlass", "xmma")),
     ("argmax, reductions", ("argmax", "reduce_kernel")),

@@ -31,6 +31,8 @@ class TargetConfig:
     norm_impl: str = "auto"
     # Qwen3-Next linear attention (our GDN core or HF's): auto | triton | hf; auto = triton on GPU, hf on CPU
     gdn_impl: str = "auto"
+    # Qwen3-Next full attention: q/k norm + RoPE and the output gate in our kernels, or HF's ops: auto | triton | hf
+    attn_layer_impl: str = "auto"
 
 
 @dataclass

@@ -7,6 +7,7 @@ model definition; an entry says where things live and which kernels to bind.
 from __future__ import annotations
 
 from eagle_trainer import registry
+from eagle_trainer.targets.attention_layer import bind_gated_attention
 from eagle_trainer.targets.gdn import RecurrentStates, bind_gdn
 from eagle_trainer.targets.moe import bind_moe
 from eagle_trainer.targets.norms import bind_rms_norm
@@ -19,8 +20,9 @@ def bind_qwen3_moe(model, cfg) -> dict[str, str]:
 
 def bind_qwen3_next(model, cfg) -> dict[str, str]:
     """Our MoE core (router, routed experts and the gated shared expert, `moe_impl`), the zero-centred fused RMSNorm
-    for Qwen3NextRMSNorm (`norm_impl`) and our GDN core for the linear-attention layers (`gdn_impl`); auto is triton
-    on a GPU for the MoE and the norms (hf on the CPU).
+    for Qwen3NextRMSNorm (`norm_impl`), our GDN core for the linear-attention layers (`gdn_impl`) and our q/k norm +
+    RoPE and output-gate kernels for the full-attention layers (`attn_layer_impl`); auto is triton on a GPU (hf on the
+    CPU).
 
     With moe_impl=triton each Qwen3NextSparseMoeBlock gets our block forward: the shared expert (a dense
     Qwen3NextMLP) runs through the core's GEMMs, scaled by sigmoid(`shared_expert_gate`) in fp32, and is the last
@@ -28,7 +30,8 @@ def bind_qwen3_next(model, cfg) -> dict[str, str]:
     GDN's gated norm (Qwen3NextRMSNormGated) is not a Qwen3NextRMSNorm: it belongs to the GDN binding.
     """
     return {"moe": bind_moe(model, cfg, shared_blocks=("Qwen3NextSparseMoeBlock",)),
-            "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True), "gdn": bind_gdn(model, cfg)}
+            "norm": bind_rms_norm(model, cfg, ("Qwen3NextRMSNorm",), zero_centred=True), "gdn": bind_gdn(model, cfg),
+            "attn": bind_gated_attention(model, cfg, ("Qwen3NextAttention",))}
 
 
 QWEN3 = registry.register_target(registry.TargetSpec(architectures=("Qwen3ForCausalLM",)))

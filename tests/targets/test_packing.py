@@ -154,11 +154,14 @@ def test_non_packed_calls_compute_what_hf_sdpa_computes(arch, tiny_qwen3_path, t
         assert torch.equal(got, want)
 
 
-def test_packed_documents_capture_as_alone_qwen3_next_triton_gdn(small_next_path):
-    """Full-attention layers by HF's document mask; the gated delta net layers by cu_seqlens in our conv and
-    delta-rule kernels (the interpreter on the CPU, fp32). The last document starts at token 31 and runs past
-    token 64: its chunks start at its own first token."""
-    cfg = TargetConfig(path=str(small_next_path), gdn_impl="triton", dtype="float32")
+@pytest.mark.parametrize("attention, attn_layer_impl", [("hf", "hf"), ("flex", "triton")])
+def test_packed_documents_capture_as_alone_qwen3_next_triton_gdn(small_next_path, attention, attn_layer_impl):
+    """Full-attention layers by HF's document mask and HF's gated attention, or by flex attention inside our
+    attention-layer forward (each document's positions reach our RoPE kernel); the gated delta net layers by
+    cu_seqlens in our conv and delta-rule kernels (the interpreter on the CPU, fp32). The last document starts at
+    token 31 and runs past token 64: its chunks start at its own first token."""
+    cfg = TargetConfig(path=str(small_next_path), gdn_impl="triton", dtype="float32", packed_attention=attention,
+                       attn_layer_impl=attn_layer_impl)
     model, _, spec, info = load_target(cfg, DEVICE)
     layers = model.get_submodule(spec.layers)
     assert [hasattr(layer, "linear_attn") for layer in layers] == [True, True, True, False]

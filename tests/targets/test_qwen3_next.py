@@ -155,7 +155,7 @@ def test_hf_and_grouped_mm_agree(loaded):
     hf = target.forward(batch)
     try:
         bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="grouped_mm"))
-        assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf"}  # gdn_impl defaults to HF's code
+        assert bound == {"moe": "grouped_mm", "norm": "hf", "gdn": "hf", "attn": "hf"}  # auto: HF's code on the CPU
         grouped = target.forward(batch)
     finally:
         bind_qwen3_next(model, TargetConfig(path="-", moe_impl="hf"))
@@ -193,7 +193,7 @@ def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl)
     ids = make_batch(2, 45, info.vocab_size, seed=3).input_ids.to(DEVICE)
     ref = model.model(ids, output_hidden_states=True, use_cache=False).hidden_states
     bound = bind_qwen3_next(model, TargetConfig(path="-", moe_impl="triton", norm_impl="triton", gdn_impl=gdn_impl))
-    assert bound == {"moe": "triton", "norm": "triton", "gdn": gdn_impl}
+    assert bound == {"moe": "triton", "norm": "triton", "gdn": gdn_impl, "attn": "hf"}
     assert model.config._experts_implementation == moe_binding.TRITON_NAME
     assert all("forward" in r.__dict__ for r in moe_binding._routers(model))
     layers = model.model.layers
@@ -209,7 +209,7 @@ def test_moe_and_norm_cores_bound_equal_hf_eager(tiny_qwen3_next_path, gdn_impl)
     tol = 1e-5 if gdn_impl == "hf" else 1e-4  # the GDN core's chunked sums run in another order than HF's
     for i, (a, b) in enumerate(zip(out, ref, strict=True)):
         assert rel_err(a, b) < tol, (i, rel_err(a, b))
-    assert bind_qwen3_next(model, cfg) == {"moe": "hf", "norm": "hf", "gdn": "hf"}
+    assert bind_qwen3_next(model, cfg) == {"moe": "hf", "norm": "hf", "gdn": "hf", "attn": "hf"}
     assert model.config._experts_implementation == "eager"
     assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
     for a, b in zip(model.model(ids, output_hidden_states=True, use_cache=False).hidden_states, ref, strict=True):
@@ -266,14 +266,14 @@ def test_shared_expert_block_bound_equals_hf_eager_and_the_reference():
     assert "forward" not in block.__dict__ and rel_err(block(x), new) < 1e-5
 
 
-@pytest.mark.parametrize("option", ["moe_impl", "norm_impl"])
+@pytest.mark.parametrize("option", ["moe_impl", "norm_impl", "gdn_impl", "attn_layer_impl"])
 def test_triton_off_the_gpu_needs_the_interpreter(loaded, option, monkeypatch):
     """triton is served (no longer refused for Qwen3-Next), but on the CPU only under TRITON_INTERPRET=1."""
     model = loaded[0]
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=f"{option}=triton needs a CUDA device.*TRITON_INTERPRET=1"):
         bind_qwen3_next(model, TargetConfig(path="-", **{option: "triton"}))
-    assert not any("forward" in m.__dict__ for m in moe_and_norm_modules(model))
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.gpu
@@ -289,7 +289,7 @@ def test_moe_and_norm_cores_bound_in_bf16_on_gpu_track_the_fp32_truth(tiny_qwen3
         batch = make_batch(2, 300, info.vocab_size).to(dev)
         return FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).capture(batch).final_hidden.float()
 
-    truth = capture("hf", "hf", "float32")
+    truth = capture("hf", "hf", "float32")  # (the attention layers and the GDN: auto, ours on the GPU, in all three)
     ours, theirs = capture("auto", "auto", "bfloat16"), capture("grouped_mm", "hf", "bfloat16")
     err = lambda x: float((x - truth).norm() / truth.norm())
     assert err(ours) <= 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
@@ -380,6 +380,40 @@ def test_gdn_core_bound_equals_hf_path(tiny_qwen3_next_path):
         torch.testing.assert_close(out.logits, expect.logits)
 
 
+def test_attention_layers_bound_equal_hf(tiny_qwen3_next_path):
+    """attn_layer_impl=triton (q/k norm + partial RoPE and the output gate in our kernels, fp32: compiled on a GPU,
+    interpreted on the CPU) captures what HF's gated attention does, for a right-padded batch; a cached (decoding)
+    call still goes through HF's forward. Only the attention layers differ."""
+    kinds = {"moe_impl": "hf", "norm_impl": "hf", "gdn_impl": "hf", "dtype": "float32"}
+    models = {impl: load_target(TargetConfig(path=str(tiny_qwen3_next_path), attn_layer_impl=impl, **kinds), DEVICE)
+              for impl in ("hf", "triton")}
+    ref_model, _, spec, info = models["hf"]
+    model = models["triton"][0]
+    with torch.no_grad():  # HF initialises the norms' (1 + w) weights to zero: make w matter, alike in both
+        for m in (ref_model, model):
+            torch.manual_seed(0)
+            for layer in m.get_submodule(spec.layers):
+                if hasattr(layer, "self_attn"):
+                    layer.self_attn.q_norm.weight.normal_(0.0, 0.3)
+                    layer.self_attn.k_norm.weight.normal_(0.0, 0.3)
+    attention = [m for m in model.modules() if type(m).__name__ == "Qwen3NextAttention"]
+    assert len(attention) == 2 and all("forward" in m.__dict__ for m in attention)
+    assert not any("forward" in m.__dict__ for m in ref_model.modules() if type(m).__name__ == "Qwen3NextAttention")
+    ids, t2d = draft_vocab(info.vocab_size, 200)
+    aux_ids = spec.aux_layers(info.num_layers)
+    batch = make_batch(2, 37, info.vocab_size, seed=4).to(DEVICE)
+    ours = FrozenTarget(model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
+    ref = FrozenTarget(ref_model, spec, aux_ids, ids, t2d).capture(batch, argmax=True)
+    torch.testing.assert_close(ours.aux_hidden, ref.aux_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.final_hidden, ref.final_hidden, rtol=1e-5, atol=1e-5)
+    from transformers import DynamicCache
+    caches = {m: DynamicCache(config=m.config) for m in (model, ref_model)}
+    for start, end in ((0, 5), (5, 6)):
+        out, expect = (m(batch.input_ids[:1, start:end], **{cache_argument(m): caches[m]}, use_cache=True)
+                       for m in (model, ref_model))
+        assert torch.equal(out.logits, expect.logits)
+
+
 @pytest.mark.parametrize("key_dim,value_dim,layout", [(16, 32, True), (32, 16, True), (12, 20, False)])
 def test_projection_layout_reads_what_hf_splits(key_dim, value_dim, layout):
     """The conv channels, z, b and a that HF's fix_query_key_value_ordering makes of the two projections are where
@@ -459,14 +493,14 @@ def test_tree_decoding_on_the_gdn_core_equals_hf_ops_and_the_reference(tiny_qwen
 @pytest.mark.gpu
 def test_gdn_core_bound_in_bf16_on_gpu_tracks_the_fp32_truth(tiny_qwen3_next_path):
     """On the GPU in bf16, the captured states and the teacher with our GDN core are about as close to HF's fp32
-    result as HF's own bf16 torch path is (norm-relative error at most 2x HF's, plus a small floor). The MoE and
-    the norms stay HF's in all three runs, so only the GDN differs."""
+    result as HF's own bf16 torch path is (norm-relative error at most 2x HF's, plus a small floor). The MoE, the
+    norms and the attention layers stay HF's in all three runs, so only the GDN differs."""
     dev = torch.device("cuda")
 
     def forward(impl, dtype):
         model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), gdn_impl=impl, dtype=dtype,
                                                         moe_impl="hf" if dtype == "float32" else "grouped_mm",
-                                                        norm_impl="hf"), dev)
+                                                        norm_impl="hf", attn_layer_impl="hf"), dev)
         ids, t2d = draft_vocab(info.vocab_size, 200)
         batch = make_batch(2, 300, info.vocab_size).to(dev)
         out = FrozenTarget(model, spec, spec.aux_layers(info.num_layers), ids, t2d).forward(batch)
