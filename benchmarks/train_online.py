@@ -34,6 +34,8 @@ draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP c
 target forward with teacher, 3 x the draft's unroll) over the same windows, against the bf16 dense peak. Peak
 memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides start from one
 draft init and one batch order: without --pack their step losses must agree to bf16 precision (checked).
+SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out, so the target's unpacked attention
+is FlashAttention-2; EAGLE_CUDNN_SDPA=1 keeps torch's order, cuDNN first on Hopper).
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
     python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4]
@@ -63,6 +65,7 @@ from profile_draft import idle_gaps, kernel_families, kernel_sites, trace_steps 
 from offline import WARMUP_STEPS, save_random_checkpoint, synthetic_dataset, train  # noqa: E402
 from results import RESULTS, append_rows, row  # noqa: E402
 
+from eagle_trainer.app.runtime import sdpa_without_cudnn  # noqa: E402
 from eagle_trainer.config import DraftConfig, TargetConfig  # noqa: E402
 from eagle_trainer.data.dataset import batches  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
@@ -225,6 +228,8 @@ def main(argv=None) -> None:
         raise ValueError(f"--sides {args.sides}: 'ours' comes first (every other side is compared with it)")
     if args.steps <= WARMUP_STEPS:
         raise ValueError(f"--steps {args.steps} leaves no timed step after the {WARMUP_STEPS} warm-up steps")
+    sdpa_without_cudnn()  # as eagle-train on a GPU
+    print(f"SDPA: cuDNN {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}", flush=True)
     ckpt = args.work / "target"
     t0 = time.perf_counter()
     built = ckpt / "config.json"
