@@ -1,5 +1,11 @@
-"""Shared by the kernel tests: the norm-relative error, and NaN-poisoned output buffers (an element a kernel
-does not write then fails the test). Importable: pytest puts tests/kernels/ on sys.path."""
+"""Shared by the kernel tests: the norm-relative error, NaN-poisoned output buffers (an element a kernel does not
+write then fails the test), and compiling a kernel for Hopper without a GPU. Importable: pytest puts tests/kernels/
+on sys.path."""
+
+import json
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -19,3 +25,28 @@ def poison(monkeypatch, *modules):
     """Make every `new_buffer` of the given kernel modules allocate NaN-filled outputs."""
     for module in modules:
         monkeypatch.setattr(module, "new_buffer", nan_buffer)
+
+
+_COMPILE = """
+import json, sys, importlib, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+module, kernel, signature, constexprs, num_warps = json.loads(sys.argv[1])
+fn = getattr(importlib.import_module(module), kernel)
+signature.update({name: "constexpr" for name in constexprs})
+compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+assert compiled.asm["cubin"]
+"""
+
+
+def compile_for_hopper(module: str, kernel: str, signature: dict, constexprs: dict, num_warps: int = 4) -> None:
+    """Compile `module.kernel` for sm_90 down to its cubin, ahead of time (Triton's compiler and ptxas run on the
+    CPU), in a fresh process: the tests' own process defines kernels for the interpreter (TRITON_INTERPRET=1), which
+    cannot be compiled. `signature`: the runtime arguments' Triton types ("*bf16", "i32", "fp32"); `constexprs`: the
+    rest. Raises with the compiler's message if it fails."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([module, kernel, signature, constexprs, num_warps])],
+                         env=env, capture_output=True, text=True)
+    if run.returncode:
+        raise AssertionError(f"{module}.{kernel} did not compile for sm_90:\n{run.stderr[-3000:]}")

@@ -4,7 +4,7 @@ allocated NaN-poisoned, so an element a kernel does not write fails."""
 
 import pytest
 import torch
-from kernel_checks import poison
+from kernel_checks import compile_for_hopper, poison
 
 from eagle_trainer.kernels.attention_glue import gate as gate_mod
 from eagle_trainer.kernels.attention_glue import norm_rope as norm_rope_mod
@@ -115,3 +115,19 @@ def test_sigmoid_gate_refuses_mismatched_inputs(poisoned):
         sigmoid_gate(attn, attn.double())
     with pytest.raises(ValueError, match="one dtype"):
         sigmoid_gate(attn, attn[..., :4])
+
+
+
+@pytest.mark.parametrize("zero_centred", [False, True])
+def test_kernels_compile_for_hopper(zero_centred):
+    """Both kernels compile to sm_90 machine code at the bound shapes (Qwen3-Next: D 256, R 64; bf16), ahead of
+    time, so a CPU-only run checks what the interpreter cannot: that Triton's compiler takes them."""
+    rows = {"num_rows": "i32", "num_heads": "i32"}
+    compile_for_hopper("eagle_trainer.kernels.attention_glue.norm_rope", "qk_norm_rope_fwd_kernel", {
+        **{name: "*bf16" for name in ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "y_ptr")}, **rows,
+        **{name: "i32" for name in ("stride_xt", "stride_xh", "stride_ct")}, "eps": "fp32"},
+        {"D": 256, "R": 64, "BR": 16, "BD": 256, "ZERO_CENTRED": zero_centred})
+    compile_for_hopper("eagle_trainer.kernels.attention_glue.gate", "sigmoid_gate_fwd_kernel", {
+        **{name: "*bf16" for name in ("a_ptr", "g_ptr", "y_ptr")}, **rows,
+        **{name: "i32" for name in ("stride_at", "stride_ah", "stride_gt", "stride_gh")}},
+        {"D": 256, "BR": 16, "BD": 256})

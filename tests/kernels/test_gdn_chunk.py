@@ -6,7 +6,7 @@ run compiled, and the gpu-marked one checks bf16 at Qwen3-Next's shape against H
 
 import pytest
 import torch
-from kernel_checks import poison, rel_err
+from kernel_checks import compile_for_hopper, poison, rel_err
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from eagle_trainer.kernels.gdn import chunk as chunk_mod
@@ -91,6 +91,15 @@ def test_chunk_offsets_count_each_documents_chunks(poisoned, lengths):
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     expect = [0, *torch.tensor([-(-n // chunk_mod.BT) for n in lengths]).cumsum(0).tolist()]
     assert chunk_mod.chunk_offsets(cu_seqlens).tolist() == expect
+
+
+@pytest.mark.parametrize("num_seqs", [1, 8192])  # the launcher's smallest and largest BN
+def test_chunk_offsets_kernel_compiles_for_hopper(num_seqs):
+    """Its cumsum over one program's BN lanes compiles to sm_90 code (ahead of time: the interpreter runs the CPU
+    tests above)."""
+    compile_for_hopper("eagle_trainer.kernels.gdn.chunk", "chunk_offsets_kernel",
+                       {"cu_seqlens_ptr": "*i32", "cu_chunks_ptr": "*i32", "num_seqs": "i32"},
+                       {"BT": chunk_mod.BT, "BN": max(16, 1 << (num_seqs - 1).bit_length())})
 
 
 def test_packed_documents_do_not_share_state(poisoned):
