@@ -31,22 +31,25 @@ _COMPILE = """
 import json, sys, importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-module, kernel, signature, constexprs, num_warps = json.loads(sys.argv[1])
+module, kernel, signature, constexprs, options = json.loads(sys.argv[1])
 fn = getattr(importlib.import_module(module), kernel)
 signature.update({name: "constexpr" for name in constexprs})
 compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+                          target=GPUTarget("cuda", 90, 32), options=options)
 assert compiled.asm["cubin"]
+sys.stdout.write(compiled.asm["ptx"])
 """
 
 
-def compile_for_hopper(module: str, kernel: str, signature: dict, constexprs: dict, num_warps: int = 4) -> None:
+def compile_for_hopper(module: str, kernel: str, signature: dict, constexprs: dict, **options) -> str:
     """Compile `module.kernel` for sm_90 down to its cubin, ahead of time (Triton's compiler and ptxas run on the
     CPU), in a fresh process: the tests' own process defines kernels for the interpreter (TRITON_INTERPRET=1), which
     cannot be compiled. `signature`: the runtime arguments' Triton types ("*bf16", "i32", "fp32"); `constexprs`: the
-    rest. Raises with the compiler's message if it fails."""
+    rest; `options`: the launch's (num_warps, enable_fp_fusion, ...). Returns the PTX; raises with the compiler's
+    message if it fails."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps([module, kernel, signature, constexprs, num_warps])],
-                         env=env, capture_output=True, text=True)
+    args = json.dumps([module, kernel, signature, constexprs, {"num_warps": 4, **options}])
+    run = subprocess.run([sys.executable, "-c", _COMPILE, args], env=env, capture_output=True, text=True)
     if run.returncode:
         raise AssertionError(f"{module}.{kernel} did not compile for sm_90:\n{run.stderr[-3000:]}")
+    return run.stdout

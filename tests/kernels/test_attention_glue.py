@@ -121,12 +121,17 @@ def test_sigmoid_gate_refuses_mismatched_inputs(poisoned):
 @pytest.mark.parametrize("zero_centred", [False, True])
 def test_kernels_compile_for_hopper(zero_centred):
     """Both kernels compile to sm_90 machine code at the bound shapes (Qwen3-Next: D 256, R 64; bf16), ahead of
-    time, so a CPU-only run checks what the interpreter cannot: that Triton's compiler takes them."""
+    time, so a CPU-only run checks what the interpreter cannot: that Triton's compiler takes them, and that the
+    rotation's bf16 products stay rounded before their sum (the interpreter rounds in fp16 only; with FP fusion the
+    compiled kernel contracted product and sum into one bf16 FMA and missed HF's bits on an H100)."""
     rows = {"num_rows": "i32", "num_heads": "i32"}
-    compile_for_hopper("eagle_trainer.kernels.attention_glue.norm_rope", "qk_norm_rope_fwd_kernel", {
+    ptx = compile_for_hopper("eagle_trainer.kernels.attention_glue.norm_rope", "qk_norm_rope_fwd_kernel", {
         **{name: "*bf16" for name in ("x_ptr", "w_ptr", "cos_ptr", "sin_ptr", "y_ptr")}, **rows,
         **{name: "i32" for name in ("stride_xt", "stride_xh", "stride_ct")}, "eps": "fp32"},
-        {"D": 256, "R": 64, "BR": 16, "BD": 256, "ZERO_CENTRED": zero_centred})
+        {"D": 256, "R": 64, "BR": 16, "BD": 256, "ZERO_CENTRED": zero_centred},
+        enable_fp_fusion=norm_rope_mod.FP_FUSION)
+    assert "cvt.rn.bf16.f32" in ptx or "mul.rn.bf16" in ptx
+    assert "fma.rn.bf16" not in ptx
     compile_for_hopper("eagle_trainer.kernels.attention_glue.gate", "sigmoid_gate_fwd_kernel", {
         **{name: "*bf16" for name in ("a_ptr", "g_ptr", "y_ptr")}, **rows,
         **{name: "i32" for name in ("stride_at", "stride_ah", "stride_gt", "stride_gh")}},

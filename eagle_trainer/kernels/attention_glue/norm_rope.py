@@ -18,6 +18,12 @@ import triton.language as tl
 from eagle_trainer.kernels.utils import new_buffer
 
 
+# Each product of the rotation is rounded to y's dtype before the sum, as HF's ops round it. With FP fusion on, the
+# compiler narrows the fp32 ops between those roundings to bf16 ones and contracts the product and the sum into one
+# bf16 FMA, which drops the product's rounding (the kernel is memory-bound: fusion buys nothing here).
+FP_FUSION = False
+
+
 @triton.jit
 def _normed(b_x, b_rstd, b_w, y_ptr, ZERO_CENTRED: tl.constexpr):
     """The RMSNorm output of fp32 rows b_x as kernels/rmsnorm rounds it (to y's dtype), back in fp32."""
@@ -75,7 +81,7 @@ def qk_norm_rope_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: tor
     block_r = max(1, min(64, 4096 // block_d))  # about 4096 elements per program
     qk_norm_rope_fwd_kernel[(triton.cdiv(num_rows, block_r),)](
         x, weight, cos, sin, y, num_rows, num_heads, x.stride(0), x.stride(1), cos.stride(0), eps, D=dim,
-        R=cos.shape[-1], BR=block_r, BD=block_d, ZERO_CENTRED=zero_centred, num_warps=4)
+        R=cos.shape[-1], BR=block_r, BD=block_d, ZERO_CENTRED=zero_centred, num_warps=4, enable_fp_fusion=FP_FUSION)
     return y
 
 
