@@ -259,13 +259,14 @@ def main(argv=None) -> None:
         if ours is None or "oom" in ours:
             continue
         shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
+        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
         experts = f", {args.experts} experts a layer" if args.experts else ""
         ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
         for side in sides[1:]:
             peer, peer_name = res[side], PEER_NAMES[side][args.arch == "qwen3_next"]
             case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
                     f"{f' ({side}: one document of that length)' if peer_whole else ''}, median step of "
-                    f"{args.steps - WARMUP_STEPS}")
+                    f"{args.steps - WARMUP_STEPS}, SDPA {'with' if cudnn else 'without'} cuDNN")
             if "oom" in peer:  # the peer cannot run this length on this GPU at all
                 rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
                                 f"out of memory ({peer['oom'][:80]})", peer_name, None))
