@@ -23,14 +23,30 @@
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
 #                                            # of that length), on the one loaded target; SIDES (default
 #                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
+#   bash benchmarks/device_next.sh ab        # ours alone at full depth, B=1 T=4096, twice: SDPA as eagle-train sets it
+#                                            # (cuDNN out), then with cuDNN (EAGLE_CUDNN_SDPA=1): what the setting
+#                                            # moves, on one machine
 #   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
 #                                            # teacher (train_online.py --profile, 48 layers, ours only), one
 #                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
 #                                            # and the draft step alone (profile_draft.py --gaps)
+# full and ab log the GPU's SM clock, power and throttle reasons once a second to $OUT/clocks.csv and print their
+# range (a heavy step can pull the clock down: compare runs on a machine whose clocks held).
 # The tests run without fla importable (HF's Qwen3-Next would call fla's GPU kernels on CPU tensors); the peer
 # benchmarks add it. Logs and RESULTS.md rows land in $OUT (merge the rows into benchmarks/RESULTS.md).
 source "$(dirname "$0")/device_env.sh"
-case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full|profile} in
+clocks() {  # clocks start|report: log the GPU's clocks in the background / stop and print their range
+    if [ "$1" = start ]; then
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+            --format=csv,noheader,nounits -l 1 > "$OUT/clocks.csv" 2>/dev/null & CLOCKS_PID=$!
+    else
+        kill "$CLOCKS_PID" 2>/dev/null
+        sort -t, -k2 -n "$OUT/clocks.csv" | awk -F, '{c[NR]=$2; p[NR]=$3; r[$5]++} END {if (NR) {
+            printf "SM clock MHz min %d median %d max %d over %d s; power W median %s; throttle reasons:", c[1],
+            c[int((NR + 1) / 2)], c[NR], NR, p[int((NR + 1) / 2)]; for (k in r) printf " %s x%d", k, r[k]; print ""}}'
+    fi
+}
+case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full|ab|profile} in
 tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
@@ -43,13 +59,23 @@ moe) export PYTHONPATH=$PEERS_PATH
      timeout 280 python3 benchmarks/next_model.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/next_model.log" |
          tail -7 ;;
 full) export PYTHONPATH=$PEERS_PATH
+      clocks start
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
           --seqs 4096 --steps 12 --pack ${PACK:-1 4} --sides "${SIDES:-ours,peer}" --results "$OUT/RESULTS.md" 2>&1 |
-          tee "$OUT/full.log" | tail -8 ;;
+          tee "$OUT/full.log" | tail -8
+      clocks report ;;
+ab) clocks start
+    for cudnn in 0 1; do
+        EAGLE_CUDNN_SDPA=$cudnn timeout 270 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
+            --experts "${EXPERTS:-128}" --seqs 4096 --steps 12 --pack 1 --sides ours \
+            --results "$OUT/RESULTS_ab.md" > "$OUT/ab_cudnn$cudnn.log" 2>&1
+        grep -e "^SDPA" -e "^ours" "$OUT/ab_cudnn$cudnn.log"
+    done
+    clocks report ;;
 profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
              --seqs 4096 --steps 8 --pack 1 --sides ours --profile 2>&1 | tee "$OUT/profile_full.log" | tail -3
          timeout 90 python3 benchmarks/profile_moe.py --shape qwen3_next --tokens 4096 --experts "${EXPERTS:-128}" \
              > "$OUT/profile_moe.log" 2>&1
          timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps > "$OUT/profile_draft.log" 2>&1 ;;
-*) echo "unknown phase $1 (tests, verify, moe, full or profile)"; exit 2 ;;
+*) echo "unknown phase $1 (tests, verify, moe, full, ab or profile)"; exit 2 ;;
 esac
