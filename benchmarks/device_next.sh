@@ -23,9 +23,10 @@
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
 #                                            # of that length), on the one loaded target; SIDES (default
 #                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
-#   bash benchmarks/device_next.sh ab        # ours alone at full depth, B=1 T=4096, twice: SDPA as eagle-train sets it
-#                                            # (cuDNN out), then with cuDNN (EAGLE_CUDNN_SDPA=1): what the setting
-#                                            # moves, on one machine
+#   bash benchmarks/device_next.sh ab        # one attention layer, ours vs HF's, and its attention call under each
+#                                            # backend (benchmarks/next_attention.py); then ours alone at full depth,
+#                                            # B=1 T=4096, twice: SDPA as eagle-train sets it (cuDNN out), then with
+#                                            # cuDNN (EAGLE_CUDNN_SDPA=1): what the setting moves, on one machine
 #   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
 #                                            # teacher (train_online.py --profile, 48 layers, ours only), one
 #                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
@@ -65,6 +66,8 @@ full) export PYTHONPATH=$PEERS_PATH
           tee "$OUT/full.log" | tail -8
       clocks report ;;
 ab) clocks start
+    timeout 120 python3 benchmarks/next_attention.py --results "$OUT/RESULTS.md" > "$OUT/next_attention.log" 2>&1
+    grep -e "^layer" -e "^attention" "$OUT/next_attention.log"
     for cudnn in 0 1; do
         EAGLE_CUDNN_SDPA=$cudnn timeout 270 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
             --experts "${EXPERTS:-128}" --seqs 4096 --steps 12 --pack 1 --sides ours \
