@@ -6,8 +6,7 @@ flex for packed batches) and o_proj, and swaps the element-wise work between the
 - q/k: HF chunks q_proj's output into query and gate (interleaved per head), norms each head (a copy, as the query
   is strided), transposes, and applies partial RoPE through slices, rotate_half's cat, products, a sum and another
   cat. `qk_norm_rope` reads the query where q_proj wrote it and writes q and k once each, as [B, T, H, D] rows
-  whose [B, H, T, D] view the attention kernels read without a copy (their output keeps that layout, so HF's
-  transpose back is free too);
+  whose [B, H, T, D] view the attention function takes as it is;
 - output: HF copies the strided gate out, takes its sigmoid and multiplies; `sigmoid_gate` reads it in place.
 The frozen target's training forward has no cache; any call with one (evaluation's decoding) goes to HF's
 forward, as does eager attention (HF's `eager_attention_forward` is not in the shared attention registry).
