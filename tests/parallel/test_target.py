@@ -39,14 +39,16 @@ def frozen(model, spec) -> FrozenTarget:
 
 
 def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = "cpu", dtype: str = "float32",
-                    moe_impl: str = "auto", ep_chunks: int = 1) -> None:
+                    moe_impl: str = "auto", ep_chunks: int = 1, attn_layer_impl: str = "auto") -> None:
     from eagle_trainer.parallel import init_parallel, whole
     from eagle_trainer.app.runtime import pick_device
     from eagle_trainer.targets.sharded import load_sharded_target
     device = pick_device(device_type)
     dims = init_parallel(ParallelConfig(target="fsdp", ep=ep, ep_chunks=ep_chunks), device)
-    model, _, spec, info, report = load_sharded_target(TargetConfig(path=path, dtype=dtype, moe_impl=moe_impl), device,
-                                                       dims)
+    cfg = TargetConfig(path=path, dtype=dtype, moe_impl=moe_impl, attn_layer_impl=attn_layer_impl)
+    model, _, spec, info, report = load_sharded_target(cfg, device, dims)
+    if attn_layer_impl == "triton":  # our attention-layer forward reads the norm weights inside the sharded layer
+        assert sum("forward" in m.__dict__ for m in model.modules() if type(m).__name__ == "Qwen3NextAttention") == 2
     states = frozen(model, spec).capture(rank_batch(rank).to(device))
     q_proj = model.get_submodule(spec.layers)[3].self_attn.q_proj.weight
     assert isinstance(q_proj, DTensor)  # a shard; whole() gathers it for whoever needs the whole weight
@@ -58,13 +60,18 @@ def capture_on_rank(rank: int, path: str, ep: int, out: str, device_type: str = 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world, ep, checkpoint, ep_chunks", [
-    (2, 2, "tiny_qwen3_moe_path", 2), (2, 1, "tiny_qwen3_moe_path", 1), (4, 2, "tiny_qwen3_moe_fused_path", 1),
-    (2, 2, "tiny_qwen3_next_path", 1)])
-def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, checkpoint, ep_chunks):
-    """ep_chunks 2: each MoE layer's tokens exchanged and computed in two chunks (parallel/expert.py)."""
+@pytest.mark.parametrize("world, ep, checkpoint, ep_chunks, attn_layer_impl", [
+    (2, 2, "tiny_qwen3_moe_path", 2, "auto"), (2, 1, "tiny_qwen3_moe_path", 1, "auto"),
+    (4, 2, "tiny_qwen3_moe_fused_path", 1, "auto"), (2, 2, "tiny_qwen3_next_path", 1, "auto"),
+    (2, 2, "tiny_qwen3_next_path", 1, "triton")])
+def test_sharded_target_captures_what_the_whole_target_captures(request, tmp_path, world, ep, checkpoint, ep_chunks,
+                                                                attn_layer_impl):
+    """ep_chunks 2: each MoE layer's tokens exchanged and computed in two chunks (parallel/expert.py). The whole
+    target runs HF's attention layers (auto on the CPU); attn_layer_impl=triton binds ours, interpreted, into the
+    sharded one."""
     path = request.getfixturevalue(checkpoint)
-    run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path), "cpu", "float32", "auto", ep_chunks)
+    run_ranks(world, capture_on_rank, str(path), ep, str(tmp_path), "cpu", "float32", "auto", ep_chunks,
+              attn_layer_impl)
     model, _, spec, _ = load_target(TargetConfig(path=str(path), dtype="float32"), torch.device("cpu"))
     whole = frozen(model, spec)
     total = sum(p.numel() for p in model.get_submodule(spec.layers).parameters())
