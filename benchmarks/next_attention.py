@@ -25,12 +25,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from next_model import bench  # noqa: E402
 from results import RESULTS, append_rows, row  # noqa: E402
 
 FIXTURE = Path(__file__).parents[1] / "tests/fixtures/qwen3_next_80b_a3b_config.json"
@@ -38,19 +38,6 @@ TINY = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "
 NAME = "next_attention"
 NOTE = ("`python benchmarks/next_attention.py`: one Qwen3-Next gated full-attention layer (real 80B widths, B=1, "
         "bf16), our attention-layer forward vs HF's, and the attention call alone under each backend.")
-
-
-def bench(fn, device: torch.device) -> float:
-    """Median milliseconds of fn()."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        return do_bench(fn, warmup=50, rep=300, return_mode="median")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[1]
 
 
 def build_layer(tiny: bool, device: torch.device, dtype: torch.dtype):
