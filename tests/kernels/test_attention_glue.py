@@ -68,6 +68,18 @@ def test_qk_norm_rope_16_bit_rounds_as_hf(poisoned, zero_centred):
     assert (out == ref).float().mean().item() > 0.99
 
 
+def test_qk_norm_rope_plain_norm_rounds_x_hat_to_x_dtype(poisoned):
+    """The plain norm with a wider weight (HF: weight * x_hat.to(x.dtype), promoted): x_hat is rounded to x's 16-bit
+    dtype, the rest runs in the weight's fp32, so nearly every element is bit-equal to HF's arithmetic."""
+    x, _, cos, sin = _inputs((1, 29, 3, 64), 32, 1, HALF, seed=7)
+    weight = torch.randn(64, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    out = qk_norm_rope(x, weight, 1e-6, cos, sin)
+    ref = qk_norm_rope_reference(x, weight, 1e-6, cos, sin)
+    assert out.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=1e-3)  # a rare x_hat one 16-bit ulp apart (sum order)
+    assert (out == ref).float().mean().item() > 0.99
+
+
 def test_qk_norm_rope_leaves_the_dims_past_r_normed_only(poisoned):
     """Partial RoPE: a zero sin and unit cos leave every dim the norm's; the dims past R never see cos or sin."""
     x, weight, cos, sin = _inputs((1, 9, 2, 64), 16, 1, torch.float32, seed=1)

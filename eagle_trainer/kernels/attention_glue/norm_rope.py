@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from eagle_trainer.kernels.rmsnorm.fused import rms_normed
 from eagle_trainer.kernels.utils import new_buffer
 
 
@@ -25,15 +26,9 @@ FP_FUSION = False
 
 
 @triton.jit
-def _normed(b_x, b_rstd, b_w, y_ptr, ZERO_CENTRED: tl.constexpr):
-    """The RMSNorm output of fp32 rows b_x as kernels/rmsnorm rounds it (to y's dtype), back in fp32."""
-    dtype = y_ptr.dtype.element_ty
-    b_n = b_x * b_rstd[:, None]
-    if ZERO_CENTRED:
-        b_y = b_n * (1.0 + b_w[None, :])
-    else:
-        b_y = b_w[None, :] * b_n.to(dtype).to(tl.float32)
-    return b_y.to(dtype).to(tl.float32)
+def _normed(b_x, b_rstd, b_w, x_ptr, y_ptr, ZERO_CENTRED: tl.constexpr):
+    """kernels/rmsnorm's output for fp32 rows b_x, rounded to y's dtype as HF's norm module returns it, in fp32."""
+    return rms_normed(b_x, b_rstd, b_w, x_ptr, ZERO_CENTRED).to(y_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -51,14 +46,14 @@ def qk_norm_rope_fwd_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, y_ptr, num_rows, num
     b_x = tl.load(p_x[:, None] + o_d[None, :], mask=m, other=0.0).to(tl.float32)
     b_rstd = tl.rsqrt(tl.sum(b_x * b_x, axis=1) / D + eps)
     b_w = tl.load(w_ptr + o_d, mask=o_d < D, other=0.0).to(tl.float32)
-    b_y = _normed(b_x, b_rstd, b_w, y_ptr, ZERO_CENTRED)
+    b_y = _normed(b_x, b_rstd, b_w, x_ptr, y_ptr, ZERO_CENTRED)
     # rotate_half: dim d < R/2 pairs with d + R/2 (negated), d in [R/2, R) with d - R/2
     m_rot = o_d < R
     o_p = tl.where(o_d < R // 2, o_d + R // 2, o_d - R // 2)
     m_p = m_r[:, None] & m_rot[None, :]
     b_xp = tl.load(p_x[:, None] + o_p[None, :], mask=m_p, other=0.0).to(tl.float32)
     b_wp = tl.load(w_ptr + o_p, mask=m_rot, other=0.0).to(tl.float32)
-    b_yp = _normed(b_xp, b_rstd, b_wp, y_ptr, ZERO_CENTRED)
+    b_yp = _normed(b_xp, b_rstd, b_wp, x_ptr, y_ptr, ZERO_CENTRED)
     b_yp = tl.where((o_d < R // 2)[None, :], -b_yp, b_yp)
     o_c = i_t[:, None] * stride_ct + o_d[None, :]
     b_cos = tl.load(cos_ptr + o_c, mask=m_p, other=0.0).to(tl.float32)

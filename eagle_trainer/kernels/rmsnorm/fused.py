@@ -17,6 +17,16 @@ from eagle_trainer.kernels.utils import new_buffer
 
 
 @triton.jit
+def rms_normed(b_h, b_rstd, b_w, x_ptr, ZERO_CENTRED: tl.constexpr):
+    """HF's RMSNorm of fp32 rows b_h [BR, BD] (of x's dtype), given their b_rstd [BR] and the fp32 weight b_w [BD]:
+    fp32, not yet rounded to the output dtype. Also called by kernels/attention_glue's q/k norm."""
+    b_n = b_h * b_rstd[:, None]
+    if ZERO_CENTRED:  # HF: (x_hat * (1 + w.float())).type_as(x), no rounding before the weight
+        return b_n * (1.0 + b_w[None, :])
+    return b_w[None, :] * b_n.to(x_ptr.dtype.element_ty).to(tl.float32)  # HF: w * x_hat.to(x.dtype)
+
+
+@triton.jit
 def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, N, D, eps, BR: tl.constexpr, BD: tl.constexpr,
                         ZERO_CENTRED: tl.constexpr):
     o_r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
@@ -25,12 +35,8 @@ def rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, N, D, eps, BR: tl.constexpr, BD: tl
     b_x = tl.load(x_ptr + o_r[:, None] * D + o_d[None, :], mask=m, other=0.0)
     b_h = b_x.to(tl.float32)
     b_rstd = tl.rsqrt(tl.sum(b_h * b_h, axis=1) / D + eps)
-    b_n = b_h * b_rstd[:, None]
     b_w = tl.load(w_ptr + o_d, mask=o_d < D, other=0.0).to(tl.float32)
-    if ZERO_CENTRED:  # HF: (x_hat * (1 + w.float())).type_as(x), no rounding before the weight
-        b_y = b_n * (1.0 + b_w[None, :])
-    else:  # HF: w * x_hat.to(x.dtype)
-        b_y = b_w[None, :] * b_n.to(x_ptr.dtype.element_ty).to(tl.float32)
+    b_y = rms_normed(b_h, b_rstd, b_w, x_ptr, ZERO_CENTRED)
     tl.store(y_ptr + o_r[:, None] * D + o_d[None, :], b_y.to(y_ptr.dtype.element_ty), mask=m)
 
 
