@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 25 on the device (one H100/H200), one phase per call (a call runs at most 10 minutes):
-#   bash benchmarks/device_next.sh tests     # GPU tests: GDN tree kernel, graphed draft steps, hybrid tree
-#                                            # verification, packed attention (32k peak memory, no recompile), MoE
-#                                            # core with the shared expert
+#   bash benchmarks/device_next.sh tests     # the attention-glue, GDN chunk and RMSNorm kernel tests and the
+#                                            # attention binding's, compiled; then the GPU tests: GDN tree kernel,
+#                                            # graphed draft steps, hybrid tree verification, packed attention (32k
+#                                            # peak memory, no recompile), MoE core with the shared expert
 #   bash benchmarks/device_next.sh verify    # benchmarks/verify_next.py: tree vs walk verification on Qwen3-Next
 #                                            # (VERIFY_ARGS to it). Its defaults regenerate data and train 3000
 #                                            # steps here, which took over the 10-minute limit on an H100: train on
@@ -48,7 +49,11 @@ clocks() {  # clocks start|report: log the GPU's clocks in the background / stop
     fi
 }
 case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full|ab|profile} in
-tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
+tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_glue.py \
+           tests/kernels/test_gdn_chunk.py tests/kernels/test_rmsnorm.py \
+           tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
+           grep -e passed -e failed -e FAILED
+       timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
            grep -e "peak" -e passed -e failed -e FAILED ;;

@@ -18,7 +18,7 @@ state restart per sequence), else B=1. The vocab map is built from them (train.p
 Sides (the loaded model is rebound between them with the target entry's bind function, as load_target does):
 - ours: `target.moe_impl=triton` (our batch-invariant MoE core), `norm_impl=triton` (fused RMSNorm), Qwen3-Next:
   `gdn_impl=triton` (our GDN core) and `attn_layer_impl=triton` (q/k norm + RoPE and the output gate fused);
-  `draft.attention=fused` (cuDNN / FA2 step-0 block + the Triton merge);
+  `draft.attention=fused` (FlashAttention-2 step-0 block + the Triton merge);
 - peer: `target.moe_impl=grouped_mm` (HF transformers' own grouped_mm experts), `norm_impl=hf`, Qwen3-Next:
   `gdn_impl=hf` (HF's linear attention, which calls flash-linear-attention's kernels when fla is importable: carry it)
   and `attn_layer_impl=hf`,
