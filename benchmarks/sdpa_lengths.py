@@ -13,7 +13,8 @@ lives in the process), on the same inputs:
                       of eagle-eval: every KV length new)
     TTT step 0        the EAGLE-3 draft's step-0 attention as one training unroll calls it (7 forwards, then 7
                       backwards, 9/3 heads of 64) at --lengths other new lengths: ours kernels/ttt_attention's
-                      FlashCausal (FlashAttention-2), the peer the cuDNN fused attention it replaced (below)
+                      step-0 kernel (Causal: FlashAttention-2 at a length new to the process, cuDNN only for a
+                      shape an earlier unroll had), the peer cuDNN's fused attention at every length (CudnnCausal)
 
 Times: wall time per call, the GPU synchronised after each (host work included: that is the point), mean over the
 calls; tokens/s over the whole stream. Agreement: the last call's logits of both sides (bf16: ~1e-2).
@@ -50,21 +51,6 @@ SIDES = {"ours": "cuDNN out of SDPA's backends (app/runtime.py sdpa_without_cudn
          "peer": "torch's SDPA backend order (cuDNN first on sm90)"}
 
 
-class CudnnStep0:
-    """The peer of the TTT step-0 stream: cuDNN's fused causal attention with its log-sum-exp, as
-    kernels/ttt_attention/step0.py called it for unpacked batches before FlashCausal."""
-
-    def forward(self, q, k, v, scale):
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
-        return res[0], res[1].reshape(q.shape[:3]).contiguous(), res[2:8]
-
-    def backward(self, dout, q, k, v, out, lse, saved, scale):
-        cum_q, cum_k, max_q, max_k, seed, offset = saved
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse[..., None], seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
-            scale=scale)
-
-
 def step0_unroll(step0, q, k, v, dout, steps: int = 7):
     """What one EAGLE-3 training unroll asks of its step-0 attention at one length: `steps` forwards, then as many
     backwards (each handed its forward's out and lse) -> the last (out, dq)."""
@@ -95,6 +81,7 @@ def worker(args) -> None:
     from eagle_trainer.app.runtime import sdpa_without_cudnn
     from eagle_trainer.data.regenerate import cache_argument
     from eagle_trainer.kernels.ttt_attention import step0_kernel
+    from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -126,7 +113,9 @@ def worker(args) -> None:
         rounds.append(timed(device, step))
     torch.save(out.float().cpu(), args.out + ".logits")
     # on the CPU both sides run aten's CPU flash attention (a dry run of the stream)
-    step0 = CudnnStep0() if args.worker == "peer" and device.type == "cuda" else step0_kernel(device)
+    # ours: a step-0 kernel per unroll, as the trainer builds it (Causal: FlashAttention-2 at a length new to the
+    # process, which every length here is); the peer: cuDNN's attention at every length
+    peer = args.worker == "peer" and device.type == "cuda"
     step0_lengths = rng.sample(sorted(set(range(64, 1025)) - set(lengths)), args.lengths)  # new to cuDNN too
     unrolls, last = [], None
     for t in [48] + step0_lengths:  # the first a warm-up
@@ -138,7 +127,7 @@ def worker(args) -> None:
 
         def unroll(q=q, k=k, v=v, dout=dout):
             nonlocal last
-            last = step0_unroll(step0, q, k, v, dout)
+            last = step0_unroll(CudnnCausal() if peer else step0_kernel(device), q, k, v, dout)
         unrolls.append(timed(device, unroll))
     torch.save([x.float().cpu() for x in last], args.out + ".step0")
     Path(args.out).write_text(json.dumps({"first": first, "again": again, "rounds": rounds, "lengths": lengths,

@@ -90,6 +90,7 @@ def test_demo_moe_learns_and_exports(demo_moe_run):
     run_dir, summary = demo_moe_run
     target_cfg = AutoConfig.from_pretrained(run_dir / "target")  # the file says num_local_experts (transformers 5)
     assert target_cfg.architectures == ["Qwen3MoeForCausalLM"] and target_cfg.num_experts == 8
+    assert json.loads((run_dir / "config.json").read_text())["target"]["moe_impl"] == "auto"
     before, after = summary.eval_before, summary.eval_after
     assert before["acc"][0] < 0.1
     assert after["acc"][0] > before["acc"][0] + 0.3, (before, after)

@@ -12,6 +12,7 @@ Saved as safetensors with tensors `d2t` and `t2d`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import datasets
@@ -79,9 +80,16 @@ def vocab_coverage(counts: torch.Tensor, t2d: torch.Tensor) -> float:
 
 
 def save_vocab_map(path: str | Path, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+    """Write to a temporary file and rename it into place: a crash, or another process writing the same map, never
+    leaves a half-written file at `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"d2t": d2t.to(torch.int64).contiguous(), "t2d": t2d.to(torch.bool).contiguous()}, str(path))
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        save_file({"d2t": d2t.to(torch.int64).contiguous(), "t2d": t2d.to(torch.bool).contiguous()}, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_vocab_map(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,10 @@ flex for packed batches) and o_proj, and swaps the element-wise work between the
   cat. `qk_norm_rope` reads the query where q_proj wrote it and writes q and k once each, as [B, T, H, D] rows
   whose [B, H, T, D] view the attention function takes as it is;
 - output: HF copies the strided gate out, takes its sigmoid and multiplies; `sigmoid_gate` reads it in place.
+SDPA's backend: the process runs without cuDNN's attention (app/runtime.sdpa_without_cudnn: it builds a graph per
+new shape), but a layer whose call has the shape, strides and no mask of one in an earlier forward puts cuDNN first
+for it (kernels/utils.RepeatedShapes; fixed-length rows repeat, lengths seen once build no graph): on an H100 at
+head dim 256 cuDNN's attention takes half of FlashAttention-2's time.
 The frozen target's training forward has no cache; any call with one (evaluation's decoding) goes to HF's
 forward, as does eager attention (HF's `eager_attention_forward` is not in the shared attention registry).
 
@@ -19,16 +23,34 @@ Shapes: B batch, T tokens, H/Hkv query/key-value heads, D head dim, R rotary dim
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from eagle_trainer.kernels.utils import RepeatedShapes, layout_key
 from eagle_trainer.targets.moe import bind_instances, resolve_kernel_impl
 
 IMPLEMENTATIONS = ("auto", "triton", "hf")
 HF_FORWARD_ARGUMENTS = ("cache", "past_key_values")  # (transformers 5 renamed past_key_values to cache)
+
+
+CUDNN_SHAPES = RepeatedShapes()  # (layer, attention call layout) of this process's target forwards so far
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def sdpa_backends(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask):
+    """A context for `module`'s attention call: cuDNN first among SDPA's backends when this layer made a call of
+    the same layout without a mask in an earlier forward (16-bit, on a GPU, through sdpa); otherwise nothing."""
+    if module.config._attn_implementation != "sdpa" or attention_mask is not None or q.device.type != "cuda" \
+            or q.dtype not in (torch.float16, torch.bfloat16) \
+            or not CUDNN_SHAPES.repeated((id(module), *layout_key(q, k, v))):
+        return contextlib.nullcontext()
+    return sdpa_kernel(CUDNN_FIRST, set_priority=True)
 
 
 def _gated_attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
@@ -48,9 +70,10 @@ def _gated_attention_forward(self: nn.Module, hidden_states: torch.Tensor, posit
                        zero_centred=True)  # [B, T, Hkv, D]
     value = self.v_proj(hidden_states).view(b, t, -1, d)
     attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
-    out, weights = attention(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             **kwargs)  # out [B, T, H, D]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    with sdpa_backends(self, q, k, v, attention_mask):
+        out, weights = attention(self, q, k, v, attention_mask, scaling=self.scaling,
+                                 dropout=0.0 if not self.training else self.attention_dropout, **kwargs)  # [B, T, H, D]
     return self.o_proj(sigmoid_gate(out, query_gate[..., d:])), weights
 
 

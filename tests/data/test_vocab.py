@@ -83,6 +83,26 @@ def test_save_load_round_trip_and_uint8(tmp_path):
         load_vocab_map(tmp_path / "bad.safetensors")
 
 
+def test_a_save_that_dies_midway_leaves_the_old_map(tmp_path, monkeypatch):
+    """The map is written beside its path and renamed into place: a crash while writing (here, after half a file)
+    leaves the previous map readable and no half file at the path."""
+    import eagle_trainer.data.vocab as vocab
+
+    path = tmp_path / "vocab.safetensors"
+    d2t, t2d = vocab_map_from_counts(torch.tensor([3, 0, 1, 5, 0, 2]), 3)
+    save_vocab_map(path, d2t, t2d)
+
+    def dies_midway(tensors, filename):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 7)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vocab, "save_file", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        save_vocab_map(path, d2t, t2d)
+    assert torch.equal(load_vocab_map(path)[0], d2t) and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def write_pairs(path, n: int) -> None:
     """n conversations of one user line and one assistant line (synthetic_corpus, seed 3)."""
     lines = synthetic_corpus(2 * n, seed=3)

@@ -133,13 +133,16 @@ def test_fused_attention_equals_naive_forward_and_backward(t, num_prev, packed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,packed", [(300, False), (2048, False), (1000, True)])
-def test_fused_path_matches_naive_on_gpu_bf16(t, packed):
-    """FlashAttention-2 (its varlen form when packed) step 0 + the merge kernels in bf16, against the naive reference
-    in fp32 on the same values: output and every gradient within bf16 rounding (norm-relative 1e-2)."""
+@pytest.mark.parametrize("t,packed,cudnn", [(300, False, False), (2048, False, False), (1000, True, False),
+                                            (300, False, True), (2048, False, True)])
+def test_fused_path_matches_naive_on_gpu_bf16(t, packed, cudnn):
+    """FlashAttention-2 (its varlen form when packed) or cuDNN's attention (an unpacked shape seen before) as step 0
+    + the merge kernels in bf16, against the naive reference in fp32 on the same values: output and every gradient
+    within bf16 rounding (norm-relative 1e-2)."""
     import functools
 
     from eagle_trainer.drafts.attention import fused_ttt_attention
+    from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal
 
     torch.manual_seed(0)
     dev = "cuda"
@@ -152,7 +155,8 @@ def test_fused_path_matches_naive_on_gpu_bf16(t, packed):
                                                                                       device=dev))[None]
     leaves = lambda xs, dtype: [x.detach().to(dtype).requires_grad_() for x in xs]
     q16, kv16 = leaves([q], torch.bfloat16)[0], leaves(kv, torch.bfloat16)
-    got = attention_grads(functools.partial(fused_ttt_attention, documents=documents), q16, kv16,
+    step0 = CudnnCausal() if cudnn else None
+    got = attention_grads(functools.partial(fused_ttt_attention, documents=documents, step0=step0), q16, kv16,
                           grad.to(torch.bfloat16))
     want = attention_grads(functools.partial(naive_ttt_attention, documents=documents), leaves([q], torch.float32)[0],
                            leaves(kv, torch.float32), grad)

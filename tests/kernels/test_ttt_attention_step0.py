@@ -1,6 +1,6 @@
 """The GPU step-0 kernels' calls into torch's attention ops, checked on any machine with fake CUDA tensors.
 
-The ops (FlashAttention-2, dense and varlen) run on a GPU only, and their Python signatures are private to torch:
+The ops (FlashAttention-2, dense and varlen, and cuDNN's fused attention) run on a GPU only, and their Python signatures are private to torch:
 under FakeTensorMode the calls go through torch's own shape functions, so a changed argument order, result tuple or
 log-sum-exp layout in a torch release shows here, on the CPU, rather than on the device. What the kernels compute
 is checked on a GPU (tests/drafts/test_attention.py, gpu-marked).
@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from eagle_trainer.kernels.ttt_attention.step0 import FlashCausal, FlashVarlenCausal, step0_kernel
+from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal, FlashCausal, FlashVarlenCausal, step0_kernel
+from eagle_trainer.kernels.utils import RepeatedShapes
 
 
 def draft_layout(b, t, heads, d):
@@ -23,13 +24,33 @@ def test_flash_causal_calls_take_grouped_heads(b, t, heads, kv_heads, d):
     with FakeTensorMode():
         q, dout = draft_layout(b, t, heads, d), draft_layout(b, t, heads, d)
         k, v = draft_layout(b, t, kv_heads, d), draft_layout(b, t, kv_heads, d)
-        step0 = step0_kernel(torch.device("cuda", 0))
-        assert isinstance(step0, FlashCausal)
-        out, lse, saved = step0.forward(q, k, v, d ** -0.5)
-        assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
-        assert lse.shape == (b, heads, t) and lse.dtype == torch.float32 and lse.is_contiguous()
-        dq, dk, dv = step0.backward(dout, q, k, v, out, lse, saved, d ** -0.5)
-        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+        for step0 in (FlashCausal(), CudnnCausal()):
+            out, lse, saved = step0.forward(q, k, v, d ** -0.5)
+            assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+            assert lse.shape == (b, heads, t) and lse.dtype == torch.float32 and lse.is_contiguous()
+            dq, dk, dv = step0.backward(dout, q, k, v, out, lse, saved, d ** -0.5)
+            assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_an_unroll_takes_cudnn_for_a_shape_an_earlier_unroll_had():
+    """Causal (the unpacked step 0) picks at its first call and keeps the pick for its steps and backward:
+    FlashAttention-2 for a layout new to the process, cuDNN once an earlier unroll had it; fp32 never cuDNN."""
+    shapes, device = RepeatedShapes(enabled=True), torch.device("cuda", 0)
+
+    def pick(t, heads=8, dtype=torch.bfloat16):
+        step0 = step0_kernel(device, shapes=shapes)
+        q = torch.empty(1, t, heads, 64, dtype=dtype, device="cuda").transpose(1, 2)
+        k = torch.empty(1, t, 2, 64, dtype=dtype, device="cuda").transpose(1, 2)
+        step0.forward(q, k, k, 0.125)
+        first = type(step0.impl)
+        step0.forward(q, k, k, 0.125)  # the unroll's later steps keep the pick
+        assert type(step0.impl) is first
+        return first.__name__
+
+    with FakeTensorMode():
+        assert [pick(300), pick(300), pick(301), pick(300, heads=4), pick(301)] == \
+            ["FlashCausal", "CudnnCausal", "FlashCausal", "FlashCausal", "CudnnCausal"]
+        assert [pick(50, dtype=torch.float32), pick(50, dtype=torch.float32)] == ["FlashCausal"] * 2
 
 
 def test_flash_varlen_calls_take_a_packed_row():

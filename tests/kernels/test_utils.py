@@ -1,4 +1,5 @@
-"""The helpers the kernel folders share: interpreter detection, where kernels run, output buffers, dot precision."""
+"""The helpers the kernel folders share: interpreter detection, where kernels run, output buffers, dot precision,
+the repeated-shape registry."""
 
 import torch
 
@@ -27,3 +28,20 @@ def test_new_buffer_takes_like_device_and_dtype_unless_given():
 def test_dot_precision_is_full_fp32_for_fp32_only():
     assert utils.dot_precision(torch.float32) == "ieee"
     assert utils.dot_precision(torch.bfloat16) == utils.dot_precision(torch.float16) == "tf32"
+
+
+def test_repeated_shapes_answer_true_from_the_second_ask(monkeypatch):
+    shapes = utils.RepeatedShapes(limit=2, enabled=True)
+    x, y = torch.empty(3, 4), torch.empty(4, 3)
+    a, b = utils.layout_key(x), utils.layout_key(x.t())  # same shape as y, other strides
+    assert b != utils.layout_key(y) and a == utils.layout_key(torch.zeros(3, 4))
+    assert [shapes.repeated(k) for k in (a, a, b, a, b)] == [False, True, False, True, True]
+    c = utils.layout_key(y)
+    assert [shapes.repeated(c), shapes.repeated(c)] == [False, False]  # past the limit: never remembered
+    assert not utils.RepeatedShapes(enabled=False).repeated(a)
+    monkeypatch.setenv(utils.CUDNN_SDPA_ENV, "0")  # EAGLE_CUDNN_SDPA=0: never
+    off = utils.RepeatedShapes()
+    assert [off.repeated(a), off.repeated(a)] == [False, False]
+    monkeypatch.delenv(utils.CUDNN_SDPA_ENV)
+    on = utils.RepeatedShapes()
+    assert [on.repeated(a), on.repeated(a)] == [False, True]

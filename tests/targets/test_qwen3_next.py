@@ -414,6 +414,34 @@ def test_attention_layers_bound_equal_hf(tiny_qwen3_next_path):
         assert torch.equal(out.logits, expect.logits)
 
 
+@pytest.mark.gpu
+def test_bound_attention_takes_cudnn_for_a_repeated_layout(tiny_qwen3_next_path):
+    """bf16 on a GPU: the bound attention's first forward at a layout runs without cuDNN
+    (eagle-train's SDPA setting), the second puts cuDNN first; both capture what HF's forward does, within bf16."""
+    from eagle_trainer.app.runtime import sdpa_without_cudnn
+
+    sdpa_without_cudnn()
+    kinds = {"moe_impl": "hf", "norm_impl": "hf", "gdn_impl": "hf", "dtype": "bfloat16"}
+    model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), attn_layer_impl="triton",
+                                                    **kinds), torch.device("cuda"))
+    ref = load_target(TargetConfig(path=str(tiny_qwen3_next_path), attn_layer_impl="hf", **kinds),
+                      torch.device("cuda"))[0]
+    ids, t2d = draft_vocab(info.vocab_size, 200)
+    aux_ids = spec.aux_layers(info.num_layers)
+    batch = make_batch(1, 301, info.vocab_size, seed=5).to("cuda")  # the backbone gets no mask: causal sdpa
+    want = FrozenTarget(ref, spec, aux_ids, ids, t2d).capture(batch)
+    target = FrozenTarget(model, spec, aux_ids, ids, t2d)
+    kernels = []
+    for _ in range(2):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            got = target.capture(batch)
+            torch.cuda.synchronize()
+        kernels.append(any("cudnn" in e.name.lower() and "sdpa" in e.name.lower() for e in prof.events()))
+        err = float((got.aux_hidden.float() - want.aux_hidden.float()).norm() / want.aux_hidden.float().norm())
+        assert err < 1e-2, err
+    assert kernels == [False, True]  # a cuDNN attention kernel ran in the second forward only
+
+
 @pytest.mark.parametrize("key_dim,value_dim,layout", [(16, 32, True), (32, 16, True), (12, 20, False)])
 def test_projection_layout_reads_what_hf_splits(key_dim, value_dim, layout):
     """The conv channels, z, b and a that HF's fix_query_key_value_ordering makes of the two projections are where

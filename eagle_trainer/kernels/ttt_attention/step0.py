@@ -1,7 +1,8 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-FlashAttention-2 (unpacked batches), FlashAttention-2 varlen (packed batches: each document is one sequence) or
-aten's CPU flash attention (CPU, tests). Grouped-query heads are read as they are.
+Unpacked batches: cuDNN's fused attention for a problem shape an earlier unroll had, FlashAttention-2 for a new
+one (`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU (tests): aten's CPU
+flash attention. Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
 backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
 (see attention.py).
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from eagle_trainer.kernels.utils import RepeatedShapes, layout_key
+
+CUDNN_SHAPES = RepeatedShapes()  # the step-0 problem shapes of this process's unrolls so far
+
 
 class FlashCausal:
-    """Step 0 of an unpacked batch: FlashAttention-2, causal (grouped-query heads native). Not cuDNN's fused
-    attention, although at one fixed shape it is faster on Hopper: cuDNN builds an execution graph on the host for
-    every new (batch, length), about 7 ms a call on an H100, and unpacked batches come at a new length nearly every
-    step (padded to their longest row)."""
+    """Step 0 of an unpacked batch at a new shape: FlashAttention-2, causal (grouped-query heads native)."""
 
     def forward(self, q, k, v, scale):
         res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
@@ -26,6 +28,43 @@ class FlashCausal:
         cum_q, cum_k, max_q, max_k, rng, unused = saved
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, rng, unused, scale=scale)
+
+
+class CudnnCausal:
+    """Step 0 of an unpacked batch at a shape seen before: cuDNN's fused attention, causal (grouped-query heads
+    native). On an H100 about twice FlashAttention-2's speed, but cuDNN builds an execution graph on the host for
+    every new shape (batch, length, strides), about 7 ms: `Causal` picks it only for shapes that come again."""
+
+    def forward(self, q, k, v, scale):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+        return res[0], res[1].reshape(q.shape[:3]).contiguous(), res[2:8]  # lse [B, nh, T, 1] -> [B, nh, T]
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale)
+
+
+class Causal:
+    """Step 0 of an unpacked batch: CudnnCausal when `shapes` (default CUDNN_SHAPES) has seen this unroll's shape
+    in an earlier unroll, FlashCausal otherwise; picked at the unroll's first call and kept for its steps and their
+    backward. Unpacked batches are padded to their longest row, so their lengths repeat only where the data's do
+    (fixed-length rows, a benchmark); a length seen once never builds a cuDNN graph. cuDNN is taken for 16-bit
+    inputs with head dims up to 128 (what tests/drafts/test_attention.py checks on a GPU)."""
+
+    def __init__(self, shapes: RepeatedShapes | None = None):
+        self.shapes, self.impl = shapes if shapes is not None else CUDNN_SHAPES, None
+
+    def forward(self, q, k, v, scale):
+        if self.impl is None:
+            cudnn = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and \
+                self.shapes.repeated(layout_key(q, k, v))
+            self.impl = CudnnCausal() if cudnn else FlashCausal()
+        return self.impl.forward(q, k, v, scale)
+
+    def backward(self, dout, q, k, v, out, lse, saved, scale):
+        return self.impl.backward(dout, q, k, v, out, lse, saved, scale)
 
 
 class FlashVarlenCausal:
@@ -75,9 +114,11 @@ class CpuFlash:
             dout, q, k, v, out, lse, 0.0, self.allowed is None, attn_mask=self._bias(q), scale=scale)
 
 
-def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
-    """The step-0 attention for a batch: FlashCausal / FlashVarlenCausal (packed, from `documents` [1, T]) on a
-    GPU, CpuFlash on the CPU. Built once per unroll (a packed row's document bounds cost one host sync)."""
+def step0_kernel(device: torch.device, documents: torch.Tensor | None = None,
+                 shapes: RepeatedShapes | None = None):
+    """The step-0 attention for a batch: Causal (cuDNN for `shapes` seen before, else FlashAttention-2) /
+    FlashVarlenCausal (packed, from `documents` [1, T]) on a GPU, CpuFlash on the CPU. Built once per unroll (a
+    packed row's document bounds cost one host sync)."""
     if device.type != "cuda":
         if documents is None:
             return CpuFlash()
@@ -85,7 +126,7 @@ def step0_kernel(device: torch.device, documents: torch.Tensor | None = None):
         causal = torch.ones(t, t, dtype=torch.bool, device=documents.device).tril()
         return CpuFlash((causal & (documents[:, :, None] == documents[:, None, :]))[:, None])
     if documents is None:
-        return FlashCausal()
+        return Causal(shapes)
     if documents.shape[0] != 1:
         raise ValueError(f"packed TTT attention takes one row of documents, got documents {tuple(documents.shape)}")
     starts = torch.nonzero(documents[0, 1:] != documents[0, :-1]).flatten() + 1
