@@ -2,6 +2,8 @@
 # Issue 25 on the device (one H100/H200), one phase per call (a call runs at most 10 minutes):
 #   bash benchmarks/device_next.sh tests     # the attention-glue, GDN chunk and RMSNorm kernel tests and the
 #                                            # attention binding's, compiled; then the GPU tests: GDN tree kernel,
+#                                            # TTT attention (cuDNN's step 0 too), cuDNN in the bound target's
+#                                            # attention at a repeated layout,
 #                                            # graphed draft steps, hybrid tree verification, packed attention (32k
 #                                            # peak memory, no recompile), MoE core with the shared expert
 #   bash benchmarks/device_next.sh verify    # benchmarks/verify_next.py: tree vs walk verification on Qwen3-Next
@@ -20,14 +22,18 @@
 #   bash benchmarks/device_next.sh moe       # the routed MoE kernels after the gate/up-pointer change, and the
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096
-#                                            # (EXPERTS, default 128 a layer, so that it fits one GPU); PACK (default
+#                                            # (EXPERTS, default 128 a layer, so that it fits one GPU), 48 steps
+#                                            # timed after 36 (the steady state: cuDNN for the layouts that
+#                                            # repeat); PACK (default
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
 #                                            # of that length), on the one loaded target; SIDES (default
 #                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
 #   bash benchmarks/device_next.sh ab        # one attention layer, ours vs HF's, and its attention call under each
 #                                            # backend (benchmarks/next_attention.py); then ours alone at full depth,
-#                                            # B=1 T=4096, twice: SDPA as eagle-train sets it (cuDNN out), then with
-#                                            # cuDNN (EAGLE_CUDNN_SDPA=1): what the setting moves, on one machine
+#                                            # B=1 T=4096, 48 steps timed after 36, three times: no cuDNN attention
+#                                            # (EAGLE_CUDNN_SDPA=0), eagle-train's default (cuDNN for layouts seen 32
+#                                            # times: the draft's step 0 and the target's attention), and torch's
+#                                            # order (EAGLE_CUDNN_SDPA=1): what each moves, on one machine
 #   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
 #                                            # teacher (train_online.py --profile, 48 layers, ours only), one
 #                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
@@ -54,7 +60,7 @@ tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_a
            tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
            grep -e passed -e failed -e FAILED
        timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
-           tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
+           tests/drafts/test_attention.py tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
            grep -e "peak" -e passed -e failed -e FAILED ;;
 verify) export PYTHONPATH=$PEERS_PATH  # walk verification with fla, the best HF path
@@ -67,17 +73,18 @@ moe) export PYTHONPATH=$PEERS_PATH
 full) export PYTHONPATH=$PEERS_PATH
       clocks start
       timeout 560 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
-          --seqs 4096 --steps 12 --pack ${PACK:-1 4} --sides "${SIDES:-ours,peer}" --results "$OUT/RESULTS.md" 2>&1 |
+          --seqs 4096 --steps 48 --warmup 36 --pack ${PACK:-1 4} --sides "${SIDES:-ours,peer}" \
+          --results "$OUT/RESULTS.md" 2>&1 |
           tee "$OUT/full.log" | tail -8
       clocks report ;;
 ab) clocks start
     timeout 120 python3 benchmarks/next_attention.py --results "$OUT/RESULTS.md" > "$OUT/next_attention.log" 2>&1
     grep -e "^layer" -e "^attention" "$OUT/next_attention.log"
-    for cudnn in 0 1; do
-        EAGLE_CUDNN_SDPA=$cudnn timeout 270 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
-            --experts "${EXPERTS:-128}" --seqs 4096 --steps 12 --pack 1 --sides ours \
-            --results "$OUT/RESULTS_ab.md" > "$OUT/ab_cudnn$cudnn.log" 2>&1
-        grep -e "^SDPA" -e "^ours" "$OUT/ab_cudnn$cudnn.log"
+    for cudnn in 0 repeated 1; do
+        EAGLE_CUDNN_SDPA=$cudnn timeout 150 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
+            --experts "${EXPERTS:-128}" --seqs 4096 --steps 48 --warmup 36 --pack 1 --sides ours \
+            --results "$OUT/RESULTS_ab.md" > "$OUT/ab_cudnn_$cudnn.log" 2>&1
+        echo "EAGLE_CUDNN_SDPA=$cudnn"; grep -e "^SDPA" -e "^ours" "$OUT/ab_cudnn_$cudnn.log"
     done
     clocks report ;;
 profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \

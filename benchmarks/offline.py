@@ -122,10 +122,11 @@ def read_specforge_format(out: Path, n: int) -> float:
 
 
 def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bool, draft_cfg: DraftConfig | None = None,
-          aux: tuple[int, ...] = AUX, target_flops: TargetFlops | None = None, batch_size: int = 1, pack: bool = False):
+          aux: tuple[int, ...] = AUX, target_flops: TargetFlops | None = None, batch_size: int = 1, pack: bool = False,
+          warmup: int = WARMUP_STEPS):
     """`steps` optimizer steps of the EAGLE-3 draft (`batch_size` sequences a step, packed into one row with `pack`),
-    from a fixed init; -> (tokens/s, losses, train records). With `target_flops` (None: offline, no target forward)
-    the records carry TFLOP/s and MFU as train.py logs them."""
+    from a fixed init; -> (tokens/s: the median step after the first `warmup`, losses, train records). With
+    `target_flops` (None: offline, no target forward) the records carry TFLOP/s and MFU as train.py logs them."""
     spec = registry.resolve(info.architecture, "eagle3")
     torch.manual_seed(1)
     draft_cfg = draft_cfg or DraftConfig(draft_vocab_size=VD)
@@ -148,7 +149,7 @@ def train(target, source, steps: int, run_dir: Path, info, d2t, t2d, offline: bo
                       torch.device("cuda"), flops=flops, peak_tflops=peak_tflops(torch.cuda.get_device_name()))
     trainer.fit()
     records = [r for r in trainer.metrics.records if r.get("split") == "train"]
-    per_step = sorted(r["tokens_per_s"] for r in records[WARMUP_STEPS:])  # each record is one step's window
+    per_step = sorted(r["tokens_per_s"] for r in records[warmup:])  # each record is one step's window
     return per_step[len(per_step) // 2], [r["loss"] for r in records], records
 
 

@@ -29,16 +29,22 @@ Sides (the loaded model is rebound between them with the target entry's bind fun
   16k-token row beside a full-depth target): the target's share of the difference alone.
 Everything else (fused lm_head + soft CE, AdamW, the loop with its per-step loss read and logging) is shared.
 
-Tokens/s: the median of the per-step windows after WARMUP_STEPS (each window spans data, the target's forward, the
-draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP counter (eagle_trainer/flops.py:
-target forward with teacher, 3 x the draft's unroll) over the same windows, against the bf16 dense peak. Peak
-memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides start from one
-draft init and one batch order: without --pack their step losses must agree to bf16 precision (checked).
-SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out, so the target's unpacked attention
-is FlashAttention-2; EAGLE_CUDNN_SDPA=1 keeps torch's order, cuDNN first on Hopper).
+Tokens/s: the median of the per-step windows after --warmup steps (default 5; each window spans data, the target's
+forward, the draft's forward and backward, clipping and AdamW). MFU: the trainer's own FLOP counter
+(eagle_trainer/flops.py: target forward with teacher, 3 x the draft's unroll) over the same windows, against the bf16
+dense peak. Peak memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides
+start from one draft init and one batch order: without --pack their step losses must agree to bf16 precision
+(checked).
+SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out of torch's order; EAGLE_CUDNN_SDPA=1
+keeps torch's order, cuDNN first on Hopper). As in eagle-train, a layout that keeps coming runs on cuDNN anyway
+(kernels/utils.RepeatedShapes, from its 33rd round): the target's unpacked attention layers (Qwen3-Next, bound) and
+the draft's step 0. The target's forward is timed alone first (over 200 calls, so its layers are past that from the
+first training step), the draft's step 0 from step 33: `--steps 48 --warmup 36` times the steady state of a run whose
+rows have one length; EAGLE_CUDNN_SDPA=0 keeps cuDNN out entirely.
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
-    python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4]
+    python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4] \
+        [--steps 48 --warmup 36]
 With --profile, ours' target forward + teacher is also profiled (kernel families, kernel table, device time by
 launch site, idle stretches, the lines that make the host wait for the GPU).
 """
@@ -70,6 +76,7 @@ from eagle_trainer.config import DraftConfig, TargetConfig  # noqa: E402
 from eagle_trainer.data.dataset import batches  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
 from eagle_trainer.flops import TargetFlops  # noqa: E402
+from eagle_trainer.kernels.utils import RepeatedShapes  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 from eagle_trainer.targets.packed_attention import bind_packed_attention  # noqa: E402
@@ -169,7 +176,7 @@ def aux_layers(target_spec, layers: int) -> tuple[int, ...]:
 
 
 def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int, run_dir: Path,
-             pack: int = 1, profile_forward: bool = False) -> dict:
+             pack: int = 1, profile_forward: bool = False, warmup: int = WARMUP_STEPS) -> dict:
     fields, attention = SIDES[side]
     cfg = TargetConfig(path="", **fields)
     bind_packed_attention(model, cfg)
@@ -188,14 +195,14 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
         tps, losses, records = train(target, dataset, steps, run_dir, info, d2t, t2d, offline=False,
                                      draft_cfg=DraftConfig(draft_vocab_size=VD, attention=attention), aux=aux,
                                      target_flops=TargetFlops.from_target(info, model.config), batch_size=pack,
-                                     pack=pack > 1)
+                                     pack=pack > 1, warmup=warmup)
     except torch.OutOfMemoryError as e:
         message = str(e).splitlines()[0]
         print(f"{side}: out of memory: {message}", flush=True)
         return {"oom": message, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     finally:
         target.close()
-    mfu = sorted(r["mfu"] for r in records[WARMUP_STEPS:])
+    mfu = sorted(r["mfu"] for r in records[warmup:])
     result = {"tokens_per_s": tps, "mfu": mfu[len(mfu) // 2], "losses": losses,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
     step_ms = pack * len(dataset[0]["input_ids"]) / tps * 1e3
@@ -215,6 +222,9 @@ def main(argv=None) -> None:
                         "in turn on the one loaded target")
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="steps left out of the median: past 32 at "
+                        "one length the draft's step 0 runs on cuDNN (kernels/utils.RepeatedShapes), the steady "
+                        "state of a run whose rows have that length")
     parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours first, then peers "
                         f"({', '.join(s for s in SIDES if s != 'ours')})")
     parser.add_argument("--profile", action="store_true", help="also profile ours' target forward + teacher")
@@ -226,8 +236,8 @@ def main(argv=None) -> None:
         raise ValueError(f"--sides has {sorted(unknown)}; known: {sorted(SIDES)}")
     if sides[0] != "ours":
         raise ValueError(f"--sides {args.sides}: 'ours' comes first (every other side is compared with it)")
-    if args.steps <= WARMUP_STEPS:
-        raise ValueError(f"--steps {args.steps} leaves no timed step after the {WARMUP_STEPS} warm-up steps")
+    if args.steps <= args.warmup:
+        raise ValueError(f"--steps {args.steps} leaves no timed step after the {args.warmup} warm-up steps")
     sdpa_without_cudnn()  # as eagle-train on a GPU
     print(f"SDPA: cuDNN {'on' if torch.backends.cuda.cudnn_sdp_enabled() else 'off'}", flush=True)
     ckpt = args.work / "target"
@@ -254,19 +264,20 @@ def main(argv=None) -> None:
             shutil.rmtree(args.work / f"run_{side}_{pack}x{seq}", ignore_errors=True)
         res = {side: run_side(side, model, target_spec, info, data[side][0], d2t, t2d, args.steps,
                               args.work / f"run_{side}_{pack}x{seq}", pack=data[side][1],
-                              profile_forward=args.profile and side == "ours") for side in sides}
+                              profile_forward=args.profile and side == "ours", warmup=args.warmup) for side in sides}
         ours = res.get("ours")
         if ours is None or "oom" in ours:
             continue
         shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
-        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+        cudnn = ("SDPA with cuDNN" if torch.backends.cuda.cudnn_sdp_enabled() else
+                 "cuDNN attention for layouts seen 32 times" if RepeatedShapes().enabled else "no cuDNN attention")
         experts = f", {args.experts} experts a layer" if args.experts else ""
         ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
         for side in sides[1:]:
             peer, peer_name = res[side], PEER_NAMES[side][args.arch == "qwen3_next"]
             case = (f"online EAGLE-3 training, {name}-shaped target {args.layers}L{experts} + draft, {shape}"
                     f"{f' ({side}: one document of that length)' if peer_whole else ''}, median step of "
-                    f"{args.steps - WARMUP_STEPS}, SDPA {'with' if cudnn else 'without'} cuDNN")
+                    f"{args.steps - args.warmup} after {args.warmup}, {cudnn}")
             if "oom" in peer:  # the peer cannot run this length on this GPU at all
                 rows.append(row(f"{case}: tokens/s; peak GPU memory {ours['peak_gib']:.2f} GiB", ours_cell,
                                 f"out of memory ({peer['oom'][:80]})", peer_name, None))

@@ -33,26 +33,33 @@ CUDNN_SDPA_ENV = "EAGLE_CUDNN_SDPA"  # 0: never cuDNN's attention; 1: torch's SD
 
 
 class RepeatedShapes:
-    """The problem shapes seen so far, for a backend worth its per-shape setup only on shapes that come again.
+    """How often each problem shape came, for a backend worth its per-shape setup only on shapes that keep coming.
 
-    cuDNN's fused attention builds an execution graph on the host for each new shape (about 7 ms on an H100) and is
-    then the fastest attention on Hopper; FlashAttention-2 has no per-shape step. A caller asks `repeated(key)` once
-    a round (an unroll, a layer's forward): False the first time it asks for a key, so it runs its other backend;
-    True from the next round on. A run whose shapes repeat (packed or fixed-length rows, a benchmark) builds one
-    graph per shape and uses it from then on; lengths that never repeat never build one. At most `limit` keys are
-    kept; past that, new keys count as never seen. `enabled=False` (EAGLE_CUDNN_SDPA=0) answers False always."""
+    cuDNN's fused attention builds an execution graph on the host for each new shape (on an H100 one TTT unroll's
+    step-0 calls at a new length took 95.7 ms against FlashAttention-2's 0.57, benchmarks/sdpa_lengths.py) and is
+    then the fastest attention on Hopper (Qwen3-Next's attention at T=4096, head dim 256: 0.26 ms against 0.54,
+    benchmarks/next_attention.py). A caller asks `repeated(key)` once a round (an unroll, a layer's forward): True
+    once the key came in `after` earlier rounds, else False (the caller runs its other backend) and the round is
+    counted. A shape that came 32 times (the default) is a frequent one (rows cut at data.max_length, fixed-length
+    or benchmark rows): its one graph is paid back by the rounds still to come, while the long tail of lengths seen
+    a few times builds none. At most `limit` keys are counted; past that, new keys count as never seen.
+    `enabled=False` (EAGLE_CUDNN_SDPA=0 in the environment) answers False always."""
 
-    def __init__(self, limit: int = 4096, enabled: bool | None = None):
-        self.limit, self._seen = limit, set()
+    def __init__(self, after: int = 32, limit: int = 4096, enabled: bool | None = None):
+        self.after, self.limit, self._counts = after, limit, {}
         self.enabled = os.environ.get(CUDNN_SDPA_ENV) != "0" if enabled is None else enabled
 
     def repeated(self, key) -> bool:
         if not self.enabled:
             return False
-        if key in self._seen:
+        count = self._counts.get(key)
+        if count is None:
+            if len(self._counts) >= self.limit:
+                return False
+            count = 0
+        if count >= self.after:
             return True
-        if len(self._seen) < self.limit:
-            self._seen.add(key)
+        self._counts[key] = count + 1
         return False
 
 

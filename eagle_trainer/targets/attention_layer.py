@@ -9,9 +9,10 @@ flex for packed batches) and o_proj, and swaps the element-wise work between the
   whose [B, H, T, D] view the attention function takes as it is;
 - output: HF copies the strided gate out, takes its sigmoid and multiplies; `sigmoid_gate` reads it in place.
 SDPA's backend: the process runs without cuDNN's attention (app/runtime.sdpa_without_cudnn: it builds a graph per
-new shape), but a layer whose call has the shape, strides and no mask of one in an earlier forward puts cuDNN first
-for it (kernels/utils.RepeatedShapes; fixed-length rows repeat, lengths seen once build no graph): on an H100 at
-head dim 256 cuDNN's attention takes half of FlashAttention-2's time.
+new shape), but a layer whose call has the shape, strides and no mask of its calls in 32 earlier forwards puts
+cuDNN first for it (kernels/utils.RepeatedShapes: rows cut at data.max_length or of one fixed length recur, the
+long tail of lengths builds no graph): on an H100 at head dim 256 cuDNN's attention takes half of
+FlashAttention-2's time.
 The frozen target's training forward has no cache; any call with one (evaluation's decoding) goes to HF's
 forward, as does eager attention (HF's `eager_attention_forward` is not in the shared attention registry).
 
@@ -44,8 +45,9 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 
 
 def sdpa_backends(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask):
-    """A context for `module`'s attention call: cuDNN first among SDPA's backends when this layer made a call of
-    the same layout without a mask in an earlier forward (16-bit, on a GPU, through sdpa); otherwise nothing."""
+    """A context for `module`'s attention call: cuDNN first among SDPA's backends once this layer made calls of
+    the same layout without a mask in CUDNN_SHAPES.after earlier forwards (16-bit, on a GPU, through sdpa);
+    otherwise nothing."""
     if module.config._attn_implementation != "sdpa" or attention_mask is not None or q.device.type != "cuda" \
             or q.dtype not in (torch.float16, torch.bfloat16) \
             or not CUDNN_SHAPES.repeated((id(module), *layout_key(q, k, v))):

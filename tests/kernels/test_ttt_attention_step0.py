@@ -34,8 +34,9 @@ def test_flash_causal_calls_take_grouped_heads(b, t, heads, kv_heads, d):
 
 def test_an_unroll_takes_cudnn_for_a_shape_an_earlier_unroll_had():
     """Causal (the unpacked step 0) picks at its first call and keeps the pick for its steps and backward:
-    FlashAttention-2 for a layout new to the process, cuDNN once an earlier unroll had it; fp32 never cuDNN."""
-    shapes, device = RepeatedShapes(enabled=True), torch.device("cuda", 0)
+    FlashAttention-2 for a layout new to the process, cuDNN once `after` earlier unrolls had it (here 1); fp32
+    never cuDNN."""
+    shapes, device = RepeatedShapes(after=1, enabled=True), torch.device("cuda", 0)
 
     def pick(t, heads=8, dtype=torch.bfloat16):
         step0 = step0_kernel(device, shapes=shapes)

@@ -30,18 +30,19 @@ def test_dot_precision_is_full_fp32_for_fp32_only():
     assert utils.dot_precision(torch.bfloat16) == utils.dot_precision(torch.float16) == "tf32"
 
 
-def test_repeated_shapes_answer_true_from_the_second_ask(monkeypatch):
-    shapes = utils.RepeatedShapes(limit=2, enabled=True)
+def test_repeated_shapes_answer_true_after_that_many_rounds(monkeypatch):
+    shapes = utils.RepeatedShapes(after=2, limit=2, enabled=True)
     x, y = torch.empty(3, 4), torch.empty(4, 3)
     a, b = utils.layout_key(x), utils.layout_key(x.t())  # same shape as y, other strides
     assert b != utils.layout_key(y) and a == utils.layout_key(torch.zeros(3, 4))
-    assert [shapes.repeated(k) for k in (a, a, b, a, b)] == [False, True, False, True, True]
+    assert [shapes.repeated(k) for k in (a, a, b, a, b, a, b)] == [False, False, False, True, False, True, True]
     c = utils.layout_key(y)
-    assert [shapes.repeated(c), shapes.repeated(c)] == [False, False]  # past the limit: never remembered
-    assert not utils.RepeatedShapes(enabled=False).repeated(a)
+    assert [shapes.repeated(c) for _ in range(4)] == [False] * 4  # past the limit: never counted
+    assert not utils.RepeatedShapes(after=0, enabled=False).repeated(a)
+    assert utils.RepeatedShapes().after == 32
     monkeypatch.setenv(utils.CUDNN_SDPA_ENV, "0")  # EAGLE_CUDNN_SDPA=0: never
-    off = utils.RepeatedShapes()
+    off = utils.RepeatedShapes(after=1)
     assert [off.repeated(a), off.repeated(a)] == [False, False]
     monkeypatch.delenv(utils.CUDNN_SDPA_ENV)
-    on = utils.RepeatedShapes()
+    on = utils.RepeatedShapes(after=1)
     assert [on.repeated(a), on.repeated(a)] == [False, True]

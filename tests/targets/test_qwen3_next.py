@@ -415,12 +415,16 @@ def test_attention_layers_bound_equal_hf(tiny_qwen3_next_path):
 
 
 @pytest.mark.gpu
-def test_bound_attention_takes_cudnn_for_a_repeated_layout(tiny_qwen3_next_path):
-    """bf16 on a GPU: the bound attention's first forward at a layout runs without cuDNN
-    (eagle-train's SDPA setting), the second puts cuDNN first; both capture what HF's forward does, within bf16."""
+def test_bound_attention_takes_cudnn_for_a_repeated_layout(tiny_qwen3_next_path, monkeypatch):
+    """bf16 on a GPU: the bound attention's first forward at a layout runs without cuDNN (eagle-train's SDPA
+    setting), the next puts cuDNN first (after=1 here; 32 by default); both capture what HF's forward does, within
+    bf16."""
     from eagle_trainer.app.runtime import sdpa_without_cudnn
+    from eagle_trainer.kernels.utils import RepeatedShapes
+    from eagle_trainer.targets import attention_layer
 
     sdpa_without_cudnn()
+    monkeypatch.setattr(attention_layer, "CUDNN_SHAPES", RepeatedShapes(after=1, enabled=True))
     kinds = {"moe_impl": "hf", "norm_impl": "hf", "gdn_impl": "hf", "dtype": "bfloat16"}
     model, _, spec, info = load_target(TargetConfig(path=str(tiny_qwen3_next_path), attn_layer_impl="triton",
                                                     **kinds), torch.device("cuda"))

@@ -1,7 +1,7 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-Unpacked batches: cuDNN's fused attention for a problem shape an earlier unroll had, FlashAttention-2 for a new
-one (`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU (tests): aten's CPU
+Unpacked batches: cuDNN's fused attention for a problem shape that keeps coming, FlashAttention-2 until then
+(`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU (tests): aten's CPU
 flash attention. Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
 backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
@@ -31,9 +31,9 @@ class FlashCausal:
 
 
 class CudnnCausal:
-    """Step 0 of an unpacked batch at a shape seen before: cuDNN's fused attention, causal (grouped-query heads
-    native). On an H100 about twice FlashAttention-2's speed, but cuDNN builds an execution graph on the host for
-    every new shape (batch, length, strides), about 7 ms: `Causal` picks it only for shapes that come again."""
+    """Step 0 of an unpacked batch at a frequent shape: cuDNN's fused attention, causal (grouped-query heads
+    native). Faster than FlashAttention-2 on Hopper, but cuDNN builds an execution graph on the host for every new
+    shape (batch, length, strides): `Causal` picks it only for shapes that keep coming."""
 
     def forward(self, q, k, v, scale):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
@@ -47,11 +47,12 @@ class CudnnCausal:
 
 
 class Causal:
-    """Step 0 of an unpacked batch: CudnnCausal when `shapes` (default CUDNN_SHAPES) has seen this unroll's shape
-    in an earlier unroll, FlashCausal otherwise; picked at the unroll's first call and kept for its steps and their
-    backward. Unpacked batches are padded to their longest row, so their lengths repeat only where the data's do
-    (fixed-length rows, a benchmark); a length seen once never builds a cuDNN graph. cuDNN is taken for 16-bit
-    inputs with head dims up to 128 (what tests/drafts/test_attention.py checks on a GPU)."""
+    """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES) counted this unroll's layout
+    in 32 earlier unrolls, FlashCausal before; picked at the unroll's first call and kept for its steps and their
+    backward. Unpacked batches are padded to their longest row, so a layout recurs where the data's lengths do
+    (rows cut at data.max_length, fixed-length rows, a benchmark); lengths that come a few times build no cuDNN
+    graph. cuDNN is taken for 16-bit inputs with head dims up to 128 (what tests/drafts/test_attention.py checks on
+    a GPU)."""
 
     def __init__(self, shapes: RepeatedShapes | None = None):
         self.shapes, self.impl = shapes if shapes is not None else CUDNN_SHAPES, None
