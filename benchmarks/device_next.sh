@@ -60,7 +60,8 @@ tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_a
            tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
            grep -e passed -e failed -e FAILED
        timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
-           tests/drafts/test_attention.py tests/drafts/test_llama.py tests/evaluate/test_speculative.py tests/targets/test_packed_attention.py \
+           tests/drafts/test_attention.py tests/drafts/test_llama.py tests/evaluate/test_speculative.py \
+           tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
            grep -e "peak" -e passed -e failed -e FAILED ;;
 verify) export PYTHONPATH=$PEERS_PATH  # walk verification with fla, the best HF path
@@ -91,6 +92,7 @@ profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --laye
              --seqs 4096 --steps 8 --pack 1 --sides ours --profile 2>&1 | tee "$OUT/profile_full.log" | tail -3
          timeout 90 python3 benchmarks/profile_moe.py --shape qwen3_next --tokens 4096 --experts "${EXPERTS:-128}" \
              > "$OUT/profile_moe.log" 2>&1
-         timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps > "$OUT/profile_draft.log" 2>&1 ;;
+         timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps --warmup 40 \
+             > "$OUT/profile_draft.log" 2>&1 ;;
 *) echo "unknown phase $1 (tests, verify, moe, full, ab or profile)"; exit 2 ;;
 esac

@@ -1,6 +1,7 @@
 """Where our EAGLE-3 draft step's time and memory go (benchmarks/draft_step.py's step, ours only).
 
     python benchmarks/profile_draft.py [--seqs 8192 16384] [--rows 30] [--snapshot] [--gaps] [--no-recompute]
+                                       [--warmup 40]
 Per T: memory after the forward pass and the peaks of forward and backward (GiB, from this step's own
 allocations on), then one step's device time by kernel family and the profiler's kernel table of one step
 (fwd + bwd + AdamW) by device time. With --snapshot, also what is alive at the step's peak: the CUDA caching
@@ -205,13 +206,16 @@ def main(argv=None) -> None:
     parser.add_argument("--gaps", action="store_true", help="also list where the GPU idles within a step")
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
                         help="draft.recompute (default on)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run before timing; from the 33rd at one T the "
+                        "step-0 attention is cuDNN's (kernels/utils.RepeatedShapes): --warmup 40 profiles that "
+                        "steady state")
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     hf_config = write_target_config(Path(tempfile.mkdtemp(prefix="profile_draft_")), tiny=False)
     for seq in args.seqs:
         inputs = make_inputs(hf_config, VD, seq, device, torch.bfloat16)
         step = build_ours(hf_config, inputs, VD, "fused", device, args.recompute)
-        for _ in range(3):
+        for _ in range(args.warmup):
             step()
         times = time_steps(step, device, 5)
         print(f"=== T={seq}: {memory_split(step)}; step {statistics.median(times):.1f} ms (median of 5)", flush=True)
