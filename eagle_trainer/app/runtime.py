@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from eagle_trainer import registry
 from eagle_trainer.config import ParallelConfig
+from eagle_trainer.kernels.utils import CUDNN_SDPA_ENV  # =1: leave torch's SDPA backend order as torch sets it
 from eagle_trainer.parallel.mesh import backend_for, launched_world
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: found in a wheel too
@@ -65,7 +66,6 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
     return device
 
 
-CUDNN_SDPA_ENV = "EAGLE_CUDNN_SDPA"  # =1: leave torch's SDPA backend order as torch sets it
 
 
 def sdpa_without_cudnn() -> None:

@@ -34,6 +34,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from eagle_trainer.kernels.utils import RepeatedShapes, layout_key
 from eagle_trainer.targets.moe import bind_instances, resolve_kernel_impl
+from eagle_trainer.targets.packed_attention import runs_sdpa
 
 IMPLEMENTATIONS = ("auto", "triton", "hf")
 HF_FORWARD_ARGUMENTS = ("cache", "past_key_values")  # (transformers 5 renamed past_key_values to cache)
@@ -46,9 +47,9 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 
 def sdpa_backends(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask):
     """A context for `module`'s attention call: cuDNN first among SDPA's backends once this layer made calls of
-    the same layout without a mask in CUDNN_SHAPES.after earlier forwards (16-bit, on a GPU, through sdpa);
-    otherwise nothing."""
-    if module.config._attn_implementation != "sdpa" or attention_mask is not None or q.device.type != "cuda" \
+    the same layout without a mask in CUDNN_SHAPES.after earlier forwards (16-bit, on a GPU, through HF's sdpa
+    function: `attn_implementation` sdpa, or packed_attention's outside a packed forward); otherwise nothing."""
+    if not runs_sdpa(module.config._attn_implementation) or attention_mask is not None or q.device.type != "cuda" \
             or q.dtype not in (torch.float16, torch.bfloat16) \
             or not CUDNN_SHAPES.repeated((id(module), *layout_key(q, k, v))):
         return contextlib.nullcontext()

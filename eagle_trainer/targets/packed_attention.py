@@ -107,6 +107,12 @@ def packed_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
+def runs_sdpa(attn_implementation: str) -> bool:
+    """Whether an attention call under `attn_implementation` runs HF's sdpa function now: sdpa itself, or ours
+    outside a packed forward."""
+    return attn_implementation == INNER or (attn_implementation == NAME and current_documents() is None)
+
+
 def _packed_mask(*args, **kwargs):
     """HF's mask-function signature: no mask inside a packed forward (the attention builds its BlockMask from the
     documents); otherwise HF's sdpa mask, with the same arguments."""
