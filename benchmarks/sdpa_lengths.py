@@ -14,7 +14,8 @@ lives in the process), on the same inputs:
     TTT step 0        the EAGLE-3 draft's step-0 attention as one training unroll calls it (7 forwards, then 7
                       backwards, 9/3 heads of 64) at --lengths other new lengths: ours kernels/ttt_attention's
                       step-0 kernel (Causal: FlashAttention-2 at a length new to the process, cuDNN only for a
-                      shape an earlier unroll had), the peer cuDNN's fused attention at every length (CudnnCausal)
+                      shape that came in 32 earlier unrolls), the peer cuDNN's fused attention at every length
+                      (CudnnCausal)
 
 Times: wall time per call, the GPU synchronised after each (host work included: that is the point), mean over the
 calls; tokens/s over the whole stream. Agreement: the last call's logits of both sides (bf16: ~1e-2).

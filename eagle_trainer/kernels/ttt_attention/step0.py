@@ -117,9 +117,9 @@ class CpuFlash:
 
 def step0_kernel(device: torch.device, documents: torch.Tensor | None = None,
                  shapes: RepeatedShapes | None = None):
-    """The step-0 attention for a batch: Causal (cuDNN for `shapes` seen before, else FlashAttention-2) /
-    FlashVarlenCausal (packed, from `documents` [1, T]) on a GPU, CpuFlash on the CPU. Built once per unroll (a
-    packed row's document bounds cost one host sync)."""
+    """The step-0 attention for a batch: Causal (cuDNN for a layout `shapes` counted 32 times, else
+    FlashAttention-2) / FlashVarlenCausal (packed, from `documents` [1, T]) on a GPU, CpuFlash on the CPU. Built once
+    per unroll (a packed row's document bounds cost one host sync)."""
     if device.type != "cuda":
         if documents is None:
             return CpuFlash()
