@@ -1,7 +1,9 @@
 #!/bin/bash
 # Issue 25 on the device (one H100/H200), one phase per call (a call runs at most 10 minutes):
-#   bash benchmarks/device_next.sh tests     # the attention-glue, GDN chunk and RMSNorm kernel tests and the
-#                                            # attention binding's, compiled; then the GPU tests: GDN tree kernel,
+#   bash benchmarks/device_next.sh kernels   # the attention-glue, GDN chunk and RMSNorm kernel tests and the
+#                                            # attention binding's, compiled (a cold machine's Triton cache: over
+#                                            # 150 s)
+#   bash benchmarks/device_next.sh tests     # the GPU tests (about 340 s on an H100): GDN tree kernel,
 #                                            # TTT attention (cuDNN's step 0 too), cuDNN in the bound target's
 #                                            # attention at a repeated layout,
 #                                            # graphed draft steps, hybrid tree verification, packed attention (32k
@@ -23,17 +25,17 @@
 #                                            # Qwen3-Next backbone forward (benchmarks/moe.py, next_model.py)
 #   bash benchmarks/device_next.sh full      # benchmarks/train_online.py --arch qwen3_next at 48 layers, T=4096
 #                                            # (EXPERTS, default 128 a layer, so that it fits one GPU), 48 steps
-#                                            # timed after 36 (the steady state: cuDNN for the layouts that
-#                                            # repeat); PACK (default
+#                                            # timed after 36 (the steady state, also with EAGLE_CUDNN_SDPA=repeated
+#                                            # in the environment: cuDNN for the layouts that repeat); PACK (default
 #                                            # "1 4"): B=1, then 4 x 4096 packed in a row (the peer reads one document
 #                                            # of that length), on the one loaded target; SIDES (default
 #                                            # "ours,peer"; hf_target: HF's target kernels, our TTT attention)
 #   bash benchmarks/device_next.sh ab        # one attention layer, ours vs HF's, and its attention call under each
 #                                            # backend (benchmarks/next_attention.py); then ours alone at full depth,
 #                                            # B=1 T=4096, 48 steps timed after 36, three times: no cuDNN attention
-#                                            # (EAGLE_CUDNN_SDPA=0), eagle-train's default (cuDNN for layouts seen 32
-#                                            # times: the draft's step 0 and the target's attention), and torch's
-#                                            # order (EAGLE_CUDNN_SDPA=1): what each moves, on one machine
+#                                            # (EAGLE_CUDNN_SDPA=0, eagle-train's default), cuDNN for layouts seen 32
+#                                            # times (=repeated: the draft's step 0 and the target's attention),
+#                                            # and that with torch's order (=1): what each moves, on one machine
 #   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
 #                                            # teacher (train_online.py --profile, 48 layers, ours only), one
 #                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
@@ -54,12 +56,12 @@ clocks() {  # clocks start|report: log the GPU's clocks in the background / stop
             c[int((NR + 1) / 2)], c[NR], NR, p[int((NR + 1) / 2)]; for (k in r) printf " %s x%d", k, r[k]; print ""}}'
     fi
 }
-case ${1:?usage: bash benchmarks/device_next.sh tests|verify|moe|full|ab|profile} in
-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_glue.py \
+case ${1:?usage: bash benchmarks/device_next.sh kernels|tests|verify|moe|full|ab|profile} in
+kernels) timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_glue.py \
            tests/kernels/test_gdn_chunk.py tests/kernels/test_rmsnorm.py \
            tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
-           grep -e passed -e failed -e FAILED
-       timeout 400 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
+           grep -e passed -e failed -e FAILED ;;
+tests) timeout 560 python3 -m pytest -q -p no:cacheprovider -m gpu -s tests/kernels/test_gdn_tree.py \
            tests/drafts/test_attention.py tests/drafts/test_llama.py tests/evaluate/test_speculative.py \
            tests/targets/test_packed_attention.py \
            tests/kernels/test_moe.py tests/targets/test_qwen3_next.py 2>&1 | tee "$OUT/tests.log" |
@@ -94,5 +96,5 @@ profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --laye
              > "$OUT/profile_moe.log" 2>&1
          timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps --warmup 40 \
              > "$OUT/profile_draft.log" 2>&1 ;;
-*) echo "unknown phase $1 (tests, verify, moe, full, ab or profile)"; exit 2 ;;
+*) echo "unknown phase $1 (kernels, tests, verify, moe, full, ab or profile)"; exit 2 ;;
 esac

@@ -40,9 +40,11 @@ def test_repeated_shapes_answer_true_after_that_many_rounds(monkeypatch):
     assert [shapes.repeated(c) for _ in range(4)] == [False] * 4  # past the limit: never counted
     assert not utils.RepeatedShapes(after=0, enabled=False).repeated(a)
     assert utils.RepeatedShapes().after == 32
-    monkeypatch.setenv(utils.CUDNN_SDPA_ENV, "0")  # EAGLE_CUDNN_SDPA=0: never
-    off = utils.RepeatedShapes(after=1)
-    assert [off.repeated(a), off.repeated(a)] == [False, False]
-    monkeypatch.delenv(utils.CUDNN_SDPA_ENV)
-    on = utils.RepeatedShapes(after=1)
-    assert [on.repeated(a), on.repeated(a)] == [False, True]
+    for value, answers in ((None, [False, False]), ("0", [False, False]), ("repeated", [False, True]),
+                           ("1", [False, True])):  # off unless asked for
+        if value is None:
+            monkeypatch.delenv(utils.CUDNN_SDPA_ENV, raising=False)
+        else:
+            monkeypatch.setenv(utils.CUDNN_SDPA_ENV, value)
+        shapes = utils.RepeatedShapes(after=1)
+        assert [shapes.repeated(a), shapes.repeated(a)] == answers, value
