@@ -67,6 +67,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def sdpa_backends() -> str:
+    """Which attention backend the layer rows ran: EAGLE_CUDNN_SDPA moves ours (and with =1 HF's) onto cuDNN."""
+    from eagle_trainer.kernels.utils import CUDNN_SDPA_ENV
+    return {"1": "SDPA in torch's order (cuDNN first)",
+            "repeated": "ours on cuDNN once its layout repeated (EAGLE_CUDNN_SDPA=repeated), HF's SDPA without cuDNN",
+            }.get(os.environ.get(CUDNN_SDPA_ENV, ""), "SDPA without cuDNN")
+
+
 def layer_rows(layer, rotary, config, tokens: int, device: torch.device, dtype: torch.dtype) -> list[str]:
     from types import SimpleNamespace
 
@@ -100,8 +108,8 @@ def layer_rows(layer, rotary, config, tokens: int, device: torch.device, dtype: 
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     if not max(errs) < tol:
         raise AssertionError(f"outputs differ from HF's by {errs} (tolerance {tol})")
-    case = (f"Qwen3-Next gated full-attention layer forward ({widths(config, rotary)}), B=1 T={tokens}, SDPA without "
-            f"cuDNN (output within {errs[0]:.1g} of HF's)")
+    case = (f"Qwen3-Next gated full-attention layer forward ({widths(config, rotary)}), B=1 T={tokens}, "
+            f"{sdpa_backends()} (output within {errs[0]:.1g} of HF's)")
     ours = f"{ours_ms:.3f} ms"
     return [row(case, ours, f"{hf_ms:.3f} ms", "HF transformers Qwen3NextAttention.forward (HF's RMSNorm)",
                 hf_ms / ours_ms),
