@@ -36,6 +36,10 @@
 #                                            # (EAGLE_CUDNN_SDPA=0, eagle-train's default), cuDNN for layouts seen 32
 #                                            # times (=repeated: the draft's step 0 and the target's attention),
 #                                            # and that with torch's order (=1): what each moves, on one machine
+#   bash benchmarks/device_next.sh cudnn     # why cuDNN's attention, twice FlashAttention-2's speed alone, made the
+#                                            # full-depth step slower: benchmarks/cudnn_fresh.py (one shape, new
+#                                            # tensors each call, GPU and host time), then the target forward +
+#                                            # teacher profiled with EAGLE_CUDNN_SDPA=1 (train_online.py --profile)
 #   bash benchmarks/device_next.sh profile   # where the full-depth B=1 T=4096 step's time goes: the target forward +
 #                                            # teacher (train_online.py --profile, 48 layers, ours only), one
 #                                            # routed-expert layer at 4096 tokens (profile_moe.py, EXPERTS a layer)
@@ -56,7 +60,7 @@ clocks() {  # clocks start|report: log the GPU's clocks in the background / stop
             c[int((NR + 1) / 2)], c[NR], NR, p[int((NR + 1) / 2)]; for (k in r) printf " %s x%d", k, r[k]; print ""}}'
     fi
 }
-case ${1:?usage: bash benchmarks/device_next.sh kernels|tests|verify|moe|full|ab|profile} in
+case ${1:?usage: bash benchmarks/device_next.sh kernels|tests|verify|moe|full|ab|cudnn|profile} in
 kernels) timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_glue.py \
            tests/kernels/test_gdn_chunk.py tests/kernels/test_rmsnorm.py \
            tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
@@ -90,11 +94,17 @@ ab) clocks start
         echo "EAGLE_CUDNN_SDPA=$cudnn"; grep -e "^SDPA" -e "^ours" "$OUT/ab_cudnn_$cudnn.log"
     done
     clocks report ;;
+cudnn) timeout 150 python3 benchmarks/cudnn_fresh.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/cudnn_fresh.log" |
+           grep -e "^target" -e "^draft"
+       EAGLE_CUDNN_SDPA=1 timeout 400 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
+           --experts "${EXPERTS:-128}" --seqs 4096 --steps 8 --pack 1 --sides ours --profile \
+           > "$OUT/profile_cudnn1.log" 2>&1
+       grep -e "^ours" -e "^SDPA" "$OUT/profile_cudnn1.log" ;;
 profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 --experts "${EXPERTS:-128}" \
              --seqs 4096 --steps 8 --pack 1 --sides ours --profile 2>&1 | tee "$OUT/profile_full.log" | tail -3
          timeout 90 python3 benchmarks/profile_moe.py --shape qwen3_next --tokens 4096 --experts "${EXPERTS:-128}" \
              > "$OUT/profile_moe.log" 2>&1
          timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps --warmup 40 \
              > "$OUT/profile_draft.log" 2>&1 ;;
-*) echo "unknown phase $1 (kernels, tests, verify, moe, full, ab or profile)"; exit 2 ;;
+*) echo "unknown phase $1 (kernels, tests, verify, moe, full, ab, cudnn or profile)"; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ lives in the process), on the same inputs:
                       of eagle-eval: every KV length new)
     TTT step 0        the EAGLE-3 draft's step-0 attention as one training unroll calls it (7 forwards, then 7
                       backwards, 9/3 heads of 64) at --lengths other new lengths: ours kernels/ttt_attention's
-                      step-0 kernel (Causal: FlashAttention-2 at a length new to the process, cuDNN only for a
+                      step-0 kernel (Causal: FlashAttention-2; with EAGLE_CUDNN_SDPA=repeated cuDNN for a
                       shape that came in 32 earlier unrolls), the peer cuDNN's fused attention at every length
                       (CudnnCausal)
 
