@@ -127,7 +127,8 @@ def draft_row(tokens: int, copies: int, calls: int, heads: int, kv_heads: int, d
     (ours_gpu, ours_host), (peer_gpu, peer_host) = timed(ours, inputs, calls), timed(peer, inputs, calls)
     print(f"draft {heads}/{kv_heads}x{dim} T={tokens}: FlashCausal GPU {ours_gpu:.3f} ms host {ours_host:.3f} ms; "
           f"CudnnCausal GPU {peer_gpu:.3f} ms host {peer_host:.3f} ms (difference {max(errs):.1g})", flush=True)
-    return row(f"{case}; outputs and gradients within {max(errs):.1g})", f"{ours_gpu:.3f} ms GPU, {ours_host:.3f} ms host (FlashCausal)",
+    return row(f"{case}; outputs and gradients within {max(errs):.1g})",
+               f"{ours_gpu:.3f} ms GPU, {ours_host:.3f} ms host (FlashCausal)",
                f"{peer_gpu:.3f} ms GPU, {peer_host:.3f} ms host", "cuDNN fused attention (CudnnCausal)",
                peer_gpu / ours_gpu)
 
