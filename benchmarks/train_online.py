@@ -38,8 +38,9 @@ start from one draft init and one batch order: without --pack their step losses 
 SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out of torch's order, and no cuDNN
 attention at all unless EAGLE_CUDNN_SDPA asks). With EAGLE_CUDNN_SDPA=repeated, as in eagle-train, a layout that keeps
 coming runs on cuDNN (kernels/utils.RepeatedShapes, from its 33rd round): the target's unpacked attention layers
-(Qwen3-Next, bound) and the draft's step 0; =1 also keeps torch's order (cuDNN first on Hopper). The target's forward
-is then run 33 times before it is timed alone, and the draft's step 0 switches at step 33: `--steps 48 --warmup 36`
+(Qwen3-Next, bound) and the draft's step 0 (head dims up to 128: the Qwen3-Next draft's 256 stays on
+FlashAttention-2); =1 also keeps torch's order (cuDNN first on Hopper). The target's forward is then run 33 times
+before it is timed alone, and a draft's step 0 that can switch does so at step 33: `--steps 48 --warmup 36`
 times the steady state of a run whose rows have one length.
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]

@@ -66,8 +66,6 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
     return device
 
 
-
-
 def sdpa_without_cudnn() -> None:
     """Take cuDNN out of the backends torch's scaled_dot_product_attention picks from, for this process (the
     others stay in torch's order: flash, then memory-efficient for calls with a mask, then math).

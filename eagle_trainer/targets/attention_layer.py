@@ -9,10 +9,10 @@ flex for packed batches) and o_proj, and swaps the element-wise work between the
   whose [B, H, T, D] view the attention function takes as it is;
 - output: HF copies the strided gate out, takes its sigmoid and multiplies; `sigmoid_gate` reads it in place.
 SDPA's backend: the process runs without cuDNN's attention (app/runtime.sdpa_without_cudnn: it builds a graph per
-new shape), but a layer whose call has the shape, strides and no mask of its calls in 32 earlier forwards puts
-cuDNN first for it (kernels/utils.RepeatedShapes: rows cut at data.max_length or of one fixed length recur, the
-long tail of lengths builds no graph): on an H100 at head dim 256 cuDNN's attention takes half of
-FlashAttention-2's time.
+new shape). With EAGLE_CUDNN_SDPA=repeated (off by default: it made the full-depth step slower), a layer whose call
+has the shape, strides and no mask of its calls in 32 earlier forwards puts cuDNN first for it
+(kernels/utils.RepeatedShapes: rows cut at data.max_length or of one fixed length recur, the long tail of lengths
+builds no graph): on an H100 at head dim 256 cuDNN's attention call alone takes half of FlashAttention-2's time.
 The frozen target's training forward has no cache; any call with one (evaluation's decoding) goes to HF's
 forward, as does eager attention (HF's `eager_attention_forward` is not in the shared attention registry).
 
@@ -46,11 +46,12 @@ CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 
 
 def sdpa_backends(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask):
-    """A context for `module`'s attention call: cuDNN first among SDPA's backends once this layer made calls of
-    the same layout without a mask in CUDNN_SHAPES.after earlier forwards (16-bit, on a GPU, through HF's sdpa
-    function: `attn_implementation` sdpa, or packed_attention's outside a packed forward); otherwise nothing."""
-    if not runs_sdpa(module.config._attn_implementation) or attention_mask is not None or q.device.type != "cuda" \
-            or q.dtype not in (torch.float16, torch.bfloat16) \
+    """A context for `module`'s attention call: with CUDNN_SHAPES on (EAGLE_CUDNN_SDPA=repeated or 1), cuDNN first
+    among SDPA's backends once this layer made calls of the same layout without a mask in CUDNN_SHAPES.after earlier
+    forwards (16-bit, on a GPU, through HF's sdpa function: `attn_implementation` sdpa, or packed_attention's outside
+    a packed forward); otherwise nothing."""
+    if not CUDNN_SHAPES.enabled or not runs_sdpa(module.config._attn_implementation) or attention_mask is not None \
+            or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16) \
             or not CUDNN_SHAPES.repeated((id(module), *layout_key(q, k, v))):
         return contextlib.nullcontext()
     return sdpa_kernel(CUDNN_FIRST, set_priority=True)

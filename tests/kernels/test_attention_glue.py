@@ -129,7 +129,6 @@ def test_sigmoid_gate_refuses_mismatched_inputs(poisoned):
         sigmoid_gate(attn, attn[..., :4])
 
 
-
 @pytest.mark.parametrize("zero_centred", [False, True])
 def test_kernels_compile_for_hopper(zero_centred):
     """Both kernels compile to sm_90 machine code at the bound shapes (Qwen3-Next: D 256, R 64; bf16), ahead of

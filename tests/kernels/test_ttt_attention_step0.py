@@ -1,9 +1,9 @@
 """The GPU step-0 kernels' calls into torch's attention ops, checked on any machine with fake CUDA tensors.
 
-The ops (FlashAttention-2, dense and varlen, and cuDNN's fused attention) run on a GPU only, and their Python signatures are private to torch:
-under FakeTensorMode the calls go through torch's own shape functions, so a changed argument order, result tuple or
-log-sum-exp layout in a torch release shows here, on the CPU, rather than on the device. What the kernels compute
-is checked on a GPU (tests/drafts/test_attention.py, gpu-marked).
+The ops (FlashAttention-2, dense and varlen, and cuDNN's fused attention) run on a GPU only, and their Python
+signatures are private to torch: under FakeTensorMode the calls go through torch's own shape functions, so a changed
+argument order, result tuple or log-sum-exp layout in a torch release shows here, on the CPU, rather than on the
+device. What the kernels compute is checked on a GPU (tests/drafts/test_attention.py, gpu-marked).
 """
 
 import pytest

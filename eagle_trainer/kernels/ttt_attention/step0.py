@@ -1,8 +1,8 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-Unpacked batches: cuDNN's fused attention for a problem shape that keeps coming, FlashAttention-2 until then
-(`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU (tests): aten's CPU
-flash attention. Grouped-query heads are read as they are.
+Unpacked batches: FlashAttention-2, or with EAGLE_CUDNN_SDPA=repeated cuDNN's fused attention for a problem shape
+that keeps coming (`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU
+(tests): aten's CPU flash attention. Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
 backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
 (see attention.py).
@@ -47,20 +47,20 @@ class CudnnCausal:
 
 
 class Causal:
-    """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES) counted this unroll's layout
-    in 32 earlier unrolls, FlashCausal before; picked at the unroll's first call and kept for its steps and their
-    backward. Unpacked batches are padded to their longest row, so a layout recurs where the data's lengths do
-    (rows cut at data.max_length, fixed-length rows, a benchmark); lengths that come a few times build no cuDNN
-    graph. cuDNN is taken for 16-bit inputs with head dims up to 128 (what tests/drafts/test_attention.py checks on
-    a GPU)."""
+    """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES, off unless
+    EAGLE_CUDNN_SDPA=repeated or 1) counted this unroll's layout in 32 earlier unrolls, FlashCausal otherwise;
+    picked at the unroll's first call and kept for its steps and their backward. Unpacked batches are padded to
+    their longest row, so a layout recurs where the data's lengths do (rows cut at data.max_length, fixed-length
+    rows, a benchmark); lengths that come a few times build no cuDNN graph. cuDNN is taken for 16-bit inputs with
+    head dims up to 128 (what tests/drafts/test_attention.py checks on a GPU)."""
 
     def __init__(self, shapes: RepeatedShapes | None = None):
         self.shapes, self.impl = shapes if shapes is not None else CUDNN_SHAPES, None
 
     def forward(self, q, k, v, scale):
         if self.impl is None:
-            cudnn = q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 and \
-                self.shapes.repeated(layout_key(q, k, v))
+            cudnn = self.shapes.enabled and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 \
+                and self.shapes.repeated(layout_key(q, k, v))
             self.impl = CudnnCausal() if cudnn else FlashCausal()
         return self.impl.forward(q, k, v, scale)
 
@@ -117,9 +117,9 @@ class CpuFlash:
 
 def step0_kernel(device: torch.device, documents: torch.Tensor | None = None,
                  shapes: RepeatedShapes | None = None):
-    """The step-0 attention for a batch: Causal (cuDNN for a layout `shapes` counted 32 times, else
-    FlashAttention-2) / FlashVarlenCausal (packed, from `documents` [1, T]) on a GPU, CpuFlash on the CPU. Built once
-    per unroll (a packed row's document bounds cost one host sync)."""
+    """The step-0 attention for a batch: Causal (FlashAttention-2, or cuDNN for a layout `shapes` counted 32 times
+    when the switch is on) / FlashVarlenCausal (packed, from `documents` [1, T]) on a GPU, CpuFlash on the CPU.
+    Built once per unroll (a packed row's document bounds cost one host sync)."""
     if device.type != "cuda":
         if documents is None:
             return CpuFlash()
