@@ -36,12 +36,12 @@ dense peak. Peak memory: torch.cuda.max_memory_allocated over each side's run, t
 start from one draft init and one batch order: without --pack their step losses must agree to bf16 precision
 (checked).
 SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out of torch's order, and no cuDNN
-attention at all unless EAGLE_CUDNN_SDPA asks). With EAGLE_CUDNN_SDPA=repeated, as in eagle-train, a layout that keeps
-coming runs on cuDNN (kernels/utils.RepeatedShapes, from its 33rd round): the target's unpacked attention layers
-(Qwen3-Next, bound) and the draft's step 0 (head dims up to 128: the Qwen3-Next draft's 256 stays on
-FlashAttention-2); =1 also keeps torch's order (cuDNN first on Hopper). The target's forward is then run 33 times
-before it is timed alone, and a draft's step 0 that can switch does so at step 33: `--steps 48 --warmup 36`
-times the steady state of a run whose rows have one length.
+attention at all unless EAGLE_CUDNN_SDPA asks). With EAGLE_CUDNN_SDPA=draft, as in eagle-train, the draft's step 0
+runs on cuDNN once its layout came 32 times (kernels/utils.RepeatedShapes; head dims up to 128, and 256 on Hopper);
+=repeated also moves the target's unpacked attention layers (Qwen3-Next, bound) so, and =1 also keeps torch's order
+(cuDNN first on Hopper). With the target's switch on, its forward is run 33 times before it is timed alone; the
+draft's step 0 switches at step 33: `--steps 48 --warmup 36` times the steady state of a run whose rows have one
+length.
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
     python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4] \
@@ -77,7 +77,7 @@ from eagle_trainer.config import DraftConfig, TargetConfig  # noqa: E402
 from eagle_trainer.data.dataset import batches  # noqa: E402
 from eagle_trainer.data.vocab import build_vocab_map, draft_ids_from_d2t  # noqa: E402
 from eagle_trainer.flops import TargetFlops  # noqa: E402
-from eagle_trainer.kernels.utils import RepeatedShapes  # noqa: E402
+from eagle_trainer.kernels.utils import RepeatedShapes, cudnn_sdpa_on  # noqa: E402
 from eagle_trainer.targets.frozen import FrozenTarget  # noqa: E402
 from eagle_trainer.targets.loading import load_target  # noqa: E402
 from eagle_trainer.targets.packed_attention import bind_packed_attention  # noqa: E402
@@ -185,7 +185,7 @@ def run_side(side: str, model, target_spec, info, dataset, d2t, t2d, steps: int,
     aux = aux_layers(target_spec, info.num_layers)
     target = FrozenTarget(model, target_spec, aux, draft_ids_from_d2t(d2t), t2d)
     first = next(batches(dataset, pack, seed=0, epoch=0, shuffle=False, pack=pack > 1)).to("cuda")
-    shapes = RepeatedShapes()
+    shapes = RepeatedShapes(part="target")
     for _ in range(shapes.after + 1 if shapes.enabled else 0):  # past the cuDNN switch (do_bench's warm-up is
         target.forward(first)                                    # 25 ms: one call at full depth)
     target_ms = do_bench(lambda: target.forward(first), warmup=25, rep=200, return_mode="median")
@@ -274,7 +274,9 @@ def main(argv=None) -> None:
             continue
         shape = (f"{pack} x T={seq} packed in one row" if pack > 1 else f"B=1 T={seq}")
         cudnn = ("SDPA with cuDNN" if torch.backends.cuda.cudnn_sdp_enabled() else
-                 "cuDNN attention for layouts seen 32 times" if RepeatedShapes().enabled else "no cuDNN attention")
+                 "cuDNN attention for layouts seen 32 times" if cudnn_sdpa_on("target") else
+                 "cuDNN for the draft's step 0 once its layout came 32 times" if cudnn_sdpa_on("draft") else
+                 "no cuDNN attention")
         experts = f", {args.experts} experts a layer" if args.experts else ""
         ours_cell = f"{ours['tokens_per_s']:,.0f} tok/s, MFU {ours['mfu']:.1%}"
         for side in sides[1:]:

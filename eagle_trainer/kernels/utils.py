@@ -29,10 +29,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# EAGLE_CUDNN_SDPA: unset or 0, no cuDNN attention (the default); "repeated", cuDNN's for the layouts that keep coming
-# (RepeatedShapes); 1, that and torch's own SDPA backend order for every other call (app/runtime.py)
+# EAGLE_CUDNN_SDPA: unset or 0, no cuDNN attention (the default); "draft", cuDNN's for the draft's step-0 layouts that
+# keep coming (RepeatedShapes); "repeated", that and the target's attention layers' layouts that keep coming; 1, that
+# and torch's own SDPA backend order for every other call (app/runtime.py)
 CUDNN_SDPA_ENV = "EAGLE_CUDNN_SDPA"
-CUDNN_SDPA_ON = ("repeated", "1")
+CUDNN_SDPA_PARTS = {"draft": ("draft",), "repeated": ("draft", "target"), "1": ("draft", "target")}
+
+
+def cudnn_sdpa_on(part: str) -> bool:
+    """Whether EAGLE_CUDNN_SDPA lets `part` ("draft": the TTT step 0, "target": the target's attention layers) run
+    cuDNN's attention for layouts that keep coming."""
+    return part in CUDNN_SDPA_PARTS.get(os.environ.get(CUDNN_SDPA_ENV, "0"), ())
 
 
 class RepeatedShapes:
@@ -47,13 +54,14 @@ class RepeatedShapes:
     or benchmark rows): its one graph is paid back by the rounds still to come, while the long tail of lengths seen
     a few times builds none. At most `limit` keys are counted; past that, new keys count as never seen.
 
-    Off unless asked for (`enabled`, default: EAGLE_CUDNN_SDPA=repeated or 1 in the environment); off, it answers
-    False always. Why off: at full depth (Qwen3-Next, 48 layers, B=1 T=4096, one H100, 48 steps timed after 36)
-    the step took 176.8 ms with it against 157.8 ms without, though cuDNN's attention alone is twice as fast."""
+    Off unless asked for (`enabled`, default: whether EAGLE_CUDNN_SDPA turns `part` on, `cudnn_sdpa_on`); off, it
+    answers False always. Why off: at full depth (Qwen3-Next, 48 layers, B=1 T=4096, one H100, 48 steps timed after
+    36) the step took 176.8 ms with the target's attention on it against 157.8 ms without, though cuDNN's attention
+    alone is twice as fast."""
 
-    def __init__(self, after: int = 32, limit: int = 4096, enabled: bool | None = None):
+    def __init__(self, after: int = 32, limit: int = 4096, enabled: bool | None = None, part: str = "draft"):
         self.after, self.limit, self._counts = after, limit, {}
-        self.enabled = os.environ.get(CUDNN_SDPA_ENV) in CUDNN_SDPA_ON if enabled is None else enabled
+        self.enabled = cudnn_sdpa_on(part) if enabled is None else enabled
 
     def repeated(self, key) -> bool:
         if not self.enabled:

@@ -40,7 +40,7 @@ IMPLEMENTATIONS = ("auto", "triton", "hf")
 HF_FORWARD_ARGUMENTS = ("cache", "past_key_values")  # (transformers 5 renamed past_key_values to cache)
 
 
-CUDNN_SHAPES = RepeatedShapes()  # (layer, attention call layout) of this process's target forwards so far
+CUDNN_SHAPES = RepeatedShapes(part="target")  # (layer, call layout) of this process's target forwards so far
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]
 

@@ -133,21 +133,28 @@ def test_fused_attention_equals_naive_forward_and_backward(t, num_prev, packed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t,packed,cudnn", [(300, False, False), (2048, False, False), (1000, True, False),
-                                            (300, False, True), (2048, False, True)])
-def test_fused_path_matches_naive_on_gpu_bf16(t, packed, cudnn):
+@pytest.mark.parametrize("t,packed,cudnn,heads", [(300, False, False, (32, 4, 128)), (2048, False, False, (32, 4, 128)),
+                                                  (1000, True, False, (32, 4, 128)), (300, False, True, (32, 4, 128)),
+                                                  (2048, False, True, (32, 4, 128)), (2048, False, False, (16, 2, 256)),
+                                                  (1000, True, False, (16, 2, 256)), (300, False, True, (16, 2, 256)),
+                                                  (2048, False, True, (16, 2, 256))])
+def test_fused_path_matches_naive_on_gpu_bf16(t, packed, cudnn, heads):
     """FlashAttention-2 (its varlen form when packed) or cuDNN's attention (an unpacked shape seen before) as step 0
     + the merge kernels in bf16, against the naive reference in fp32 on the same values: output and every gradient
-    within bf16 rounding (norm-relative 1e-2)."""
+    within bf16 rounding (norm-relative 1e-2). Heads/kv heads/head dim of a Qwen3-8B draft and of a Qwen3-Next draft
+    (head dim 256: cuDNN takes it on Hopper only)."""
     import functools
 
     from eagle_trainer.drafts.attention import fused_ttt_attention
-    from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal
+    from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal, cudnn_takes_head_dim
 
     torch.manual_seed(0)
     dev = "cuda"
-    q = torch.randn(1, t, 32, 128, device=dev).transpose(1, 2)  # [B, nh, T, D], strided as the draft makes it
-    kv = [torch.randn(1, t, 4, 128, device=dev).transpose(1, 2) for _ in range(8)]
+    num_heads, kv_heads, dim = heads
+    if cudnn and not cudnn_takes_head_dim(dim, torch.device(dev)):
+        pytest.skip(f"cuDNN's attention backward does not run head dim {dim} on this GPU (Hopper does)")
+    q = torch.randn(1, t, num_heads, dim, device=dev).transpose(1, 2)  # [B, nh, T, D], strided as the draft makes it
+    kv = [torch.randn(1, t, kv_heads, dim, device=dev).transpose(1, 2) for _ in range(8)]
     grad = torch.randn_like(q)
     documents = None
     if packed:

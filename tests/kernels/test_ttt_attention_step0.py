@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from eagle_trainer.kernels.ttt_attention.step0 import CudnnCausal, FlashCausal, FlashVarlenCausal, step0_kernel
+from eagle_trainer.kernels.ttt_attention.step0 import (CudnnCausal, FlashCausal, FlashVarlenCausal, cudnn_takes_head_dim,
+                                                       step0_kernel)
 from eagle_trainer.kernels.utils import RepeatedShapes
 
 
@@ -52,6 +53,17 @@ def test_an_unroll_takes_cudnn_for_a_shape_an_earlier_unroll_had():
         assert [pick(300), pick(300), pick(301), pick(300, heads=4), pick(301)] == \
             ["FlashCausal", "CudnnCausal", "FlashCausal", "FlashCausal", "CudnnCausal"]
         assert [pick(50, dtype=torch.float32), pick(50, dtype=torch.float32)] == ["FlashCausal"] * 2
+
+
+@pytest.mark.parametrize("capability,takes_256", [((9, 0), True), ((8, 0), False), ((10, 0), False)])
+def test_cudnn_takes_head_dim_256_on_hopper_only(monkeypatch, capability, takes_256):
+    """Head dims up to 128 go to cuDNN on any GPU; 256 (Qwen3-Next's drafts) on Hopper only, where cuDNN's backward
+    runs it; past 256 never."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    device = torch.device("cuda", 0)
+    assert cudnn_takes_head_dim(64, device) and cudnn_takes_head_dim(128, device)
+    assert cudnn_takes_head_dim(256, device) == takes_256
+    assert not cudnn_takes_head_dim(257, device) and not cudnn_takes_head_dim(512, device)
 
 
 def test_flash_varlen_calls_take_a_packed_row():

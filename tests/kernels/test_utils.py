@@ -40,11 +40,13 @@ def test_repeated_shapes_answer_true_after_that_many_rounds(monkeypatch):
     assert [shapes.repeated(c) for _ in range(4)] == [False] * 4  # past the limit: never counted
     assert not utils.RepeatedShapes(after=0, enabled=False).repeated(a)
     assert utils.RepeatedShapes().after == 32
-    for value, answers in ((None, [False, False]), ("0", [False, False]), ("repeated", [False, True]),
-                           ("1", [False, True])):  # off unless asked for
+    for value, parts in ((None, ()), ("0", ()), ("draft", ("draft",)), ("repeated", ("draft", "target")),
+                         ("1", ("draft", "target"))):  # off unless asked for; the target's only with repeated or 1
         if value is None:
             monkeypatch.delenv(utils.CUDNN_SDPA_ENV, raising=False)
         else:
             monkeypatch.setenv(utils.CUDNN_SDPA_ENV, value)
-        shapes = utils.RepeatedShapes(after=1)
-        assert [shapes.repeated(a), shapes.repeated(a)] == answers, value
+        for part in ("draft", "target"):
+            shapes = utils.RepeatedShapes(after=1, part=part)
+            assert [shapes.repeated(a), shapes.repeated(a)] == [False, part in parts], (value, part)
+            assert utils.cudnn_sdpa_on(part) == (part in parts)

@@ -1,6 +1,6 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-Unpacked batches: FlashAttention-2, or with EAGLE_CUDNN_SDPA=repeated cuDNN's fused attention for a problem shape
+Unpacked batches: FlashAttention-2, or with EAGLE_CUDNN_SDPA=draft (or repeated) cuDNN's fused attention for a shape
 that keeps coming (`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU
 (tests): aten's CPU flash attention. Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
@@ -14,7 +14,13 @@ import torch
 
 from eagle_trainer.kernels.utils import RepeatedShapes, layout_key
 
-CUDNN_SHAPES = RepeatedShapes()  # the step-0 problem shapes of this process's unrolls so far
+CUDNN_SHAPES = RepeatedShapes(part="draft")  # the step-0 problem shapes of this process's unrolls so far
+
+
+def cudnn_takes_head_dim(head_dim: int, device: torch.device) -> bool:
+    """Whether cuDNN's fused attention runs forward and backward at `head_dim` on `device`: up to 128 from Ampere on,
+    up to 256 on Hopper (cuDNN's support matrix; Qwen3-Next's drafts have 256)."""
+    return head_dim <= 128 or (head_dim <= 256 and torch.cuda.get_device_capability(device)[0] == 9)
 
 
 class FlashCausal:
@@ -48,19 +54,20 @@ class CudnnCausal:
 
 class Causal:
     """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES, off unless
-    EAGLE_CUDNN_SDPA=repeated or 1) counted this unroll's layout in 32 earlier unrolls, FlashCausal otherwise;
+    EAGLE_CUDNN_SDPA=draft, repeated or 1) counted this unroll's layout in 32 earlier unrolls, FlashCausal otherwise;
     picked at the unroll's first call and kept for its steps and their backward. Unpacked batches are padded to
     their longest row, so a layout recurs where the data's lengths do (rows cut at data.max_length, fixed-length
-    rows, a benchmark); lengths that come a few times build no cuDNN graph. cuDNN is taken for 16-bit inputs with
-    head dims up to 128 (what tests/drafts/test_attention.py checks on a GPU)."""
+    rows, a benchmark); lengths that come a few times build no cuDNN graph. cuDNN is taken for 16-bit inputs at the
+    head dims it runs both ways (`cudnn_takes_head_dim`; tests/drafts/test_attention.py checks 128 and, on Hopper,
+    256 on a GPU)."""
 
     def __init__(self, shapes: RepeatedShapes | None = None):
         self.shapes, self.impl = shapes if shapes is not None else CUDNN_SHAPES, None
 
     def forward(self, q, k, v, scale):
         if self.impl is None:
-            cudnn = self.shapes.enabled and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128 \
-                and self.shapes.repeated(layout_key(q, k, v))
+            cudnn = self.shapes.enabled and q.dtype in (torch.float16, torch.bfloat16) \
+                and cudnn_takes_head_dim(q.shape[-1], q.device) and self.shapes.repeated(layout_key(q, k, v))
             self.impl = CudnnCausal() if cudnn else FlashCausal()
         return self.impl.forward(q, k, v, scale)
 
