@@ -6,8 +6,8 @@ for our kernels (conv1d + SiLU, g/beta gating, the chunked gated delta rule, the
 `fix_query_key_value_ordering` splits the in_proj_qkvz output into q, k, v and z and copies v and z into head
 order, and the conv input is their concatenation, another copy: instead, that method is run once on column
 numbers (`ProjectionLayout`), and the conv reads its channels and the gated norm its z straight out of the
-projection's output, the delta rule q, k and v out of the conv's (about 10 ms of copies a step at 48 layers and
-T=4096 on an H100). A layout that is not runs and strides falls back to HF's method and the copies.
+projection's output, the gating its a and b out of in_proj_ba's, the delta rule q, k and v out of the conv's (about
+10 ms of copies a step at 48 layers and T=4096 on an H100). A layout that is not runs and strides falls back to HF's method and the copies.
 The frozen target's training forward has no cache and no attention mask (batches are right-padded: the causal
 conv and the delta rule never carry padding into earlier tokens); any call with a cache (evaluation's incremental
 decoding) or a mask goes to HF's original forward.
@@ -61,19 +61,20 @@ def _gdn_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
     qkvz, ba = self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states)
     layout = projection_layout(self, qkvz.device)
     if layout is not None and qkvz.is_contiguous():  # q, k, v and z read where the projection wrote them
-        beta_in, a = (ba.index_select(-1, index) for index in (layout.beta_columns, layout.a_columns))
+        g, beta = gdn_gating(ba, ba, self.A_log, self.dt_bias, a_columns=layout.a_columns,
+                             b_columns=layout.beta_columns)  # [B, T, Hv], read out of in_proj_ba's output
         mixed = causal_conv1d_silu(qkvz, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens,
                                    column_starts=layout.conv_starts, column_align=layout.conv_align)  # [B, T, C]
         z = layout.gate(qkvz)  # [B, T, Hk, G, Dv], a view
     else:
         query, key, value, z, beta_in, a = self.fix_query_key_value_ordering(qkvz, ba)
+        g, beta = gdn_gating(a, beta_in, self.A_log, self.dt_bias)  # [B, T, Hv]
         mixed = torch.cat([x.reshape(b, t, -1) for x in (query, key, value)], dim=-1)  # [B, T, C]
         mixed = causal_conv1d_silu(mixed, self.conv1d.weight, self.conv1d.bias, cu_seqlens=cu_seqlens)
     query, key, value = torch.split(mixed, [self.key_dim, self.key_dim, self.value_dim], dim=-1)
     query = query.reshape(b, t, -1, self.head_k_dim)  # [B, T, Hk, Dk]
     key = key.reshape(b, t, -1, self.head_k_dim)
     value = value.reshape(b, t, -1, self.head_v_dim)  # [B, T, Hv, Dv]
-    g, beta = gdn_gating(a, beta_in, self.A_log, self.dt_bias)  # [B, T, Hv]
     core = chunk_gated_delta_rule(query, key, value, g, beta, cu_seqlens=cu_seqlens, l2norm_qk=True)  # [B, T, Hv, Dv]
     core = gated_rms_norm(core, z, self.norm.weight, self.norm.variance_epsilon)
     return self.out_proj(core.reshape(b, t, -1))

@@ -134,6 +134,31 @@ def test_gating_matches_reference_and_hf(poisoned, shape):
         torch.testing.assert_close(beta, ref_beta, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape,width,heads", [((1, 1), 8, 4), ((2, 3), 13, 6), ((67,), 64, 32), ((3, 5), 9, 9)])
+def test_gating_reads_its_columns_out_of_wider_rows(poisoned, shape, width, heads):
+    """a and b given as columns of one [..., W] tensor (in_proj_ba's output, here a slice of still wider rows): the
+    same bits as the columns gathered first, and the reference's values."""
+    wide = randn(*shape, width + 5, seed=width, scale=4)
+    ba = wide[..., 2:2 + width]  # rows of stride W + 5
+    g_cpu = torch.Generator().manual_seed(heads)
+    a_cols = torch.randperm(width, generator=g_cpu)[:heads].to(DEVICE)
+    b_cols = torch.randperm(width, generator=g_cpu)[:heads].to(DEVICE)
+    a_log = torch.log(torch.rand(heads, generator=g_cpu) * 16 + 0.01).to(DEVICE)
+    dt_bias = randn(heads, seed=4)
+    g, beta = gdn_gating(ba, ba, a_log, dt_bias, a_columns=a_cols, b_columns=b_cols)
+    assert g.shape == beta.shape == (*shape, heads) and not g.isnan().any() and not beta.isnan().any()
+    a, b = ba[..., a_cols], ba[..., b_cols]
+    ref_g, ref_beta = gdn_gating(a, b, a_log, dt_bias)
+    assert torch.equal(g, ref_g) and torch.equal(beta, ref_beta)
+    ref_g, ref_beta = gdn_gating_reference(a, b, a_log, dt_bias)
+    torch.testing.assert_close(g, ref_g, rtol=2e-6, atol=1e-30)
+    torch.testing.assert_close(beta, ref_beta, rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="a_columns and b_columns together"):
+        gdn_gating(ba, ba, a_log, dt_bias, a_columns=a_cols)
+    with pytest.raises(ValueError, match="do not fit"):
+        gdn_gating(ba, ba, a_log[:-1], dt_bias[:-1], a_columns=a_cols, b_columns=b_cols)
+
+
 @pytest.mark.parametrize("rows,dim", [(1, 20), (3, 128), (67, 20), (5, 7)])
 def test_gated_norm_matches_reference_and_hf(poisoned, rows, dim):
     module = hf.Qwen3NextRMSNormGated(dim, eps=1e-6).to(DEVICE)
