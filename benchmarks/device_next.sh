@@ -36,6 +36,10 @@
 #                                            # (EAGLE_CUDNN_SDPA=0, eagle-train's default), cuDNN for layouts seen 32
 #                                            # times (=repeated: the draft's step 0 and the target's attention),
 #                                            # and that with torch's order (=1): what each moves, on one machine
+#   bash benchmarks/device_next.sh draft     # the draft's step 0 on cuDNN (EAGLE_CUDNN_SDPA=draft; head dim 256 on
+#                                            # Hopper) at full depth, B=1 T=4096, 48 steps timed after 36: ours vs
+#                                            # the peer, then ours with no cuDNN attention (the default) on the same
+#                                            # machine; first the fused TTT attention's GPU tests (cuDNN at 256 too)
 #   bash benchmarks/device_next.sh cudnn     # why cuDNN's attention, twice FlashAttention-2's speed alone, made the
 #                                            # full-depth step slower: benchmarks/cudnn_fresh.py (one shape, new
 #                                            # tensors each call, GPU and host time), then the target forward +
@@ -60,7 +64,7 @@ clocks() {  # clocks start|report: log the GPU's clocks in the background / stop
             c[int((NR + 1) / 2)], c[NR], NR, p[int((NR + 1) / 2)]; for (k in r) printf " %s x%d", k, r[k]; print ""}}'
     fi
 }
-case ${1:?usage: bash benchmarks/device_next.sh kernels|tests|verify|moe|full|ab|cudnn|profile} in
+case ${1:?usage: bash benchmarks/device_next.sh kernels|tests|verify|moe|full|ab|draft|cudnn|profile} in
 kernels) timeout 560 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_attention_glue.py \
            tests/kernels/test_gdn_chunk.py tests/kernels/test_rmsnorm.py \
            tests/targets/test_qwen3_next.py::test_attention_layers_bound_equal_hf 2>&1 | tee "$OUT/tests_kernels.log" |
@@ -94,6 +98,18 @@ ab) clocks start
         echo "EAGLE_CUDNN_SDPA=$cudnn"; grep -e "^SDPA" -e "^ours" "$OUT/ab_cudnn_$cudnn.log"
     done
     clocks report ;;
+draft) timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/drafts/test_attention.py -k fused_path 2>&1 |
+           tee "$OUT/test_attention.log" | grep -e passed -e failed -e FAILED
+       export PYTHONPATH=$PEERS_PATH
+       clocks start
+       args="--arch qwen3_next --layers 48 --experts ${EXPERTS:-128} --seqs 4096 --steps 48 --warmup 36 --pack 1"
+       EAGLE_CUDNN_SDPA=draft timeout 300 python3 benchmarks/train_online.py $args --sides ours,peer \
+           --results "$OUT/RESULTS.md" > "$OUT/full_draft_cudnn.log" 2>&1
+       echo "EAGLE_CUDNN_SDPA=draft:"; grep -e "^ours" -e "^peer" -e "^T=" "$OUT/full_draft_cudnn.log"
+       timeout 150 python3 benchmarks/train_online.py $args --sides ours --results "$OUT/RESULTS_default.md" \
+           > "$OUT/full_default.log" 2>&1
+       echo "no cuDNN attention:"; grep -e "^ours" "$OUT/full_default.log"
+       clocks report ;;
 cudnn) timeout 150 python3 benchmarks/cudnn_fresh.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/cudnn_fresh.log" |
            grep -e "^target" -e "^draft"
        EAGLE_CUDNN_SDPA=1 timeout 400 python3 benchmarks/train_online.py --arch qwen3_next --layers 48 \
@@ -106,5 +122,5 @@ profile) timeout 330 python3 benchmarks/train_online.py --arch qwen3_next --laye
              > "$OUT/profile_moe.log" 2>&1
          timeout 150 python3 benchmarks/profile_draft.py --seqs 4096 --gaps --warmup 40 \
              > "$OUT/profile_draft.log" 2>&1 ;;
-*) echo "unknown phase $1 (kernels, tests, verify, moe, full, ab, cudnn or profile)"; exit 2 ;;
+*) echo "unknown phase $1 (kernels, tests, verify, moe, full, ab, draft, cudnn or profile)"; exit 2 ;;
 esac
