@@ -7,7 +7,8 @@ for our kernels (conv1d + SiLU, g/beta gating, the chunked gated delta rule, the
 order, and the conv input is their concatenation, another copy: instead, that method is run once on column
 numbers (`ProjectionLayout`), and the conv reads its channels and the gated norm its z straight out of the
 projection's output, the gating its a and b out of in_proj_ba's, the delta rule q, k and v out of the conv's (about
-10 ms of copies a step at 48 layers and T=4096 on an H100). A layout that is not runs and strides falls back to HF's method and the copies.
+10 ms of copies a step at 48 layers and T=4096 on an H100). A layout that is not runs and strides falls back to HF's
+method and the copies.
 The frozen target's training forward has no cache and no attention mask (batches are right-padded: the causal
 conv and the delta rule never carry padding into earlier tokens); any call with a cache (evaluation's incremental
 decoding) or a mask goes to HF's original forward.

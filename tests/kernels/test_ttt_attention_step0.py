@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from eagle_trainer.kernels.ttt_attention.step0 import (CudnnCausal, FlashCausal, FlashVarlenCausal, cudnn_takes_head_dim,
-                                                       step0_kernel)
+from eagle_trainer.kernels.ttt_attention.step0 import (CudnnCausal, FlashCausal, FlashVarlenCausal,
+                                                       cudnn_takes_head_dim, step0_kernel)
 from eagle_trainer.kernels.utils import RepeatedShapes
 
 
