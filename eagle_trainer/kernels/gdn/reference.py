@@ -4,7 +4,7 @@
     gdn_gating_reference          a, b [..., Hv], A_log, dt_bias [Hv] -> g fp32, beta in b's dtype   (gating.py)
     gated_rms_norm_reference      x, z [..., D], weight [D] -> [..., D] in x's dtype                 (norm.py)
     gated_delta_rule_reference    the delta rule token by token in fp64 (shapes below)               (chunk.py)
-    tree_gated_delta_rule_reference  the delta rule over a tree of tokens, node by node               (tree.py)
+    tree_gated_delta_rule_reference  the delta rule over a tree of tokens, a depth at a time   (tree.py)
 The small ops use HF's Qwen3NextGatedDeltaNet arithmetic; packed documents are cut apart by cu_seqlens and run one
 by one.
 
@@ -104,20 +104,30 @@ def gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 def tree_gated_delta_rule_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                                     beta: torch.Tensor, parents: torch.Tensor, s0: torch.Tensor,
                                     scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta rule over a tree, node by node (tree.py's shapes: q, k [n, Hk, Dk] as projected, v [n, Hv, Dv],
+    """The delta rule over a tree, a depth at a time (tree.py's shapes: q, k [n, Hk, Dk] as projected, v [n, Hv, Dv],
     g, beta [n, Hv], parents [n] with -1 for s0 [Hv, Dk, Dv]); q and k are l2-normalised, q scaled (default
-    Dk^-0.5) and both expanded to the value heads, then each node advances its parent's state.
+    Dk^-0.5) and both expanded to the value heads, then each node advances its parent's state: the nodes of one depth
+    together, as their parents all lie one depth up.
     -> (o [n, Hv, Dv], states [n, Hv, Dk, Dv]) in fp32 or the inputs' wider dtype."""
     dtype = torch.promote_types(v.dtype, torch.float32)
     group = v.shape[1] // k.shape[1]
     q, k = (l2norm_reference(x.to(dtype)).repeat_interleave(group, dim=1) for x in (q, k))
     q = q * (k.shape[-1] ** -0.5 if scale is None else scale)
     v, g, beta, s0 = (x.to(dtype) for x in (v, g, beta, s0))
-    states = v.new_empty(k.shape[0], *s0.shape)
-    out = torch.empty_like(v)
+    # states[0] is s0, states[1 + i] node i's, so a parent of -1 reads s0
+    states = torch.cat([s0[None], v.new_empty(k.shape[0], *s0.shape)])
+    levels, depth_of = [], []
     for i, parent in enumerate(parents.tolist()):
-        state = (s0 if parent < 0 else states[parent]) * g[i].exp()[:, None, None]
-        delta = beta[i, :, None] * (v[i] - torch.einsum("hk,hkv->hv", k[i], state))
-        states[i] = state + k[i, :, :, None] * delta[:, None, :]
-        out[i] = torch.einsum("hk,hkv->hv", q[i], states[i])
-    return out, states
+        depth_of.append(0 if parent < 0 else depth_of[parent] + 1)
+        if depth_of[i] == len(levels):
+            levels.append([])
+        levels[depth_of[i]].append(i)
+    for nodes in levels:
+        # an EAGLE tree lists its nodes depth by depth, so a level is mostly a run of rows
+        run = nodes[-1] - nodes[0] + 1 == len(nodes)
+        rows = slice(nodes[0], nodes[-1] + 1) if run else torch.tensor(nodes, device=v.device)
+        state = states[parents[rows] + 1] * g[rows].exp()[:, :, None, None]  # [m, Hv, Dk, Dv]
+        delta = beta[rows, :, None] * (v[rows] - torch.einsum("mhk,mhkv->mhv", k[rows], state))
+        states[1:][rows] = state + k[rows, :, :, None] * delta[:, :, None, :]
+    states = states[1:]
+    return torch.einsum("nhk,nhkv->nhv", q, states), states
