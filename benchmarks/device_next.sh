@@ -33,13 +33,13 @@
 #   bash benchmarks/device_next.sh ab        # one attention layer, ours vs HF's, and its attention call under each
 #                                            # backend (benchmarks/next_attention.py); then ours alone at full depth,
 #                                            # B=1 T=4096, 48 steps timed after 36, three times: no cuDNN attention
-#                                            # (EAGLE_CUDNN_SDPA=0, eagle-train's default), cuDNN for layouts seen 32
+#                                            # (EAGLE_CUDNN_SDPA=0), cuDNN for layouts seen 32
 #                                            # times (=repeated: the draft's step 0 and the target's attention),
 #                                            # and that with torch's order (=1): what each moves, on one machine
-#   bash benchmarks/device_next.sh draft     # the draft's step 0 on cuDNN (EAGLE_CUDNN_SDPA=draft; head dim 256 on
-#                                            # Hopper) at full depth, B=1 T=4096, 48 steps timed after 36: ours vs
-#                                            # the peer, then ours with no cuDNN attention (the default) on the same
-#                                            # machine; first the fused TTT attention's GPU tests (cuDNN at 256 too)
+#   bash benchmarks/device_next.sh draft     # the draft's step 0 on cuDNN (the default; head dim 256 on Hopper) at
+#                                            # full depth, B=1 T=4096, 48 steps timed after 36: ours vs the peer
+#                                            # (SIDES), then ours with EAGLE_CUDNN_SDPA=0 (no cuDNN attention) on the
+#                                            # same machine; first the fused TTT attention's GPU tests (cuDNN at 256)
 #   bash benchmarks/device_next.sh cudnn     # why cuDNN's attention, twice FlashAttention-2's speed alone, made the
 #                                            # full-depth step slower: benchmarks/cudnn_fresh.py (one shape, new
 #                                            # tensors each call, GPU and host time), then the target forward +
@@ -103,12 +103,12 @@ draft) timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/drafts/
        export PYTHONPATH=$PEERS_PATH
        clocks start
        args="--arch qwen3_next --layers 48 --experts ${EXPERTS:-128} --seqs 4096 --steps 48 --warmup 36 --pack 1"
-       EAGLE_CUDNN_SDPA=draft timeout 300 python3 benchmarks/train_online.py $args --sides ours,peer \
-           --results "$OUT/RESULTS.md" > "$OUT/full_draft_cudnn.log" 2>&1
-       echo "EAGLE_CUDNN_SDPA=draft:"; grep -e "^ours" -e "^peer" -e "^T=" "$OUT/full_draft_cudnn.log"
-       timeout 150 python3 benchmarks/train_online.py $args --sides ours --results "$OUT/RESULTS_default.md" \
-           > "$OUT/full_default.log" 2>&1
-       echo "no cuDNN attention:"; grep -e "^ours" "$OUT/full_default.log"
+       timeout 300 python3 benchmarks/train_online.py $args --sides ${SIDES:-ours,peer} --results "$OUT/RESULTS.md" \
+           > "$OUT/full_draft_cudnn.log" 2>&1
+       echo "default (the draft's step 0 on cuDNN):"; grep -e "^ours" -e "^peer" -e "^T=" "$OUT/full_draft_cudnn.log"
+       EAGLE_CUDNN_SDPA=0 timeout 150 python3 benchmarks/train_online.py $args --sides ours \
+           --results "$OUT/RESULTS_no_cudnn.md" > "$OUT/full_no_cudnn.log" 2>&1
+       echo "EAGLE_CUDNN_SDPA=0 (no cuDNN attention):"; grep -e "^ours" "$OUT/full_no_cudnn.log"
        clocks report ;;
 cudnn) timeout 150 python3 benchmarks/cudnn_fresh.py --results "$OUT/RESULTS.md" 2>&1 | tee "$OUT/cudnn_fresh.log" |
            grep -e "^target" -e "^draft"

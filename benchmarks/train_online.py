@@ -35,13 +35,12 @@ forward, the draft's forward and backward, clipping and AdamW). MFU: the trainer
 dense peak. Peak memory: torch.cuda.max_memory_allocated over each side's run, target weights included. Both sides
 start from one draft init and one batch order: without --pack their step losses must agree to bf16 precision
 (checked).
-SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out of torch's order, and no cuDNN
-attention at all unless EAGLE_CUDNN_SDPA asks). With EAGLE_CUDNN_SDPA=draft, as in eagle-train, the draft's step 0
-runs on cuDNN once its layout came 32 times (kernels/utils.RepeatedShapes; head dims up to 128, and 256 on Hopper);
-=repeated also moves the target's unpacked attention layers (Qwen3-Next, bound) so, and =1 also keeps torch's order
-(cuDNN first on Hopper). With the target's switch on, its forward is run 33 times before it is timed alone; the
-draft's step 0 switches at step 33: `--steps 48 --warmup 36` times the steady state of a run whose rows have one
-length.
+SDPA's backends are eagle-train's (app/runtime.py `sdpa_without_cudnn`: cuDNN out of torch's order). As in
+eagle-train, the draft's step 0 runs on cuDNN once its layout came 32 times (kernels/utils.RepeatedShapes; head dims
+up to 128, and 256 on Hopper) unless EAGLE_CUDNN_SDPA=0 is set; EAGLE_CUDNN_SDPA=repeated also moves the target's
+unpacked attention layers (Qwen3-Next, bound) so, and =1 also keeps torch's order (cuDNN first on Hopper). With the
+target's switch on, its forward is run 33 times before it is timed alone; the draft's step 0 switches at step 33:
+`--steps 48 --warmup 36` times the steady state of a run whose rows have one length.
 
     python benchmarks/train_online.py [--seqs 4096] [--steps 20] [--sides ours,peer] [--layers 4]
     python benchmarks/train_online.py --arch qwen3_next --layers 48 --experts 128 --seqs 4096 [--pack 1 4] \
@@ -226,9 +225,9 @@ def main(argv=None) -> None:
                         "in turn on the one loaded target")
     parser.add_argument("--seqs", type=int, nargs="+", default=[4096])
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="steps left out of the median (with "
-                        "EAGLE_CUDNN_SDPA=repeated, past 32 at one length the draft's step 0 runs on cuDNN: the "
-                        "steady state of a run whose rows have that length)")
+    parser.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="steps left out of the median (past 32 "
+                        "at one length the draft's step 0 runs on cuDNN: the steady state of a run whose rows have "
+                        "that length)")
     parser.add_argument("--sides", default="ours,peer", help="comma-separated: ours first, then peers "
                         f"({', '.join(s for s in SIDES if s != 'ours')})")
     parser.add_argument("--profile", action="store_true", help="also profile ours' target forward + teacher")

@@ -29,17 +29,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# EAGLE_CUDNN_SDPA: unset or 0, no cuDNN attention (the default); "draft", cuDNN's for the draft's step-0 layouts that
-# keep coming (RepeatedShapes); "repeated", that and the target's attention layers' layouts that keep coming; 1, that
-# and torch's own SDPA backend order for every other call (app/runtime.py)
+# EAGLE_CUDNN_SDPA: "draft" (unset: the default), cuDNN's attention for the draft's step-0 layouts that keep coming
+# (RepeatedShapes); 0, no cuDNN attention; "repeated", the draft's and the target's attention layers' layouts that
+# keep coming; 1, that and torch's own SDPA backend order for every other call (app/runtime.py)
 CUDNN_SDPA_ENV = "EAGLE_CUDNN_SDPA"
-CUDNN_SDPA_PARTS = {"draft": ("draft",), "repeated": ("draft", "target"), "1": ("draft", "target")}
+CUDNN_SDPA_DEFAULT = "draft"
+CUDNN_SDPA_PARTS = {"0": (), "draft": ("draft",), "repeated": ("draft", "target"), "1": ("draft", "target")}
 
 
 def cudnn_sdpa_on(part: str) -> bool:
     """Whether EAGLE_CUDNN_SDPA lets `part` ("draft": the TTT step 0, "target": the target's attention layers) run
     cuDNN's attention for layouts that keep coming."""
-    return part in CUDNN_SDPA_PARTS.get(os.environ.get(CUDNN_SDPA_ENV, "0"), ())
+    value = os.environ.get(CUDNN_SDPA_ENV, CUDNN_SDPA_DEFAULT)
+    if value not in CUDNN_SDPA_PARTS:
+        raise ValueError(f"{CUDNN_SDPA_ENV}={value!r} is not one of {', '.join(CUDNN_SDPA_PARTS)}; unset it for the "
+                         f"default ({CUDNN_SDPA_DEFAULT})")
+    return part in CUDNN_SDPA_PARTS[value]
 
 
 class RepeatedShapes:
@@ -54,10 +59,11 @@ class RepeatedShapes:
     or benchmark rows): its one graph is paid back by the rounds still to come, while the long tail of lengths seen
     a few times builds none. At most `limit` keys are counted; past that, new keys count as never seen.
 
-    Off unless asked for (`enabled`, default: whether EAGLE_CUDNN_SDPA turns `part` on, `cudnn_sdpa_on`); off, it
-    answers False always. Why off: at full depth (Qwen3-Next, 48 layers, B=1 T=4096, one H100, 48 steps timed after
-    36) the step took 176.8 ms with the target's attention on it against 157.8 ms without, though cuDNN's attention
-    alone is twice as fast."""
+    `enabled` (default: whether EAGLE_CUDNN_SDPA turns `part` on, `cudnn_sdpa_on`): on for the draft's step 0 and off
+    for the target's attention unless asked for; off, it answers False always. At full depth (Qwen3-Next, 48 layers,
+    B=1 T=4096, one H100, 48 steps timed after 36) the draft's step 0 on cuDNN took the step from 146.4 ms to 140.2,
+    while the target's attention on it took the step from 157.8 ms to 176.8, though cuDNN's attention alone is twice
+    as fast there too."""
 
     def __init__(self, after: int = 32, limit: int = 4096, enabled: bool | None = None, part: str = "draft"):
         self.after, self.limit, self._counts = after, limit, {}

@@ -1,6 +1,7 @@
 """The helpers the kernel folders share: interpreter detection, where kernels run, output buffers, dot precision,
 the repeated-shape registry."""
 
+import pytest
 import torch
 
 from eagle_trainer.kernels import utils
@@ -40,8 +41,8 @@ def test_repeated_shapes_answer_true_after_that_many_rounds(monkeypatch):
     assert [shapes.repeated(c) for _ in range(4)] == [False] * 4  # past the limit: never counted
     assert not utils.RepeatedShapes(after=0, enabled=False).repeated(a)
     assert utils.RepeatedShapes().after == 32
-    for value, parts in ((None, ()), ("0", ()), ("draft", ("draft",)), ("repeated", ("draft", "target")),
-                         ("1", ("draft", "target"))):  # off unless asked for; the target's only with repeated or 1
+    for value, parts in ((None, ("draft",)), ("0", ()), ("draft", ("draft",)), ("repeated", ("draft", "target")),
+                         ("1", ("draft", "target"))):  # the draft's by default; the target's only with repeated or 1
         if value is None:
             monkeypatch.delenv(utils.CUDNN_SDPA_ENV, raising=False)
         else:
@@ -50,3 +51,6 @@ def test_repeated_shapes_answer_true_after_that_many_rounds(monkeypatch):
             shapes = utils.RepeatedShapes(after=1, part=part)
             assert [shapes.repeated(a), shapes.repeated(a)] == [False, part in parts], (value, part)
             assert utils.cudnn_sdpa_on(part) == (part in parts)
+    monkeypatch.setenv(utils.CUDNN_SDPA_ENV, "yes")
+    with pytest.raises(ValueError, match="EAGLE_CUDNN_SDPA='yes' is not one of 0, draft, repeated, 1; unset it"):
+        utils.cudnn_sdpa_on("draft")

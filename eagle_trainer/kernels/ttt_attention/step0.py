@@ -1,7 +1,7 @@
 """Step 0 of TTT attention: one library attention call over the step-0 keys that also returns its log-sum-exp.
 
-Unpacked batches: FlashAttention-2, or with EAGLE_CUDNN_SDPA=draft (or repeated) cuDNN's fused attention for a shape
-that keeps coming (`Causal`); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU
+Unpacked batches: FlashAttention-2, and cuDNN's fused attention for a shape that keeps coming (`Causal`; unless
+EAGLE_CUDNN_SDPA=0); packed batches: FlashAttention-2 varlen (each document is one sequence); the CPU
 (tests): aten's CPU flash attention. Grouped-query heads are read as they are.
 Each class has forward(q, k, v, scale) -> (out [B, nh, T, D], lse [B, nh, T] fp32, saved) and
 backward(dout, q, k, v, out, lse, saved, scale) -> (dq, dk, dv); the backward may be handed the merged out and lse
@@ -53,8 +53,8 @@ class CudnnCausal:
 
 
 class Causal:
-    """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES, off unless
-    EAGLE_CUDNN_SDPA=draft, repeated or 1) counted this unroll's layout in 32 earlier unrolls, FlashCausal otherwise;
+    """Step 0 of an unpacked batch: CudnnCausal once `shapes` (default CUDNN_SHAPES, on unless
+    EAGLE_CUDNN_SDPA=0) counted this unroll's layout in 32 earlier unrolls, FlashCausal otherwise;
     picked at the unroll's first call and kept for its steps and their backward. Unpacked batches are padded to
     their longest row, so a layout recurs where the data's lengths do (rows cut at data.max_length, fixed-length
     rows, a benchmark); lengths that come a few times build no cuDNN graph. cuDNN is taken for 16-bit inputs at the
