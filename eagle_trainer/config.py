@@ -48,8 +48,9 @@ class DraftConfig:
     # capability 8.0), naive on the CPU
     fused_head: bool = True  # EAGLE-3: lm_head + soft-CE fused, no step's [T, Vd] logits kept (false: reference)
     # EAGLE-3: backward forms each step's elementwise work again (norms, rotary, SwiGLU product) and keeps only its
-    # inputs and matrix products (drafts/policy.py apply_recompute); false keeps them: faster, more memory
-    recompute: bool = True
+    # inputs and matrix products (drafts/policy.py apply_recompute); false keeps them: faster, more memory; None
+    # (auto): on a GPU, off on the CPU, where the eager pieces cost more to form again and memory is not short
+    recompute: Optional[bool] = None
     # EAGLE-1/2 only: fc bias (SGLang's LlamaForCausalLMEagle has one; vLLM's EAGLE-1 loader has none), the
     # uniform noise U(-a, a) added to the input features while training, and the loss weights of the feature
     # regression (SmoothL1) and of the soft cross-entropy of lm_head(f_hat). ttt_steps > 1 unrolls the chain.

@@ -31,7 +31,7 @@ from eagle_trainer.config import DraftConfig, LogConfig, OptimConfig, TrainConfi
 from eagle_trainer.drafts import frozen_weights_to
 from eagle_trainer.drafts.attention import pick_attention
 from eagle_trainer.drafts.loss import simulated_acceptance
-from eagle_trainer.drafts.policy import apply_compile, apply_recompute
+from eagle_trainer.drafts.policy import apply_compile, apply_recompute, recompute_on
 from eagle_trainer.metrics import MetricsLogger, plot_metrics
 from eagle_trainer.parallel import ParallelDims, all_ranks_sum, replicate
 from eagle_trainer.registry import DraftSpec
@@ -130,7 +130,7 @@ class Trainer:
         self.run_dir = Path(train.run_dir)
         self.attention = pick_attention(draft_cfg.attention, device)
         # policy from outside the draft: recompute first, so that compile traces the checkpointed pieces (policy.py)
-        if draft_cfg.recompute:
+        if recompute_on(draft_cfg.recompute, device):
             apply_recompute(draft)
         if device.type == "cuda":
             apply_compile(draft)

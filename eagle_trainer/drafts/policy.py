@@ -38,6 +38,13 @@ def keep_products(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_CONTEXT)
 
 
+def recompute_on(setting: bool | None, device: torch.device) -> bool:
+    """draft.recompute: true or false as set; None (auto) recomputes on a GPU, where it saves memory for about 1% of
+    a T=8192 step (the pieces are compiled), and not on the CPU, where the eager pieces formed again cost the demo's
+    training about a sixth of its time and memory is not short."""
+    return setting if setting is not None else device.type == "cuda"
+
+
 def apply_recompute(draft: torch.nn.Module) -> None:
     """Run the draft's unroll pieces under `keep_products` from now on."""
     if draft.unroll_pieces is not None:

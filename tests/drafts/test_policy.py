@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from eagle_trainer.drafts.policy import apply_compile, apply_recompute
+from eagle_trainer.drafts.policy import apply_compile, apply_recompute, recompute_on
 from eagle_trainer.drafts.unroll import unroll_eagle3
 from test_unroll import tiny_draft
 
@@ -96,3 +96,10 @@ def test_compiled_pieces_trace_with_static_shapes():
                 assert isinstance(value, torch.Tensor), f"{node.name} is a symbolic size: {value}"
                 assert all(isinstance(s, int) for s in value.shape), f"{node.name} has a dynamic shape {value.shape}"
     torch._dynamo.reset()
+
+
+def test_recompute_auto_is_on_a_gpu_only():
+    """draft.recompute: as set, or (None) on a GPU, where it saves memory, and off on the CPU."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the device's type is read
+    assert [recompute_on(None, cpu), recompute_on(None, gpu)] == [False, True]
+    assert [recompute_on(True, cpu), recompute_on(False, gpu)] == [True, False]
