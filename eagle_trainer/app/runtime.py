@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from eagle_trainer import registry
 from eagle_trainer.config import ParallelConfig
-from eagle_trainer.kernels.utils import CUDNN_SDPA_ENV  # =1: leave torch's SDPA backend order as torch sets it
+from eagle_trainer.kernels.utils import CUDNN_SDPA_ENV, cudnn_sdpa_on  # =1: leave torch's SDPA order as it is
 from eagle_trainer.parallel.mesh import backend_for, launched_world
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # package data: found in a wheel too
@@ -41,7 +41,8 @@ DEFAULT_PARALLEL = "single"  # the training recipe's default group (recipes/conf
 
 def pick_device(name: str, option: str = "train.device") -> torch.device:
     """The device `option`=`name` asks for: auto (cuda when one is visible, else cpu), cpu, cuda (under torchrun the
-    GPU of this rank, cuda:LOCAL_RANK) or cuda:N."""
+    GPU of this rank, cuda:LOCAL_RANK) or cuda:N. A bad EAGLE_CUDNN_SDPA is refused here, before any work."""
+    cudnn_sdpa_on("draft")  # raises ValueError naming the values it takes
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

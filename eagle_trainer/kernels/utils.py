@@ -59,15 +59,22 @@ class RepeatedShapes:
     or benchmark rows): its one graph is paid back by the rounds still to come, while the long tail of lengths seen
     a few times builds none. At most `limit` keys are counted; past that, new keys count as never seen.
 
-    `enabled` (default: whether EAGLE_CUDNN_SDPA turns `part` on, `cudnn_sdpa_on`): on for the draft's step 0 and off
-    for the target's attention unless asked for; off, it answers False always. At full depth (Qwen3-Next, 48 layers,
+    `enabled` (default: whether EAGLE_CUDNN_SDPA turns `part` on, `cudnn_sdpa_on`, read at the first question, not at
+    import): on for the draft's step 0 and off for the target's attention unless asked for; off, it answers False
+    always. At full depth (Qwen3-Next, 48 layers,
     B=1 T=4096, one H100, 48 steps timed after 36) the draft's step 0 on cuDNN took the step from 146.4 ms to 140.2,
     while the target's attention on it took the step from 157.8 ms to 176.8, though cuDNN's attention alone is twice
     as fast there too."""
 
     def __init__(self, after: int = 32, limit: int = 4096, enabled: bool | None = None, part: str = "draft"):
         self.after, self.limit, self._counts = after, limit, {}
-        self.enabled = cudnn_sdpa_on(part) if enabled is None else enabled
+        self.part, self._enabled = part, enabled
+
+    @property
+    def enabled(self) -> bool:
+        if self._enabled is None:
+            self._enabled = cudnn_sdpa_on(self.part)
+        return self._enabled
 
     def repeated(self, key) -> bool:
         if not self.enabled:

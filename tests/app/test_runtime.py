@@ -40,6 +40,20 @@ def test_sdpa_without_cudnn(cudnn_sdpa_flag, monkeypatch):
     assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
 
 
+def test_a_bad_cudnn_setting_is_refused_by_the_command_not_at_import(monkeypatch):
+    """EAGLE_CUDNN_SDPA is read when first asked: importing the kernels never fails on it, and every command's
+    pick_device refuses a bad value with a message naming the ones it takes (a one-line user error)."""
+    from eagle_trainer.kernels.utils import RepeatedShapes
+    monkeypatch.setenv(CUDNN_SDPA_ENV, "on")
+    shapes = RepeatedShapes(part="draft")  # as the module-level registries are made at import
+    with pytest.raises(ValueError, match=r"EAGLE_CUDNN_SDPA='on' is not one of 0, draft, repeated, 1"):
+        pick_device("cpu")
+    with pytest.raises(ValueError, match="unset it for the default"):
+        shapes.repeated("a layout")
+    monkeypatch.setenv(CUDNN_SDPA_ENV, "0")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.gpu
 def test_a_gpu_command_runs_attention_of_new_lengths_without_cudnn(cudnn_sdpa_flag, monkeypatch):
     """After pick_device('cuda') a causal bf16 attention (a target's, a draft's) of a new length every call, forward
