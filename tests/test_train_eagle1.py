@@ -56,8 +56,9 @@ def test_eagle2_trains_like_eagle1_without_fc_bias(demo_run, tmp_path):
 
 def test_eagle1_on_a_qwen3_next_target(demo_next_run, tmp_path):
     """EAGLE-1 on the Qwen3-Next demo's target and data (gated delta net + gated attention, shared expert; HF's
-    CPU code). Drafts for it are verified token by token along the accepted path (its recurrent state takes no
-    tree mask and cannot be rolled back); decoding still equals plain greedy."""
+    CPU code). Here its drafts are verified token by token with HF's own cache (verify="walk", the reference; the
+    tree verification with a state per node is checked against it in tests/evaluate/test_speculative.py);
+    decoding still equals plain greedy."""
     next_dir, _ = demo_next_run
     summary = run(compose_demo("demo_eagle1", tmp_path, 60, 60, [*on_demo_assets(next_dir),
                                                                  "train.export_formats=[]"]))
