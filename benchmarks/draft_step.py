@@ -341,7 +341,8 @@ def main(argv=None) -> None:
     parser.add_argument("--attention", choices=("fused", "flex", "naive"), default=None,
                         help="our TTT attention (default fused on the GPU, as draft.attention=auto; naive on the CPU)")
     parser.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                        help="our draft.recompute (default on, as train.py): backward forms the elementwise work again")
+                        help="our draft.recompute (default on, as eagle-train on a GPU): backward forms the "
+                        "elementwise work again")
     parser.add_argument("--peer-attention", choices=("flex_attention", "sdpa"), default=None,
                         help="SpecForge's attention_backend (default flex_attention, its default; sdpa on the CPU)")
     parser.add_argument("--peer-fsdp", action=argparse.BooleanOptionalAction, default=None,
