@@ -31,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -48,6 +48,9 @@ from eagle_trainer.data.template import set_chat_template
 from eagle_trainer.parallel import ParallelDims, check_experts, init_parallel
 from eagle_trainer.targets.loading import load_tokenizer, read_config, resolve_dtype, target_fingerprint
 from eagle_trainer.targets.sharded import open_target, target_lock_step
+
+if TYPE_CHECKING:
+    from eagle_trainer.app.synthesize import SynthesizeJob
 
 SIDECAR_SUFFIX = ".regen.json"
 
@@ -245,14 +248,22 @@ def gather_to_rank_zero(obj, dims: ParallelDims) -> list | None:
     return parts
 
 
-def regenerate_file(job: RegenerateJob, pcfg: ParallelConfig, device: torch.device) -> dict:
-    """The whole job (module docstring) on this rank; -> the run's summary (rank 0 also prints it)."""
+def read_target_side(job: RegenerateJob | SynthesizeJob):
+    """What a decoding job reads of its target before any rank opens the weights: -> (its HF config, its registry
+    info, its tokenizer with --chat-template applied). A --batch-size below 1 and a path that is not a checkpoint
+    are refused here."""
     if job.batch_size < 1:
         raise ValueError(f"--batch-size={job.batch_size} must be at least 1")
-    _, arch, hf_config = read_config(job.target)  # a path that is not a checkpoint is refused here
+    _, arch, hf_config = read_config(job.target)
     info = registry.target_spec(arch).read_info(arch, hf_config)
     tokenizer = load_tokenizer(job.target, info)
     set_chat_template(tokenizer, job.chat_template, job.chat_template_kwargs)
+    return hf_config, info, tokenizer
+
+
+def regenerate_file(job: RegenerateJob, pcfg: ParallelConfig, device: torch.device) -> dict:
+    """The whole job (module docstring) on this rank; -> the run's summary (rank 0 also prints it)."""
+    hf_config, info, tokenizer = read_target_side(job)
     conversations, skipped = read_chat_jsonl(job.data, thinking=job.thinking, on_error=job.on_error,
                                              require_assistant=False)
     with runtime.process_group(device, pcfg.backend):

@@ -34,16 +34,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eagle_trainer import registry
 from eagle_trainer.app import runtime
-from eagle_trainer.app.regenerate import agreed, check_decode, gather_to_rank_zero, open_output, write_sidecar
+from eagle_trainer.app.regenerate import (agreed, check_decode, gather_to_rank_zero, open_output, read_target_side,
+                                         write_sidecar)
 from eagle_trainer.config import ParallelConfig, TargetConfig
 from eagle_trainer.data.regenerate import context_length
 from eagle_trainer.data.synthesize import (DROP_REASONS, PromptFilter, Synthesis, encode_prefix, prompt_record,
                                            sample_user_turns, stop_ids, take, user_turn)
-from eagle_trainer.data.template import set_chat_template
 from eagle_trainer.parallel import check_experts, init_parallel
-from eagle_trainer.targets.loading import load_tokenizer, read_config, resolve_dtype, target_fingerprint
+from eagle_trainer.targets.loading import resolve_dtype, target_fingerprint
 from eagle_trainer.targets.sharded import open_target, target_lock_step
 
 SIDECAR_SUFFIX = ".synth.json"
@@ -113,12 +112,7 @@ def prepare_output(job: SynthesizeJob, record: dict, kept_by: PromptFilter) -> i
 
 def synthesize_file(job: SynthesizeJob, pcfg: ParallelConfig, device: torch.device) -> dict:
     """The whole job (module docstring) on this rank; -> the run's summary (rank 0 also prints it)."""
-    if job.batch_size < 1:
-        raise ValueError(f"--batch-size={job.batch_size} must be at least 1")
-    _, arch, hf_config = read_config(job.target)  # a path that is not a checkpoint is refused here
-    info = registry.target_spec(arch).read_info(arch, hf_config)
-    tokenizer = load_tokenizer(job.target, info)
-    set_chat_template(tokenizer, job.chat_template, job.chat_template_kwargs)
+    hf_config, info, tokenizer = read_target_side(job)
     turn = user_turn(tokenizer, prefix=job.prefix, stop_tokens=job.stop_tokens,
                      chat_template_kwargs=job.chat_template_kwargs)
     stop = stop_ids(tokenizer, turn.stop_tokens)
