@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import AuxRequest
 
 from eagle_trainer.kernels.ttt_attention import DiagonalStore, step0_kernel, ttt_attention
 
@@ -84,8 +85,10 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.T
     nkv = k0.shape[1]
     if block_mask is None:
         block_mask = _causal_block_mask(t, str(q.device)) if documents is None else _document_block_mask(documents)
-    out0, lse0 = _flex(q.device.type)(q, k0, v0, block_mask=block_mask, enable_gqa=True,
-                                       return_lse=True)  # [B, nh, T, D], [B, nh, T]
+    # return_aux, not the deprecated return_lse (which torch says it will remove)
+    out0, aux = _flex(q.device.type)(q, k0, v0, block_mask=block_mask, enable_gqa=True,
+                                      return_aux=AuxRequest(lse=True))
+    lse0 = aux.lse  # out0 [B, nh, T, D], lse0 [B, nh, T]
     if not diag_k:
         return out0
     qg = q.view(b, nkv, nh // nkv, t, d)  # query heads grouped by their kv head
