@@ -55,17 +55,23 @@ def _causal_block_mask(t: int, device: str):
     return create_block_mask(_causal, None, None, t, t, device=device)
 
 
+@functools.cache
+def _block_mask_builder(device_type: str):
+    """create_block_mask compiled on the GPU (torch's way since it deprecated the `_compile` flag); eager
+    elsewhere."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask) if device_type == "cuda" else create_block_mask
+
+
 def _document_block_mask(documents: torch.Tensor):
     """Causal and same-document, for documents [B, T]: built per batch (compiled on the GPU, so the mask is
     evaluated block by block and never held as [T, T])."""
-    from torch.nn.attention.flex_attention import create_block_mask
 
     def causal_same_document(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (documents[b, q_idx] == documents[b, kv_idx])
 
     b, t = documents.shape
-    return create_block_mask(causal_same_document, b, None, t, t, device=documents.device,
-                             _compile=documents.device.type == "cuda")
+    return _block_mask_builder(documents.device.type)(causal_same_document, b, None, t, t, device=documents.device)
 
 
 @functools.cache
