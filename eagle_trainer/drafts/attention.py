@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import AuxRequest
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
 from eagle_trainer.kernels.ttt_attention import DiagonalStore, step0_kernel, ttt_attention
 
@@ -51,7 +51,6 @@ def _causal(b, h, q_idx, kv_idx):
 
 @functools.lru_cache(maxsize=64)
 def _causal_block_mask(t: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(_causal, None, None, t, t, device=device)
 
 
@@ -59,7 +58,6 @@ def _causal_block_mask(t: int, device: str):
 def _block_mask_builder(device_type: str):
     """create_block_mask compiled on the GPU (torch's way since it deprecated the `_compile` flag); eager
     elsewhere."""
-    from torch.nn.attention.flex_attention import create_block_mask
     return torch.compile(create_block_mask) if device_type == "cuda" else create_block_mask
 
 
@@ -77,7 +75,6 @@ def _document_block_mask(documents: torch.Tensor):
 @functools.cache
 def _flex(device_type: str):
     """flex_attention compiled for CUDA (the fused O(T) kernel); eager elsewhere (a reference, forward only)."""
-    from torch.nn.attention.flex_attention import flex_attention
     return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
@@ -91,7 +88,6 @@ def flex_ttt_attention(q, k0, v0, diag_k: list, diag_v: list, documents: torch.T
     nkv = k0.shape[1]
     if block_mask is None:
         block_mask = _causal_block_mask(t, str(q.device)) if documents is None else _document_block_mask(documents)
-    # return_aux, not the deprecated return_lse (which torch says it will remove)
     out0, aux = _flex(q.device.type)(q, k0, v0, block_mask=block_mask, enable_gqa=True,
                                       return_aux=AuxRequest(lse=True))
     lse0 = aux.lse  # out0 [B, nh, T, D], lse0 [B, nh, T]
